@@ -1,0 +1,53 @@
+"""The ``cmkd`` command-line tool: one subcommand per job.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``cmkd --help`` stays fast and a missing
+optional dependency only affects the subcommand that needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    'sim': ('cmkd_ros.sim.cli', 'render a synthetic drive to a rosbag2 or a pair dataset'),
+    'overlay': ('cmkd_ros.overlay', 'draw projected LiDAR points over camera images (PNG)'),
+    'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
+    'evaluate': ('offline_training.evaluate', 'score a student checkpoint on a pair dataset'),
+    'replay': ('cmkd_ros.replay', 'publish a rosbag2 (MCAP or sqlite3) with its timing'),
+    'evaluate-bag': ('cmkd_ros.evaluate_bag', 'run the segment node over a bag and score it'),
+    'demo': ('cmkd_ros.demo', 'the whole collect-train-segment-evaluate loop on synthetic data'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='cmkd', description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (_, text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv or ['--help'])
+        return 2
+    name = argv[0]
+    module_name, text = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(f'cmkd {name}: cannot import {module_name}: {exc}', file=sys.stderr)
+        return 2
+    sub = argparse.ArgumentParser(prog=f'cmkd {name}', description=text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Crash-safe on-disk dataset of distillation pairs (one LiDAR sweep + N camera images).
+
+The same format is written by the synthetic exporter (``cmkd sim --format frames``) and by the
+collect node, and read by offline training while a writer may still be adding to it.
+
+Layout::
+
+    DATASET/
+      dataset.yaml          format version and free-form metadata (written once)
+      index.jsonl           one JSON line per completed pair, appended after the pair is on disk
+      pairs/<id>.npz        one pair, written to a temporary name, fsynced, then renamed
+
+A pair is complete once its ``.npz`` is renamed into place; ``index.jsonl`` is appended afterwards.
+A kill -9 therefore loses at most the pair being written: a torn last index line is ignored and
+complete pair files missing from the index are found by :meth:`PairReader.refresh` (``scan=True``).
+
+Keys of a pair file (all plain arrays, loaded with ``allow_pickle=False``):
+
+    format_version        int
+    lidar_stamp_ns        int64 scalar, header stamp of the sweep
+    xyz                   (N, 3) float32, LiDAR frame
+    intensity             (N,) float32                          [optional]
+    ring                  (N,) uint16                           [optional]
+    point_time_ns         (N,) int64 absolute capture time      [optional]
+    labels                (N,) uint8 ground truth, 255 = ignore [optional]
+    camera_names          (C,) str
+    camera_stamp_ns       (C,) int64 header stamps
+    image_<c>             (B,) uint8 encoded image bytes (JPEG kept as received, else PNG)
+    image_format_<c>      str, 'jpeg' or 'png'
+    label_image_<c>       (B,) uint8 PNG of per-pixel labels     [optional, ground truth]
+    depth_image_<c>       (B,) uint8 16-bit PNG of depth in mm   [optional, ground truth]
+    teacher_<c>           (K, h, w) float16 teacher outputs      [optional]
+    calibration_yaml      str, :class:`RigCalibration` YAML
+    ego_stamps_ns         (P,) int64 and ego_poses (P, 4, 4) float64 T_world_lidar [optional]
+    corr_point, corr_camera (M,) int64; corr_uv (M, 2) float32; corr_depth (M,) float32
+                          correspondences as computed when written [optional]
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import yaml
+
+from cmkd_ros.calibration import RigCalibration
+
+FORMAT_VERSION = 1
+IGNORE_LABEL = 255
+
+
+class PairFormatError(ValueError):
+    """A pair file or dataset folder is malformed."""
+
+
+@dataclass
+class Pair:
+    """One distillation pair in memory. Images are kept encoded; decode with ``image(c)``."""
+
+    lidar_stamp_ns: int
+    xyz: np.ndarray
+    camera_names: list[str]
+    camera_stamp_ns: np.ndarray
+    images: dict[str, bytes]
+    image_formats: dict[str, str]
+    calibration: RigCalibration
+    intensity: np.ndarray | None = None
+    ring: np.ndarray | None = None
+    point_time_ns: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    label_images: dict[str, bytes] = field(default_factory=dict)
+    depth_images: dict[str, bytes] = field(default_factory=dict)
+    teacher: dict[str, np.ndarray] = field(default_factory=dict)
+    ego_stamps_ns: np.ndarray | None = None
+    ego_poses: np.ndarray | None = None
+    correspondences: dict[str, np.ndarray] | None = None
+
+    def image(self, name: str) -> np.ndarray:
+        """Decoded (H, W, 3) uint8 RGB image of camera ``name``."""
+        return decode_png_or_jpeg(self.images[name], color=True)
+
+    def label_image(self, name: str) -> np.ndarray:
+        """(H, W) uint8 per-pixel labels of camera ``name`` (ground truth)."""
+        return decode_png_or_jpeg(self.label_images[name], color=False)
+
+    def depth_image(self, name: str) -> np.ndarray:
+        """(H, W) float32 depth in metres of camera ``name``; 0 where nothing was hit."""
+        return decode_png_or_jpeg(self.depth_images[name], color=False).astype(np.float32) / 1000
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        n = len(self.xyz)
+        arrays: dict[str, np.ndarray] = {
+            'format_version': np.array(FORMAT_VERSION),
+            'lidar_stamp_ns': np.array(int(self.lidar_stamp_ns), dtype=np.int64),
+            'xyz': np.ascontiguousarray(self.xyz, dtype=np.float32).reshape(n, 3),
+            'camera_names': np.array(self.camera_names, dtype=str),
+            'camera_stamp_ns': np.asarray(self.camera_stamp_ns, dtype=np.int64),
+            'calibration_yaml': np.array(self.calibration.to_yaml()),
+        }
+        for key, dtype in (('intensity', np.float32), ('ring', np.uint16),
+                           ('point_time_ns', np.int64), ('labels', np.uint8)):
+            value = getattr(self, key)
+            if value is not None:
+                value = np.asarray(value, dtype=dtype).reshape(-1)
+                if len(value) != n:
+                    raise PairFormatError(f'{key} has {len(value)} entries for {n} points')
+                arrays[key] = value
+        for name in self.camera_names:
+            if name not in self.images:
+                raise PairFormatError(f'no image for camera {name!r}')
+            arrays[f'image_{name}'] = np.frombuffer(self.images[name], dtype=np.uint8)
+            arrays[f'image_format_{name}'] = np.array(self.image_formats.get(name, 'png'))
+            if name in self.label_images:
+                arrays[f'label_image_{name}'] = np.frombuffer(self.label_images[name], np.uint8)
+            if name in self.depth_images:
+                arrays[f'depth_image_{name}'] = np.frombuffer(self.depth_images[name], np.uint8)
+            if name in self.teacher:
+                arrays[f'teacher_{name}'] = np.asarray(self.teacher[name], dtype=np.float16)
+        if self.ego_poses is not None:
+            arrays['ego_stamps_ns'] = np.asarray(self.ego_stamps_ns, dtype=np.int64)
+            arrays['ego_poses'] = np.asarray(self.ego_poses, dtype=np.float64).reshape(-1, 4, 4)
+        if self.correspondences is not None:
+            for key in ('point', 'camera', 'uv', 'depth'):
+                arrays[f'corr_{key}'] = np.asarray(self.correspondences[key])
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays, source: str = '<memory>') -> 'Pair':
+        try:
+            version = int(arrays['format_version'])
+            if version > FORMAT_VERSION:
+                raise PairFormatError(f'{source}: format version {version} is newer than '
+                                      f'this reader ({FORMAT_VERSION})')
+            names = [str(n) for n in arrays['camera_names']]
+            keys = set(arrays.keys())
+
+            def opt(key):
+                return arrays[key] if key in keys else None
+
+            corr = None
+            if 'corr_point' in keys:
+                corr = {k: arrays[f'corr_{k}'] for k in ('point', 'camera', 'uv', 'depth')}
+            return cls(
+                lidar_stamp_ns=int(arrays['lidar_stamp_ns']),
+                xyz=arrays['xyz'], camera_names=names,
+                camera_stamp_ns=arrays['camera_stamp_ns'],
+                images={n: arrays[f'image_{n}'].tobytes() for n in names},
+                image_formats={n: str(arrays[f'image_format_{n}']) for n in names},
+                calibration=RigCalibration.from_yaml(str(arrays['calibration_yaml'])),
+                intensity=opt('intensity'), ring=opt('ring'),
+                point_time_ns=opt('point_time_ns'), labels=opt('labels'),
+                label_images={n: arrays[f'label_image_{n}'].tobytes() for n in names
+                              if f'label_image_{n}' in keys},
+                depth_images={n: arrays[f'depth_image_{n}'].tobytes() for n in names
+                              if f'depth_image_{n}' in keys},
+                teacher={n: arrays[f'teacher_{n}'] for n in names if f'teacher_{n}' in keys},
+                ego_stamps_ns=opt('ego_stamps_ns'), ego_poses=opt('ego_poses'),
+                correspondences=corr)
+        except KeyError as exc:
+            raise PairFormatError(f'{source}: missing key {exc}') from None
+
+
+def decode_png_or_jpeg(data: bytes, color: bool) -> np.ndarray:
+    """Decode PNG/JPEG bytes: RGB uint8 when ``color``, else the stored depth (8 or 16 bit)."""
+    import cv2
+    flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_UNCHANGED
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if img is None:
+        raise PairFormatError('image bytes could not be decoded')
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color else img
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of an (H, W) uint8/uint16 or (H, W, 3) RGB uint8 image."""
+    import cv2
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode('.png', image)
+    if not ok:
+        raise PairFormatError('PNG encoding failed')
+    return buf.tobytes()
+
+
+def encode_depth_png(depth_m: np.ndarray) -> bytes:
+    """16-bit PNG of depth in millimetres (clipped to 65.535 m; 0 = no return)."""
+    depth_mm = np.clip(np.nan_to_num(depth_m, nan=0.0) * 1000.0 + 0.5, 0, 65535)
+    return encode_png(depth_mm.astype(np.uint16))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class PairWriter:
+    """Appends pairs to a dataset folder; safe against kill -9 at any instant.
+
+    ``max_bytes`` is a disk quota for the pair files (``write`` returns None once it would be
+    exceeded). Thread-safe: one writer per folder.
+    """
+
+    def __init__(self, root: str, metadata: dict | None = None, max_bytes: int | None = None,
+                 fsync: bool = True):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        os.makedirs(os.path.join(root, 'pairs'), exist_ok=True)
+        meta_path = os.path.join(root, 'dataset.yaml')
+        if not os.path.exists(meta_path):
+            tmp = meta_path + '.tmp'
+            with open(tmp, 'w', encoding='utf-8') as fh:
+                yaml.safe_dump({'format_version': FORMAT_VERSION, **(metadata or {})}, fh)
+            os.replace(tmp, meta_path)
+        reader = PairReader(root, scan=True)
+        self.bytes_used = sum(e.get('bytes', 0) for e in reader.entries)
+        self._next_id = 1 + max((int(e['id']) for e in reader.entries), default=-1)
+        # Complete pairs that a killed writer left out of the index are indexed now.
+        if reader.recovered:
+            with open(os.path.join(root, 'index.jsonl'), 'a', encoding='utf-8') as fh:
+                for entry in reader.recovered:
+                    fh.write(json.dumps(entry) + '\n')
+        self.count = len(reader.entries)
+
+    def write(self, pair: Pair) -> str | None:
+        """Write ``pair`` atomically; returns its path, or None if the quota is reached."""
+        buf = io.BytesIO()
+        np.savez(buf, **pair.to_arrays())
+        data = buf.getvalue()
+        with self._lock:
+            if self.max_bytes is not None and self.bytes_used + len(data) > self.max_bytes:
+                return None
+            pair_id = self._next_id
+            self._next_id += 1
+            rel = os.path.join('pairs', f'{pair_id:09d}.npz')
+            final = os.path.join(self.root, rel)
+            tmp = os.path.join(self.root, 'pairs', f'.{pair_id:09d}.npz.tmp')
+            with open(tmp, 'wb') as fh:
+                fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(os.path.dirname(final))
+            entry = {'id': pair_id, 'file': rel, 'lidar_stamp_ns': int(pair.lidar_stamp_ns),
+                     'cameras': list(pair.camera_names), 'points': int(len(pair.xyz)),
+                     'bytes': len(data)}
+            with open(os.path.join(self.root, 'index.jsonl'), 'a', encoding='utf-8') as fh:
+                fh.write(json.dumps(entry) + '\n')
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self.bytes_used += len(data)
+            self.count += 1
+            return final
+
+
+class PairReader:
+    """Reads a pair dataset, including one that a writer is still appending to.
+
+    ``refresh()`` picks up pairs indexed since the last call. Torn index lines (a writer killed
+    mid-line) and temporary files are ignored; with ``scan=True`` complete pair files that are
+    missing from the index are added too (listed in ``recovered``).
+    """
+
+    def __init__(self, root: str, scan: bool = False):
+        if not os.path.isdir(root):
+            raise PairFormatError(f'dataset folder not found: {root}')
+        self.root = root
+        self.entries: list[dict] = []
+        self.recovered: list[dict] = []
+        self._offset = 0
+        self.refresh(scan=scan)
+
+    def refresh(self, scan: bool = False) -> int:
+        """Read newly indexed pairs; returns how many were added."""
+        added = 0
+        index = os.path.join(self.root, 'index.jsonl')
+        known = {e['file'] for e in self.entries}
+        if os.path.exists(index):
+            with open(index, 'rb') as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+            end = chunk.rfind(b'\n') + 1          # only whole lines; a torn tail waits
+            for line in chunk[:end].splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(entry, dict) or 'file' not in entry:
+                    continue
+                if entry['file'] in known:
+                    continue
+                if os.path.exists(os.path.join(self.root, entry['file'])):
+                    self.entries.append(entry)
+                    known.add(entry['file'])
+                    added += 1
+            self._offset += end
+        if scan:
+            pair_dir = os.path.join(self.root, 'pairs')
+            for name in sorted(os.listdir(pair_dir)) if os.path.isdir(pair_dir) else []:
+                rel = os.path.join('pairs', name)
+                if not name.endswith('.npz') or name.startswith('.') or rel in known:
+                    continue
+                try:
+                    pair = self._load(rel)
+                except PairFormatError:
+                    continue
+                entry = {'id': int(name.split('.')[0]), 'file': rel,
+                         'lidar_stamp_ns': pair.lidar_stamp_ns, 'cameras': pair.camera_names,
+                         'points': int(len(pair.xyz)),
+                         'bytes': os.path.getsize(os.path.join(self.root, rel))}
+                self.entries.append(entry)
+                self.recovered.append(entry)
+                known.add(rel)
+                added += 1
+            self.entries.sort(key=lambda e: int(e['id']))
+        return added
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load(self, rel: str) -> Pair:
+        path = os.path.join(self.root, rel)
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return Pair.from_arrays({k: arrays[k] for k in arrays.files}, source=path)
+        except (OSError, ValueError, EOFError) as exc:
+            if isinstance(exc, PairFormatError):
+                raise
+            raise PairFormatError(f'{path}: unreadable pair file ({exc})') from None
+
+    def __getitem__(self, i: int) -> Pair:
+        return self._load(self.entries[i]['file'])
+
+    def __iter__(self) -> Iterator[Pair]:
+        for i in range(len(self)):
+            yield self[i]
