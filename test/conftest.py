@@ -1,0 +1,16 @@
+"""Shared pytest fixtures: the real sample data folder and a scratch directory."""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_DIR = pathlib.Path(os.environ.get('CMKD_DATA_DIR', REPO.parent / 'shared' / 'data'))
+
+
+@pytest.fixture(scope='session')
+def data_dir() -> pathlib.Path:
+    """Folder with the real sample frames (nuscenes_sample/, kitti_000008/); set CMKD_DATA_DIR."""
+    if not (DATA_DIR / 'nuscenes_sample' / 'calibration.json').exists():
+        raise FileNotFoundError(f'sample data not found in {DATA_DIR}; set CMKD_DATA_DIR')
+    return DATA_DIR
