@@ -44,7 +44,7 @@ setup(
             'ros-rosgraph-msgs', 'ros-nav-msgs', 'ros-diagnostic-msgs', 'ros-rmw-fastrtps-cpp',
         ],
         'train': ['tensorboard>=2.12'],
-        'dev': ['pytest>=7', 'colcon-common-extensions>=0.3'],
+        'dev': ['pytest>=7', 'pytest-timeout>=2', 'colcon-common-extensions>=0.3'],
     },
     zip_safe=True,
     maintainer='cmkd_ros maintainers',

@@ -200,3 +200,162 @@ class RigCalibration:
                 return cls.from_yaml(fh.read())
         except FileNotFoundError:
             raise CalibrationError(f'calibration file not found: {path}') from None
+
+
+# ----------------------------------------------------------------------------- loaders
+
+_CAMERA_INFO_MODELS = {'plumb_bob': 'plumb_bob', 'rational_polynomial': 'rational_polynomial',
+                       'equidistant': 'equidistant', 'fisheye': 'equidistant'}
+
+
+def calibration_from_camera_info(msg: Any, T_cam_lidar: np.ndarray, name: str, *,
+                                 frame_id: str | None = None, time_offset_ns: int = 0,
+                                 rectified: bool = False) -> CameraCalibration:
+    """:class:`CameraCalibration` from a ``sensor_msgs/CameraInfo`` (rclpy or rosbags) message.
+
+    ``T_cam_lidar`` (4, 4) maps LiDAR points to the camera optical frame (from TF or a file).
+    With ``rectified`` the camera is the rectified one (``image_rect``): K = P[:, :3], no
+    distortion. An all-zero D becomes the model ``none``.
+    """
+    where = f'camera {name!r} CameraInfo'
+    if int(getattr(msg, 'binning_x', 0)) > 1 or int(getattr(msg, 'binning_y', 0)) > 1:
+        raise CalibrationError(f'{where}: binning is not supported')
+    roi = getattr(msg, 'roi', None)
+    if roi is not None and int(roi.width) and int(roi.height) and (
+            int(roi.width) != int(msg.width) or int(roi.height) != int(msg.height)):
+        raise CalibrationError(f'{where}: a region of interest is not supported')
+    K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
+    if K.size != 9:
+        raise CalibrationError(f'{where}: k must have 9 values, got {K.size}')
+    D = np.asarray(msg.d, dtype=np.float64).reshape(-1)
+    model_text = str(msg.distortion_model)
+    if rectified:
+        P = np.asarray(msg.p, dtype=np.float64).reshape(-1)
+        if P.size != 12:
+            raise CalibrationError(f'{where}: p must have 12 values, got {P.size}')
+        P = P.reshape(3, 4)
+        if np.any(P[:, 3] != 0):
+            raise CalibrationError(f'{where}: P has a translation column (stereo right camera); '
+                                   'fold it into T_cam_lidar and pass a P without it')
+        K, model, D = P[:, :3].reshape(-1), 'none', np.zeros(0)
+    elif D.size == 0 or not np.any(D):
+        model, D = 'none', np.zeros(0)
+    elif model_text in _CAMERA_INFO_MODELS:
+        model = _CAMERA_INFO_MODELS[model_text]
+        if model == 'plumb_bob' and D.size == 8:
+            model = 'rational_polynomial'
+    else:
+        raise CalibrationError(f'{where}: distortion_model {model_text!r} is not one of '
+                               f'{sorted(_CAMERA_INFO_MODELS)}')
+    header = getattr(msg, 'header', None)
+    frame = frame_id if frame_id is not None else (getattr(header, 'frame_id', '') or name)
+    return CameraCalibration(name=name, width=int(msg.width), height=int(msg.height),
+                             K=K.reshape(3, 3), T_cam_lidar=np.asarray(T_cam_lidar, np.float64),
+                             distortion_model=model, D=D, frame_id=frame,
+                             time_offset_ns=int(time_offset_ns))
+
+
+def read_image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of a PNG or JPEG file from its header (no decoding)."""
+    with open(path, 'rb') as fh:
+        head = fh.read(24)
+        if head[:8] == b'\x89PNG\r\n\x1a\n':
+            return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+        if head[:2] != b'\xff\xd8':
+            raise CalibrationError(f'{path}: not a PNG or JPEG file')
+        fh.seek(2)
+        while True:
+            marker = fh.read(2)
+            if len(marker) < 2 or marker[0] != 0xFF:
+                raise CalibrationError(f'{path}: JPEG without a frame header')
+            length = int.from_bytes(fh.read(2), 'big')
+            # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+            if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+                sof = fh.read(5)
+                return int.from_bytes(sof[3:5], 'big'), int.from_bytes(sof[1:3], 'big')
+            fh.seek(length - 2, 1)
+
+
+def _read_json(path: str) -> dict:
+    import json
+    try:
+        with open(path, encoding='utf-8') as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CalibrationError(f'calibration file not found: {path}') from None
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f'{path}: invalid JSON: {exc}') from None
+
+
+def load_nuscenes_calibration(path: str, *, check_images: bool = True) -> RigCalibration:
+    """The six-camera rig of the shared nuScenes sample ``calibration.json`` (no distortion).
+
+    Camera order is the file's order; with ``check_images`` each camera's image file (beside the
+    JSON) must exist and match the calibrated size.
+    """
+    import os
+    data = _read_json(path)
+    cams = data.get('cameras')
+    if not isinstance(cams, Mapping) or not cams:
+        raise CalibrationError(f'{path}: no "cameras" mapping')
+    out = []
+    for name, c in cams.items():
+        try:
+            cam = CameraCalibration(name=name, width=int(c['width']), height=int(c['height']),
+                                    K=np.array(c['K'], dtype=np.float64),
+                                    T_cam_lidar=np.array(c['T_cam_lidar'], dtype=np.float64),
+                                    frame_id=name)
+        except KeyError as exc:
+            raise CalibrationError(f'{path}: camera {name!r} has no {exc.args[0]!r}') from None
+        if check_images and c.get('file'):
+            cam.check_image_size(*read_image_size(os.path.join(os.path.dirname(path),
+                                                               c['file'])))
+        out.append(cam)
+    return RigCalibration(tuple(out), lidar_frame='LIDAR_TOP')
+
+
+def nuscenes_stamps_ns(path: str) -> tuple[int, dict[str, int]]:
+    """``(lidar_stamp_ns, {camera: stamp_ns})`` of the nuScenes sample ``calibration.json``."""
+    data = _read_json(path)
+
+    def ns(seconds: float) -> int:
+        return int(round(float(seconds) * 1e6)) * 1000       # nuScenes stamps are microseconds
+
+    return ns(data['lidar']['timestamp']), {n: ns(c['timestamp'])
+                                            for n, c in data['cameras'].items()}
+
+
+def load_kitti_calibration(path: str, image_path: str | None = None,
+                           name: str = 'CAM2') -> RigCalibration:
+    """The left color camera of a KITTI object frame (``P2``, ``R0_rect``, ``Tr_velo_to_cam``).
+
+    ``P2 = K [I | t]`` with the baseline ``t = K^-1 P2[:, 3]``, so the camera is
+    ``K = P2[:, :3]`` and ``T_cam_lidar = [I | t] @ R0_rect @ Tr_velo_to_cam``. The image size
+    comes from the image file (default: ``image_2.png`` beside the JSON).
+    """
+    import os
+    data = _read_json(path)
+    c = data.get('camera', data)
+    try:
+        P2 = np.array(c['P2'], dtype=np.float64)[:3, :4]
+        R0 = np.array(c['R0_rect'], dtype=np.float64)
+        Tr = np.array(c['Tr_velo_to_cam'], dtype=np.float64)
+    except KeyError as exc:
+        raise CalibrationError(f'{path}: missing {exc.args[0]!r}') from None
+    R0_4 = np.eye(4)
+    R0_4[:3, :3] = R0[:3, :3]
+    Tr_4 = np.eye(4)
+    Tr_4[:Tr.shape[0], :] = Tr[:4, :4] if Tr.shape[0] == 4 else Tr[:3, :4]
+    K = P2[:, :3]
+    # 1. LiDAR -> camera 0 -> rectified camera 0; 2. rectified camera 0 -> camera 2 (baseline).
+    T_cam2_rect0 = np.eye(4)
+    T_cam2_rect0[:3, 3] = np.linalg.solve(K, P2[:, 3])
+    T = T_cam2_rect0 @ R0_4 @ Tr_4
+    if image_path is None:
+        image_path = os.path.join(os.path.dirname(path), c.get('file', 'image_2.png'))
+    width, height = read_image_size(image_path)
+    cam = CameraCalibration(name=name, width=width, height=height, K=K, T_cam_lidar=T,
+                            frame_id=name)
+    if 'width' in c and 'height' in c:
+        cam.check_image_size(int(c['width']), int(c['height']))
+    return RigCalibration((cam,), lidar_frame='velodyne')

@@ -41,6 +41,7 @@ import io
 import json
 import os
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -338,7 +339,7 @@ class PairReader:
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 return Pair.from_arrays({k: arrays[k] for k in arrays.files}, source=path)
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, PairFormatError):
                 raise
             raise PairFormatError(f'{path}: unreadable pair file ({exc})') from None

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Build and install MinkowskiEngine 0.5.4 (the optional reference sparse-convolution backend).
+#
+# Usage: scripts/build_minkowski.sh [VENV]      (default: the active virtual environment)
+#
+# The wheel is built once per torch version and cached in
+#   ${CMKD_WHEEL_CACHE:-$HOME/.cache/cmkd_ros/wheels}/torch-<torch version>/
+# A later run (CI, a fresh venv with the same torch) installs the cached wheel without building.
+#
+# CPU build (default): needs OpenBLAS headers (apt-get install -y libopenblas-dev; done here
+# when apt-get is available and we are root). CUDA build: set CMKD_ME_CUDA=1 on a machine with
+# nvcc matching torch's CUDA version; the wheel cache key then includes the CUDA version.
+#
+# Why this recipe: plain `pip install minkowskiengine` builds in an isolated environment without
+# torch and fails; --install-option/--global-option without -C are ignored by modern pip; the
+# released sources import `Sequence` from `collections`, removed in Python 3.10 (patched below).
+set -euo pipefail
+
+ME_VERSION="${CMKD_ME_VERSION:-0.5.4}"
+MAX_JOBS="${MAX_JOBS:-2}"
+export MAX_JOBS
+
+# 1. Choose the Python interpreter: the venv given as argument, else the active one.
+if [[ $# -ge 1 ]]; then
+    VENV="$1"
+    PYTHON="$VENV/bin/python"
+elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
+    PYTHON="$VIRTUAL_ENV/bin/python"
+else
+    PYTHON="$(command -v python3)"
+fi
+if [[ ! -x "$PYTHON" ]]; then
+    echo "error: no python interpreter at $PYTHON" >&2
+    exit 2
+fi
+TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)')" || {
+    echo "error: torch is not importable by $PYTHON; install torch first" >&2
+    exit 2
+}
+PY_TAG="$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+
+if [[ "${CMKD_ME_CUDA:-0}" == "1" ]]; then
+    BUILD_FLAGS="--blas=openblas"
+    VARIANT="cuda"
+else
+    BUILD_FLAGS="--blas=openblas --cpu_only"
+    VARIANT="cpu"
+fi
+CACHE_ROOT="${CMKD_WHEEL_CACHE:-$HOME/.cache/cmkd_ros/wheels}"
+WHEEL_DIR="$CACHE_ROOT/torch-$TORCH_VERSION/$VARIANT"
+mkdir -p "$WHEEL_DIR"
+echo "python: $PYTHON  torch: $TORCH_VERSION  variant: $VARIANT  wheel cache: $WHEEL_DIR"
+
+# 2. OpenBLAS headers (needed to build, and the runtime library to import).
+if ! [[ -e /usr/include/x86_64-linux-gnu/cblas.h || -e /usr/include/cblas.h \
+        || -e /usr/include/openblas/cblas.h || -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ]]; then
+    if command -v apt-get > /dev/null && [[ "$(id -u)" == "0" ]]; then
+        apt-get install -y libopenblas-dev || { apt-get update && apt-get install -y libopenblas-dev; }
+    else
+        echo "warning: OpenBLAS headers not found; run: sudo apt-get install -y libopenblas-dev" >&2
+    fi
+fi
+
+# 3. Build the wheel unless the cache already holds one for this torch and Python.
+shopt -s nullglob
+WHEELS=("$WHEEL_DIR"/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-"$PY_TAG"-*.whl)
+if [[ ${#WHEELS[@]} -eq 0 ]]; then
+    "$PYTHON" -m pip install --quiet numpy ninja wheel setuptools
+    START=$(date +%s)
+    "$PYTHON" -m pip wheel --no-deps --no-build-isolation --use-pep517 \
+        -C"--global-option=$BUILD_FLAGS" "minkowskiengine==$ME_VERSION" -w "$WHEEL_DIR"
+    echo "built MinkowskiEngine wheel in $(( $(date +%s) - START )) s"
+    WHEELS=("$WHEEL_DIR"/[Mm]inkowski[Ee]ngine-"$ME_VERSION"-"$PY_TAG"-*.whl)
+    if [[ ${#WHEELS[@]} -eq 0 ]]; then
+        echo "error: pip wheel produced no MinkowskiEngine wheel in $WHEEL_DIR" >&2
+        exit 1
+    fi
+else
+    echo "using cached wheel ${WHEELS[0]}"
+fi
+
+# 4. Install it and patch `from collections import Sequence` (removed in Python 3.10).
+"$PYTHON" -m pip install --no-deps --force-reinstall "${WHEELS[0]}"
+PKG_DIR="$("$PYTHON" - <<'EOF'
+import importlib.util
+import os
+spec = importlib.util.find_spec('MinkowskiEngine')
+print(os.path.dirname(spec.origin))
+EOF
+)"
+grep -rl --include='*.py' 'from collections import Sequence' "$PKG_DIR" | while read -r f; do
+    sed -i 's/from collections import Sequence/from collections.abc import Sequence/' "$f"
+    echo "patched $f"
+done
+
+# 5. Check that it imports.
+"$PYTHON" -c 'import MinkowskiEngine as ME; print("MinkowskiEngine", ME.__version__, "imports")'

@@ -1,0 +1,26 @@
+# Source this file to use cmkd_ros from its venv with the PyPI ROS 2 wheels:
+#   source scripts/env.sh            (CMKD_VENV selects another venv)
+# With a full ROS 2 install, source /opt/ros/<distro>/setup.bash and your colcon workspace instead.
+_cmkd_root="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"
+_cmkd_venv="${CMKD_VENV:-$_cmkd_root/.venv}"
+if [ -f "$_cmkd_venv/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  . "$_cmkd_venv/bin/activate"
+fi
+case ":${AMENT_PREFIX_PATH:-}:" in
+  *":$_cmkd_venv:"*) ;;
+  *) export AMENT_PREFIX_PATH="$_cmkd_venv${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}" ;;
+esac
+export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
+# Large clouds and images over best-effort QoS need a bigger Fast DDS shared-memory segment.
+export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}"
+export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$FASTRTPS_DEFAULT_PROFILES_FILE}"
+# `ros2 run cmkd_ros <node>` looks in <prefix>/lib/cmkd_ros; pip puts console scripts in bin/.
+for _cmkd_exe in collect_node segment_node; do
+  if [ -x "$_cmkd_venv/bin/$_cmkd_exe" ] && [ ! -e "$_cmkd_venv/lib/cmkd_ros/$_cmkd_exe" ]; then
+    mkdir -p "$_cmkd_venv/lib/cmkd_ros" && ln -sfn "$_cmkd_venv/bin/$_cmkd_exe" "$_cmkd_venv/lib/cmkd_ros/$_cmkd_exe"
+  fi
+done
+unset _cmkd_exe
+export CMKD_DATA_DIR="${CMKD_DATA_DIR:-$_cmkd_root/../shared/data}"
+unset _cmkd_root _cmkd_venv

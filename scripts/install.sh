@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install cmkd_ros and everything it needs into a project venv (default: .venv). Idempotent: a
+# second run with unchanged dependency files returns in about a second.
+#   CMKD_VENV=DIR            venv location
+#   CMKD_PYTHON=python3.11   interpreter for a new venv (the PyPI ROS 2 wheels target CPython 3.11)
+#   CMKD_WITH_MINKOWSKI=0    skip building MinkowskiEngine (the parity tests then fail loudly)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CMKD_VENV:-$ROOT/.venv}"
+if [ -z "${CMKD_PYTHON:-}" ]; then
+  CMKD_PYTHON=$(command -v python3.11 || command -v python3)
+fi
+
+stamp_of() {
+  cat "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" "$ROOT/scripts/install.sh" \
+      "$ROOT/scripts/build_minkowski.sh" 2>/dev/null | sha256sum | cut -c1-16
+  echo "minkowski=${CMKD_WITH_MINKOWSKI:-1}"
+}
+STAMP="$(stamp_of)"
+if [ -f "$VENV/.cmkd-install-stamp" ] && [ "$(cat "$VENV/.cmkd-install-stamp")" = "$STAMP" ]; then
+  echo "[install] $VENV is up to date"
+  exit 0
+fi
+
+echo "[install] creating/updating $VENV with $CMKD_PYTHON"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$CMKD_PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip wheel 'setuptools<80'
+# PyPI's `launch` is an unrelated project that shadows ROS 2's launch module: refuse it.
+if "$VENV/bin/python" -m pip show launch >/dev/null 2>&1 && \
+   ! "$VENV/bin/python" -c 'import launch.actions' >/dev/null 2>&1; then
+  echo "[install] removing PyPI 'launch' (not ROS 2 launch)"; "${PIP[@]}" uninstall -y -q launch
+fi
+"${PIP[@]}" install -q -c "$ROOT/scripts/constraints.txt" -e "$ROOT[ros,train,dev]"
+
+# An editable install does not install data files: expose the package to ament/ros2 from the
+# source tree (share/cmkd_ros -> launch, config, package.xml; lib/cmkd_ros -> node executables).
+bash "$ROOT/scripts/ament_link.sh" "$VENV" "$ROOT"
+
+if [ "${CMKD_WITH_MINKOWSKI:-1}" != "0" ]; then
+  bash "$ROOT/scripts/build_minkowski.sh" "$VENV"
+fi
+echo "$STAMP" > "$VENV/.cmkd-install-stamp"
+echo "[install] done: source scripts/env.sh to use it"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything (idempotent) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/install.sh"
+# shellcheck disable=SC1091
+source "$ROOT/scripts/env.sh"
+cd "$ROOT"
+set +e
+python -m pytest test -ra --durations=20 -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then echo "no tests were collected"; fi
+exit "$rc"

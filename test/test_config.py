@@ -1,0 +1,62 @@
+"""The shared config schema: defaults, YAML + overrides, and errors that name the field."""
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from cmkd_ros.config import ConfigError, build, describe, load, setting, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    size: float = setting(0.1, 'voxel size in metres', gt=0)
+    widths: tuple[int, ...] = setting((32, 64), 'channel widths', ge=1)
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = setting('run', 'experiment name')
+    mode: Literal['fskd', 'udakd'] = setting('fskd', 'method')
+    steps: int = setting(10, 'optimizer steps', ge=1)
+    inner: Inner = setting(default_factory=Inner, help='nested section')
+    path: str | None = setting(None, 'optional path')
+
+
+def test_defaults_round_trip_through_to_dict():
+    cfg = build(Outer)
+    assert cfg.inner.widths == (32, 64)
+    assert build(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize('data, field', [
+    ({'steps': 0}, 'steps'),
+    ({'steps': 1.5}, 'steps'),
+    ({'mode': 'other'}, 'mode'),
+    ({'inner': {'size': -1}}, 'inner.size'),
+    ({'inner': {'widths': [32, 0]}}, 'inner.widths'),
+    ({'inner': {'widths': 'abc'}}, 'inner.widths'),
+    ({'inner': {'sise': 0.2}}, 'inner.sise'),
+    ({'name': 3}, 'name'),
+])
+def test_invalid_values_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
+        build(Outer, data)
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('steps: 5\ninner:\n  size: 0.2\n')
+    cfg = load(Outer, str(path), ['inner.widths=[8, 16, 32]', 'mode=udakd'])
+    assert (cfg.steps, cfg.inner.size, cfg.inner.widths, cfg.mode) == (5, 0.2, (8, 16, 32),
+                                                                         'udakd')
+    with pytest.raises(ConfigError, match='not found'):
+        load(Outer, str(tmp_path / 'missing.yaml'))
+    (tmp_path / 'bad.yaml').write_text('- a list\n')
+    with pytest.raises(ConfigError, match='mapping'):
+        load(Outer, str(tmp_path / 'bad.yaml'))
+
+
+def test_describe_lists_nested_fields_with_help():
+    rows = {name: (tp, default, text) for name, tp, default, text in describe(Outer)}
+    assert rows['inner.size'] == ('float', 0.1, 'voxel size in metres')
+    assert rows['steps'][1] == 10
