@@ -51,7 +51,6 @@ setup(
     maintainer_email='maintainers@cmkd-ros.invalid',
     description='Crossmodal knowledge distillation (camera to LiDAR) for ROS 2.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'cmkd = cmkd_ros.cli:main',

@@ -3,6 +3,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/install.sh"
+# MinkowskiEngine for the backend parity tests: built once (about 7 minutes on 2 cores) and cached
+# by torch version; skipped when it already imports.
+bash "$ROOT/scripts/build_minkowski.sh" "${CMKD_VENV:-$ROOT/.venv}"
 # shellcheck disable=SC1091
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"

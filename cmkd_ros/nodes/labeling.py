@@ -1,0 +1,137 @@
+"""ROS-free core of the segment node: label a decoded point cloud with a student.
+
+Kept apart from the rclpy wiring so ``cmkd evaluate-bag``, benchmarks and tests call exactly what
+the node runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from cmkd_ros.classes import IGNORE_INDEX, ClassMap
+from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.conversions import xyz_from_cloud
+
+OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
+
+# predictor(xyz (N, 3) float32 LiDAR frame, intensity (N,) float32)
+#   -> class_id (N,) integer, probability (N,) float
+Predictor = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class SegmentNodeConfig:
+    """Parameters of the segment node (ROS parameters of the same names)."""
+
+    checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
+    device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
+    num_threads: int = setting(0, 'torch CPU threads for inference (0: torch default)', ge=0)
+    range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
+                               'segmented (class_id 255)', ge=0.0)
+    range_max: float = setting(200.0, 'points farther than this from the LiDAR (m) are not '
+                               'segmented (class_id 255)', gt=0.0)
+    classes: tuple[str, ...] = setting(default_factory=tuple, help='class names to publish; '
+                                       'points of other classes get class_id 255 and '
+                                       'probability 0 (empty: all classes)')
+    min_probability: float = setting(0.0, 'predictions below this probability get class_id '
+                                     '255', ge=0.0, le=1.0)
+    always_process: bool = setting(False, 'segment even when nobody subscribes to the output '
+                                   '(benchmarks); normally inference is skipped then')
+    diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError('checkpoint: a student checkpoint path is required')
+        if self.range_max <= self.range_min:
+            raise ConfigError(f'range_max ({self.range_max}) must be > range_min '
+                              f'({self.range_min})')
+        if not (self.device == 'cpu' or self.device == 'cuda' or
+                (self.device.startswith('cuda:') and self.device[5:].isdigit())):
+            raise ConfigError(f'device: {self.device!r} is not cpu, cuda or cuda:N')
+
+
+def packed_rgb(colors: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 RGB -> (N,) float32 holding 0x00RRGGBB (PCL / RViz ``rgb`` convention)."""
+    colors = np.asarray(colors, dtype=np.uint32).reshape(-1, 3)
+    packed = (colors[:, 0] << 16) | (colors[:, 1] << 8) | colors[:, 2]
+    return packed.astype(np.uint32).view(np.float32)
+
+
+def unpack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(N,) packed float32 ``rgb`` -> (N, 3) uint8 RGB."""
+    packed = np.ascontiguousarray(rgb, dtype=np.float32).view(np.uint32)
+    return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255],
+                    axis=1).astype(np.uint8)
+
+
+def output_dtype(input_dtype: np.dtype) -> np.dtype:
+    """Input fields (packed, existing class_id/probability/rgb replaced) + the three outputs."""
+    parts = []
+    for name in input_dtype.names or ():
+        if name in OUTPUT_FIELDS:
+            continue
+        sub = input_dtype.fields[name][0]
+        parts.append((name, sub.base, sub.shape) if sub.subdtype else (name, sub))
+    parts += [('class_id', np.uint8), ('probability', np.float32), ('rgb', np.float32)]
+    return np.dtype(parts)
+
+
+def class_filter(class_map: ClassMap, names: tuple[str, ...]) -> np.ndarray | None:
+    """(256,) bool lookup of the class ids to publish; None when every class is published."""
+    if not names:
+        return None
+    allowed = np.zeros(256, dtype=bool)
+    for name in names:
+        allowed[class_map.index(name)] = True
+    return allowed
+
+
+def segment_array(points: np.ndarray, predictor: Predictor, class_map: ClassMap,
+                  config: SegmentNodeConfig) -> np.ndarray:
+    """Label a decoded cloud: (N,) structured array in -> (N,) array with outputs appended.
+
+    Every input point is kept in order. Points with a non-finite coordinate, outside
+    [range_min, range_max] or of an unpublished class get class_id 255, probability 0 and the
+    ignore color. Raises ConversionError when the cloud has no x, y, z.
+    """
+    out = np.zeros(points.shape[0], dtype=output_dtype(points.dtype))
+    for name in out.dtype.names[:-3]:
+        out[name] = points[name]
+    class_id = np.full(points.shape[0], IGNORE_INDEX, dtype=np.uint8)
+    probability = np.zeros(points.shape[0], dtype=np.float32)
+    # 1. finite points (LiDAR frame), 2. range crop, 3. inference on what is left.
+    xyz, rows = xyz_from_cloud(points, drop_invalid=True)
+    if rows.size:
+        dist = np.linalg.norm(xyz, axis=1)
+        in_range = (dist >= config.range_min) & (dist <= config.range_max)
+        xyz, rows = xyz[in_range], rows[in_range]
+    if rows.size:
+        if 'intensity' in (points.dtype.names or ()):
+            intensity = np.asarray(points['intensity'][rows], dtype=np.float32).reshape(-1)
+            intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            intensity = np.zeros(rows.size, dtype=np.float32)
+        pred, prob = predictor(np.ascontiguousarray(xyz), intensity)
+        pred = _to_numpy(pred).astype(np.int64).reshape(-1)
+        prob = _to_numpy(prob).astype(np.float32).reshape(-1)
+        if pred.shape[0] != rows.size or prob.shape[0] != rows.size:
+            raise ValueError(f'predictor returned {pred.shape[0]} labels / {prob.shape[0]} '
+                             f'probabilities for {rows.size} points')
+        valid = (pred >= 0) & (pred < class_map.num_classes) & (prob >= config.min_probability)
+        allowed = class_filter(class_map, config.classes)
+        if allowed is not None:
+            valid &= allowed[np.clip(pred, 0, 255)]
+        class_id[rows[valid]] = pred[valid].astype(np.uint8)
+        probability[rows[valid]] = prob[valid]
+    out['class_id'] = class_id
+    out['probability'] = probability
+    out['rgb'] = packed_rgb(class_map.colorize(class_id))
+    return out
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, 'detach'):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,357 @@
+"""rclpy helpers shared by the cmkd_ros nodes: QoS, schema-driven parameters, diagnostics.
+
+Parameters are declared from the same frozen config dataclasses the library uses
+(:mod:`cmkd_ros.config`): one ROS parameter per leaf field (nested dataclasses become dotted
+names, ``record.enabled``), with the field's help text as ``ParameterDescriptor`` description and
+its bounds as ``additional_constraints``. Values are validated by :func:`cmkd_ros.config.build`,
+so a node and a YAML-driven tool reject the same bad values with the same message.
+
+Only APIs present since ROS 2 Humble are used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import types
+import typing
+from typing import Any, Callable, Iterable
+
+from cmkd_ros import config as cfg
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, DurabilityPolicy,
+                       qos_profile_sensor_data)
+
+
+def sensor_qos(depth: int = 5) -> QoSProfile:
+    """Sensor-data QoS (best effort, volatile, keep last ``depth``), as in rclpy's preset."""
+    qos = QoSProfile(depth=depth)
+    qos.history = HistoryPolicy.KEEP_LAST
+    qos.reliability = qos_profile_sensor_data.reliability
+    qos.durability = qos_profile_sensor_data.durability
+    return qos
+
+
+def reliable_qos(depth: int = 10) -> QoSProfile:
+    """Reliable, volatile, keep last ``depth``: for low-rate outputs such as diagnostics."""
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+def qos_overrides() -> Any:
+    """``QoSOverridingOptions`` letting operators override a topic's QoS by parameters."""
+    from rclpy.qos_overriding_options import QoSOverridingOptions
+    return QoSOverridingOptions.with_default_policies()
+
+
+# ----------------------------------------------------------------------------- parameters
+
+_SCALAR_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+                 float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+_ARRAY_TYPES = {bool: ParameterType.PARAMETER_BOOL_ARRAY,
+                int: ParameterType.PARAMETER_INTEGER_ARRAY,
+                float: ParameterType.PARAMETER_DOUBLE_ARRAY,
+                str: ParameterType.PARAMETER_STRING_ARRAY}
+_PARAM_TYPE_ENUM = {ParameterType.PARAMETER_BOOL: Parameter.Type.BOOL,
+                    ParameterType.PARAMETER_INTEGER: Parameter.Type.INTEGER,
+                    ParameterType.PARAMETER_DOUBLE: Parameter.Type.DOUBLE,
+                    ParameterType.PARAMETER_STRING: Parameter.Type.STRING,
+                    ParameterType.PARAMETER_BOOL_ARRAY: Parameter.Type.BOOL_ARRAY,
+                    ParameterType.PARAMETER_INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY,
+                    ParameterType.PARAMETER_DOUBLE_ARRAY: Parameter.Type.DOUBLE_ARRAY,
+                    ParameterType.PARAMETER_STRING_ARRAY: Parameter.Type.STRING_ARRAY}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamField:
+    """One leaf of a config dataclass as a ROS parameter."""
+
+    name: str                 # dotted ROS parameter name, e.g. 'record.enabled'
+    path: tuple[str, ...]     # field path in the nested dataclass
+    ros_type: int             # rcl_interfaces ParameterType
+    default: Any              # dataclass default (None: parameter left unset)
+    help: str
+    constraints: str
+
+
+def _leaf_type(tp: Any) -> tuple[int, bool]:
+    """(ROS parameter type, optional) of a field annotation; raises for unsupported ones."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        if len(args) != 1:
+            raise cfg.ConfigError(f'unsupported parameter annotation {tp}')
+        tp, origin = args[0], typing.get_origin(args[0])
+    if origin is typing.Literal:
+        values = typing.get_args(tp)
+        return _SCALAR_TYPES[type(values[0])], optional
+    if tp in _SCALAR_TYPES:
+        return _SCALAR_TYPES[tp], optional
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if args and all(a == args[0] for a in args) and args[0] in _ARRAY_TYPES:
+            return _ARRAY_TYPES[args[0]], optional
+    raise cfg.ConfigError(f'unsupported parameter annotation {tp}')
+
+
+def _constraints(meta: dict) -> str:
+    parts = [f'{text} {meta[key]}' for key, text in (('ge', '>='), ('gt', '>'), ('le', '<='),
+                                                    ('lt', '<')) if meta.get(key) is not None]
+    if meta.get('choices') is not None:
+        parts.append('one of ' + ', '.join(map(str, meta['choices'])))
+    if meta.get('length') is not None:
+        parts.append(f'{meta["length"]} items')
+    return '; '.join(parts)
+
+
+def param_fields(cls: type, prefix: str = '', path: tuple[str, ...] = ()) -> list[ParamField]:
+    """The leaves of config dataclass ``cls`` as ROS parameters (nested ones dotted)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(param_fields(tp, f'{prefix}{f.name}.', path + (f.name,)))
+            continue
+        ros_type, _ = _leaf_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append(ParamField(prefix + f.name, path + (f.name,), ros_type, cfg.to_dict(default),
+                              f.metadata.get('help', ''), _constraints(f.metadata)))
+    return out
+
+
+def _nested(values: dict[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in values.items():
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _from_ros(value: Any) -> Any:
+    """Plain Python value of a parameter (arrays as lists)."""
+    if hasattr(value, 'tolist'):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class ConfigParameters:
+    """Declares the parameters of config dataclass ``cls`` on ``node`` and builds the config.
+
+    ``runtime`` names the parameters that may change while the node runs; every other one is
+    read-only. A change is accepted only if the whole config still builds; then
+    ``on_change(new_config)`` is called. Raises :class:`cmkd_ros.config.ConfigError` at
+    construction when the initial values are invalid.
+    """
+
+    def __init__(self, node: Node, cls: type, runtime: Iterable[str] = (),
+                 on_change: Callable[[Any], None] | None = None):
+        self.node = node
+        self.cls = cls
+        self.fields = param_fields(cls)
+        self.runtime = set(runtime)
+        unknown = self.runtime - {f.name for f in self.fields}
+        if unknown:
+            raise cfg.ConfigError(f'runtime parameter(s) {sorted(unknown)} are not fields of '
+                                  f'{cls.__name__}')
+        self.on_change = on_change
+        self._values: dict[tuple[str, ...], Any] = {}
+        for f in self.fields:
+            self._values[f.path] = self._declare(f)
+        self.config = self._build(self._values)
+        node.add_on_set_parameters_callback(self._on_set)
+
+    def _declare(self, f: ParamField) -> Any:
+        dynamic = f.ros_type == ParameterType.PARAMETER_DOUBLE   # accept 1 for 1.0
+        descriptor = ParameterDescriptor(
+            name=f.name, type=ParameterType.PARAMETER_NOT_SET if dynamic else f.ros_type,
+            description=f.help, additional_constraints=f.constraints,
+            read_only=f.name not in self.runtime, dynamic_typing=dynamic)
+        empty_array = isinstance(f.default, list) and not f.default
+        if f.default is None or empty_array:
+            # rclpy infers a byte array from [] and cannot hold None: declare by type only.
+            param = self.node.declare_parameter(f.name, _PARAM_TYPE_ENUM[f.ros_type],
+                                                descriptor)
+            try:
+                value = param.value
+            except Exception:  # ParameterUninitializedException: keep the dataclass default
+                return f.default
+            return f.default if value is None else _from_ros(value)
+        param = self.node.declare_parameter(f.name, f.default, descriptor)
+        return _from_ros(param.value)
+
+    def _build(self, values: dict[tuple[str, ...], Any]) -> Any:
+        return cfg.build(self.cls, _nested(values))
+
+    def _on_set(self, params: list[Parameter]) -> SetParametersResult:
+        by_name = {f.name: f for f in self.fields}
+        values = dict(self._values)
+        for p in params:
+            f = by_name.get(p.name)
+            if f is None:
+                continue                   # e.g. use_sim_time, QoS overrides
+            if p.name not in self.runtime:
+                return SetParametersResult(successful=False,
+                                           reason=f'{p.name} is read-only at runtime')
+            values[f.path] = _from_ros(p.value)
+        try:
+            new = self._build(values)
+        except cfg.ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self._values = values
+        self.config = new
+        if self.on_change is not None:
+            self.on_change(new)
+        return SetParametersResult(successful=True)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+class Diagnostics:
+    """Counters, throttled warnings and a periodic ``/diagnostics`` status for one node.
+
+    ``warn(key, text)`` logs at most once per ``throttle_s`` per key and turns the status to
+    WARN for ``warn_hold_s``; ``count(key)`` increments a counter; ``set(key, value)`` sets a
+    value shown in the status. Without diagnostic_msgs the status is logged instead.
+    """
+
+    OK, WARN, ERROR = 0, 1, 2
+
+    def __init__(self, node: Node, name: str, period_s: float = 1.0, throttle_s: float = 5.0,
+                 warn_hold_s: float = 5.0):
+        self.node = node
+        self.name = name
+        self.throttle_s = throttle_s
+        self.warn_hold_s = warn_hold_s
+        self.counters: dict[str, int] = {}
+        self.values: dict[str, Any] = {}
+        self._last_log: dict[str, float] = {}
+        self._last_warn: tuple[float, str] | None = None
+        self._lock = threading.Lock()
+        try:
+            from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+        except ImportError:
+            self._msgs = None
+            self._pub = None
+            node.get_logger().warn('diagnostic_msgs is not importable: counters are logged '
+                                   'instead of published on /diagnostics')
+        else:
+            self._msgs = (DiagnosticArray, DiagnosticStatus, KeyValue)
+            self._pub = node.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
+        self._timer = node.create_timer(period_s, self.publish)
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def set(self, key: str, value: Any) -> None:
+        with self._lock:
+            self.values[key] = value
+
+    def warn(self, key: str, text: str) -> None:
+        """Count ``key``, log ``text`` (throttled per key) and raise the status to WARN."""
+        now = time.monotonic()
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+            self._last_warn = (now, f'{key}: {text}')
+            last = self._last_log.get(key)
+            log = last is None or now - last >= self.throttle_s
+            if log:
+                self._last_log[key] = now
+        if log:
+            self.node.get_logger().warn(f'{text} [{key}, {self.counters[key]} so far]')
+
+    def status(self) -> tuple[int, str, dict[str, str]]:
+        """(level, message, key/values) of the current state."""
+        with self._lock:
+            items = {k: str(v) for k, v in sorted(self.counters.items())}
+            items.update({k: str(v) for k, v in sorted(self.values.items())})
+            last = self._last_warn
+        if last is not None and time.monotonic() - last[0] < self.warn_hold_s:
+            return self.WARN, last[1], items
+        return self.OK, 'ok', items
+
+    def publish(self) -> None:
+        level, message, items = self.status()
+        if self._msgs is None:
+            self.node.get_logger().info(
+                f'{self.name}: {message}; ' + ', '.join(f'{k}={v}' for k, v in items.items()),
+                throttle_duration_sec=10.0)
+            return
+        DiagnosticArray, DiagnosticStatus, KeyValue = self._msgs
+        status = DiagnosticStatus(level=bytes([level]), name=f'{self.node.get_name()}: {self.name}',
+                                  message=message, hardware_id=self.node.get_fully_qualified_name(),
+                                  values=[KeyValue(key=k, value=v) for k, v in items.items()])
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self._pub.publish(msg)
+
+
+# ----------------------------------------------------------------------------- latest slot
+
+class LatestSlot:
+    """A one-item mailbox: ``put`` replaces an unprocessed item (counted as dropped)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; returns True when it replaced one that was never taken."""
+        with self._cond:
+            replaced = self._item is not None
+            if replaced:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The newest item (None after ``timeout`` or once closed)."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def spin_until_shutdown(node: Node, executor: Any = None) -> None:
+    """Spin ``node`` until Ctrl-C / SIGTERM or context shutdown, then destroy it cleanly."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    try:
+        if executor is None:
+            rclpy.spin(node)
+        else:
+            executor.add_node(node)
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        close = getattr(node, 'close', None)
+        if callable(close):
+            close()
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.try_shutdown()

@@ -1,0 +1,161 @@
+"""Segment node: label every LiDAR point with a distilled student network.
+
+Subscribes ``~/input/pointcloud`` (sensor_msgs/PointCloud2, sensor-data QoS) and publishes
+``~/output/pointcloud``: the input fields plus ``class_id`` (uint8), ``probability`` (float32)
+and ``rgb`` (packed float32, RViz), with the input header. Only the newest scan is processed: a
+worker thread takes it from a one-item slot, so a scan that arrives while the previous one is
+still being segmented replaces the waiting one (counted as a drop) instead of queueing.
+Inference is skipped while nobody subscribes to the output. See docs/nodes.md.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import rclpy
+from rclpy.node import Node
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Float64
+
+from cmkd_ros.classes import ClassMap
+from cmkd_ros.config import ConfigError
+from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
+from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
+from cmkd_ros.nodes.labeling import SegmentNodeConfig, class_filter, segment_array
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
+                                   sensor_qos, spin_until_shutdown)
+
+RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
+
+
+def load_predictor(path: str, device: str, num_threads: int = 0):
+    """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint."""
+    import torch
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'device: {device!r} requested but CUDA is not available')
+    student, info = load_checkpoint(path, device=device)
+    class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
+
+    def predict(xyz: np.ndarray, intensity: np.ndarray):
+        with torch.inference_mode():
+            return student.predict(xyz, intensity)
+
+    return predict, class_map
+
+
+class SegmentNode(Node):
+    """LiDAR semantic segmentation with a student checkpoint (CPU or CUDA)."""
+
+    def __init__(self, **kwargs):
+        super().__init__('segment_node', **kwargs)
+        # 1. parameters -> validated config (raises ConfigError: no half-built node).
+        self.params = ConfigParameters(self, SegmentNodeConfig, runtime=RUNTIME_PARAMETERS,
+                                       on_change=self._on_config)
+        config = self.params.config
+        # 2. core objects: the student and its class map.
+        self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
+                                                      config.num_threads)
+        class_filter(self.class_map, config.classes)      # unknown class names raise here
+        self.get_logger().info(f'loaded {config.checkpoint} on {config.device}: '
+                               f'{self.class_map.num_classes} classes')
+        self.msg_types = rclpy_types()
+        self.diag = Diagnostics(self, 'segmentation', config.diagnostics_period_s)
+        self.slot = LatestSlot()
+        self.processed = 0
+        self.skipped_no_subscriber = 0
+        self._last_stamp_ns: int | None = None
+        # 3. publishers, then the worker, then the subscription (inputs flow last).
+        self.pub = self.create_publisher(PointCloud2, '~/output/pointcloud', sensor_qos(),
+                                         qos_overriding_options=qos_overrides())
+        self.pub_processing = self.create_publisher(Float64, '~/debug/processing_time_ms', 10)
+        self.pub_latency = self.create_publisher(Float64, '~/debug/pipeline_latency_ms', 10)
+        self.worker = threading.Thread(target=self._work, name='segment_worker', daemon=True)
+        self.worker.start()
+        self.sub = self.create_subscription(PointCloud2, '~/input/pointcloud', self._on_cloud,
+                                            sensor_qos(),
+                                            qos_overriding_options=qos_overrides())
+
+    def _on_config(self, config: SegmentNodeConfig) -> None:
+        class_filter(self.class_map, config.classes)
+
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        received = time.monotonic()
+        if self.pub.get_subscription_count() == 0 and not self.params.config.always_process:
+            self.skipped_no_subscriber += 1
+            self.diag.set('skipped_no_subscriber', self.skipped_no_subscriber)
+            return
+        stamp = msg_stamp_ns(msg)
+        if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
+            self.diag.warn('stamp_backwards', f'cloud stamp jumped back by '
+                           f'{(self._last_stamp_ns - stamp) / 1e9:.3f} s (bag loop or clock '
+                           'reset); processing it')
+        self._last_stamp_ns = stamp
+        if self.slot.put((msg, received)):
+            self.diag.set('dropped', self.slot.dropped)
+
+    def _work(self) -> None:
+        while not self.slot.closed:
+            item = self.slot.take(timeout=0.2)
+            if item is None:
+                continue
+            msg, received = item
+            start = time.monotonic()
+            try:
+                labeled = self._segment(msg)
+            except (ConversionError, ValueError) as exc:
+                self.diag.warn('bad_input', f'cannot segment cloud: {exc}')
+                continue
+            except Exception as exc:  # keep the node alive; report what happened
+                self.diag.warn('inference_error', f'{type(exc).__name__}: {exc}')
+                continue
+            if labeled is None:
+                continue
+            self.pub.publish(labeled)
+            done = time.monotonic()
+            self.processed += 1
+            self.pub_processing.publish(Float64(data=(done - start) * 1e3))
+            self.pub_latency.publish(Float64(data=(done - received) * 1e3))
+            self.diag.set('processed', self.processed)
+            self.diag.set('last_processing_ms', round((done - start) * 1e3, 1))
+
+    def _segment(self, msg: PointCloud2):
+        config = self.params.config
+        points = cloud_to_array(msg)
+        if points.shape[0] == 0:
+            self.diag.warn('empty_cloud', 'received an empty cloud; publishing it empty')
+        else:
+            finite = np.ones(points.shape[0], dtype=bool)
+            for c in 'xyz':
+                if c in (points.dtype.names or ()):
+                    finite &= np.isfinite(points[c])
+            if not finite.all():
+                self.diag.warn('nan_points', f'{int((~finite).sum())} of {points.shape[0]} '
+                               'points have non-finite coordinates (labeled 255)')
+        labeled = segment_array(points, self.predict, self.class_map, config)
+        out = array_to_cloud(labeled, msg_stamp_ns(msg), msg.header.frame_id, self.msg_types)
+        out.header = msg.header
+        return out
+
+    def close(self) -> None:
+        self.slot.close()
+        self.worker.join(timeout=2.0)
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = SegmentNode()
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
+        # A configuration or checkpoint problem: say what is wrong and exit non-zero.
+        rclpy.logging.get_logger('segment_node').fatal(str(exc))
+        rclpy.try_shutdown()
+        raise SystemExit(2)
+    spin_until_shutdown(node)
+
+
+if __name__ == '__main__':
+    main()

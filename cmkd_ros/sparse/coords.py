@@ -1,0 +1,274 @@
+"""Coordinate hashing and kernel maps for the pure-PyTorch sparse backend.
+
+Coordinates are integer voxel indices ``(N, 4) int32 [batch, x, y, z]``. A tensor at tensor
+stride ``s`` keeps coordinates in stride-1 units that are multiples of ``s`` (MinkowskiEngine's
+convention): downsampling by ``r`` maps ``c`` to ``floor(c / (s r)) * s r``.
+
+Each coordinate is packed into one int64 key, ``batch << 54 | x' << 36 | y' << 18 | z'`` with
+``x' = x - origin_x`` (origin = minimum minus a margin), so that adding a kernel offset to a
+coordinate adds a constant to its key and sorted keys are lexicographic ``(batch, x, y, z)``.
+Neighbour lookup is a ``searchsorted`` into the sorted keys of the target stride. Every coordinate
+set and kernel map is built once per ``CoordinateManager`` (one per input batch) and reused by all
+layers that need it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+AXIS_BITS = 18
+BATCH_BITS = 63 - 3 * AXIS_BITS  # 9 bits: up to 512 scans per batch
+MARGIN = 1 << (AXIS_BITS - 2)  # room for kernel offsets and floor rounding below the minimum
+MAX_EXTENT = (1 << AXIS_BITS) - 2 * MARGIN  # coordinate range per axis (131,072 voxels)
+_MASK = (1 << AXIS_BITS) - 1
+
+
+class SparseError(ValueError):
+    """Invalid sparse coordinates, strides or layer arguments."""
+
+
+def kernel_offsets(kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """Kernel offsets ``(k^3, 3) int64`` in units of the input stride, z fastest.
+
+    Odd sizes are centred (``-(k // 2) .. k // 2``), even sizes start at 0 (``0 .. k - 1``), as in
+    MinkowskiEngine. Row ``(i * k + j) * k + l`` is offset ``(r[i], r[j], r[l])``, matching the
+    flattened ``(k, k, k)`` spatial axes of a dense ``conv3d`` weight indexed ``[x, y, z]``.
+    """
+    if kernel_size < 1:
+        raise SparseError(f'kernel_size must be >= 1, got {kernel_size}')
+    start = -(kernel_size // 2) if kernel_size % 2 else 0
+    steps = [(start + i) * dilation for i in range(kernel_size)]
+    return torch.tensor(list(itertools.product(steps, steps, steps)), dtype=torch.int64)
+
+
+@dataclasses.dataclass
+class KernelMap:
+    """Input/output row pairs of a sparse convolution, grouped by kernel offset.
+
+    ``in_rows``/``out_rows`` are ``(P,) int64``; offset ``k`` owns ``[bounds[k], bounds[k+1])``.
+    ``identity`` is the offset index whose pairs are ``(i, i)`` for every row (the centre of a
+    submanifold convolution; not stored in the pair arrays), or -1.
+    """
+
+    in_rows: torch.Tensor
+    out_rows: torch.Tensor
+    bounds: list
+    num_in: int
+    num_out: int
+    identity: int = -1
+
+    @property
+    def volume(self) -> int:
+        return len(self.bounds) - 1
+
+    def transposed(self) -> KernelMap:
+        """The same pairs with inputs and outputs exchanged (for transposed convolutions)."""
+        return KernelMap(self.out_rows, self.in_rows, self.bounds, self.num_out, self.num_in,
+                         self.identity)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
+
+
+class _CoordinateSet:
+    """Coordinates at one tensor stride with their keys and a sorted lookup table."""
+
+    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool):
+        self.coords = coords
+        self.keys = keys
+        if is_sorted:
+            self.sorted_keys = keys
+            self.order = None
+        else:
+            self.sorted_keys, self.order = torch.sort(keys)
+
+    def lookup(self, query: torch.Tensor) -> torch.Tensor:
+        """Row of each query key, -1 where absent; ``query`` any shape int64."""
+        n = self.sorted_keys.numel()
+        pos = torch.searchsorted(self.sorted_keys, query)
+        pos.clamp_(max=n - 1)
+        found = self.sorted_keys[pos] == query
+        rows = pos if self.order is None else self.order[pos]
+        return torch.where(found, rows, torch.full_like(rows, -1))
+
+
+class CoordinateManager:
+    """Coordinate sets per tensor stride and kernel maps, built once and cached.
+
+    Created from the stride-1 coordinates of a batch; every sparse tensor derived from that input
+    shares it, so a kernel map is built once per (stride, kernel, dilation) and reused.
+    """
+
+    def __init__(self, coords: torch.Tensor):
+        if not isinstance(coords, torch.Tensor) or coords.ndim != 2 or coords.shape[1] != 4:
+            raise SparseError('coords must be a (N, 4) integer tensor [batch, x, y, z], got '
+                              f'{getattr(coords, "shape", type(coords))}')
+        if coords.dtype not in (torch.int32, torch.int64):
+            raise SparseError(f'coords must be int32 or int64, got {coords.dtype}')
+        if coords.shape[0] == 0:
+            raise SparseError('coords is empty: a sparse tensor needs at least one voxel')
+        coords = coords.to(torch.int32).contiguous()
+        self.device = coords.device
+        batch = coords[:, 0]
+        lo = coords[:, 1:].amin(0).to(torch.int64)
+        hi = coords[:, 1:].amax(0).to(torch.int64)
+        bmin, bmax = int(batch.min()), int(batch.max())
+        if bmin < 0 or bmax >= (1 << BATCH_BITS):
+            raise SparseError(f'batch indices must lie in [0, {1 << BATCH_BITS}), got '
+                              f'[{bmin}, {bmax}]')
+        extent = int((hi - lo).max())
+        if extent >= MAX_EXTENT:
+            raise SparseError(f'coordinates span {extent} voxels on one axis; at most '
+                              f'{MAX_EXTENT - 1} are supported (use a larger voxel size)')
+        self.origin = lo - MARGIN  # (3,) int64
+        self._sets: dict[int, _CoordinateSet] = {}
+        self._parents: dict[tuple, tuple] = {}
+        self._maps: dict[tuple, KernelMap] = {}
+        keys = self.pack(coords)
+        if torch.unique(keys).numel() != keys.numel():
+            raise SparseError('coords contain duplicate voxels; voxelize first')
+        self._sets[1] = _CoordinateSet(coords, keys, is_sorted=False)
+
+    # -- keys -------------------------------------------------------------------------------
+    def pack(self, coords: torch.Tensor) -> torch.Tensor:
+        """int64 keys of ``(N, 4)`` coordinates (stride-1 units)."""
+        c = coords.to(torch.int64)
+        xyz = c[:, 1:] - self.origin
+        return ((c[:, 0] << (3 * AXIS_BITS)) | (xyz[:, 0] << (2 * AXIS_BITS))
+                | (xyz[:, 1] << AXIS_BITS) | xyz[:, 2])
+
+    def unpack(self, keys: torch.Tensor) -> torch.Tensor:
+        """``(N, 4) int32`` coordinates of int64 keys."""
+        out = torch.stack([keys >> (3 * AXIS_BITS), (keys >> (2 * AXIS_BITS)) & _MASK,
+                           (keys >> AXIS_BITS) & _MASK, keys & _MASK], dim=1)
+        out[:, 1:] += self.origin
+        return out.to(torch.int32)
+
+    @staticmethod
+    def key_delta(offsets: torch.Tensor) -> torch.Tensor:
+        """Key increments ``(K,) int64`` of coordinate offsets ``(K, 3)`` (no batch change)."""
+        o = offsets.to(torch.int64)
+        return (o[:, 0] << (2 * AXIS_BITS)) + (o[:, 1] << AXIS_BITS) + o[:, 2]
+
+    # -- coordinate sets ------------------------------------------------------------------------
+    def coordinates(self, stride: int) -> torch.Tensor:
+        """``(N_s, 4) int32`` coordinates at tensor stride ``stride`` (built on first use)."""
+        return self._set(stride).coords
+
+    def has_stride(self, stride: int) -> bool:
+        return stride in self._sets
+
+    def _set(self, stride: int) -> _CoordinateSet:
+        if stride not in self._sets:
+            raise SparseError(f'no coordinates at tensor stride {stride}; known strides: '
+                              f'{sorted(self._sets)} (strided layers create coarser ones)')
+        return self._sets[stride]
+
+    def parents(self, stride: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Downsample ``stride`` by ``factor``: (parent row ``(N_s,) int64``, child offset code).
+
+        Creates the coordinates at ``stride * factor`` (sorted by key). The child code of row
+        ``i`` is ``(a * f + b) * f + c`` with ``(a, b, c) = (x - parent_x) / stride, ...``.
+        """
+        key = (stride, factor)
+        if key not in self._parents:
+            if factor < 2:
+                raise SparseError(f'downsampling factor must be >= 2, got {factor}')
+            fine = self._set(stride)
+            coarse_stride = stride * factor
+            c = fine.coords.to(torch.int64)
+            parent_xyz = torch.div(c[:, 1:], coarse_stride, rounding_mode='floor') * coarse_stride
+            rem = torch.div(c[:, 1:] - parent_xyz, stride, rounding_mode='floor')
+            code = (rem[:, 0] * factor + rem[:, 1]) * factor + rem[:, 2]
+            parent = torch.cat([c[:, :1], parent_xyz], dim=1)
+            uniq, inverse = torch.unique(self.pack(parent), sorted=True, return_inverse=True)
+            if coarse_stride not in self._sets:
+                self._sets[coarse_stride] = _CoordinateSet(self.unpack(uniq), uniq,
+                                                           is_sorted=True)
+            elif self._sets[coarse_stride].keys.numel() != uniq.numel():
+                raise SparseError(f'stride {coarse_stride} reached from stride {stride} with '
+                                  f'factor {factor} disagrees with its existing coordinates')
+            self._parents[key] = (inverse, code)
+        return self._parents[key]
+
+    # -- kernel maps ------------------------------------------------------------------------
+    def kernel_map(self, in_stride: int, kernel_size: int, stride: int = 1,
+                   dilation: int = 1) -> KernelMap:
+        """Pairs of a convolution from ``in_stride`` to ``in_stride * stride`` (cached)."""
+        key = (in_stride, kernel_size, stride, dilation)
+        if key not in self._maps:
+            if stride == 1:
+                kmap = self._submanifold_map(in_stride, kernel_size, dilation)
+            elif kernel_size == stride and kernel_size % 2 == 0 and dilation == 1:
+                kmap = self._parent_map(in_stride, stride)
+            else:
+                kmap = self._strided_map(in_stride, kernel_size, stride, dilation)
+            self._maps[key] = kmap
+        return self._maps[key]
+
+    def _submanifold_map(self, stride: int, kernel_size: int, dilation: int) -> KernelMap:
+        cset = self._set(stride)
+        n = cset.keys.numel()
+        offsets = kernel_offsets(kernel_size, dilation) * stride
+        volume = offsets.shape[0]
+        arange = torch.arange(n, device=self.device)
+        per_offset: list = [None] * volume
+        identity = -1
+        if kernel_size % 2 == 1:
+            # 1. Odd kernels are symmetric: offset k and volume-1-k are mirror images, so the
+            #    pairs of one are the swapped pairs of the other; the centre is the identity.
+            identity = volume // 2
+            half = list(range(identity))
+            deltas = self.key_delta(offsets[half]).to(self.device)
+            rows = cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1))  # (H, n)
+            for k, found in zip(half, rows):
+                ok = found >= 0
+                inp, out = found[ok], arange[ok]
+                per_offset[k] = (inp, out)
+                per_offset[volume - 1 - k] = (out, inp)
+        else:
+            deltas = self.key_delta(offsets).to(self.device)
+            rows = cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1))
+            for k, found in enumerate(rows):
+                ok = found >= 0
+                per_offset[k] = (found[ok], arange[ok])
+        return self._assemble(per_offset, n, n, identity)
+
+    def _parent_map(self, in_stride: int, factor: int) -> KernelMap:
+        # 2. Kernel size == stride (even): every input row feeds exactly one output, at the
+        #    offset given by its position inside the parent cell.
+        inverse, code = self.parents(in_stride, factor)
+        order = torch.argsort(code, stable=True)
+        counts = torch.bincount(code, minlength=factor ** 3).tolist()
+        bounds = [0] + list(itertools.accumulate(counts))
+        num_out = self._sets[in_stride * factor].keys.numel()
+        return KernelMap(order, inverse[order], bounds, inverse.numel(), num_out)
+
+    def _strided_map(self, in_stride: int, kernel_size: int, factor: int,
+                     dilation: int) -> KernelMap:
+        self.parents(in_stride, factor)
+        fine = self._set(in_stride)
+        coarse = self._set(in_stride * factor)
+        offsets = kernel_offsets(kernel_size, dilation) * in_stride
+        deltas = self.key_delta(offsets).to(self.device)
+        rows = fine.lookup(coarse.keys.unsqueeze(0) + deltas.unsqueeze(1))  # (K, n_out)
+        arange = torch.arange(coarse.keys.numel(), device=self.device)
+        per_offset = []
+        for found in rows:
+            ok = found >= 0
+            per_offset.append((found[ok], arange[ok]))
+        return self._assemble(per_offset, fine.keys.numel(), coarse.keys.numel(), -1)
+
+    def _assemble(self, per_offset: list, num_in: int, num_out: int, identity: int) -> KernelMap:
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        ins, outs, bounds = [], [], [0]
+        for k, pair in enumerate(per_offset):
+            if k == identity:
+                pair = (empty, empty)
+            ins.append(pair[0])
+            outs.append(pair[1])
+            bounds.append(bounds[-1] + int(pair[0].numel()))
+        return KernelMap(torch.cat(ins), torch.cat(outs), bounds, num_in, num_out, identity)

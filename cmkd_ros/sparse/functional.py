@@ -1,0 +1,83 @@
+"""Gather-GEMM-scatter sparse convolution with a hand-written backward pass."""
+from __future__ import annotations
+
+import torch
+
+from .coords import KernelMap
+
+
+def _offset_products(rows: torch.Tensor, weight: torch.Tensor, bounds: list,
+                     transpose_weight: bool, skip: int) -> torch.Tensor:
+    """``rows[a:b] @ weight[k]`` (or ``weight[k].T``) for each offset's slice ``[a, b)``."""
+    width = weight.shape[1] if transpose_weight else weight.shape[2]
+    out = rows.new_empty(rows.shape[0], width)
+    for k in range(len(bounds) - 1):
+        a, b = bounds[k], bounds[k + 1]
+        if b == a or k == skip:
+            continue
+        w = weight[k].t() if transpose_weight else weight[k]
+        torch.mm(rows[a:b], w, out=out[a:b])
+    return out
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """``out[o] = sum over pairs (i, o, k) of feats[i] @ weight[k]``; weight ``(K, Cin, Cout)``."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+        feats = feats.contiguous()
+        ctx.kmap = kmap
+        ctx.save_for_backward(feats, weight)
+        return _conv_forward(feats, weight, kmap)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        feats, weight = ctx.saved_tensors
+        kmap = ctx.kmap
+        grad_out = grad_out.contiguous()
+        grad_feats = grad_weight = None
+        grad_rows = grad_out.index_select(0, kmap.out_rows)  # (P, Cout)
+        if ctx.needs_input_grad[0]:
+            # 1. dL/dx[i] = sum over pairs of dL/dy[o] @ W[k]^T: gather, GEMM, scatter back.
+            if kmap.identity >= 0:
+                grad_feats = torch.mm(grad_out, weight[kmap.identity].t())
+            else:
+                grad_feats = grad_out.new_zeros(kmap.num_in, weight.shape[1])
+            if kmap.in_rows.numel():
+                prod = _offset_products(grad_rows, weight, kmap.bounds, True, kmap.identity)
+                grad_feats.index_add_(0, kmap.in_rows, prod)
+        if ctx.needs_input_grad[1]:
+            # 2. dL/dW[k] = x[in rows of k]^T @ dL/dy[out rows of k].
+            grad_weight = torch.zeros_like(weight)
+            in_rows = feats.index_select(0, kmap.in_rows)
+            for k in range(kmap.volume):
+                a, b = kmap.bounds[k], kmap.bounds[k + 1]
+                if b > a:
+                    torch.mm(in_rows[a:b].t(), grad_rows[a:b], out=grad_weight[k])
+            if kmap.identity >= 0:
+                torch.mm(feats.t(), grad_out, out=grad_weight[kmap.identity])
+        return grad_feats, grad_weight, None
+
+
+def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    if kmap.identity >= 0:
+        out = torch.mm(feats, weight[kmap.identity])
+    else:
+        out = feats.new_zeros(kmap.num_out, weight.shape[2])
+    if kmap.in_rows.numel():
+        gathered = feats.index_select(0, kmap.in_rows)
+        prod = _offset_products(gathered, weight, kmap.bounds, False, kmap.identity)
+        out.index_add_(0, kmap.out_rows, prod)
+    return out
+
+
+def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``."""
+    if weight.ndim != 3 or weight.shape[0] != kmap.volume or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f'weight {tuple(weight.shape)} does not fit {kmap.volume} kernel '
+                         f'offsets and {feats.shape[1]} input channels')
+    if feats.shape[0] != kmap.num_in:
+        raise ValueError(f'{feats.shape[0]} feature rows for {kmap.num_in} input coordinates')
+    if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad):
+        return SparseConvFunction.apply(feats, weight, kmap)
+    return _conv_forward(feats.contiguous(), weight, kmap)

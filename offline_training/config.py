@@ -1,0 +1,190 @@
+"""Training configuration: every key declared once here, with its default and a help text.
+
+Precedence: these defaults, then an experiment YAML (``config/fskd.yaml`` ...), then CLI
+``key.sub=value`` overrides; the result is a frozen :class:`TrainConfig` (or
+:class:`TeacherTrainConfig` for ``cmkd train teacher``) stored in every checkpoint
+(``cmkd_ros.config.to_dict``). ``student`` and ``teacher.model`` are mappings validated against
+the model's own schemas (``StudentConfig``, ``TeacherConfig``) when the models are built, so the
+model code stays the single owner of its settings.
+
+Print every key: ``python -c "from offline_training.config import print_settings; print_settings()"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cmkd_ros.config import (ConfigError, build, describe, load_yaml, merge, parse_overrides,
+                             setting)
+
+# Student-training methods (``cmkd train <method>``); ``teacher`` is separate.
+METHODS = ('udakd', 'fskd', 'finetune', 'supervised')
+DISTILLATION_METHODS = ('udakd', 'fskd')
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the pairs come from and how they become batches."""
+
+    train: str = setting('', 'pair dataset folder to train on (cmkd sim --format frames, or '
+                         'the collect node output)')
+    val: str = setting('', 'held-out pair dataset scored after training (eval.json); empty: '
+                       'no evaluation')
+    voxel_size: float = setting(0.1, 'voxel edge length, metres (student input grid)', gt=0.0,
+                                le=5.0)
+    batch_size: int = setting(2, 'LiDAR scans per batch and process', ge=1, le=1024)
+    num_workers: int = setting(0, 'DataLoader worker processes per training process', ge=0,
+                               le=64)
+    cameras: tuple[str, ...] = setting((), 'camera names to use; empty: every camera of a pair')
+    occlusion: bool = setting(True, 'drop correspondences of points hidden behind nearer '
+                              'points (the occlusion test)')
+    motion_compensation: bool = setting(True, 'move points to each camera stamp with the ego '
+                                        'trajectory before projecting (when poses exist)')
+    augment: bool = setting(True, 'random rotation about z, flip and scaling of the points '
+                            '(correspondences are kept)')
+    label_fraction: float = setting(1.0, 'fraction of 3D labels kept (finetune/supervised); '
+                                    'the rest become the ignore label', gt=0.0, le=1.0)
+    label_unit: str = setting('scans', 'what label_fraction counts: whole scans or points',
+                              choices=('scans', 'points'))
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = setting('adamw', 'optimizer', choices=('adamw', 'sgd'))
+    lr: float = setting(1e-3, 'peak learning rate', gt=0.0, le=10.0)
+    weight_decay: float = setting(1e-4, 'decoupled weight decay (adamw) or L2 (sgd)', ge=0.0,
+                                  le=1.0)
+    momentum: float = setting(0.9, 'SGD momentum (sgd only)', ge=0.0, lt=1.0)
+    scheduler: str = setting('cosine', 'learning-rate decay after warm-up',
+                             choices=('cosine', 'constant'))
+    warmup_steps: int = setting(0, 'linear warm-up steps from 0 to lr', ge=0)
+    min_lr_ratio: float = setting(0.01, 'cosine floor as a fraction of lr', ge=0.0, le=1.0)
+    grad_clip: float = setting(0.0, 'clip the gradient norm to this value; 0: no clipping',
+                               ge=0.0)
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """Loss hyper-parameters and term weights (a weight of 0 drops the term)."""
+
+    infonce_temperature: float = setting(0.07, 'UDAKD InfoNCE temperature', gt=0.0, le=10.0)
+    infonce_samples: int = setting(4096, 'UDAKD pairs sampled per batch (negatives = the '
+                                   'other sampled pixels)', ge=2)
+    feature_kind: str = setting('cosine', 'FSKD feature term on normalised features',
+                                choices=('cosine', 'l2'))
+    kl_temperature: float = setting(1.0, 'FSKD semantic KL temperature T (loss scaled by '
+                                    'T^2)', gt=0.0, le=100.0)
+    infonce_weight: float = setting(1.0, 'weight of the UDAKD InfoNCE term', ge=0.0)
+    feature_weight: float = setting(1.0, 'weight of the FSKD feature term', ge=0.0)
+    semantic_weight: float = setting(1.0, 'weight of the FSKD semantic KL term', ge=0.0)
+    ce_weight: float = setting(1.0, 'weight of the 3D cross-entropy (finetune, supervised)',
+                               ge=0.0)
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    """The frozen 2D teacher used by udakd and fskd."""
+
+    checkpoint: str = setting('', 'teacher checkpoint (from cmkd train teacher, or a user '
+                              'state dict / TorchScript file); required by udakd and fskd')
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Student training (``cmkd train fskd|udakd|finetune|supervised``)."""
+
+    method: str = setting('fskd', 'training method (set by the cmkd train subcommand)',
+                          choices=METHODS)
+    out_dir: str = setting('runs/student', 'output folder: checkpoints, TensorBoard, '
+                           'student.pt, eval.json')
+    seed: int = setting(0, 'seed of every random generator (weights, data order, sampling)',
+                        ge=0)
+    steps: int = setting(2000, 'optimizer steps in total (over all processes)', ge=1)
+    checkpoint_every: int = setting(200, 'write a resumable checkpoint every N steps (and at '
+                                    'the end)', ge=1)
+    keep_checkpoints: int = setting(2, 'how many step checkpoints to keep on disk', ge=1)
+    log_every: int = setting(10, 'TensorBoard / metrics.jsonl scalars every N steps', ge=1)
+    device: str = setting('auto', 'auto (CUDA when available), cpu or cuda',
+                          choices=('auto', 'cpu', 'cuda'))
+    amp: bool = setting(True, 'mixed precision (float16 autocast + grad scaling); CUDA only')
+    progress: bool = setting(True, 'tqdm progress bar on rank 0')
+    class_map: str = setting('synthetic', 'built-in class map saved with the student '
+                             '(cmkd_ros.classes)')
+    init_from: str = setting('', 'student checkpoint to start from (e.g. UDAKD weights for '
+                             'finetune); empty: random init')
+    share_teacher_classifier: bool = setting(True, 'load the teacher 1x1 classifier into the '
+                                             'student (needs teacher.checkpoint)')
+    freeze_classifier: bool = setting(True, 'keep the student classifier frozen (FSKD: the '
+                                      "teacher's shared classifier)")
+    data: DataSection = setting(default_factory=DataSection)
+    optim: OptimSection = setting(default_factory=OptimSection)
+    loss: LossSection = setting(default_factory=LossSection)
+    teacher: TeacherSection = setting(default_factory=TeacherSection)
+    student: dict[str, Any] = setting(
+        default_factory=dict, help='StudentConfig keys (cmkd_ros.models.student); num_classes '
+        'and the pseudo-2D dimension are filled in from the class map and the teacher')
+
+    def validate(self) -> None:
+        if self.method in DISTILLATION_METHODS and not self.teacher.checkpoint:
+            raise ConfigError(f'teacher.checkpoint: required by method {self.method!r}')
+        if self.share_teacher_classifier and not self.teacher.checkpoint and \
+                not self.init_from:
+            raise ConfigError('share_teacher_classifier needs teacher.checkpoint (or set it '
+                              'to false)')
+        if self.method in ('finetune', 'supervised') and self.loss.ce_weight == 0:
+            raise ConfigError(f'loss.ce_weight: must be > 0 for method {self.method!r}')
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """2D teacher training (``cmkd train teacher``) on labeled images of a pair dataset."""
+
+    out_dir: str = setting('runs/teacher', 'output folder; the teacher is saved as '
+                           'teacher.pt there')
+    train: str = setting('', 'pair dataset folder whose images carry label images')
+    val: str = setting('', 'held-out pair dataset for the 2D mIoU (eval.json); empty: none')
+    seed: int = setting(0, 'seed of every random generator', ge=0)
+    steps: int = setting(2000, 'optimizer steps', ge=1)
+    batch_size: int = setting(8, 'images per batch', ge=1)
+    lr: float = setting(1e-3, 'learning rate (AdamW)', gt=0.0)
+    device: str = setting('auto', 'auto, cpu or cuda', choices=('auto', 'cpu', 'cuda'))
+    class_map: str = setting('synthetic', 'built-in class map of the labels')
+    model: dict[str, Any] = setting(default_factory=dict,
+                                    help='TeacherConfig keys (cmkd_ros.models.teacher)')
+    options: dict[str, Any] = setting(default_factory=dict,
+                                      help='extra keyword arguments of train_teacher')
+
+
+def load_train_config(method: str, path: str | None = None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the YAML at ``path``, then ``key=value`` overrides, for ``method``."""
+    if method not in METHODS:
+        raise ConfigError(f'unknown method {method!r}; choose from {list(METHODS)}')
+    data = merge(load_yaml(path) if path else {}, parse_overrides(list(overrides)))
+    if data.get('method', method) != method:
+        raise ConfigError(f'method: the config says {data["method"]!r} but the command is '
+                          f'{method!r}')
+    data['method'] = method
+    return build(TrainConfig, data)
+
+
+def load_teacher_config(path: str | None = None,
+                        overrides: list[str] | tuple[str, ...] = ()) -> TeacherTrainConfig:
+    """Defaults, then the YAML at ``path``, then ``key=value`` overrides (teacher training)."""
+    return build(TeacherTrainConfig,
+                 merge(load_yaml(path) if path else {}, parse_overrides(list(overrides))))
+
+def print_settings() -> None:
+    """Print every training key with its default and help text."""
+    for cls in (TrainConfig, TeacherTrainConfig):
+        print(f'# {cls.__name__}')
+        for name, kind, default, text in describe(cls):
+            print(f'{name} ({kind}, default {default!r}): {text}')
+
+
+__all__ = ['METHODS', 'DISTILLATION_METHODS', 'DataSection', 'OptimSection', 'LossSection',
+           'TeacherSection', 'TrainConfig', 'TeacherTrainConfig', 'load_train_config',
+           'load_teacher_config',
+           'print_settings']
