@@ -255,25 +255,38 @@ def calibration_from_camera_info(msg: Any, T_cam_lidar: np.ndarray, name: str, *
                              time_offset_ns=int(time_offset_ns))
 
 
-def read_image_size(path: str) -> tuple[int, int]:
-    """``(width, height)`` of a PNG or JPEG file from its header (no decoding)."""
+def read_image_size(path: Any) -> tuple[int, int]:
+    """``(width, height)`` of a PNG or JPEG from its header (no decoding).
+
+    ``path`` is a file name or a binary file object (e.g. ``io.BytesIO`` of received bytes).
+    """
+    if hasattr(path, 'read'):
+        return _image_size_from(path, '<bytes>')
     with open(path, 'rb') as fh:
-        head = fh.read(24)
-        if head[:8] == b'\x89PNG\r\n\x1a\n':
-            return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
-        if head[:2] != b'\xff\xd8':
-            raise CalibrationError(f'{path}: not a PNG or JPEG file')
-        fh.seek(2)
-        while True:
-            marker = fh.read(2)
-            if len(marker) < 2 or marker[0] != 0xFF:
-                raise CalibrationError(f'{path}: JPEG without a frame header')
-            length = int.from_bytes(fh.read(2), 'big')
-            # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-            if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
-                sof = fh.read(5)
-                return int.from_bytes(sof[3:5], 'big'), int.from_bytes(sof[1:3], 'big')
-            fh.seek(length - 2, 1)
+        return _image_size_from(fh, str(path))
+
+
+def _image_size_from(fh: Any, where: str) -> tuple[int, int]:
+    head = fh.read(24)
+    if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) >= 24:
+        return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+    if head[:2] != b'\xff\xd8':
+        raise CalibrationError(f'{where}: not a PNG or JPEG file')
+    fh.seek(2)
+    while True:
+        marker = fh.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            raise CalibrationError(f'{where}: JPEG without a frame header')
+        length = int.from_bytes(fh.read(2), 'big')
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+            sof = fh.read(5)
+            if len(sof) < 5:
+                raise CalibrationError(f'{where}: truncated JPEG frame header')
+            return int.from_bytes(sof[3:5], 'big'), int.from_bytes(sof[1:3], 'big')
+        if length < 2:
+            raise CalibrationError(f'{where}: corrupt JPEG segment')
+        fh.seek(length - 2, 1)
 
 
 def _read_json(path: str) -> dict:
@@ -287,11 +300,15 @@ def _read_json(path: str) -> dict:
         raise CalibrationError(f'{path}: invalid JSON: {exc}') from None
 
 
-def load_nuscenes_calibration(path: str, *, check_images: bool = True) -> RigCalibration:
+def load_nuscenes_calibration(path: str, *, check_images: bool = True,
+                              static: bool = False) -> RigCalibration:
     """The six-camera rig of the shared nuScenes sample ``calibration.json`` (no distortion).
 
     Camera order is the file's order; with ``check_images`` each camera's image file (beside the
-    JSON) must exist and match the calibrated size.
+    JSON) must exist and match the calibrated size. The file's ``T_cam_lidar`` goes through the
+    global frame at both stamps, so it already contains the ego motion between the LiDAR and
+    each camera stamp (up to about 0.3 m here); ``static=True`` builds the fixed mounting
+    ``inv(T_ego_cam) @ T_ego_lidar`` instead, for use with ego poses and motion compensation.
     """
     import os
     data = _read_json(path)
@@ -301,9 +318,13 @@ def load_nuscenes_calibration(path: str, *, check_images: bool = True) -> RigCal
     out = []
     for name, c in cams.items():
         try:
+            if static:
+                T = np.linalg.inv(np.array(c['T_ego_cam'], dtype=np.float64)) @ np.array(
+                    data['lidar']['T_ego_lidar'], dtype=np.float64)
+            else:
+                T = np.array(c['T_cam_lidar'], dtype=np.float64)
             cam = CameraCalibration(name=name, width=int(c['width']), height=int(c['height']),
-                                    K=np.array(c['K'], dtype=np.float64),
-                                    T_cam_lidar=np.array(c['T_cam_lidar'], dtype=np.float64),
+                                    K=np.array(c['K'], dtype=np.float64), T_cam_lidar=T,
                                     frame_id=name)
         except KeyError as exc:
             raise CalibrationError(f'{path}: camera {name!r} has no {exc.args[0]!r}') from None

@@ -7,7 +7,8 @@ Precedence: these defaults, then an experiment YAML (``config/fskd.yaml`` ...), 
 the model's own schemas (``StudentConfig``, ``TeacherConfig``) when the models are built, so the
 model code stays the single owner of its settings.
 
-Print every key: ``python -c "from offline_training.config import print_settings; print_settings()"``.
+Print every key with its help: ``cmkd train fskd --print-config`` (values) or
+``offline_training.config.print_settings()`` (help texts).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class DataSection:
                               'points (the occlusion test)')
     motion_compensation: bool = setting(True, 'move points to each camera stamp with the ego '
                                         'trajectory before projecting (when poses exist)')
+    image_scale: float = setting(1.0, 'resize camera images by this factor before the teacher '
+                                 '(pixel coordinates follow)', gt=0.0, le=4.0)
     augment: bool = setting(True, 'random rotation about z, flip and scaling of the points '
                             '(correspondences are kept)')
     label_fraction: float = setting(1.0, 'fraction of 3D labels kept (finetune/supervised); '
@@ -89,6 +92,8 @@ class TeacherSection:
 
     checkpoint: str = setting('', 'teacher checkpoint (from cmkd train teacher, or a user '
                               'state dict / TorchScript file); required by udakd and fskd')
+    cache_mb: int = setting(2048, 'memory (MiB, per process) for teacher features memoised per '
+                            'image (the teacher is frozen); 0: recompute every step', ge=0)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class TrainConfig:
     log_every: int = setting(10, 'TensorBoard / metrics.jsonl scalars every N steps', ge=1)
     device: str = setting('auto', 'auto (CUDA when available), cpu or cuda',
                           choices=('auto', 'cpu', 'cuda'))
+    threads: int = setting(0, 'torch intra-op CPU threads per process; 0: torch default',
+                           ge=0, le=256)
     amp: bool = setting(True, 'mixed precision (float16 autocast + grad scaling); CUDA only')
     progress: bool = setting(True, 'tqdm progress bar on rank 0')
     class_map: str = setting('synthetic', 'built-in class map saved with the student '
@@ -133,6 +140,9 @@ class TrainConfig:
                 not self.init_from:
             raise ConfigError('share_teacher_classifier needs teacher.checkpoint (or set it '
                               'to false)')
+        if self.freeze_classifier and not self.share_teacher_classifier and not self.init_from:
+            raise ConfigError('freeze_classifier: a freshly initialised classifier would stay '
+                              'random; set share_teacher_classifier or freeze_classifier: false')
         if self.method in ('finetune', 'supervised') and self.loss.ce_weight == 0:
             raise ConfigError(f'loss.ce_weight: must be > 0 for method {self.method!r}')
 
@@ -150,6 +160,7 @@ class TeacherTrainConfig:
     batch_size: int = setting(8, 'images per batch', ge=1)
     lr: float = setting(1e-3, 'learning rate (AdamW)', gt=0.0)
     device: str = setting('auto', 'auto, cpu or cuda', choices=('auto', 'cpu', 'cuda'))
+    threads: int = setting(0, 'torch intra-op CPU threads; 0: torch default', ge=0, le=256)
     class_map: str = setting('synthetic', 'built-in class map of the labels')
     model: dict[str, Any] = setting(default_factory=dict,
                                     help='TeacherConfig keys (cmkd_ros.models.teacher)')
@@ -175,6 +186,7 @@ def load_teacher_config(path: str | None = None,
     """Defaults, then the YAML at ``path``, then ``key=value`` overrides (teacher training)."""
     return build(TeacherTrainConfig,
                  merge(load_yaml(path) if path else {}, parse_overrides(list(overrides))))
+
 
 def print_settings() -> None:
     """Print every training key with its default and help text."""

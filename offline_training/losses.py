@@ -178,4 +178,3 @@ def supervised_ce_loss(logits: torch.Tensor, labels: torch.Tensor,
         raise LossInputError(f'label {int(labels[bad][0])} is outside [0, {logits.shape[1]}) '
                              f'and is not the ignore index {ignore_index}')
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
-

@@ -79,19 +79,36 @@ else
     echo "using cached wheel ${WHEELS[0]}"
 fi
 
-# 4. Install it and patch `from collections import Sequence` (removed in Python 3.10).
+# 4. Install it, then import the ABCs that the sources take from `collections` (`Sequence`,
+#    removed there in Python 3.10) from `collections.abc` instead; other names stay.
 "$PYTHON" -m pip install --no-deps --force-reinstall "${WHEELS[0]}"
-PKG_DIR="$("$PYTHON" - <<'EOF'
+"$PYTHON" - <<'EOF'
 import importlib.util
-import os
-spec = importlib.util.find_spec('MinkowskiEngine')
-print(os.path.dirname(spec.origin))
+import pathlib
+import re
+
+ABCS = {'Sequence', 'Mapping', 'MutableMapping', 'Iterable', 'Iterator', 'Callable'}
+root = pathlib.Path(importlib.util.find_spec('MinkowskiEngine').origin).parent
+pattern = re.compile(r'^([ \t]*)from collections import ([\w, ]+)$', re.M)
+
+
+def fix(match):
+    indent, names = match.group(1), [n.strip() for n in match.group(2).split(',')]
+    rest = [n for n in names if n not in ABCS]
+    abcs = [n for n in names if n in ABCS]
+    out = [f'{indent}from collections import {", ".join(rest)}'] if rest else []
+    if abcs:
+        out.append(f'{indent}from collections.abc import {", ".join(abcs)}')
+    return '\n'.join(out)
+
+
+for path in sorted(root.rglob('*.py')):
+    text = path.read_text()
+    patched = pattern.sub(fix, text)
+    if patched != text:
+        path.write_text(patched)
+        print('patched', path)
 EOF
-)"
-grep -rl --include='*.py' 'from collections import Sequence' "$PKG_DIR" | while read -r f; do
-    sed -i 's/from collections import Sequence/from collections.abc import Sequence/' "$f"
-    echo "patched $f"
-done
 
 # 5. Check that it imports.
 "$PYTHON" -c 'import MinkowskiEngine as ME; print("MinkowskiEngine", ME.__version__, "imports")'

@@ -1,0 +1,16 @@
+"""Student models: voxelization, MinkUNet, DA module, ``Student``, checkpoints."""
+from .augment import Compose, RandomFlip, RandomJitter, RandomRotationZ, RandomScale
+from .checkpoint import CheckpointError, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from .da_module import DAModule, SelfCalibratedConv
+from .minkunet import ARCHS, MinkUNet, build_minkunet
+from .student import Student, StudentConfig, build_student, resolve_backend
+from .voxelize import (POINT_FEATURE_KINDS, VoxelizeError, feature_channels, point_features,
+                       sparse_collate, voxelize)
+
+__all__ = [
+    'ARCHS', 'CheckpointError', 'Compose', 'DAModule', 'FORMAT_VERSION', 'MinkUNet',
+    'POINT_FEATURE_KINDS', 'RandomFlip', 'RandomJitter', 'RandomRotationZ', 'RandomScale',
+    'SelfCalibratedConv', 'Student', 'StudentConfig', 'VoxelizeError', 'build_minkunet',
+    'build_student', 'feature_channels', 'load_checkpoint', 'point_features', 'resolve_backend',
+    'save_checkpoint', 'sparse_collate', 'voxelize',
+]

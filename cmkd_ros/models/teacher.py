@@ -6,7 +6,7 @@ Architectures (``TeacherConfig.arch``):
   ResNet (output stride 8 or 16) with an ASPP head. Written in plain PyTorch; module names follow
   torchvision's ``resnet*`` and ``deeplabv3_resnet50`` so their state dicts load
   (:func:`convert_torchvision_state_dict`), e.g. ImageNet weights through ``pretrained_path``.
-- ``small``: a CPU-friendly network (about 0.3 M parameters): a stride-8 encoder of residual
+- ``small``: a CPU-friendly network (about 0.8 M parameters): a stride-8 encoder of residual
   blocks, a light ASPP and a stride-4 decoder (DeepLabV3+ style skip). It trains in minutes on
   two CPU cores on the synthetic world's images.
 
@@ -50,8 +50,9 @@ class TeacherConfig:
     num_classes: int = setting(12, 'number of classes K of the classifier', ge=1, le=255)
     feature_dim: int = setting(64, 'feature dimension D of features(); DeepLabV3 uses 256',
                                ge=1)
-    output_stride: int = setting(4, 'feature stride: 8 or 16 for ResNets, 4 or 8 for small',
-                                 choices=(4, 8, 16))
+    output_stride: int = setting(0, 'feature stride: 8 or 16 for ResNets, 4 or 8 for small; '
+                                 '0: the default of the arch (8 ResNets, 4 small)',
+                                 choices=(0, 4, 8, 16))
     pretrained_path: str | None = setting(
         None, 'optional weights to initialise from (torchvision ResNet/DeepLabV3 state dict or '
         'a saved teacher); matching keys are loaded, the rest stay random')
@@ -61,7 +62,16 @@ class TeacherConfig:
                                               'inside the network', length=3, gt=0)
     width: int = setting(32, 'small only: channels of the first stage (then 2x and 3x)', ge=4)
 
+    @property
+    def stride(self) -> int:
+        """The feature stride, with 0 resolved to the architecture's default."""
+        if self.output_stride:
+            return self.output_stride
+        return 4 if self.arch == 'small' else 8
+
     def validate(self) -> None:
+        if self.output_stride == 0:
+            return
         if self.arch == 'small' and self.output_stride not in (4, 8):
             raise ConfigError(f'output_stride: small teacher supports 4 or 8, got '
                               f'{self.output_stride}')
@@ -224,18 +234,17 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
 
 
 class SmallEncoder(nn.Module):
-    """Stride-4 stem then stride-8 (or dilated stride-4) residual stage; returns (deep, skip)."""
+    """Stride-4 stem and block (the skip), then a stride-8 dilated residual stage (deep)."""
 
-    def __init__(self, width: int, output_stride: int):
+    def __init__(self, width: int):
         super().__init__()
         c1, c2, c3 = width, 2 * width, 3 * width
         self.stem = nn.Sequential(_conv_bn_relu(3, c1, 2), _conv_bn_relu(c1, c1),
                                   _conv_bn_relu(c1, c2, 2))
         self.stage1 = BasicBlock(c2, c2)
-        down = 2 if output_stride == 8 else 1
         self.stage2 = nn.Sequential(
-            BasicBlock(c2, c3, down, nn.Sequential(nn.Conv2d(c2, c3, 1, stride=down, bias=False),
-                                                   nn.BatchNorm2d(c3))),
+            BasicBlock(c2, c3, 2, nn.Sequential(nn.Conv2d(c2, c3, 1, stride=2, bias=False),
+                                                nn.BatchNorm2d(c3))),
             BasicBlock(c3, c3, dilation=2), BasicBlock(c3, c3, dilation=4))
         self.skip_channels = c2
         self.out_channels = c3
@@ -280,7 +289,7 @@ class Teacher(nn.Module):
     def __init__(self, cfg: TeacherConfig, class_map: ClassMap | None = None):
         super().__init__()
         self.arch = cfg.arch
-        self.feature_stride = int(cfg.output_stride)
+        self.feature_stride = int(cfg.stride)
         self.feature_dim = int(cfg.feature_dim)
         self.num_classes = int(cfg.num_classes)
         self.config = cfg
@@ -300,10 +309,9 @@ class Teacher(nn.Module):
             raise TeacherError('images must be float in [0, 1] or uint8')
         return (images - self.mean) / self.std
 
-    @torch.jit.export
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, D, h, w) pixel features at ``feature_stride``."""
-        raise NotImplementedError
+        raise NotImplementedError('Teacher subclasses implement features()')
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, K, H, W) logits at the input resolution."""
@@ -319,8 +327,8 @@ class DeepLabTeacher(Teacher):
         super().__init__(cfg, class_map)
         block, layers = {'deeplabv3_resnet50': (Bottleneck, (3, 4, 6, 3)),
                          'deeplabv3_resnet18': (BasicBlock, (2, 2, 2, 2))}[cfg.arch]
-        dilate = (False, True, True) if cfg.output_stride == 8 else (False, False, True)
-        rates = (12, 24, 36) if cfg.output_stride == 8 else (6, 12, 18)
+        dilate = (False, True, True) if cfg.stride == 8 else (False, False, True)
+        rates = (12, 24, 36) if cfg.stride == 8 else (6, 12, 18)
         self.backbone = ResNetTrunk(block, layers, dilate)
         self.head = _deeplab_head(self.backbone.out_channels, cfg.feature_dim, rates)
 
@@ -335,9 +343,9 @@ class SmallTeacher(Teacher):
 
     def __init__(self, cfg: TeacherConfig, class_map: ClassMap | None = None):
         super().__init__(cfg, class_map)
-        self.backbone = SmallEncoder(cfg.width, cfg.output_stride)
+        self.backbone = SmallEncoder(cfg.width)
         self.head = SmallHead(self.backbone.out_channels, self.backbone.skip_channels,
-                              cfg.feature_dim, cfg.output_stride)
+                              cfg.feature_dim, cfg.stride)
 
     @torch.jit.export
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -527,11 +535,16 @@ def load_teacher(path: str, cfg: TeacherConfig | Mapping | None = None,
     cfg = build(TeacherConfig, {**to_dict(cfg), 'pretrained_path': None})
     teacher = build_teacher(cfg, class_map)
     state = convert_torchvision_state_dict(state)
-    missing, unexpected = teacher.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = teacher.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f'{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}' for k in own
+             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
         raise TeacherError(f'{path}: weights do not fit a {cfg.arch} teacher with '
                            f'{cfg.num_classes} classes: missing {missing[:5]}, unexpected '
-                           f'{unexpected[:5]}')
+                           f'{unexpected[:5]}, shapes {wrong[:3]}')
+    teacher.load_state_dict(state)
     return teacher.to(device).eval()
 
 

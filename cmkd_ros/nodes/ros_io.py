@@ -151,7 +151,8 @@ class ConfigParameters:
     ``runtime`` names the parameters that may change while the node runs; every other one is
     read-only. A change is accepted only if the whole config still builds; then
     ``on_change(new_config)`` is called. Raises :class:`cmkd_ros.config.ConfigError` at
-    construction when the initial values are invalid.
+    construction when the initial values are invalid. ``on_change`` may refuse a change by
+    raising ValueError; it runs before the new config is stored.
     """
 
     def __init__(self, node: Node, cls: type, runtime: Iterable[str] = (),
@@ -206,12 +207,12 @@ class ConfigParameters:
             values[f.path] = _from_ros(p.value)
         try:
             new = self._build(values)
-        except cfg.ConfigError as exc:
+            if self.on_change is not None:
+                self.on_change(new)        # may refuse with a ValueError (e.g. unknown class)
+        except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         self._values = values
         self.config = new
-        if self.on_change is not None:
-            self.on_change(new)
         return SetParametersResult(successful=True)
 
 
@@ -355,3 +356,49 @@ def spin_until_shutdown(node: Node, executor: Any = None) -> None:
         node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
+
+
+# ----------------------------------------------------------------------------- Fast DDS profile
+
+PROFILE_VARIABLES = ('FASTRTPS_DEFAULT_PROFILES_FILE', 'FASTDDS_DEFAULT_PROFILES_FILE')
+OLD_FASTDDS_DISTROS = ('humble', 'iron')     # Fast DDS 2.x
+
+
+def fastdds_profile_path() -> str:
+    """Path of config/fastdds_shm.xml: the installed share folder, else the source tree."""
+    import os
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        path = os.path.join(get_package_share_directory('cmkd_ros'), 'config',
+                            'fastdds_shm.xml')
+        if os.path.isfile(path):
+            return path
+    except (ImportError, LookupError, ValueError):
+        pass
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), 'config', 'fastdds_shm.xml')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Fast DDS profile not found (looked for {path})')
+    return path
+
+
+def ensure_fastdds_profile(env: dict | None = None) -> dict:
+    """Point Fast DDS at the 64 MB shared-memory profile unless a profile is already set.
+
+    Works on ``env`` (default ``os.environ``); call before ``rclpy.init``: Fast DDS reads the
+    variable when the first participant is created. Other RMW implementations are left alone.
+    """
+    import os
+    env = os.environ if env is None else env
+    rmw = env.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    if not rmw.startswith('rmw_fastrtps'):
+        return env
+    # Fast DDS 2 (Humble) reads FASTRTPS_..., Fast DDS 3 (Jazzy+) FASTDDS_... and warns that
+    # FASTRTPS_... is deprecated: set the one this distribution reads.
+    path = next((env[v] for v in PROFILE_VARIABLES if env.get(v)), None) or fastdds_profile_path()
+    wanted = PROFILE_VARIABLES[:1] if env.get('ROS_DISTRO') in OLD_FASTDDS_DISTROS else \
+        PROFILE_VARIABLES[1:]
+    for var in wanted:
+        if not env.get(var):
+            env[var] = path
+    return env

@@ -37,7 +37,7 @@ def load_predictor(path: str, device: str, num_threads: int = 0):
         torch.set_num_threads(num_threads)
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f'device: {device!r} requested but CUDA is not available')
-    student, info = load_checkpoint(path, device=device)
+    student, info = load_checkpoint(path, map_location=device)
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
 
     def predict(xyz: np.ndarray, intensity: np.ndarray):
@@ -124,14 +124,22 @@ class SegmentNode(Node):
 
     def _segment(self, msg: PointCloud2):
         config = self.params.config
-        points = cloud_to_array(msg)
+        try:
+            points = cloud_to_array(msg)
+        except ConversionError as exc:
+            self.diag.warn('bad_layout', f'cloud skipped: {exc}')
+            return None
+        missing = [c for c in 'xyz' if c not in (points.dtype.names or ())]
+        if missing:
+            self.diag.warn('missing_xyz', f'cloud skipped: no field(s) {missing}; fields are '
+                           f'{list(points.dtype.names or ())}')
+            return None
         if points.shape[0] == 0:
             self.diag.warn('empty_cloud', 'received an empty cloud; publishing it empty')
         else:
             finite = np.ones(points.shape[0], dtype=bool)
             for c in 'xyz':
-                if c in (points.dtype.names or ()):
-                    finite &= np.isfinite(points[c])
+                finite &= np.isfinite(points[c])
             if not finite.all():
                 self.diag.warn('nan_points', f'{int((~finite).sum())} of {points.shape[0]} '
                                'points have non-finite coordinates (labeled 255)')

@@ -22,7 +22,7 @@ class LidarConfig:
                                        le=89.0)
     elevation_angles_deg: tuple[float, ...] = setting(
         (), 'explicit beam elevations in degrees (ring order); overrides min/max when not empty')
-    horizontal_resolution_deg: float = setting(0.25, 'azimuth step between firings, degrees',
+    horizontal_resolution_deg: float = setting(0.35, 'azimuth step between firings, degrees',
                                                ge=0.02, le=10.0)
     rate_hz: float = setting(10.0, 'rotation rate; one sweep per rotation', ge=1.0, le=50.0)
     clockwise: bool = setting(True, 'rotation direction seen from above (Velodyne: clockwise)')
@@ -57,7 +57,7 @@ class LidarConfig:
 class CamerasConfig:
     """Pinhole cameras around the car (nuScenes-like layout by default)."""
 
-    count: int = setting(6, 'number of cameras', ge=0, le=12)
+    count: int = setting(6, 'number of cameras', ge=1, le=12)
     width: int = setting(640, 'image width, pixels', ge=16, le=4096)
     height: int = setting(360, 'image height, pixels', ge=16, le=4096)
     horizontal_fov_deg: float = setting(70.0, 'horizontal field of view of the undistorted '

@@ -7,7 +7,7 @@ convention): downsampling by ``r`` maps ``c`` to ``floor(c / (s r)) * s r``.
 Each coordinate is packed into one int64 key, ``batch << 54 | x' << 36 | y' << 18 | z'`` with
 ``x' = x - origin_x`` (origin = minimum minus a margin), so that adding a kernel offset to a
 coordinate adds a constant to its key and sorted keys are lexicographic ``(batch, x, y, z)``.
-Neighbour lookup is a ``searchsorted`` into the sorted keys of the target stride. Every coordinate
+Neighbour lookup probes a hash table of the keys of the target stride (:class:`_HashIndex`). Every coordinate
 set and kernel map is built once per ``CoordinateManager`` (one per input batch) and reused by all
 layers that need it.
 """
@@ -73,26 +73,71 @@ class KernelMap:
         return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
 
 
-class _CoordinateSet:
-    """Coordinates at one tensor stride with their keys and a sorted lookup table."""
+_HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as int64
+_EMPTY = -1  # packed keys are >= 0
 
-    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool):
+
+class _HashIndex:
+    """Open-addressing hash table (linear probing, load <= 1/4) of unique int64 keys -> rows.
+
+    Built and probed with whole-tensor operations: every round places or probes all pending
+    keys at once, so the number of rounds is the longest probe sequence (a few at this load).
+    """
+
+    def __init__(self, keys: torch.Tensor):
+        n = keys.numel()
+        self.bits = max(4, int(n * 4 - 1).bit_length())
+        size = 1 << self.bits
+        self.mask = size - 1
+        self.table = torch.full((size,), _EMPTY, dtype=torch.int64, device=keys.device)
+        self.rows = torch.empty(size, dtype=torch.int64, device=keys.device)
+        slot = self._hash(keys)
+        pending = torch.arange(n, device=keys.device)
+        while pending.numel():
+            # 1. Pending keys whose slot is free try to claim it; one writer per slot wins.
+            s = slot[pending]
+            free = self.table[s] == _EMPTY
+            cand, cs = pending[free], s[free]
+            self.table[cs] = keys[cand]
+            won = self.table[cs] == keys[cand]
+            self.rows[cs[won]] = cand[won]
+            # 2. Keys that found the slot taken, or lost the race, probe the next slot.
+            pending = torch.cat([pending[~free], cand[~won]])
+            slot[pending] = (slot[pending] + 1) & self.mask
+
+    def _hash(self, keys: torch.Tensor) -> torch.Tensor:
+        return ((keys * _HASH_MULT) >> (64 - self.bits)) & self.mask
+
+    def lookup(self, query: torch.Tensor) -> torch.Tensor:
+        """Row of each key in ``query`` (1-D int64), -1 where absent."""
+        slot = self._hash(query)
+        found = self.table[slot]
+        hit = found == query
+        result = torch.where(hit, self.rows[slot], torch.full_like(query, -1))
+        pending = ((found != _EMPTY) & ~hit).nonzero().squeeze(1)
+        while pending.numel():
+            s = (slot[pending] + 1) & self.mask
+            slot[pending] = s
+            found = self.table[s]
+            hit = found == query[pending]
+            result[pending[hit]] = self.rows[s[hit]]
+            pending = pending[(found != _EMPTY) & ~hit]
+        return result
+
+
+class _CoordinateSet:
+    """Coordinates at one tensor stride with their keys and a hash index (built on demand)."""
+
+    def __init__(self, coords: torch.Tensor, keys: torch.Tensor):
         self.coords = coords
         self.keys = keys
-        if is_sorted:
-            self.sorted_keys = keys
-            self.order = None
-        else:
-            self.sorted_keys, self.order = torch.sort(keys)
+        self._index = None
 
     def lookup(self, query: torch.Tensor) -> torch.Tensor:
         """Row of each query key, -1 where absent; ``query`` any shape int64."""
-        n = self.sorted_keys.numel()
-        pos = torch.searchsorted(self.sorted_keys, query)
-        pos.clamp_(max=n - 1)
-        found = self.sorted_keys[pos] == query
-        rows = pos if self.order is None else self.order[pos]
-        return torch.where(found, rows, torch.full_like(rows, -1))
+        if self._index is None:
+            self._index = _HashIndex(self.keys)
+        return self._index.lookup(query.reshape(-1)).reshape(query.shape)
 
 
 class CoordinateManager:
@@ -130,7 +175,7 @@ class CoordinateManager:
         keys = self.pack(coords)
         if torch.unique(keys).numel() != keys.numel():
             raise SparseError('coords contain duplicate voxels; voxelize first')
-        self._sets[1] = _CoordinateSet(coords, keys, is_sorted=False)
+        self._sets[1] = _CoordinateSet(coords, keys)
 
     # -- keys -------------------------------------------------------------------------------
     def pack(self, coords: torch.Tensor) -> torch.Tensor:
@@ -157,6 +202,15 @@ class CoordinateManager:
     def coordinates(self, stride: int) -> torch.Tensor:
         """``(N_s, 4) int32`` coordinates at tensor stride ``stride`` (built on first use)."""
         return self._set(stride).coords
+
+    def find(self, coords: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """Row at ``stride`` of each coordinate ``(M, 4)``, -1 where absent: ``(M,) int64``."""
+        c = coords.to(device=self.device, dtype=torch.int64)
+        xyz = c[:, 1:] - self.origin
+        inside = ((xyz >= 0) & (xyz <= _MASK)).all(1) & (c[:, 0] >= 0) & (
+            c[:, 0] < (1 << BATCH_BITS))
+        rows = self._set(stride).lookup(self.pack(torch.where(inside.unsqueeze(1), c, 0 * c)))
+        return torch.where(inside, rows, torch.full_like(rows, -1))
 
     def has_stride(self, stride: int) -> bool:
         return stride in self._sets
@@ -186,8 +240,7 @@ class CoordinateManager:
             parent = torch.cat([c[:, :1], parent_xyz], dim=1)
             uniq, inverse = torch.unique(self.pack(parent), sorted=True, return_inverse=True)
             if coarse_stride not in self._sets:
-                self._sets[coarse_stride] = _CoordinateSet(self.unpack(uniq), uniq,
-                                                           is_sorted=True)
+                self._sets[coarse_stride] = _CoordinateSet(self.unpack(uniq), uniq)
             elif self._sets[coarse_stride].keys.numel() != uniq.numel():
                 raise SparseError(f'stride {coarse_stride} reached from stride {stride} with '
                                   f'factor {factor} disagrees with its existing coordinates')

@@ -1,0 +1,287 @@
+"""Segment node under load: the nuScenes-size scan published at 10 Hz to the real node process.
+
+Starts ``segment_node`` as its own process (isolated ROS domain, localhost discovery, the
+project's Fast DDS shared-memory profile), publishes ``LIDAR_TOP.bin`` (34,688 points) with a
+fresh stamp every 100 ms for ``--seconds``, and measures per scan the end-to-end latency (publish
+in this process -> labeled cloud received in this process), the node's own processing time
+(its ``~/debug/processing_time_ms``) and drops (scans without an output: the node keeps only the
+newest scan). Reference measured in the same run: the library call the node makes
+(:func:`cmkd_ros.nodes.labeling.segment_array`) timed in this process, so the printed ratio
+shows what ROS transport and message conversion add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
+
+Without ``--checkpoint`` a randomly initialised ``small`` student (16 classes) is used: timing
+does not depend on the weights.
+
+Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
+[--threads 2] [--device cpu]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                                    # run from a checkout
+DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def bench_env(domain_id: int) -> dict:
+    """Environment for the node process: isolated domain, localhost, SHM profile, this repo."""
+    from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
+    env = dict(os.environ)
+    env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
+               RMW_IMPLEMENTATION=env.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp'),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]),
+               PYTHONUNBUFFERED='1')
+    env.setdefault('AMENT_PREFIX_PATH', sys.prefix)
+    ensure_fastdds_profile(env)
+    os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE',
+                                            'RMW_IMPLEMENTATION', 'AMENT_PREFIX_PATH')})
+    ensure_fastdds_profile()
+    return env
+
+
+def start_node(module: str, params: dict, remaps: dict, env: dict, log_path: str):
+    """``python -m module --ros-args ...`` in its own session; output to ``log_path``."""
+    cmd = [sys.executable, '-m', module, '--ros-args']
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = 'true' if value else 'false'
+        elif isinstance(value, (list, tuple)):
+            value = '[' + ','.join(map(str, value)) + ']'
+        cmd += ['-p', f'{key}:={value}']
+    for src, dst in remaps.items():
+        cmd += ['-r', f'{src}:={dst}']
+    log = open(log_path, 'wb')
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_node(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+class Client:
+    """An rclpy node in its own context, spun in a background thread."""
+
+    def __init__(self, name: str):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.executor.shutdown(timeout_sec=1)
+        self.node.destroy_node()
+        self.context.try_shutdown()
+
+
+def wait_until(predicate, timeout: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f'node exited ({proc.returncode}) while waiting for {what}')
+        if time.monotonic() > deadline:
+            raise SystemExit(f'timed out after {timeout} s waiting for {what}')
+        time.sleep(0.05)
+
+
+def percentiles(values) -> str:
+    if not len(values):
+        return 'n/a'
+    v = np.asarray(values, dtype=np.float64)
+    return (f'p50 {np.percentile(v, 50):7.1f}  p95 {np.percentile(v, 95):7.1f}  '
+            f'p99 {np.percentile(v, 99):7.1f}  max {v.max():7.1f} ms')
+
+
+def paced(rate_hz: float, seconds: float, stop: threading.Event):
+    """Yield tick indices at ``rate_hz`` for ``seconds`` (absolute schedule, no drift)."""
+    period = 1.0 / rate_hz
+    start = time.monotonic()
+    i = 0
+    while not stop.is_set() and i * period < seconds:
+        delay = start + i * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield i
+        i += 1
+
+
+# ----------------------------------------------------------------------------- segment bench
+
+def nuscenes_scan(path: pathlib.Path) -> np.ndarray:
+    """LIDAR_TOP.bin as a structured array x, y, z, intensity (float32), ring (uint16)."""
+    raw = np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+    arr = np.zeros(raw.shape[0], dtype=[('x', 'f4'), ('y', 'f4'), ('z', 'f4'),
+                                        ('intensity', 'f4'), ('ring', 'u2')])
+    for i, name in enumerate(('x', 'y', 'z', 'intensity')):
+        arr[name] = raw[:, i]
+    arr['ring'] = raw[:, 4].astype(np.uint16)
+    return arr
+
+
+def make_checkpoint(path: str) -> str:
+    import torch
+
+    from cmkd_ros.classes import NUSCENES_LIDARSEG16
+    from cmkd_ros.models.checkpoint import save_checkpoint
+    from cmkd_ros.models.student import StudentConfig, build_student
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(arch='small', num_classes=16))
+    save_checkpoint(path, student, class_names=NUSCENES_LIDARSEG16.names,
+                    class_colors=NUSCENES_LIDARSEG16.colors)
+    return path
+
+
+def library_reference(checkpoint: str, device: str, threads: int, scan: np.ndarray,
+                      repeats: int) -> list[float]:
+    """ms per call of the node's library step (segment_array) in this process."""
+    from cmkd_ros.nodes.labeling import SegmentNodeConfig, segment_array
+    from cmkd_ros.nodes.segment_node import load_predictor
+    predict, class_map = load_predictor(checkpoint, device, threads)
+    config = SegmentNodeConfig(checkpoint=checkpoint, device=device)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        segment_array(scan, predict, class_map, config)
+        if i >= 2:                                               # two warm-up calls
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--seconds', type=float, default=60.0, help='timed phase (default 60)')
+    parser.add_argument('--rate', type=float, default=10.0, help='scans per second (10)')
+    parser.add_argument('--checkpoint', default=None, help='student checkpoint (default: a '
+                        'random small student)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
+    parser.add_argument('--scan', default=str(DATA / 'nuscenes_sample' / 'LIDAR_TOP.bin'))
+    parser.add_argument('--reference-repeats', type=int, default=10)
+    args = parser.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from cmkd_ros.conversions import array_to_cloud, rclpy_types, stamp_ns
+    tmp = tempfile.mkdtemp(prefix='bench_segment_')
+    checkpoint = args.checkpoint or make_checkpoint(os.path.join(tmp, 'student_small.pt'))
+    scan = nuscenes_scan(pathlib.Path(args.scan))
+    print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
+          f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
+          f'{args.device}, {args.threads} threads')
+    # 1. reference: the library step alone, in this process
+    reference = library_reference(checkpoint, args.device, args.threads, scan,
+                                  args.reference_repeats)
+    print(f'library segment_array   {percentiles(reference)}')
+    # 2. the node process and this process's publisher/subscriber
+    domain = os.getpid() % 90 + 10
+    env = bench_env(domain)
+    log_path = os.path.join(tmp, 'segment_node.log')
+    proc = start_node('cmkd_ros.nodes.segment_node',
+                      {'checkpoint': checkpoint, 'device': args.device,
+                       'num_threads': args.threads},
+                      {'~/input/pointcloud': '/bench/points',
+                       '~/output/pointcloud': '/bench/labeled'}, env, log_path)
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+    from std_msgs.msg import Float64
+    client = Client('bench_segment')
+    published: dict[int, float] = {}
+    received: dict[int, float] = {}
+    processing: list[float] = []
+    lock = threading.Lock()
+
+    def on_output(msg):
+        now = time.monotonic()
+        with lock:
+            received[stamp_ns(msg)] = now
+        assert msg.width == scan.shape[0]
+
+    client.node.create_subscription(PointCloud2, '/bench/labeled', on_output,
+                                    qos_profile_sensor_data)
+    client.node.create_subscription(Float64, '/segment_node/debug/processing_time_ms',
+                                    lambda m: processing.append(m.data), 1000)
+    pub = client.node.create_publisher(PointCloud2, '/bench/points', qos_profile_sensor_data)
+    msg = array_to_cloud(scan, 1, 'LIDAR_TOP', rclpy_types())
+    stop = threading.Event()
+    try:
+        wait_until(lambda: pub.get_subscription_count() > 0 and
+                   client.node.count_publishers('/bench/labeled') > 0, 120, 'the node', proc)
+        # warm-up: a few scans until outputs flow
+        stamp = 1_000_000_000_000_000_000
+        for _ in range(30):
+            stamp += 100_000_000
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+            pub.publish(msg)
+            time.sleep(0.3)
+            with lock:
+                if len(received) >= 3:
+                    break
+        with lock:
+            received.clear()
+            processing.clear()
+        # timed phase
+        start_stamp = 2_000_000_000_000_000_000
+        for i in paced(args.rate, args.seconds, stop):
+            stamp = start_stamp + i * 100_000_000
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+            t = time.monotonic()
+            pub.publish(msg)
+            with lock:
+                published[stamp] = t
+        time.sleep(2.0)                                          # outputs in flight
+    finally:
+        stop.set()
+        client.close()
+        stop_node(proc)
+    with lock:
+        latency = [(received[s] - t) * 1e3 for s, t in published.items() if s in received]
+        drops = len([s for s in published if s not in received])
+    processing = processing[-len(latency):] if latency else processing
+    node_p50 = float(np.percentile(latency, 50)) if latency else float('nan')
+    ref_p50 = float(np.median(reference))
+    p95 = float(np.percentile(latency, 95)) if latency else float('nan')
+    print(f'published {len(published)} scans in {args.seconds:.0f} s at {args.rate} Hz; '
+          f'labeled {len(latency)}; dropped {drops} ({drops / max(1, len(published)):.1%})')
+    print(f'end-to-end latency      {percentiles(latency)}')
+    print(f'node processing         {percentiles(processing)}')
+    print(f'ratio node latency p50 / library p50 = {node_p50 / ref_p50:.2f} '
+          f'(transport + conversion overhead)')
+    print(f'goal: 0 drops -> {"met" if drops == 0 else "NOT met"}; p95 <= 150 ms -> '
+          f'{"met" if p95 <= 150 else "NOT met"} ({p95:.1f} ms)')
+    print(f'node log: {log_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

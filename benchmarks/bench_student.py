@@ -1,0 +1,174 @@
+"""Student forward latency: pure-PyTorch sparse backend vs MinkowskiEngine, same weights.
+
+Runs the small and the standard student on the real nuScenes scan (34,688 points), prints the
+median forward latency after warm-up for each backend in the same run, the ratio ours / ME, the
+convolution work (GFLOP counted from the kernel maps) and the achieved GFLOP/s against a torch
+sgemm peak measured in the same run. Other processes share this machine: read the ratios.
+
+    python benchmarks/bench_student.py [--threads 2] [--repeats 10] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_SCAN = REPO.parent / 'shared' / 'data' / 'nuscenes_sample' / 'LIDAR_TOP.bin'
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--scan', default=os.environ.get('CMKD_BENCH_SCAN', str(DEFAULT_SCAN)),
+                        help='float32 x, y, z, intensity, ring points (nuScenes .bin)')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch and OpenMP)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed runs first')
+    parser.add_argument('--repeats', type=int, default=7, help='timed runs (median reported)')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--students', default='small,standard',
+                        help='comma list among: small, standard, standard_noda, minkunet14')
+    parser.add_argument('--backends', default='torch,minkowski', help='comma list')
+    return parser.parse_args(argv)
+
+
+# name -> StudentConfig overrides
+STUDENTS = {
+    'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=False),
+    'small_da': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True),
+    'minkunet14': dict(arch='minkunet14', voxel_size=0.1, feature_dim=256, use_da=False),
+    'standard': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=True),
+    'standard_noda': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=False),
+}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
+    import numpy as np
+    import torch
+    sys.path.insert(0, str(REPO))
+    from cmkd_ros.config import build
+    from cmkd_ros.models import StudentConfig, build_student, point_features, voxelize
+    from cmkd_ros.sparse import SparseConv3d, SparseTensor, minkowski_available
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    points = np.fromfile(args.scan, dtype=np.float32).reshape(-1, 5)
+    backends = [b for b in args.backends.split(',') if b]
+    if 'minkowski' in backends and not minkowski_available():
+        print('MinkowskiEngine is not importable: timing the torch backend only '
+              '(scripts/build_minkowski.sh installs it)')
+        backends = [b for b in backends if b != 'minkowski']
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    # 1. The machine's sgemm peak, measured now (same threads, same load).
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    times = []
+    for i in range(6):
+        sync()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = 2 * 2048 ** 3 / min(times[1:]) / 1e9
+    print(f'device {device}, threads {args.threads}, points {points.shape[0]}, '
+          f'sgemm peak {peak:.1f} GFLOP/s')
+
+    header = (f'{"student":<14}{"backend":<11}{"voxels":>8}{"median ms":>11}{"min ms":>9}'
+              f'{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}{"ours/ME":>9}')
+    print(header)
+    print('-' * len(header))
+    for name in [s for s in args.students.split(',') if s]:
+        config = build(StudentConfig, STUDENTS[name])
+        feats = point_features(points[:, :3], points[:, 3], config.point_features)
+        coords, vfeats, _ = voxelize(points[:, :3], feats, config.voxel_size)
+        coords = torch.from_numpy(np.concatenate(
+            [np.zeros((coords.shape[0], 1), np.int32), coords], 1)).to(device)
+        vfeats = torch.from_numpy(vfeats).to(device)
+        torch.manual_seed(0)
+        student = build_student(config).to(device).eval()
+
+        # 2. Work: 2 * pairs * Cin * Cout per convolution (from the torch backend's maps),
+        #    plus the linear layers; and the time to build every kernel map once.
+        flops = [0.0]
+
+        def count(module, inputs, output):
+            x = inputs[0]
+            if module.transposed:
+                kmap = x.manager.kernel_map(x.stride // module.stride, module.kernel_size,
+                                            module.stride, module.dilation)
+            else:
+                kmap = x.manager.kernel_map(x.stride, module.kernel_size, module.stride,
+                                            module.dilation)
+            flops[0] += 2.0 * kmap.num_pairs * module.in_channels * module.out_channels
+
+        hooks = [m.register_forward_hook(count) for m in student.modules()
+                 if isinstance(m, SparseConv3d)]
+        student.set_backend('torch')
+        with torch.no_grad():
+            student(coords, vfeats)
+        for h in hooks:
+            h.remove()
+        for m in student.modules():
+            if isinstance(m, torch.nn.Linear):
+                flops[0] += 2.0 * coords.shape[0] * m.in_features * m.out_features
+        map_ms = _time_maps(student, coords, vfeats, SparseTensor, sync)
+
+        medians = {}
+        for backend in backends:
+            student.set_backend(backend)
+            with torch.no_grad():
+                for _ in range(args.warmup):
+                    student(coords, vfeats)
+                times = []
+                for _ in range(args.repeats):
+                    sync()
+                    t = time.perf_counter()
+                    student(coords, vfeats)
+                    sync()
+                    times.append(time.perf_counter() - t)
+            med = statistics.median(times)
+            medians[backend] = med
+            ratio = ''
+            if backend == 'minkowski' and 'torch' in medians:
+                ratio = f'{medians["torch"] / med:.2f}'
+            gflop = flops[0] / 1e9
+            print(f'{name:<14}{backend:<11}{coords.shape[0]:>8}{med * 1e3:>11.1f}'
+                  f'{min(times) * 1e3:>9.1f}{gflop:>8.2f}{gflop / med:>9.1f}'
+                  f'{100 * gflop / med / peak:>7.1f}%'
+                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}{ratio:>9}')
+    print('maps ms: time to build all coordinate sets and kernel maps of one forward (torch '
+          'backend, included in its latency). ours/ME < 1 means the torch backend is faster.')
+    return 0
+
+
+def _time_maps(student, coords, feats, tensor_cls, sync, repeats=3):
+    """Median time to build the coordinate sets and kernel maps one forward pass uses."""
+    import torch
+    with torch.no_grad():
+        x = tensor_cls(feats, coords)
+        student.backbone(x)
+        if student.config.use_da:
+            student.projection(student.backbone(x))
+    requests = list(x.manager._maps)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        manager = tensor_cls(feats, coords).manager
+        for in_stride, kernel, stride, dilation in sorted(requests, key=lambda r: r[0]):
+            manager.kernel_map(in_stride, kernel, stride, dilation)
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""``cmkd evaluate-bag BAG --checkpoint CKPT``: score the real segment node on a rosbag2.
+
+Starts ``segment_node`` as its own process, replays the bag's LiDAR topic into it with the bag's
+timing (:class:`cmkd_ros.replay.Replayer`), collects the labeled clouds, matches them by header
+stamp to the bag's ground truth (``/lidar/labels``: one uint8 ``label`` per point, same order)
+and reports mIoU (:mod:`cmkd_ros.metrics`), end-to-end latency percentiles (publish of the input
+to receipt of the output, both in this process) and drops (inputs without an output), as a
+printed table and optionally JSON.
+
+    cmkd evaluate-bag heldout.mcap --checkpoint student.pt --json report.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from cmkd_ros.replay import ReplayError, open_bag
+
+OUTPUT_TOPIC = '/cmkd_evaluate/labeled'
+NODE_NAME = 'cmkd_evaluate_segment'
+
+
+class EvaluationError(ValueError):
+    """The bag or the node cannot be evaluated (no ground truth, node failed to start, ...)."""
+
+
+def cdr_header_stamp_ns(raw: bytes) -> int:
+    """Header stamp of a CDR-serialized message whose first field is ``std_msgs/Header``.
+
+    CDR: 4 bytes of encapsulation (byte 1: 0 big endian, 1 little endian), then
+    ``stamp.sec`` (int32) and ``stamp.nanosec`` (uint32).
+    """
+    order = 'little' if raw[1] & 1 else 'big'
+    sec = int.from_bytes(raw[4:8], order, signed=True)
+    nanosec = int.from_bytes(raw[8:12], order, signed=False)
+    return sec * 1_000_000_000 + nanosec
+
+
+def read_ground_truth(bag: str, points_topic: str, labels_topic: str,
+                      label_field: str = 'label') -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """({stamp: (N,) uint8 labels}, {stamp: number of points}) of the bag's LiDAR frames."""
+    from cmkd_ros.conversions import cloud_to_array, stamp_ns
+    reader = open_bag(bag)
+    try:
+        topics = {c.topic: c for c in reader.connections}
+        for topic in (points_topic, labels_topic):
+            if topic not in topics:
+                raise EvaluationError(f'{bag}: no topic {topic} (has {sorted(topics)})')
+        labels: dict[int, np.ndarray] = {}
+        points: dict[int, int] = {}
+        conns = [c for c in reader.connections if c.topic in (points_topic, labels_topic)]
+        for conn, _, raw in reader.messages(connections=conns):
+            if conn.topic == points_topic:
+                stamp = cdr_header_stamp_ns(raw)
+                msg = reader.deserialize(raw, conn.msgtype)
+                points[stamp] = int(msg.width) * int(msg.height)
+                continue
+            msg = reader.deserialize(raw, conn.msgtype)
+            arr = cloud_to_array(msg)
+            if label_field not in (arr.dtype.names or ()):
+                raise EvaluationError(f'{labels_topic}: no field {label_field!r} '
+                                      f'(fields {arr.dtype.names})')
+            labels[stamp_ns(msg)] = arr[label_field].astype(np.uint8)
+        return labels, points
+    finally:
+        reader.close()
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {k: None for k in ('p50', 'p90', 'p95', 'p99', 'max', 'mean')}
+    arr = np.asarray(values, dtype=np.float64)
+    out = {f'p{q}': float(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
+    out.update(max=float(arr.max()), mean=float(arr.mean()))
+    return out
+
+
+def _node_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, '-m', 'cmkd_ros.nodes.segment_node', '--ros-args',
+           '-r', f'__node:={NODE_NAME}']
+    if args.params_file:
+        cmd += ['--params-file', args.params_file]
+    cmd += ['-p', f'checkpoint:={os.path.abspath(args.checkpoint)}', '-p',
+            f'device:={args.device}']
+    for item in args.param:
+        cmd += ['-p', item]
+    cmd += ['-r', f'~/input/pointcloud:={args.points_topic}',
+            '-r', f'~/output/pointcloud:={OUTPUT_TOPIC}']
+    return cmd
+
+
+class _Collector:
+    """Labeled clouds and debug timings received from the node (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.outputs: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+        self.processing_ms: list[float] = []
+        self.published: dict[int, float] = {}
+        self.duplicates = 0
+
+    def on_output(self, msg: Any) -> None:
+        from cmkd_ros.conversions import cloud_to_array, stamp_ns
+        now = time.monotonic()
+        arr = cloud_to_array(msg)
+        names = arr.dtype.names or ()
+        class_id = arr['class_id'].copy() if 'class_id' in names else None
+        prob = arr['probability'].copy() if 'probability' in names else None
+        with self.lock:
+            stamp = stamp_ns(msg)
+            if stamp in self.outputs:
+                self.duplicates += 1
+            self.outputs[stamp] = (now, class_id, prob)
+
+    def on_processing(self, msg: Any) -> None:
+        with self.lock:
+            self.processing_ms.append(float(msg.data))
+
+    def on_publish(self, topic: str, bag_ns: int, raw: bytes, wall: float) -> None:
+        with self.lock:
+            self.published[cdr_header_stamp_ns(raw)] = wall
+
+
+def score(collector: _Collector, labels: dict[int, np.ndarray], class_names: list[str]
+          ) -> dict:
+    """mIoU, coverage, latency and drops of the collected outputs against ``labels``."""
+    from cmkd_ros.metrics import ConfusionMatrix
+    num_classes = len(class_names)
+    confusion = ConfusionMatrix(num_classes)
+    latency_ms, mismatched, scored_frames = [], 0, 0
+    gt_points = labeled_points = out_of_range = 0
+    with collector.lock:
+        published = dict(collector.published)
+        outputs = dict(collector.outputs)
+        processing = list(collector.processing_ms)
+    for stamp, t_pub in sorted(published.items()):
+        if stamp not in outputs:
+            continue
+        t_out, class_id, _ = outputs[stamp]
+        latency_ms.append((t_out - t_pub) * 1e3)
+        gt = labels.get(stamp)
+        if gt is None or class_id is None:
+            continue
+        if gt.shape[0] != class_id.shape[0]:
+            mismatched += 1
+            continue
+        scored_frames += 1
+        # 1. points with ground truth; 2. of those, the ones the node labeled (not cropped).
+        has_gt = gt < num_classes
+        out_of_range += int(((gt >= num_classes) & (gt != 255)).sum())
+        counted = has_gt & (class_id < num_classes)
+        gt_points += int(has_gt.sum())
+        labeled_points += int(counted.sum())
+        confusion.update(gt[counted], class_id[counted])
+    summary = confusion.summary(class_names)
+    drops = sorted(set(published) - set(outputs))
+    return {
+        'frames_published': len(published),
+        'frames_received': len(set(published) & set(outputs)),
+        'frames_scored': scored_frames,
+        'drops': len(drops),
+        'drop_rate': len(drops) / len(published) if published else None,
+        'duplicates': collector.duplicates,
+        'point_count_mismatches': mismatched,
+        'miou': summary['miou'],
+        'accuracy': summary['accuracy'],
+        'iou': summary.get('iou'),
+        'points_scored': labeled_points,
+        'coverage': labeled_points / gt_points if gt_points else None,
+        'gt_labels_out_of_range': out_of_range,
+        'latency_ms': _percentiles(latency_ms),
+        'processing_ms': _percentiles(processing),
+    }
+
+
+def evaluate_bag(args: argparse.Namespace) -> dict:
+    """Run the segment node over ``args.bag`` and return the report (see module docstring)."""
+    import rclpy
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+    from std_msgs.msg import Float64
+
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
+    from cmkd_ros.replay import Replayer
+
+    _, info = load_checkpoint(args.checkpoint)          # clear error before starting anything
+    class_names = list(info['class_names'])
+    labels, point_counts = read_ground_truth(args.bag, args.points_topic, args.labels_topic)
+    env = ensure_fastdds_profile(dict(os.environ))
+    ensure_fastdds_profile()
+    log = open(args.log, 'wb') if args.log else tempfile.TemporaryFile()
+    proc = subprocess.Popen(_node_command(args), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('cmkd_evaluate_bag', context=context)
+    from rclpy.executors import SingleThreadedExecutor
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.05)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    collector = _Collector()
+    try:
+        node.create_subscription(PointCloud2, OUTPUT_TOPIC, collector.on_output,
+                                 qos_profile_sensor_data)
+        node.create_subscription(Float64, f'/{NODE_NAME}/debug/processing_time_ms',
+                                 collector.on_processing, 100)
+        spinner.start()
+        replayer = Replayer(node, args.bag, [args.points_topic], rate=args.rate,
+                            on_publish=collector.on_publish)
+        try:
+            # 1. wait for the node: its input subscription and our output subscription matched.
+            deadline = time.monotonic() + args.startup_timeout
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise EvaluationError(f'segment node exited with {proc.returncode} '
+                                          f'before the replay:\n{_tail(log)}')
+                if (replayer.publishers[args.points_topic].get_subscription_count() > 0 and
+                        node.count_publishers(OUTPUT_TOPIC) > 0):
+                    break
+                time.sleep(0.1)
+            else:
+                raise EvaluationError(f'segment node not ready after {args.startup_timeout} s:'
+                                      f'\n{_tail(log)}')
+            time.sleep(0.5)                        # let discovery settle both ways
+            # 2. replay, 3. wait for outputs still in flight.
+            stats = replayer.play()
+        finally:
+            replayer.close()
+        deadline = time.monotonic() + args.drain_timeout
+        while time.monotonic() < deadline:
+            with collector.lock:
+                if set(collector.published) <= set(collector.outputs):
+                    break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        if spinner.is_alive():
+            spinner.join(timeout=2)
+        _stop_process(proc)
+        executor.shutdown(timeout_sec=1)
+        node.destroy_node()
+        context.try_shutdown()
+    report = score(collector, labels, class_names)
+    report.update(bag=os.path.abspath(args.bag), checkpoint=os.path.abspath(args.checkpoint),
+                  device=args.device, rate=args.rate, class_names=class_names,
+                  frames_in_bag=len(point_counts), replay_wall_s=stats.wall_s,
+                  replay_max_lag_ms=stats.max_lag_ms)
+    log.close()
+    return report
+
+
+def _tail(log: Any, n: int = 3000) -> str:
+    try:
+        log.flush()
+        log.seek(0)
+        return log.read().decode(errors='replace')[-n:]
+    except (OSError, ValueError):
+        return ''
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    import signal
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def format_table(report: dict) -> str:
+    """The printed summary: per-class IoU, mIoU, latency percentiles and drops."""
+    def pct(v):
+        return '   n/a' if v is None else f'{100 * v:6.1f}'
+
+    def ms(v):
+        return '    n/a' if v is None else f'{v:7.1f}'
+
+    lines = [f'bag {report["bag"]}', f'checkpoint {report["checkpoint"]} ({report["device"]})',
+             '', f'{"class":<20} {"IoU %":>6}']
+    for name in report['class_names']:
+        lines.append(f'{name:<20} {pct((report.get("iou") or {}).get(name))}')
+    lines += [f'{"mIoU":<20} {pct(report["miou"])}',
+              f'{"accuracy":<20} {pct(report["accuracy"])}',
+              f'{"coverage":<20} {pct(report["coverage"])}', '',
+              f'{"ms":<20} {"p50":>7} {"p90":>7} {"p95":>7} {"p99":>7} {"max":>7}']
+    for key in ('latency_ms', 'processing_ms'):
+        row = report[key]
+        lines.append(f'{key[:-3]:<20} ' + ' '.join(ms(row[k]) for k in
+                                                   ('p50', 'p90', 'p95', 'p99', 'max')))
+    lines += ['', f'frames: {report["frames_published"]} published, '
+              f'{report["frames_received"]} labeled, {report["drops"]} dropped, '
+              f'{report["frames_scored"]} scored']
+    return '\n'.join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('bag', help='rosbag2 folder or file with LiDAR and ground-truth labels')
+    parser.add_argument('--checkpoint', required=True, help='student checkpoint (.pt)')
+    parser.add_argument('--json', default=None, help='write the report here')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default cpu)')
+    parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
+    parser.add_argument('--points-topic', default='/lidar/points')
+    parser.add_argument('--labels-topic', default='/lidar/labels')
+    parser.add_argument('--params-file', default=None,
+                        help='segment node ros__parameters YAML (e.g. config/'
+                             'segment_node.param.yaml)')
+    parser.add_argument('--param', action='append', default=[], metavar='NAME:=VALUE',
+                        help='extra segment node parameter (repeatable)')
+    parser.add_argument('--startup-timeout', type=float, default=60.0,
+                        help='seconds to wait for the node to come up (default 60)')
+    parser.add_argument('--drain-timeout', type=float, default=5.0,
+                        help='seconds to wait for outputs after the last input (default 5)')
+    parser.add_argument('--log', default=None, help='write the node output to this file')
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rate <= 0:
+        print('cmkd evaluate-bag: --rate must be > 0', file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_bag(args)
+    except (EvaluationError, ReplayError, ValueError, FileNotFoundError) as exc:
+        print(f'cmkd evaluate-bag: {exc}', file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        with open(args.json, 'w', encoding='utf-8') as fh:
+            json.dump(report, fh, indent=2)
+        print(f'report written to {args.json}')
+    return 0

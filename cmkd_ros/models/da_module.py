@@ -1,0 +1,76 @@
+"""Domain adaptation (DA) module: 3D self-calibrated convolutions to pseudo-2D features.
+
+A self-calibrated convolution (after SCNet, Liu et al., CVPR 2020) splits its input channels in
+two halves. One half goes through a plain 3x3x3 convolution. The other is calibrated: it is
+average-pooled to the next coarser stride, convolved there (a larger receptive field), copied back
+to its voxels, and ``sigmoid(x1 + that)`` gates a 3x3x3 convolution of ``x1``; a last convolution
+maps the gated features to its share of the output channels. The halves are concatenated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cmkd_ros.sparse import (SparseBatchNorm, SparseConv3d, SparsePool, SparseReLU,
+                             SparseUpsample, sparse_cat)
+
+
+def _conv_bn(in_channels: int, out_channels: int, norm: bool = True) -> nn.Module:
+    if not norm:
+        return SparseConv3d(in_channels, out_channels, 3, bias=True)
+    return nn.Sequential(SparseConv3d(in_channels, out_channels, 3), SparseBatchNorm(out_channels))
+
+
+class SelfCalibratedConv(nn.Module):
+    """Sparse self-calibrated convolution ``(N, in_channels) -> (N, out_channels)``, same voxels.
+
+    ``pool``: stride factor of the calibration branch. ``final``: the output convolutions carry a
+    bias and no batch norm (so the module can produce features of any scale).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: int = 2, final: bool = False):
+        super().__init__()
+        if in_channels < 2 or out_channels < 2:
+            raise ValueError(f'a self-calibrated conv needs >= 2 channels in and out, got '
+                             f'{in_channels} -> {out_channels}')
+        self.split = in_channels // 2
+        rest = in_channels - self.split
+        out_calibrated = out_channels // 2
+        self.plain = _conv_bn(rest, out_channels - out_calibrated, not final)
+        self.down = SparsePool('avg', pool, pool)
+        self.coarse = _conv_bn(self.split, self.split)
+        self.up = SparseUpsample(pool)
+        self.gated = _conv_bn(self.split, self.split)
+        self.project = _conv_bn(self.split, out_calibrated, not final)
+
+    def forward(self, x):
+        x1 = x.replace(x.features[:, :self.split])
+        x2 = x.replace(x.features[:, self.split:])
+        # 1. Calibration: coarse context back on the voxels, a sigmoid gate per channel.
+        context = self.up(self.coarse(self.down(x1)))
+        gate = torch.sigmoid(x1.features + context.features)
+        gated = self.gated(x1)
+        y1 = self.project(gated.replace(gated.features * gate))
+        # 2. Plain branch, then the two halves side by side.
+        return sparse_cat(y1, self.plain(x2))
+
+
+class DAModule(nn.Module):
+    """``layers`` self-calibrated convolutions (ReLU between): ``(N, C) -> (N, D)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int = 3, pool: int = 2):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f'the DA module needs >= 1 layer, got {layers}')
+        blocks = []
+        width = in_channels
+        for i in range(layers):
+            last = i == layers - 1
+            blocks.append(SelfCalibratedConv(width, out_channels, pool, final=last))
+            if not last:
+                blocks.append(SparseReLU())
+            width = out_channels
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.layers(x)

@@ -1,0 +1,190 @@
+"""The 3D student: MinkUNet backbone, DA module (or a linear projection), shared classifier.
+
+``Student.forward(coords (V, 4) int32 [batch, x, y, z], feats (V, F))`` returns per-voxel
+``backbone (V, Cb)``, ``pseudo2d (V, D)`` (features in the 2D teacher's space) and ``logits (V, K)``
+= ``classifier(pseudo2d)``, where ``classifier`` is a linear layer ``D -> K`` that can load the
+teacher's 1x1 classifier and be frozen (shared weights, as in the paper). Rows follow the input.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.sparse import MinkowskiTensor, SparseTensor, import_minkowski, minkowski_available
+from cmkd_ros.sparse.minkowski import rows_in_order
+
+from .da_module import DAModule
+from .minkunet import ARCHS, build_minkunet
+from .voxelize import POINT_FEATURE_KINDS, feature_channels, point_features, voxelize
+
+BACKENDS = ('auto', 'torch', 'minkowski')
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """The 3D student network (saved inside every checkpoint)."""
+
+    arch: str = setting('minkunet18', 'backbone preset: small (CPU real time), minkunet14/18/34',
+                        choices=tuple(ARCHS))
+    widths: tuple[int, ...] = setting(
+        (), '9 channel widths (stem, 4 encoder, 4 decoder) overriding the preset; [] = preset',
+        ge=1)
+    stem_kernel: int = setting(0, 'stem convolution kernel size; 0 = the preset (small 3, '
+                               'others 5)', ge=0, le=7)
+    point_features: str = setting('height', 'per-point input features: ' + ', '.join(
+        f'{k} {v[1]}' for k, v in POINT_FEATURE_KINDS.items()), choices=tuple(POINT_FEATURE_KINDS))
+    in_channels: int = setting(0, 'input channels; 0 = implied by point_features', ge=0)
+    voxel_size: float = setting(0.1, 'voxel edge length (m)', gt=0.0)
+    feature_dim: int = setting(256, 'D: the 2D teacher feature dimension (pseudo-2D features)',
+                               ge=2)
+    num_classes: int = setting(16, 'K: number of classes of the shared classifier', ge=1)
+    use_da: bool = setting(True, 'self-calibrated DA module (else a linear projection to D)')
+    da_layers: int = setting(3, 'self-calibrated convolution layers in the DA module', ge=1)
+    backend: str = setting('auto', 'sparse convolution backend: torch, minkowski, or auto '
+                           '(MinkowskiEngine on CUDA when it imports, else torch)',
+                           choices=BACKENDS)
+
+    def validate(self) -> None:
+        if self.widths and len(self.widths) != 9:
+            raise ConfigError(f'widths: expected 9 values (stem, 4 encoder, 4 decoder) or [], '
+                              f'got {len(self.widths)}')
+        if self.stem_kernel not in (0, 1, 3, 5, 7):
+            raise ConfigError(f'stem_kernel: must be 0 (preset) or odd 1..7, got '
+                              f'{self.stem_kernel}')
+        implied = feature_channels(self.point_features)
+        if self.in_channels not in (0, implied):
+            raise ConfigError(f'in_channels: {self.in_channels} disagrees with point_features '
+                              f'{self.point_features!r} ({implied} channels)')
+
+    @property
+    def input_channels(self) -> int:
+        return self.in_channels or feature_channels(self.point_features)
+
+
+def resolve_backend(backend: str, device: torch.device | str = 'cpu') -> str:
+    """'torch' or 'minkowski' for a configured backend on ``device``.
+
+    'auto' picks MinkowskiEngine only on CUDA (when it imports with CUDA support): on CPU the
+    torch backend is faster (benchmarks/bench_student.py).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f'backend: {backend!r} is not one of {list(BACKENDS)}')
+    if backend == 'minkowski':
+        import_minkowski()  # raises MinkowskiUnavailable with the install hint
+        return 'minkowski'
+    if backend == 'torch':
+        return 'torch'
+    if torch.device(device).type == 'cuda' and minkowski_available():
+        if getattr(import_minkowski(), 'is_cuda_available', lambda: False)():
+            return 'minkowski'
+    return 'torch'
+
+
+class Student(nn.Module):
+    """MinkUNet + (DA module | linear projection) + shared linear classifier."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.config = config
+        self.backend = config.backend
+        self.backbone = build_minkunet(config.arch, config.input_channels, config.widths,
+                                       config.stem_kernel or None)
+        width = self.backbone.out_channels
+        if config.use_da:
+            self.projection = DAModule(width, config.feature_dim, config.da_layers)
+        else:
+            self.projection = nn.Linear(width, config.feature_dim)
+        self.classifier = nn.Linear(config.feature_dim, config.num_classes)
+
+    @property
+    def voxel_size(self) -> float:
+        return self.config.voxel_size
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the sparse backend ('auto', 'torch', 'minkowski'); weights are shared."""
+        resolve_backend(backend)
+        self.backend = backend
+
+    def forward(self, coords: torch.Tensor, feats: torch.Tensor) -> dict:
+        """coords ``(V, 4) int32 [batch, x, y, z]``, feats ``(V, F)`` -> dict of ``(V, .)``."""
+        if coords.ndim != 2 or coords.shape[1] != 4:
+            raise ValueError(f'coords must be (V, 4) [batch, x, y, z], got {tuple(coords.shape)}')
+        if feats.ndim != 2 or feats.shape[0] != coords.shape[0]:
+            raise ValueError(f'feats must be (V, F) with V = {coords.shape[0]}, got '
+                             f'{tuple(feats.shape)}')
+        if feats.shape[1] != self.config.input_channels:
+            raise ValueError(f'feats has {feats.shape[1]} channels; this student takes '
+                             f'{self.config.input_channels} ({self.config.point_features!r})')
+        backend = resolve_backend(self.backend, feats.device)
+        coords = coords.to(device=feats.device, dtype=torch.int32)
+        if backend == 'minkowski':
+            x = MinkowskiTensor(feats, coords)
+        else:
+            x = SparseTensor(feats, coords)
+        x = self.backbone(x)
+
+        def in_input_order(t) -> torch.Tensor:
+            # torch keeps the stride-1 voxels in input order; MinkowskiEngine may not.
+            return t.features if backend == 'torch' else t.features[rows_in_order(t.coords,
+                                                                                  coords)]
+
+        backbone = in_input_order(x)
+        if self.config.use_da:
+            pseudo2d = in_input_order(self.projection(x))
+        else:
+            pseudo2d = self.projection(backbone)
+        return {'backbone': backbone, 'pseudo2d': pseudo2d, 'logits': self.classifier(pseudo2d)}
+
+    def load_classifier(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        freeze: bool = True) -> None:
+        """Copy a teacher's classifier ``(K, D)`` or 1x1 conv ``(K, D, 1, 1)`` (+ bias ``(K,)``)."""
+        weight = torch.as_tensor(weight)
+        if weight.ndim == 4 and weight.shape[2:] == (1, 1):
+            weight = weight[:, :, 0, 0]
+        expected = tuple(self.classifier.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f'classifier weight {tuple(weight.shape)} does not match (K, D) = '
+                             f'{expected}')
+        if bias is not None and tuple(torch.as_tensor(bias).shape) != (expected[0],):
+            raise ValueError(f'classifier bias {tuple(torch.as_tensor(bias).shape)} does not '
+                             f'match (K,) = ({expected[0]},)')
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+            if bias is None:
+                self.classifier.bias.zero_()
+            else:
+                self.classifier.bias.copy_(torch.as_tensor(bias))
+        self.classifier.requires_grad_(not freeze)
+
+    @torch.no_grad()
+    def predict(self, xyz, intensity=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-point class ``(N,) int64`` and probability ``(N,) float32`` of one scan.
+
+        xyz: ``(N, 3) float32`` LiDAR frame (numpy or torch); intensity ``(N,)`` when the
+        configured point features use it. Runs in eval mode on the model's device.
+        """
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            pts = torch.as_tensor(xyz, dtype=torch.float32)
+            inten = None if intensity is None else torch.as_tensor(intensity, dtype=torch.float32)
+            feats = point_features(pts, inten, self.config.point_features)
+            coords, vfeats, inverse = voxelize(pts, feats, self.config.voxel_size)
+            batch = torch.zeros(coords.shape[0], 1, dtype=torch.int32)
+            out = self(torch.cat([batch, coords], dim=1).to(device), vfeats.to(device))
+            prob, cls = torch.softmax(out['logits'].float(), dim=1).max(dim=1)
+            inverse = inverse.to(device)
+            return cls[inverse].cpu(), prob[inverse].cpu()
+        finally:
+            self.train(was_training)
+
+
+def build_student(config: StudentConfig) -> Student:
+    """The student network described by ``config`` (randomly initialised)."""
+    if not isinstance(config, StudentConfig):
+        raise TypeError(f'build_student needs a StudentConfig, got {type(config).__name__}')
+    return Student(config)

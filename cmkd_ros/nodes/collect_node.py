@@ -1,0 +1,386 @@
+"""Collect node: synchronize a LiDAR with N cameras, compute correspondences, log pairs.
+
+Subscribes ``~/input/pointcloud`` (PointCloud2), per camera an image topic (CompressedImage or
+Image) and its CameraInfo (topics from templates over the ``cameras`` parameter), and optionally
+``~/input/odom`` (nav_msgs/Odometry, ``T_world_lidar``) for motion compensation. Every input uses
+sensor-data QoS. Synchronized sets go through a bounded queue to a worker thread, which computes
+correspondences with :func:`cmkd_ros.projection.compute_correspondences` (the function training
+uses) and, when ``record.enabled``, writes a pair with :class:`cmkd_ros.pairs.PairWriter`
+(atomic, quota), JPEGs kept as received. Publishes ``~/output/overlay`` (throttled, only with
+subscribers) and ``/diagnostics``. Bad input is reported (throttled warning + diagnostic) and
+skipped; the node keeps running. See docs/nodes.md.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import rclpy
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+
+from cmkd_ros.calibration import (CalibrationError, CameraCalibration, RigCalibration,
+                                  calibration_from_camera_info)
+from cmkd_ros.config import ConfigError, to_dict
+from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
+                                  UnsupportedEncodingError, array_to_image, cloud_to_array,
+                                  compressed_format, image_to_array, rclpy_types,
+                                  xyz_from_cloud)
+from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
+from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
+                                       decoded_rgb, draw_overlay, encoded_image,
+                                       point_times_ns, teacher_outputs)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, sensor_qos,
+                                   spin_until_shutdown)
+from cmkd_ros.pairs import Pair, PairWriter
+from cmkd_ros.projection import compute_correspondences
+from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
+
+LIDAR_KEY = '__lidar__'
+RUNTIME_PARAMETERS = ('record.enabled', 'record.min_interval_s', 'record.min_correspondences',
+                      'overlay.enabled', 'overlay.max_rate_hz')
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header without decoding; None if not found."""
+    from cmkd_ros.calibration import read_image_size
+    import io
+    try:
+        return read_image_size(io.BytesIO(data))
+    except (CalibrationError, OSError, ValueError, TypeError):
+        return None
+
+
+class CollectNode(Node):
+    """Online distillation-pair collection from one LiDAR and N cameras."""
+
+    def __init__(self, **kwargs):
+        super().__init__('collect_node', **kwargs)
+        # 1. parameters -> validated config (raises: no half-built node).
+        self.params = ConfigParameters(self, CollectNodeConfig, runtime=RUNTIME_PARAMETERS,
+                                       on_change=self._on_config)
+        config = self.params.config
+        # 2. core objects: calibration, synchronizer, writer, teacher.
+        rig = RigCalibration.load(config.calibration_file)
+        self.file_calibration = {name: rig.camera(name) for name in config.cameras}
+        self.lidar_frame = rig.lidar_frame
+        self.calibration: dict[str, CameraCalibration | None] = {
+            name: None if config.use_camera_info else self.file_calibration[name]
+            for name in config.cameras}
+        self._camera_info_key: dict[str, tuple] = {}
+        self._pending_image: dict[str, Any] = {}
+        self.sync = ApproximateTimeSync.from_config(
+            config.sync, LIDAR_KEY, list(config.cameras),
+            time_offsets_ns={LIDAR_KEY: int(config.lidar_sync_offset_ms * 1e6),
+                             **{n: self.file_calibration[n].time_offset_ns
+                                for n in config.cameras}})
+        self.writer: PairWriter | None = None
+        self.quota_reached = False
+        if config.record.enabled:
+            self._open_writer(config)
+        self.teacher = None
+        if config.teacher.checkpoint:
+            from cmkd_ros.models.teacher import freeze, load_teacher
+            self.teacher = freeze(load_teacher(config.teacher.checkpoint,
+                                               device=config.teacher.device))
+        self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
+        self.msg_types = rclpy_types()
+        self.diag = Diagnostics(self, 'collection', config.diagnostics_period_s)
+        self.odometry: collections.deque = collections.deque()
+        self._last_lidar_ns: int | None = None
+        self._last_overlay = 0.0
+        self.pairs_written = 0
+        self.sets_synchronized = 0
+        self.sets_dropped = 0
+        # 3. worker with a bounded queue of synchronized sets.
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.worker = threading.Thread(target=self._work, name='collect_worker', daemon=True)
+        self.worker.start()
+        # 4. publishers, then subscriptions (inputs flow last).
+        self.pub_overlay = self.create_publisher(Image, '~/output/overlay', 2)
+        qos = sensor_qos(depth=10)
+        self.create_subscription(PointCloud2, '~/input/pointcloud', self._on_cloud, qos,
+                                 qos_overriding_options=qos_overrides())
+        image_type = CompressedImage if config.image_transport == 'compressed' else Image
+        for name in config.cameras:
+            self.create_subscription(image_type, config.image_topic.format(camera=name),
+                                     lambda msg, n=name: self._on_image(n, msg), qos)
+            if config.use_camera_info:
+                self.create_subscription(CameraInfo,
+                                         config.camera_info_topic.format(camera=name),
+                                         lambda msg, n=name: self._on_camera_info(n, msg), qos)
+        if config.use_odometry:
+            from nav_msgs.msg import Odometry
+            self.create_subscription(Odometry, '~/input/odom', self._on_odom, sensor_qos(50))
+        self.get_logger().info(
+            f'collecting {len(config.cameras)} camera(s) {list(config.cameras)}; recording '
+            f'{"on -> " + config.record.output_dir if config.record.enabled else "off"}')
+
+    # ------------------------------------------------------------------ configuration
+    def _open_writer(self, config: CollectNodeConfig) -> None:
+        quota = int(config.record.max_megabytes * 1e6) or None
+        self.writer = PairWriter(config.record.output_dir, max_bytes=quota,
+                                 fsync=config.record.fsync,
+                                 metadata={'source': 'cmkd_ros collect_node',
+                                           'cameras': list(config.cameras),
+                                           'collect_config': to_dict(config)})
+
+    def _on_config(self, config: CollectNodeConfig) -> None:
+        if config.record.enabled and self.writer is None:
+            try:
+                self._open_writer(config)
+            except OSError as exc:
+                raise ValueError(f'record.output_dir: cannot write {config.record.output_dir}: '
+                                 f'{exc}') from None
+        self.rate_limiter.interval_ns = int(config.record.min_interval_s * 1e9)
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_camera_info(self, name: str, msg: CameraInfo) -> None:
+        key = (int(msg.width), int(msg.height), tuple(msg.k), tuple(msg.d),
+               msg.distortion_model)
+        if self._camera_info_key.get(name) == key:
+            return
+        base = self.file_calibration[name]
+        try:
+            cal = calibration_from_camera_info(msg, base.T_cam_lidar, name,
+                                               frame_id=base.frame_id,
+                                               time_offset_ns=base.time_offset_ns)
+        except (CalibrationError, ValueError) as exc:
+            self.diag.warn('bad_camera_info', f'camera {name}: CameraInfo rejected: {exc}')
+            return
+        self._camera_info_key[name] = key
+        self.calibration[name] = cal
+        # Drivers publish an image and its CameraInfo together, in either order.
+        pending = self._pending_image.pop(name, None)
+        if pending is not None:
+            self._on_image(name, pending)
+
+    def _on_image(self, name: str, msg: Any) -> None:
+        stamp = msg_stamp_ns(msg)
+        cal = self.calibration[name]
+        if cal is None:
+            if name in self._pending_image:
+                self.diag.warn('no_camera_info', f'camera {name}: no valid CameraInfo yet; '
+                               'image skipped')
+            self._pending_image[name] = msg       # used if its CameraInfo comes next
+            return
+        try:
+            sample = self._camera_sample(name, stamp, msg, cal)
+        except UnsupportedEncodingError as exc:
+            self.diag.warn('bad_encoding', f'camera {name}: image skipped: {exc}')
+            return
+        except CalibrationError as exc:
+            self.diag.warn('image_size_mismatch', f'camera {name}: image skipped: {exc}')
+            return
+        except (ConversionError, ValueError) as exc:
+            self.diag.warn('bad_image', f'camera {name}: image skipped: {exc}')
+            return
+        self._emit(self.sync.add(name, stamp, sample))
+
+    def _camera_sample(self, name: str, stamp: int, msg: Any,
+                       cal: CameraCalibration) -> CameraSample:
+        if isinstance(msg, CompressedImage):
+            fmt = compressed_format(msg)                     # raises for unknown formats
+            data = bytes(msg.data)
+            size = encoded_size(data)
+            if size is None:
+                raise ConversionError(f'CompressedImage ({fmt}, {len(data)} bytes) has no '
+                                      'readable image header')
+            sample = CameraSample(name, stamp, encoded=data, encoded_format=fmt)
+        else:
+            if msg.encoding not in IMAGE_ENCODINGS:
+                raise UnsupportedEncodingError(f'Image encoding {msg.encoding!r} is not '
+                                               f'supported; one of {sorted(IMAGE_ENCODINGS)}')
+            cal.check_image_size(int(msg.width), int(msg.height))   # before decoding
+            size = (int(msg.width), int(msg.height))
+            img = image_to_array(msg)
+            if img.ndim == 2:
+                img = np.repeat(_to_uint8(img)[:, :, None], 3, axis=2)
+            sample = CameraSample(name, stamp, rgb=img)
+        cal.check_image_size(*size)                          # raises CalibrationError
+        return sample
+
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        stamp = msg_stamp_ns(msg)
+        if self._last_lidar_ns is not None and stamp < self._last_lidar_ns:
+            self.diag.warn('stamp_backwards', f'LiDAR stamp jumped back by '
+                           f'{(self._last_lidar_ns - stamp) / 1e9:.3f} s (bag loop or clock '
+                           'reset): synchronizer, odometry and rate limit reset')
+            self.sync.reset()
+            self.odometry.clear()
+            self.rate_limiter.last_ns = None
+        self._last_lidar_ns = stamp
+        self._emit(self.sync.add(LIDAR_KEY, stamp, msg))
+
+    def _on_odom(self, msg: Any) -> None:
+        self.odometry.append(msg)
+        horizon = msg_stamp_ns(msg) - int(self.params.config.odometry_history_s * 1e9)
+        while self.odometry and msg_stamp_ns(self.odometry[0]) < horizon:
+            self.odometry.popleft()
+
+    def _emit(self, synced: list[SyncedSet]) -> None:
+        for item in synced:
+            self.sets_synchronized += 1
+            with self._cond:
+                if len(self._queue) >= self.params.config.processing_queue:
+                    self._queue.popleft()
+                    self.sets_dropped += 1
+                    self.diag.warn('dropped_sets', 'worker too slow: oldest synchronized '
+                                   'set dropped')
+                self._queue.append((item, list(self.odometry)))
+                self._cond.notify()
+        self.diag.set('synchronized', self.sets_synchronized)
+        self.diag.set('sync_evicted', self.sync.dropped)
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait(0.2)
+                if self._closing and not self._queue:
+                    return
+                item, odometry = self._queue.popleft()
+            try:
+                self._process(item, odometry)
+            except (ConversionError, CalibrationError, ValueError) as exc:
+                self.diag.warn('bad_input', f'set skipped: {exc}')
+            except Exception as exc:  # keep collecting; report what happened
+                self.diag.warn('processing_error', f'{type(exc).__name__}: {exc}')
+
+    def _process(self, item: Any, odometry: list) -> None:
+        config = self.params.config
+        start = time.monotonic()
+        lidar_msg = item.messages[LIDAR_KEY]
+        samples: dict[str, CameraSample] = {k: v for k, v in item.messages.items()
+                                             if k != LIDAR_KEY}
+        stamp = msg_stamp_ns(lidar_msg)
+        try:
+            points = cloud_to_array(lidar_msg)
+        except ConversionError as exc:
+            self.diag.warn('bad_layout', f'set skipped: {exc}')
+            return
+        missing = [c for c in 'xyz' if c not in (points.dtype.names or ())]
+        if missing:
+            self.diag.warn('missing_xyz', f'set skipped: cloud has no field(s) {missing}; '
+                           f'fields are {list(points.dtype.names or ())}')
+            return
+        if points.shape[0] == 0:
+            self.diag.warn('empty_cloud', 'empty LiDAR cloud: set skipped')
+            return
+        xyz, rows = xyz_from_cloud(points, drop_invalid=True)
+        if rows.size < points.shape[0]:
+            self.diag.warn('nan_points', f'{points.shape[0] - rows.size} of {points.shape[0]} '
+                           'points have non-finite coordinates (dropped)')
+        if rows.size == 0:
+            return
+        points = points[rows]
+        names = [n for n in config.cameras if n in samples]
+        rig = RigCalibration(tuple(self.calibration[n] for n in names), self.lidar_frame)
+        cam_stamps = np.array([samples[n].stamp_ns for n in names], dtype=np.int64)
+        times = point_times_ns(points, stamp, config.point_time_field)
+        trajectory = self._trajectory(odometry)
+        corr = compute_correspondences(
+            xyz, rig, point_time_ns=times if times is not None else stamp,
+            camera_stamp_ns=cam_stamps, trajectory=trajectory, config=config.correspondence)
+        self.diag.set('last_correspondences', len(corr))
+        self._publish_overlay(config, names, samples, corr)
+        if config.record.enabled and self.writer is not None and not self.quota_reached:
+            if len(corr) < config.record.min_correspondences:
+                self.diag.count('skipped_few_correspondences')
+            elif self.rate_limiter.accept(stamp):
+                self._write(config, stamp, points, xyz, times, names, samples, cam_stamps, rig,
+                            corr, trajectory)
+        self.diag.set('last_processing_ms', round((time.monotonic() - start) * 1e3, 1))
+
+    def _trajectory(self, odometry: list):
+        if not odometry:
+            return None
+        from cmkd_ros.motion import MotionError, PoseTrajectory
+        try:
+            return PoseTrajectory.from_odometry(odometry)
+        except MotionError as exc:
+            self.diag.warn('bad_odometry', f'odometry unusable: {exc}')
+            return None
+
+    def _write(self, config, stamp, points, xyz, times, names, samples, cam_stamps, rig, corr,
+               trajectory) -> None:
+        images, formats, teacher = {}, {}, {}
+        for n in names:
+            images[n], formats[n] = encoded_image(samples[n])
+            if self.teacher is not None:
+                teacher[n] = teacher_outputs(self.teacher, decoded_rgb(samples[n]),
+                                             config.teacher.device)
+        fields = points.dtype.names
+        pair = Pair(
+            lidar_stamp_ns=stamp, xyz=xyz, camera_names=names, camera_stamp_ns=cam_stamps,
+            images=images, image_formats=formats, calibration=rig,
+            intensity=points['intensity'].astype(np.float32) if 'intensity' in fields else None,
+            ring=points['ring'].astype(np.uint16) if 'ring' in fields else None,
+            point_time_ns=times, teacher=teacher,
+            ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
+            ego_poses=None if trajectory is None else trajectory.T_world_lidar,
+            correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
+                             'depth': corr.depth} if config.record.store_correspondences
+            else None)
+        path = self.writer.write(pair)
+        if path is None:
+            self.quota_reached = True
+            self.diag.warn('quota_reached', f'disk quota of {config.record.max_megabytes} MB '
+                           f'reached in {config.record.output_dir}: recording stopped')
+            return
+        self.pairs_written += 1
+        self.diag.set('pairs_written', self.pairs_written)
+        self.diag.set('dataset_megabytes', round(self.writer.bytes_used / 1e6, 2))
+
+    def _publish_overlay(self, config, names, samples, corr) -> None:
+        if not config.overlay.enabled or self.pub_overlay.get_subscription_count() == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_overlay < 1.0 / config.overlay.max_rate_hz:
+            return
+        name = config.overlay.camera or config.cameras[0]
+        if name not in samples:
+            return
+        self._last_overlay = now
+        sel = corr.for_camera(names.index(name))
+        img = draw_overlay(decoded_rgb(samples[name]), sel.uv, sel.depth,
+                           config.overlay.max_width)
+        msg = array_to_image(img, 'rgb8', samples[name].stamp_ns,
+                             self.calibration[name].frame_id, self.msg_types)
+        self.pub_overlay.publish(msg)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self.worker.join(timeout=10.0)
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    top = float(np.nanmax(img)) if img.size else 1.0
+    return (np.clip(np.nan_to_num(img) / max(top, 1e-9), 0, 1) * 255).astype(np.uint8)
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = CollectNode()
+    except (ConfigError, CalibrationError, ValueError, FileNotFoundError, ImportError,
+            OSError) as exc:
+        rclpy.logging.get_logger('collect_node').fatal(str(exc))
+        rclpy.try_shutdown()
+        raise SystemExit(2)
+    spin_until_shutdown(node)
+
+
+if __name__ == '__main__':
+    main()

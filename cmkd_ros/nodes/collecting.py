@@ -1,0 +1,209 @@
+"""ROS-free core of the collect node: configuration, pair assembly, rate limit, overlay.
+
+The node (``collect_node.py``) only turns messages into the arrays handled here, so the pair
+written online is built by the same code a test or a tool can call directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.projection import CorrespondenceConfig
+from cmkd_ros.sync import SyncConfig
+
+IMAGE_TRANSPORTS = ('compressed', 'raw')
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Pair dataset writing."""
+
+    enabled: bool = setting(False, 'write pairs to output_dir (can be switched at runtime)')
+    output_dir: str = setting('', 'pair dataset folder (created; appended to if it exists)')
+    max_megabytes: float = setting(0.0, 'disk quota of the pair files in MB (0: none); '
+                                   'recording stops when reached', ge=0.0)
+    min_interval_s: float = setting(0.0, 'rate limit: at most one pair per this many seconds '
+                                    'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
+    min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)
+    store_correspondences: bool = setting(True, 'store the computed correspondences in each '
+                                          'pair (corr_* keys)')
+    fsync: bool = setting(True, 'fsync each pair (crash safety; off only for benchmarks on '
+                          'slow disks)')
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Optional 2D teacher whose outputs are stored with each pair."""
+
+    checkpoint: str = setting('', 'teacher file (cmkd train teacher); empty: no teacher outputs')
+    device: str = setting('cpu', 'torch device for the teacher: cpu, cuda or cuda:N')
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    """The debug image of projected points."""
+
+    enabled: bool = setting(True, 'publish ~/output/overlay (only while someone subscribes)')
+    camera: str = setting('', 'camera drawn (empty: the first of cameras)')
+    max_rate_hz: float = setting(2.0, 'overlay publish rate limit (Hz)', gt=0.0, le=30.0)
+    max_width: int = setting(960, 'overlay images wider than this are downscaled', ge=64)
+
+
+@dataclass(frozen=True)
+class CollectNodeConfig:
+    """Parameters of the collect node (ROS parameters of the same dotted names)."""
+
+    calibration_file: str = setting('', 'rig calibration YAML (RigCalibration schema): '
+                                    'extrinsics T_cam_lidar, and intrinsics unless '
+                                    'use_camera_info (required)')
+    cameras: tuple[str, ...] = setting(default_factory=tuple, help='camera names to collect, as '
+                                       'named in the calibration file (required)')
+    image_transport: str = setting('compressed', 'compressed: sensor_msgs/CompressedImage '
+                                   '(jpeg/png, stored as received); raw: sensor_msgs/Image',
+                                   choices=IMAGE_TRANSPORTS)
+    image_topic: str = setting('/cameras/{camera}/image_raw/compressed', 'image topic '
+                               'template; {camera} is replaced by each camera name')
+    camera_info_topic: str = setting('/cameras/{camera}/camera_info', 'CameraInfo topic '
+                                     'template ({camera} replaced)')
+    use_camera_info: bool = setting(True, 'take intrinsics and image size from CameraInfo '
+                                    '(extrinsics stay from the calibration file); a camera is '
+                                    'used once its first valid CameraInfo arrived')
+    use_odometry: bool = setting(False, 'subscribe ~/input/odom (nav_msgs/Odometry, '
+                                 'T_world_lidar) for motion compensation')
+    odometry_history_s: float = setting(2.0, 'odometry kept for interpolation (s)', gt=0.0)
+    lidar_sync_offset_ms: float = setting(
+        50.0, 'added to the LiDAR stamp before matching cameras: the time from the header stamp '
+        'to the middle of the sweep, when a spinning LiDAR sees what the cameras see (50 for a '
+        '10 Hz sweep stamped at its start, -50 stamped at its end, 0 for the middle)',
+        ge=-1000.0, le=1000.0)
+    point_time_field: str = setting('time', 'per-point time field: float seconds since the '
+                                    'header stamp; empty: all points at the header stamp')
+    processing_queue: int = setting(4, 'synchronized sets waiting for the worker; more are '
+                                    'dropped (counted)', ge=1, le=100)
+    diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
+    sync: SyncConfig = setting(default_factory=SyncConfig, help='LiDAR-camera synchronization')
+    correspondence: CorrespondenceConfig = setting(default_factory=CorrespondenceConfig,
+                                                   help='point-pixel correspondences')
+    record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
+    teacher: TeacherSettings = setting(default_factory=TeacherSettings, help='teacher outputs')
+    overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
+
+    def validate(self) -> None:
+        if not self.calibration_file:
+            raise ConfigError('calibration_file: a rig calibration YAML is required')
+        if not self.cameras:
+            raise ConfigError('cameras: list at least one camera name')
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f'cameras: names must be unique, got {list(self.cameras)}')
+        if '{camera}' not in self.image_topic and len(self.cameras) > 1:
+            raise ConfigError('image_topic: must contain {camera} when several cameras are used')
+        if self.use_camera_info and '{camera}' not in self.camera_info_topic and \
+                len(self.cameras) > 1:
+            raise ConfigError('camera_info_topic: must contain {camera} for several cameras')
+        if self.record.enabled and not self.record.output_dir:
+            raise ConfigError('record.output_dir: required when record.enabled')
+        if self.overlay.camera and self.overlay.camera not in self.cameras:
+            raise ConfigError(f'overlay.camera: {self.overlay.camera!r} is not one of '
+                              f'{list(self.cameras)}')
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@dataclass
+class RateLimiter:
+    """At most one accepted stamp per ``interval_ns``; a stamp going backwards resets it."""
+
+    interval_ns: int
+    last_ns: int | None = None
+
+    def accept(self, stamp_ns: int) -> bool:
+        if self.last_ns is not None and stamp_ns < self.last_ns:
+            self.last_ns = None
+        if self.last_ns is None or stamp_ns - self.last_ns >= self.interval_ns:
+            self.last_ns = stamp_ns
+            return True
+        return False
+
+
+def point_times_ns(points: np.ndarray, stamp_ns: int, time_field: str) -> np.ndarray | None:
+    """(N,) int64 absolute capture time of each point, or None without a time field.
+
+    ``time_field`` holds seconds relative to the header stamp (float) or nanoseconds (integer).
+    """
+    if not time_field or time_field not in (points.dtype.names or ()):
+        return None
+    rel = points[time_field]
+    if rel.dtype.kind == 'f':
+        rel_ns = np.nan_to_num(rel.astype(np.float64) * 1e9, nan=0.0)
+        return stamp_ns + np.round(rel_ns).astype(np.int64)
+    return stamp_ns + rel.astype(np.int64)
+
+
+@dataclass
+class CameraSample:
+    """One camera's image of a synchronized set, kept encoded when it came compressed."""
+
+    name: str
+    stamp_ns: int
+    encoded: bytes | None = None          # JPEG/PNG as received (CompressedImage)
+    encoded_format: str = ''              # 'jpeg' or 'png'
+    rgb: np.ndarray | None = None         # (H, W, 3) uint8 when it came raw (or was decoded)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encoded_image(sample: CameraSample) -> tuple[bytes, str]:
+    """(bytes, format) to store: compressed input unchanged, raw input as lossless PNG."""
+    if sample.encoded is not None:
+        return sample.encoded, sample.encoded_format
+    from cmkd_ros.pairs import encode_png
+    return encode_png(sample.rgb), 'png'
+
+
+def decoded_rgb(sample: CameraSample) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a sample (decoding and caching compressed input)."""
+    if sample.rgb is None:
+        from cmkd_ros.pairs import decode_png_or_jpeg
+        sample.rgb = decode_png_or_jpeg(sample.encoded, color=True)
+    return sample.rgb
+
+
+def draw_overlay(rgb: np.ndarray, uv: np.ndarray, depth: np.ndarray, max_width: int,
+                 max_depth: float = 50.0) -> np.ndarray:
+    """Points drawn over an image, colored by depth (near red, far blue); (H', W', 3) uint8.
+
+    ``uv`` (M, 2) pixels of the full-size image, ``depth`` (M,) metres.
+    """
+    import cv2
+    img = np.ascontiguousarray(rgb)
+    scale = 1.0
+    if img.shape[1] > max_width:
+        scale = max_width / img.shape[1]
+        img = cv2.resize(img, (max_width, int(round(img.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    else:
+        img = img.copy()
+    if len(uv):
+        # 1. depth -> hue (0 red near .. 120 blue far); 2. pixel centres scaled to the image.
+        hue = (np.clip(depth / max_depth, 0, 1) * 120).astype(np.uint8)
+        hsv = np.stack([hue, np.full_like(hue, 255), np.full_like(hue, 255)], axis=1)
+        colors = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+        px = np.round(uv * scale).astype(np.int64)
+        h, w = img.shape[:2]
+        ok = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            x = np.clip(px[ok, 0] + dx, 0, w - 1)
+            y = np.clip(px[ok, 1] + dy, 0, h - 1)
+            img[y, x] = colors[ok]
+    return img
+
+
+def teacher_outputs(teacher: Any, rgb: np.ndarray, device: str) -> np.ndarray:
+    """(K, h, w) float16 teacher logits at its feature stride for one (H, W, 3) uint8 image."""
+    import torch
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
+        logits = teacher.classifier(teacher.features(x.float() / 255.0))
+    return logits[0].to(torch.float16).cpu().numpy()

@@ -1,0 +1,496 @@
+"""LiDAR point -> camera pixel correspondences for a whole rig at once.
+
+:func:`compute_correspondences` is THE correspondence function: the collect node and the training
+datasets both call it. It chains
+
+1. optional motion compensation (:mod:`cmkd_ros.motion`): each point is moved from the LiDAR frame
+   at its own capture time to the LiDAR frame at the camera's capture time,
+2. :func:`project_points`: extrinsic, pinhole, distortion (OpenCV's ``plumb_bob``,
+   ``rational_polynomial`` and fisheye ``equidistant`` models) for all cameras in one vectorized
+   pass; a point is valid when its depth exceeds ``min_depth``, it lies inside the region where
+   the camera's distortion function is monotonic (so far-off-axis points never fold back into the
+   image) and it lands inside the image,
+3. :func:`occlusion_mask`: a depth test against the projected cloud itself (a coarse per-camera
+   z-buffer of splatted points) removes points hidden behind nearer surfaces.
+
+Pixel convention (OpenCV): x right, y down, pixel centres at integers, so the image covers
+``[-0.5, W - 0.5) x [-0.5, H - 0.5)`` and ``round(uv)`` indexes the pixel.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from cmkd_ros.calibration import CameraCalibration, RigCalibration
+from cmkd_ros.config import ConfigError, setting
+
+
+_GEMM_CHUNK = 4096
+
+
+class ProjectionError(ValueError):
+    """Bad input to the projection functions (shapes, stamps, missing trajectory data)."""
+
+
+@dataclass(frozen=True)
+class CorrespondenceConfig:
+    """How LiDAR points are matched to camera pixels."""
+
+    min_depth: float = setting(0.1, 'minimum depth along the optical axis (m) of a valid point',
+                               gt=0.0)
+    max_ray_angle_deg: float = setting(
+        89.0, 'largest angle (deg) between a ray and the optical axis that may be valid; the '
+        'monotonic region of the distortion model limits it further', gt=0.0, lt=90.0)
+    occlusion: bool = setting(True, 'drop points hidden behind nearer points (z-buffer test)')
+    occlusion_mode: str = setting(
+        'sandwich', 'sandwich: hidden when nearer points cover the own cell or both sides of '
+        'it (left and right, or above and below) within the splat; splat: hidden when any '
+        'nearer point is within the splat', choices=('sandwich', 'splat'))
+    occlusion_cell_deg: float = setting(
+        0.4, 'z-buffer cell size (deg; at least one pixel)', gt=0.0, le=5.0)
+    occlusion_splat_h_deg: float = setting(
+        0.4, 'horizontal reach (deg) of a point over the z-buffer; about the LiDAR horizontal '
+        'resolution or one cell', ge=0.0, le=10.0)
+    occlusion_splat_v_deg: float = setting(
+        1.3, 'vertical reach (deg) of a point over the z-buffer; about the LiDAR beam spacing '
+        '(1.3 for 32 beams over 41 deg)', ge=0.0, le=10.0)
+    occlusion_abs_tolerance: float = setting(
+        0.5, 'a point is hidden when it is this much (m) plus the relative part behind the '
+        'nearer points', ge=0.0)
+    occlusion_rel_tolerance: float = setting(
+        0.1, 'depth-proportional part of the occlusion tolerance (fraction of the depth)',
+        ge=0.0, le=1.0)
+    motion_compensation: bool = setting(
+        True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
+        'stamps are given')
+    time_resolution_ns: int = setting(
+        50_000, 'point times are rounded to this step (ns) when ego poses are interpolated',
+        ge=1)
+
+    def validate(self) -> None:
+        if self.occlusion_abs_tolerance == 0 and self.occlusion_rel_tolerance == 0 and \
+                self.occlusion:
+            raise ConfigError('occlusion tolerances are both 0: every point behind another '
+                              'one within the splat would be hidden')
+
+
+@dataclass
+class Correspondences:
+    """Flat arrays over valid (point, camera) pairs, ordered by camera then point.
+
+    ``point`` (M,) int64 index into the input cloud, ``camera`` (M,) int64 index into the rig,
+    ``uv`` (M, 2) float32 pixels (OpenCV convention), ``depth`` (M,) float32 metres along the
+    camera's optical axis.
+    """
+
+    point: np.ndarray
+    camera: np.ndarray
+    uv: np.ndarray
+    depth: np.ndarray
+    num_points: int
+    camera_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.point.shape[0])
+
+    def for_camera(self, camera: int | str) -> 'Correspondences':
+        """The pairs of one camera (by index or name)."""
+        c = self.camera_names.index(camera) if isinstance(camera, str) else int(camera)
+        sel = self.camera == c
+        return Correspondences(self.point[sel], self.camera[sel], self.uv[sel], self.depth[sel],
+                               self.num_points, self.camera_names)
+
+    def point_mask(self) -> np.ndarray:
+        """(N,) bool: the point has at least one camera."""
+        mask = np.zeros(self.num_points, dtype=bool)
+        mask[self.point] = True
+        return mask
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The pair-file keys ``corr_point``, ``corr_camera``, ``corr_uv``, ``corr_depth``."""
+        return {'corr_point': self.point, 'corr_camera': self.camera, 'corr_uv': self.uv,
+                'corr_depth': self.depth}
+
+
+# ----------------------------------------------------------------------------- distortion
+
+
+def _radial_plumb(r2: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Radial factor of plumb_bob / rational_polynomial; ``k`` = (k1, k2, k3, k4, k5, k6)."""
+    num = 1 + r2 * (k[0] + r2 * (k[1] + r2 * k[2]))
+    den = 1 + r2 * (k[3] + r2 * (k[4] + r2 * k[5]))
+    return num / den
+
+
+def monotonic_limit(cam: CameraCalibration, max_ray_angle_deg: float = 89.0) -> float:
+    """Largest undistorted radius ``r = |(x/z, y/z)|`` where the model is still valid.
+
+    The distorted radius must grow with ``r`` (beyond the first turning point the polynomial
+    folds back and far-off-axis points would land inside the image); the rational denominator
+    must stay positive; and the ray angle must stay below ``max_ray_angle_deg``.
+    """
+    r_cap = math.tan(math.radians(max_ray_angle_deg))
+    model = cam.distortion_model
+    if model == 'none' or not np.any(cam.D):
+        return r_cap
+    if model == 'equidistant':
+        k = np.asarray(cam.D, dtype=np.float64)
+        theta = np.linspace(0.0, math.atan(r_cap), 200_001)
+        t2 = theta * theta
+        theta_d = theta * (1 + t2 * (k[0] + t2 * (k[1] + t2 * (k[2] + t2 * k[3]))))
+        bad = np.flatnonzero(np.diff(theta_d) <= 0)
+        return r_cap if bad.size == 0 else math.tan(theta[bad[0]])
+    D = np.zeros(8)
+    D[:cam.D.size] = cam.D
+    k = np.array([D[0], D[1], D[4], D[5], D[6], D[7]])
+    # r sampled densely up to the cap (log-spaced tail keeps huge caps affordable)
+    r = np.unique(np.concatenate([np.linspace(0.0, min(r_cap, 4.0), 200_001),
+                                  np.geomspace(4.0, max(r_cap, 4.0), 20_001)]))
+    r = r[r <= r_cap]
+    r2 = r * r
+    den = 1 + r2 * (k[3] + r2 * (k[4] + r2 * k[5]))
+    rd = r * _radial_plumb(r2, k)
+    bad = np.flatnonzero((np.diff(rd) <= 0) | (den[1:] <= 0))
+    return r_cap if bad.size == 0 else float(r[bad[0]])
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRig:
+    """Stacked float32 camera arrays of a rig for vectorized projection (C cameras)."""
+
+    names: tuple[str, ...]
+    R: np.ndarray            # (C, 3, 3) float64 rotation of T_cam_lidar
+    t: np.ndarray            # (C, 3) float64 translation of T_cam_lidar
+    K: np.ndarray            # (C, 5) float32 fx, fy, cx, cy, skew
+    size: np.ndarray         # (C, 2) float32 width, height
+    r2_max: np.ndarray       # (C,) float32 squared monotonic-limit radius
+    groups: tuple            # ((model, camera indices (Cg,), coefficients (Cg, 8) f32), ...)
+    time_offset_ns: np.ndarray   # (C,) int64
+
+
+_PREPARED: 'collections.OrderedDict[tuple, PreparedRig]' = collections.OrderedDict()
+_PREPARED_MAX = 64
+_PREPARED_LOCK = threading.Lock()
+
+
+def _rig_key(rig: RigCalibration, max_ray_angle_deg: float) -> tuple:
+    return (float(max_ray_angle_deg),) + tuple(
+        (c.name, int(c.width), int(c.height), c.distortion_model, c.K.tobytes(), c.D.tobytes(),
+         c.T_cam_lidar.tobytes(), int(c.time_offset_ns)) for c in rig.cameras)
+
+
+def prepare_rig(rig: RigCalibration, max_ray_angle_deg: float = 89.0) -> PreparedRig:
+    """Stack a rig's cameras into arrays.
+
+    Cached by calibration content (a node rebuilding an equal rig per message pays nothing).
+    """
+    if not isinstance(rig, RigCalibration):
+        raise ProjectionError(f'expected a RigCalibration, got {type(rig).__name__}')
+    key = _rig_key(rig, max_ray_angle_deg)
+    with _PREPARED_LOCK:
+        if key in _PREPARED:
+            _PREPARED.move_to_end(key)
+            return _PREPARED[key]
+    cams = rig.cameras
+    T = np.stack([c.T_cam_lidar for c in cams])
+    K = np.array([[c.K[0, 0], c.K[1, 1], c.K[0, 2], c.K[1, 2], c.K[0, 1]] for c in cams],
+                 dtype=np.float32)
+    size = np.array([[c.width, c.height] for c in cams], dtype=np.float32)
+    r_max = np.array([monotonic_limit(c, max_ray_angle_deg) for c in cams])
+    by_model: dict[str, list[int]] = {}
+    for i, c in enumerate(cams):
+        model = 'none' if not np.any(c.D) else c.distortion_model
+        model = 'plumb_bob' if model == 'rational_polynomial' else model
+        by_model.setdefault(model, []).append(i)
+    groups = []
+    for model, idx in by_model.items():
+        coeffs = np.zeros((len(idx), 8), dtype=np.float32)
+        for row, i in enumerate(idx):
+            coeffs[row, :cams[i].D.size] = cams[i].D
+        groups.append((model, np.array(idx, dtype=np.int64), coeffs))
+    prepared = PreparedRig(tuple(rig.names), T[:, :3, :3].copy(), T[:, :3, 3].copy(), K, size,
+                           (r_max * r_max).astype(np.float32), tuple(groups),
+                           np.array([c.time_offset_ns for c in cams], dtype=np.int64))
+    with _PREPARED_LOCK:
+        _PREPARED[key] = prepared
+        while len(_PREPARED) > _PREPARED_MAX:
+            _PREPARED.popitem(last=False)
+    return prepared
+
+
+def _distort(x: np.ndarray, y: np.ndarray, model: str, coeffs: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Distorted normalized coordinates; ``x``, ``y`` (Cg, N), ``coeffs`` (Cg, 8) float32."""
+    if model == 'none':
+        return x, y
+    k = [coeffs[:, i:i + 1] for i in range(8)]
+    r2 = x * x + y * y
+    if model == 'equidistant':
+        # theta_d = theta (1 + k1 theta^2 + k2 theta^4 + k3 theta^6 + k4 theta^8), scale = td / r
+        r = np.sqrt(r2)
+        theta = np.arctan(r)
+        t2 = theta * theta
+        theta_d = theta * (1 + t2 * (k[0] + t2 * (k[1] + t2 * (k[2] + t2 * k[3]))))
+        scale = np.where(r > 1e-8, theta_d / np.maximum(r, 1e-8), np.float32(1.0))
+        return x * scale, y * scale
+    # plumb_bob / rational_polynomial: D = k1 k2 p1 p2 k3 [k4 k5 k6]
+    k1, k2, p1, p2, k3, k4, k5, k6 = k
+    radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
+    xy2 = 2 * x * y
+    xd = x * radial + p1 * xy2 + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + p2 * xy2
+    return xd, yd
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def _as_points(xyz: np.ndarray, num_cameras: int) -> np.ndarray:
+    xyz = np.asarray(xyz)
+    if not ((xyz.ndim == 2 and xyz.shape[1] == 3) or
+            (xyz.ndim == 3 and xyz.shape[0] == num_cameras and xyz.shape[2] == 3)):
+        raise ProjectionError(f'points must be (N, 3) or (C={num_cameras}, N, 3), got '
+                              f'{xyz.shape}')
+    return xyz.astype(np.float32, copy=False)
+
+
+def project_points(xyz: np.ndarray, rig: RigCalibration | PreparedRig, *,
+                   min_depth: float = 0.1, max_ray_angle_deg: float = 89.0,
+                   T_extra: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Project points into every camera of the rig at once.
+
+    ``xyz``: (N, 3) LiDAR frame, or (C, N, 3) one cloud per camera. ``T_extra`` (C, 4, 4) maps
+    the given points into the frame ``T_cam_lidar`` expects (motion compensation), optional.
+    Returns ``uv`` (C, N, 2) float32 pixels (NaN where the depth or the distortion region
+    rules the point out; outside-image pixels are kept), ``depth`` (C, N) float32 metres along
+    the optical axis and ``valid`` (C, N) bool: depth > ``min_depth``, inside the monotonic
+    distortion region and inside the image. No occlusion test here.
+    """
+    prep = rig if isinstance(rig, PreparedRig) else prepare_rig(rig, max_ray_angle_deg)
+    u, v, depth, valid = _project(xyz, prep, min_depth, T_extra)
+    uv = np.empty(u.shape + (2,), dtype=np.float32)
+    uv[..., 0] = u
+    uv[..., 1] = v
+    return uv, depth, valid
+
+
+def _project(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
+             T_extra: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """:func:`project_points` with ``u``, ``v`` as separate (C, N) float32 arrays."""
+    C = len(prep.names)
+    pts = _as_points(xyz, C)
+    # 1. LiDAR frame -> camera optical frames (optionally through the compensation transforms),
+    #    as one (3C, 3) @ (3, N) product: rows are X of every camera, then Y, then Z.
+    R, t = prep.R, prep.t
+    if T_extra is not None:
+        T_extra = np.asarray(T_extra, dtype=np.float64)
+        if T_extra.shape != (C, 4, 4):
+            raise ProjectionError(f'T_extra must be (C={C}, 4, 4), got {T_extra.shape}')
+        t = np.einsum('cij,cj->ci', R, T_extra[:, :3, 3]) + t
+        R = R @ T_extra[:, :3, :3]
+    N = pts.shape[-2]
+    if pts.ndim == 2:
+        M = np.ascontiguousarray(R.transpose(1, 0, 2).reshape(3 * C, 3), dtype=np.float32)
+        p_cam = np.empty((3 * C, N), dtype=np.float32)
+        # chunks small enough that OpenBLAS stays single-threaded: its worker threads stall
+        # for whole scheduler slices on a busy CPU (measured 30 ms instead of 0.15 ms)
+        for start in range(0, N, _GEMM_CHUNK):
+            np.matmul(M, pts[start:start + _GEMM_CHUNK].T,
+                      out=p_cam[:, start:start + _GEMM_CHUNK])
+    else:
+        p_cam = np.matmul(R.astype(np.float32), pts.transpose(0, 2, 1)).transpose(1, 0, 2)
+        p_cam = np.ascontiguousarray(p_cam).reshape(3 * C, N)
+    p_cam += t.T.reshape(3 * C, 1).astype(np.float32)
+    X, Y, depth = p_cam[:C], p_cam[C:2 * C], p_cam[2 * C:]
+    with np.errstate(invalid='ignore', divide='ignore'):
+        # 2. pinhole normalization; depth <= min_depth (or NaN) gives NaN everywhere after.
+        inv_z = np.float32(1.0) / np.where(depth > np.float32(min_depth), depth,
+                                           np.float32(np.nan))
+        x = X * inv_z
+        y = Y * inv_z
+        # 3. outside the monotonic region of the distortion function: NaN as well.
+        beyond = x * x + y * y >= prep.r2_max[:, None]
+        if beyond.any():
+            x[beyond] = np.nan
+            y[beyond] = np.nan
+        # 4. distortion, one vectorized pass per model group.
+        if len(prep.groups) == 1:
+            model, _, coeffs = prep.groups[0]
+            xd, yd = _distort(x, y, model, coeffs)
+        else:
+            xd, yd = np.empty_like(x), np.empty_like(y)
+            for model, idx, coeffs in prep.groups:
+                xd[idx], yd[idx] = _distort(x[idx], y[idx], model, coeffs)
+        # 5. intrinsics: u = fx xd + s yd + cx, v = fy yd + cy.
+        K = prep.K
+        u = K[:, 0:1] * xd
+        if np.any(K[:, 4]):
+            u += K[:, 4:5] * yd
+        u += K[:, 2:3]
+        v = K[:, 1:2] * yd
+        v += K[:, 3:4]
+        # 6. inside the image (pixel centres at integers); NaN compares False.
+        valid = (u >= -0.5) & (u < prep.size[:, 0:1] - 0.5)
+        valid &= v >= -0.5
+        valid &= v < prep.size[:, 1:2] - 0.5
+    return u, v, depth, valid
+
+
+# ----------------------------------------------------------------------------- occlusion
+
+
+def _window_min(image: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """``out[i] = min(image[i + lo .. i + hi])`` along ``axis`` (inf beyond the border).
+
+    A few shifted ``np.minimum`` passes: the windows are a handful of cells, and numpy stays
+    single-threaded (OpenCV's threaded filters stall for whole scheduler slices on a busy CPU).
+    """
+    n = image.shape[axis]
+    out = np.full(image.shape, np.inf, dtype=image.dtype)
+    for k in range(lo, hi + 1):
+        if abs(k) >= n:
+            continue
+        src = [slice(None)] * image.ndim
+        dst = [slice(None)] * image.ndim
+        src[axis] = slice(max(k, 0), n + min(k, 0))
+        dst[axis] = slice(max(-k, 0), n - max(k, 0))
+        np.minimum(out[tuple(dst)], image[tuple(src)], out=out[tuple(dst)])
+    return out
+
+
+def occlusion_mask(uv: np.ndarray, depth: np.ndarray, valid: np.ndarray,
+                   rig: RigCalibration | PreparedRig,
+                   config: CorrespondenceConfig = CorrespondenceConfig()) -> np.ndarray:
+    """(C, N) bool: the valid points not hidden by nearer points of the same cloud.
+
+    1. every valid point writes its depth into its camera's z-buffer of square cells
+       (``occlusion_cell_deg``; minimum depth per cell);
+    2. minimum filters over the reach of a point (``occlusion_splat_*_deg``, converted to cells
+       with each camera's focal lengths) fill the gaps between scan lines;
+    3. a point is hidden when its depth exceeds a nearer depth by more than
+       ``abs_tolerance + rel_tolerance * depth``: in ``splat`` mode any nearer point within
+       reach hides it; in ``sandwich`` mode a nearer point in its own cell does, or nearer
+       points on both sides (left and right in its row, or above and below). The edge of a
+       nearer surface (the next scan line of the road) lies on one side only and hides nothing.
+    """
+    prep = rig if isinstance(rig, PreparedRig) else prepare_rig(rig, config.max_ray_angle_deg)
+    flat_idx = np.flatnonzero(valid)                  # camera-major order
+    pix = uv.reshape(-1, 2)[flat_idx]
+    hidden = _hidden(flat_idx // valid.shape[1], pix[:, 0], pix[:, 1],
+                     depth.reshape(-1)[flat_idx], prep, config)
+    visible = np.zeros(valid.shape, dtype=bool)
+    visible.reshape(-1)[flat_idx[~hidden]] = True
+    return visible
+
+
+def _hidden(cam_idx: np.ndarray, u: np.ndarray, v: np.ndarray, d: np.ndarray,
+            prep: PreparedRig, config: CorrespondenceConfig) -> np.ndarray:
+    """(M,) bool occlusion test of valid pairs sorted by camera (see :func:`occlusion_mask`)."""
+    C = len(prep.names)
+    hidden = np.zeros(d.shape, dtype=bool)
+    if d.size == 0:
+        return hidden
+    cell = np.maximum(1.0, prep.K[:, 0] * math.tan(math.radians(config.occlusion_cell_deg)))
+    grid_w = (np.ceil(prep.size[:, 0] / cell) + 1).astype(np.int64)
+    grid_h = (np.ceil(prep.size[:, 1] / cell) + 1).astype(np.int64)
+    offset = np.concatenate([[0], np.cumsum(grid_w * grid_h)])
+    rx = np.rint(prep.K[:, 0] * math.tan(math.radians(config.occlusion_splat_h_deg)) / cell)
+    ry = np.rint(prep.K[:, 1] * math.tan(math.radians(config.occlusion_splat_v_deg)) / cell)
+    # 1. z-buffers of all cameras in one flat array: minimum depth per (camera, cell).
+    inv_cell = (1.0 / cell).astype(np.float32)[cam_idx]
+    cu = ((u + 0.5) * inv_cell).astype(np.int64)
+    cv_ = ((v + 0.5) * inv_cell).astype(np.int64)
+    local = cv_ * grid_w[cam_idx] + cu
+    zbuf = np.full(int(offset[-1]), np.inf, dtype=np.float32)
+    np.minimum.at(zbuf, offset[cam_idx] + local, d)
+    tol = np.float32(config.occlusion_abs_tolerance) + \
+        np.float32(config.occlusion_rel_tolerance) * d
+    bounds = np.searchsorted(cam_idx, np.arange(C + 1))
+    for c in range(C):
+        lo, hi = bounds[c], bounds[c + 1]
+        if lo == hi:
+            continue
+        image = zbuf[offset[c]:offset[c + 1]].reshape(int(grid_h[c]), int(grid_w[c]))
+        at, dc, tc = local[lo:hi], d[lo:hi], tol[lo:hi]
+        x, y = int(rx[c]), int(ry[c])
+
+        def nearer(buffer: np.ndarray) -> np.ndarray:
+            return dc - buffer.reshape(-1)[at] > tc
+
+        # 2.-3. minimum filters (rows: axis 0, columns: axis 1) and depth tests
+        row_min = _window_min(image, 1, -x, x) if x > 0 else image
+        if config.occlusion_mode == 'splat':
+            hidden[lo:hi] = nearer(_window_min(row_min, 0, -y, y) if y > 0 else row_min)
+            continue
+        out = nearer(image)
+        if x > 0:
+            out |= nearer(_window_min(image, 1, -x, -1)) & nearer(_window_min(image, 1, 1, x))
+        if y > 0:
+            out |= (nearer(_window_min(row_min, 0, -y, -1)) &
+                    nearer(_window_min(row_min, 0, 1, y)))
+        hidden[lo:hi] = out
+    return hidden
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def camera_capture_ns(rig: RigCalibration, camera_stamp_ns: np.ndarray) -> np.ndarray:
+    """(C,) int64 true capture times: header stamps plus each camera's ``time_offset_ns``."""
+    stamps = np.asarray(camera_stamp_ns, dtype=np.int64).reshape(-1)
+    if stamps.shape[0] != len(rig):
+        raise ProjectionError(f'camera_stamp_ns has {stamps.shape[0]} stamps for '
+                              f'{len(rig)} cameras')
+    return stamps + np.array([c.time_offset_ns for c in rig.cameras], dtype=np.int64)
+
+
+def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
+                            point_time_ns: np.ndarray | int | None = None,
+                            camera_stamp_ns: np.ndarray | None = None,
+                            trajectory=None,
+                            config: CorrespondenceConfig = CorrespondenceConfig()
+                            ) -> Correspondences:
+    """Valid, visible (point, camera) pairs of a LiDAR sweep and a camera rig.
+
+    ``xyz`` (N, 3) LiDAR frame (non-finite rows are never valid). With ``trajectory`` (a
+    :class:`cmkd_ros.motion.PoseTrajectory` of ``T_world_lidar``), ``point_time_ns`` ((N,) int64
+    absolute capture times, or one int for the whole sweep) and ``camera_stamp_ns`` ((C,) header
+    stamps; each camera's ``time_offset_ns`` is added) and ``config.motion_compensation``, every
+    point is first moved to the LiDAR frame at its camera's capture time.
+    """
+    prep = prepare_rig(rig, config.max_ray_angle_deg)
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ProjectionError(f'xyz must be (N, 3), got {xyz.shape}')
+    pts = xyz.astype(np.float32, copy=False)
+    T_extra = None
+    if trajectory is not None and config.motion_compensation:
+        if point_time_ns is None or camera_stamp_ns is None:
+            raise ProjectionError('motion compensation needs point_time_ns and camera_stamp_ns '
+                                  'together with the trajectory')
+        from cmkd_ros.motion import compensation_transforms
+        capture = camera_capture_ns(rig, camera_stamp_ns)
+        pts, T_extra = compensation_transforms(pts, point_time_ns, capture, trajectory,
+                                               time_resolution_ns=config.time_resolution_ns)
+    u, v, depth, valid = _project(pts, prep, config.min_depth, T_extra)
+    # compact over the valid pairs (camera-major), then the occlusion test
+    N = xyz.shape[0]
+    flat_idx = np.flatnonzero(valid)
+    cam_idx = flat_idx // N
+    u_sel, v_sel = u.reshape(-1)[flat_idx], v.reshape(-1)[flat_idx]
+    d_sel = depth.reshape(-1)[flat_idx]
+    if config.occlusion:
+        keep = ~_hidden(cam_idx, u_sel, v_sel, d_sel, prep, config)
+        flat_idx, cam_idx, u_sel, v_sel, d_sel = (flat_idx[keep], cam_idx[keep], u_sel[keep],
+                                                  v_sel[keep], d_sel[keep])
+    uv = np.empty((flat_idx.size, 2), dtype=np.float32)
+    uv[:, 0] = u_sel
+    uv[:, 1] = v_sel
+    return Correspondences(point=(flat_idx % N).astype(np.int64), camera=cam_idx.astype(np.int64),
+                           uv=uv, depth=d_sel,
+                           num_points=int(N), camera_names=prep.names)

@@ -1,0 +1,141 @@
+"""Sparse layers: one set of parameters for both backends.
+
+Each layer holds its parameters in the backend-independent layout (convolution weight
+``(k^3, Cin, Cout)``, kernel offsets z fastest, as a dense ``conv3d`` weight flattened) and calls
+the operations of the tensor it receives: a :class:`~cmkd_ros.sparse.tensor.SparseTensor`
+(pure PyTorch) or a :class:`~cmkd_ros.sparse.minkowski.MinkowskiTensor` (MinkowskiEngine).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .coords import SparseError
+from .tensor import POOL_KINDS
+
+
+class SparseConv3d(nn.Module):
+    """Sparse 3D convolution; ``stride > 1`` downsamples, ``transposed`` upsamples.
+
+    Weight ``(k^3, in_channels, out_channels)``; bias ``(out_channels,)`` or None.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, dilation: int = 1, bias: bool = False,
+                 transposed: bool = False):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise SparseError(f'channels must be >= 1, got {in_channels} -> {out_channels}')
+        if kernel_size < 1 or stride < 1 or dilation < 1:
+            raise SparseError(f'kernel_size, stride, dilation must be >= 1, got '
+                              f'{kernel_size}, {stride}, {dilation}')
+        if transposed and stride < 2:
+            raise SparseError('a transposed convolution needs stride >= 2')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.transposed = transposed
+        volume = kernel_size ** 3
+        self.weight = nn.Parameter(torch.empty(volume, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan = (self.out_channels if self.transposed else self.in_channels) * self.weight.shape[0]
+        bound = 1.0 / math.sqrt(fan)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def forward(self, x):
+        out = x.conv(self.weight, self.kernel_size, self.stride, self.dilation, self.transposed)
+        if self.bias is not None:
+            out = out.replace(out.features + self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+                f'stride={self.stride}, dilation={self.dilation}, transposed={self.transposed}, '
+                f'bias={self.bias is not None}')
+
+
+class SparseBatchNorm(nn.BatchNorm1d):
+    """Batch normalization of the features ``(N, C)``."""
+
+    def forward(self, x):
+        return x.replace(super().forward(x.features))
+
+
+class SparseActivation(nn.Module):
+    """Any elementwise activation (default ReLU) applied to the features."""
+
+    def __init__(self, activation: nn.Module | None = None):
+        super().__init__()
+        self.activation = nn.ReLU() if activation is None else activation
+
+    def forward(self, x):
+        return x.replace(self.activation(x.features))
+
+
+class SparseReLU(SparseActivation):
+    def __init__(self):
+        super().__init__(nn.ReLU())
+
+
+class SparsePool(nn.Module):
+    """Max or average pooling (the average over present voxels) with a stride >= 2."""
+
+    def __init__(self, kind: str = 'max', kernel_size: int = 2, stride: int = 2):
+        super().__init__()
+        if kind not in POOL_KINDS:
+            raise SparseError(f'pool kind must be one of {POOL_KINDS}, got {kind!r}')
+        if stride < 2:
+            raise SparseError(f'pooling stride must be >= 2, got {stride}')
+        self.kind, self.kernel_size, self.stride = kind, kernel_size, stride
+
+    def forward(self, x):
+        return x.pool(self.kind, self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f'{self.kind}, kernel_size={self.kernel_size}, stride={self.stride}'
+
+
+class SparseUpsample(nn.Module):
+    """Nearest upsampling: each voxel's features copied to its children at ``stride / factor``."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        if factor < 2:
+            raise SparseError(f'upsampling factor must be >= 2, got {factor}')
+        self.factor = factor
+
+    def forward(self, x):
+        return x.upsample_nearest(self.factor)
+
+
+def sparse_cat(*tensors):
+    """Channel concatenation of sparse tensors on the same coordinates (skip connections)."""
+    if not tensors:
+        raise SparseError('sparse_cat needs at least one tensor')
+    out = tensors[0]
+    for other in tensors[1:]:
+        out = out.cat(other)
+    return out
+
+
+class ConvBNReLU(nn.Sequential):
+    """Sparse convolution, batch norm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, transposed: bool = False, relu: bool = True):
+        layers = [SparseConv3d(in_channels, out_channels, kernel_size, stride,
+                               transposed=transposed),
+                  SparseBatchNorm(out_channels)]
+        if relu:
+            layers.append(SparseReLU())
+        super().__init__(*layers)

@@ -1,0 +1,56 @@
+"""Segment node: label a LiDAR cloud with a student checkpoint.
+
+    ros2 launch cmkd_ros segment.launch.py checkpoint:=/path/student.pt \
+        input_pointcloud:=/lidar/points output_pointcloud:=/lidar/points_labeled
+"""
+import os
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
+
+
+def _fastdds_profile(context):
+    """Point Fast DDS (2.x reads FASTRTPS_..., 3.x FASTDDS_...) at the chosen profile."""
+    profile = LaunchConfiguration('fastdds_profile').perform(context)
+    if not profile:
+        return []
+    old = os.environ.get('ROS_DISTRO', '') in ('humble', 'iron')
+    var = 'FASTRTPS_DEFAULT_PROFILES_FILE' if old else 'FASTDDS_DEFAULT_PROFILES_FILE'
+    return [SetEnvironmentVariable(var, profile)]
+
+
+def generate_launch_description():
+    share = FindPackageShare('cmkd_ros')
+    arguments = [
+        DeclareLaunchArgument('checkpoint', description='student checkpoint (.pt) to run'),
+        DeclareLaunchArgument(
+            'params_file', description='segment node parameters (ros__parameters YAML)',
+            default_value=PathJoinSubstitution([share, 'config', 'segment_node.param.yaml'])),
+        DeclareLaunchArgument('device', default_value='cpu',
+                              description='torch device: cpu, cuda or cuda:N'),
+        DeclareLaunchArgument('use_sim_time', default_value='false',
+                              description='use /clock (true when replaying a bag)'),
+        DeclareLaunchArgument('input_pointcloud', default_value='/lidar/points',
+                              description='LiDAR PointCloud2 topic to segment'),
+        DeclareLaunchArgument('output_pointcloud', default_value='/lidar/points_labeled',
+                              description='labeled PointCloud2 topic'),
+        DeclareLaunchArgument(
+            'fastdds_profile', description='Fast DDS profile enlarging shared memory for large '
+            "clouds ('' keeps the environment's)",
+            default_value=PathJoinSubstitution([share, 'config', 'fastdds_shm.xml'])),
+    ]
+    node = Node(
+        package='cmkd_ros', executable='segment_node', name='segment_node', output='screen',
+        parameters=[LaunchConfiguration('params_file'), {
+            'checkpoint': ParameterValue(LaunchConfiguration('checkpoint'), value_type=str),
+            'device': ParameterValue(LaunchConfiguration('device'), value_type=str),
+            'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
+                                           value_type=bool),
+        }],
+        remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
+                    ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])
+    return LaunchDescription(arguments + [OpaqueFunction(function=_fastdds_profile), node])

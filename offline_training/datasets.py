@@ -1,0 +1,419 @@
+"""PyTorch datasets of LiDAR sweeps with camera images and point-pixel correspondences.
+
+Sources: the project's pair format (:class:`PairDataset`: synthetic export and the collect node's
+output, readable while being written), nuScenes lidarseg with its six cameras
+(:class:`NuScenesDataset`) and SemanticKITTI with the KITTI color camera
+(:class:`SemanticKITTIDataset`). All share :class:`ScanDataset`, which splits the work as
+
+1. ``get_frame(i)``: file IO only (a reader's :class:`~offline_training.readers.base.Frame`),
+2. ``get_data(i)``: correspondences from :func:`cmkd_ros.projection.compute_correspondences`
+   (occlusion test and motion compensation on by default, as configured), optional image
+   resizing (pixel coordinates scaled with the images), fixed keys as numpy arrays,
+3. ``transform(data, rng)``: 3D augmentation of ``xyz`` only (after the correspondences, so they
+   stay valid), then the student's point features from the augmented points.
+
+A sample (``dataset[i]``) has fixed keys, all torch tensors except ``name``:
+
+=============== ====================== ====================================================
+key             shape, dtype           meaning
+=============== ====================== ====================================================
+xyz             (N, 3) float32         points, LiDAR frame (augmented when enabled)
+feats           (N, F) float32         ``cmkd_ros.models.voxelize.point_features``
+labels          (N,) int64             class ids, 255 = ignore (all 255 when unlabeled)
+images          (C, 3, H, W) uint8     RGB camera images (resized by ``image_scale``)
+label_images    (C, H, W) int64        per-pixel labels; only when every camera has one
+corr_point      (M,) int64             point index of each correspondence
+corr_camera     (M,) int64             camera index of each correspondence
+corr_uv         (M, 2) float32         pixel (x right, y down) in the returned image
+visible_any     (N,) bool              the point has at least one correspondence
+intensity       (N,) float32           raw intensity (zeros when the source has none)
+name            str                    where the sample came from
+=============== ====================== ====================================================
+
+:class:`SparseCollate` batches samples for the student (voxelization, offsets into the
+concatenated points and images).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cmkd_ros.calibration import RigCalibration
+from cmkd_ros.config import build, to_dict
+from cmkd_ros.pairs import PairReader
+from cmkd_ros.projection import CorrespondenceConfig, compute_correspondences
+from offline_training.readers.base import Frame
+
+IGNORE = 255
+
+
+class DatasetError(ValueError):
+    """A sample cannot be built (inconsistent arrays, unknown cameras, bad settings)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D augmentation
+
+
+class PointAugment:
+    """Apply ``xyz`` transforms (``transform(xyz, rng) -> xyz``) to a sample's ``'xyz'``.
+
+    The transforms of :mod:`cmkd_ros.models.augment` fit. Correspondences, labels and images are
+    untouched, so they remain valid: augmentation runs after correspondences are computed.
+    """
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, data: dict, rng: np.random.Generator) -> dict:
+        xyz = data['xyz']
+        for transform in self.transforms:
+            xyz = transform(xyz, rng)
+        if xyz.shape != data['xyz'].shape:
+            raise DatasetError(f'a point transform changed xyz from {data["xyz"].shape} to '
+                               f'{xyz.shape}; point transforms must keep every point')
+        return {**data, 'xyz': np.ascontiguousarray(xyz, dtype=np.float32)}
+
+
+def default_point_augment() -> PointAugment:
+    """Rotation about z (any angle), random x/y flips and scaling by 0.95..1.05."""
+    from cmkd_ros.models.augment import RandomFlip, RandomRotationZ, RandomScale
+    return PointAugment([RandomRotationZ(math.pi), RandomFlip(), RandomScale(0.95, 1.05)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Base dataset
+
+
+def _resize_image(image: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
+    import cv2
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp)
+
+
+class ScanDataset(torch.utils.data.Dataset):
+    """Common sample building; subclasses implement ``__len__`` and ``get_frame(i)``.
+
+    ``correspondence``: :class:`~cmkd_ros.projection.CorrespondenceConfig` (or mapping);
+    ``occlusion`` / ``motion_compensation`` override its flags when not None. ``augment``: True
+    for :func:`default_point_augment`, a callable ``(data, rng) -> data``, or False.
+    ``image_scale`` resizes images (and scales ``corr_uv``); ``feature_kind`` selects
+    ``point_features``; ``seed`` makes augmentation reproducible (else torch's seed is used).
+    """
+
+    def __init__(self, *, correspondence: CorrespondenceConfig | dict | None = None,
+                 occlusion: bool | None = None, motion_compensation: bool | None = None,
+                 augment: bool | Callable = False, image_scale: float = 1.0,
+                 feature_kind: str = 'height', seed: int | None = None):
+        cfg = correspondence
+        if cfg is None:
+            cfg = CorrespondenceConfig()
+        elif not isinstance(cfg, CorrespondenceConfig):
+            cfg = build(CorrespondenceConfig, cfg)
+        overrides = {k: v for k, v in (('occlusion', occlusion),
+                                       ('motion_compensation', motion_compensation))
+                     if v is not None}
+        if overrides:
+            cfg = build(CorrespondenceConfig, {**to_dict(cfg), **overrides})
+        self.correspondence = cfg
+        if augment is True:
+            augment = default_point_augment()
+        self.augment = augment or None
+        if not (0 < image_scale <= 4):
+            raise DatasetError(f'image_scale must be in (0, 4], got {image_scale}')
+        self.image_scale = float(image_scale)
+        from cmkd_ros.models.voxelize import feature_channels
+        feature_channels(feature_kind)          # validates the name
+        self.feature_kind = feature_kind
+        self.seed = seed
+
+    # -- to implement
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get_frame(self, i: int) -> Frame:
+        raise NotImplementedError
+
+    # -- shared
+    def trajectory(self, frame: Frame):
+        if frame.ego_poses is None or len(frame.ego_poses) == 0:
+            return None
+        from cmkd_ros.motion import PoseTrajectory
+        return PoseTrajectory(np.asarray(frame.ego_stamps_ns, dtype=np.int64), frame.ego_poses)
+
+    def get_data(self, i: int) -> dict:
+        """The un-augmented sample of index ``i`` as numpy arrays (see the module table)."""
+        frame = self.get_frame(i)
+        xyz = np.asarray(frame.xyz, dtype=np.float32)
+        n = len(xyz)
+        labels = (np.full(n, IGNORE, dtype=np.int64) if frame.labels is None
+                  else np.asarray(frame.labels, dtype=np.int64))
+        intensity = (np.zeros(n, dtype=np.float32) if frame.intensity is None
+                     else np.asarray(frame.intensity, dtype=np.float32))
+        point_time = frame.point_time_ns
+        # 1. Points with non-finite coordinates cannot be projected or voxelized: drop them.
+        finite = np.isfinite(xyz).all(axis=1)
+        if not finite.all():
+            xyz, labels, intensity = xyz[finite], labels[finite], intensity[finite]
+            if point_time is not None:
+                point_time = np.asarray(point_time)[finite]
+        # 2. Correspondences (motion compensation when the frame has ego poses).
+        trajectory = self.trajectory(frame) if self.correspondence.motion_compensation else None
+        if point_time is None:
+            point_time = int(frame.lidar_stamp_ns)
+        corr = compute_correspondences(
+            xyz, frame.rig, point_time_ns=point_time,
+            camera_stamp_ns=np.asarray(frame.camera_stamp_ns, dtype=np.int64),
+            trajectory=trajectory, config=self.correspondence)
+        uv = corr.uv.astype(np.float32)
+        images = list(frame.images)
+        label_images = frame.label_images
+        # 3. Resize images; pixel centres at integers: u' = (u + 0.5) * s - 0.5.
+        if self.image_scale != 1.0:
+            sx = [_resize_image(im, self.image_scale, False) for im in images]
+            scale_x = np.array([r.shape[1] / im.shape[1] for r, im in zip(sx, images)])
+            scale_y = np.array([r.shape[0] / im.shape[0] for r, im in zip(sx, images)])
+            images = sx
+            if label_images is not None:
+                label_images = [_resize_image(lab, self.image_scale, True)
+                                for lab in label_images]
+            cam = corr.camera
+            uv = np.stack([(uv[:, 0] + 0.5) * scale_x[cam] - 0.5,
+                           (uv[:, 1] + 0.5) * scale_y[cam] - 0.5], axis=1).astype(np.float32)
+        visible = np.zeros(len(xyz), dtype=bool)
+        visible[corr.point] = True
+        data = {
+            'name': frame.name, 'xyz': xyz, 'intensity': intensity, 'labels': labels,
+            'images': images, 'corr_point': corr.point.astype(np.int64),
+            'corr_camera': corr.camera.astype(np.int64), 'corr_uv': uv,
+            'visible_any': visible,
+        }
+        if label_images is not None:
+            data['label_images'] = label_images
+        return data
+
+    def transform(self, data: dict, rng: np.random.Generator | None = None) -> dict:
+        """Augment ``xyz`` (when enabled), then compute ``feats`` from the final points."""
+        from cmkd_ros.models.voxelize import point_features
+        if self.augment is not None:
+            data = self.augment(data, rng if rng is not None else np.random.default_rng())
+        data['feats'] = np.asarray(point_features(data['xyz'], data['intensity'],
+                                                  kind=self.feature_kind), dtype=np.float32)
+        return data
+
+    def _rng(self, i: int) -> np.random.Generator:
+        if self.seed is not None:
+            return np.random.default_rng((self.seed, i))
+        return np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f'index {i} out of range for {len(self)} samples')
+        data = self.transform(self.get_data(i % len(self)), self._rng(i % len(self)))
+        return to_tensors(data)
+
+
+def to_tensors(data: dict) -> dict:
+    """numpy sample -> torch sample (images (C, 3, H, W) uint8, label images int64)."""
+    out = {'name': data['name']}
+    for key in ('xyz', 'feats', 'intensity'):
+        out[key] = torch.from_numpy(np.ascontiguousarray(data[key], dtype=np.float32))
+    for key in ('labels', 'corr_point', 'corr_camera'):
+        out[key] = torch.from_numpy(np.ascontiguousarray(data[key], dtype=np.int64))
+    out['corr_uv'] = torch.from_numpy(np.ascontiguousarray(data['corr_uv'], dtype=np.float32))
+    out['visible_any'] = torch.from_numpy(np.ascontiguousarray(data['visible_any'], dtype=bool))
+    images = data['images']
+    sizes = {im.shape[:2] for im in images}
+    if len(sizes) > 1:
+        out['images'] = _pad_stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+                                    for im in images], 0)
+    else:
+        out['images'] = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(
+            0, 3, 1, 2).contiguous()
+    if 'label_images' in data:
+        out['label_images'] = _pad_stack([torch.from_numpy(np.asarray(lab, dtype=np.int64))
+                                          for lab in data['label_images']], IGNORE)
+    return out
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack (..., H_i, W_i) tensors into (n, ..., max H, max W), padding bottom/right."""
+    h = max(t.shape[-2] for t in tensors)
+    w = max(t.shape[-1] for t in tensors)
+    out = tensors[0].new_full((len(tensors),) + tuple(tensors[0].shape[:-2]) + (h, w), value)
+    for i, t in enumerate(tensors):
+        out[i, ..., :t.shape[-2], :t.shape[-1]] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def frame_from_pair(pair, cameras: Sequence[str] | None = None, name: str = '',
+                    label_images: bool = True) -> Frame:
+    """A :class:`Frame` of a :class:`cmkd_ros.pairs.Pair` (images decoded, rig in image order)."""
+    names = list(pair.camera_names)
+    if cameras:
+        missing = [c for c in cameras if c not in names]
+        if missing:
+            raise DatasetError(f'{name}: camera(s) {missing} not in the pair ({names})')
+        names = [c for c in names if c in cameras]
+    stamps = np.asarray(pair.camera_stamp_ns, dtype=np.int64)
+    stamps = np.array([stamps[pair.camera_names.index(c)] for c in names], dtype=np.int64)
+    rig: RigCalibration = pair.calibration.subset(names)
+    labels = None
+    if pair.labels is not None:
+        labels = np.asarray(pair.labels).astype(np.int64)
+    lab_imgs = None
+    if label_images and names and all(c in pair.label_images for c in names):
+        lab_imgs = [pair.label_image(c) for c in names]
+    return Frame(name=name, xyz=np.asarray(pair.xyz, dtype=np.float32), rig=rig,
+                 images=[pair.image(c) for c in names], lidar_stamp_ns=int(pair.lidar_stamp_ns),
+                 camera_stamp_ns=stamps, intensity=pair.intensity, labels=labels,
+                 label_images=lab_imgs, point_time_ns=pair.point_time_ns,
+                 ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses)
+
+
+class PairDataset(ScanDataset):
+    """Samples of a pair dataset folder (``cmkd_ros.pairs``); ``refresh()`` picks up new pairs.
+
+    ``cameras``: names to use (default: every camera of each pair). ``label_images``: decode
+    the per-pixel ground truth when present. Other keywords: :class:`ScanDataset`.
+    """
+
+    def __init__(self, root: str, cameras: Sequence[str] | None = None,
+                 label_images: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.root = root
+        self.reader = PairReader(root)
+        self.cameras = tuple(cameras) if cameras else None
+        self.label_images = label_images
+
+    def refresh(self) -> int:
+        """Read pairs indexed since the last call (a writer may still be adding); returns how
+        many were added."""
+        return self.reader.refresh()
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_frame(self, i: int) -> Frame:
+        entry = self.reader.entries[i]
+        return frame_from_pair(self.reader[i], self.cameras, f'{self.root}/{entry["file"]}',
+                               self.label_images)
+
+
+class NuScenesDataset(ScanDataset):
+    """nuScenes lidarseg keyframes with the six cameras (:mod:`offline_training.readers.nuscenes`).
+
+    ``dataroot``, ``version``, ``scenes`` (names, default all), ``cameras`` (default all six),
+    ``tables`` (a devkit ``NuScenes`` instead of the built-in JSON reader),
+    ``require_labels`` (only sweeps with lidarseg labels); other keywords: :class:`ScanDataset`.
+    """
+
+    def __init__(self, dataroot: str, version: str = 'v1.0-trainval',
+                 scenes: Sequence[str] | None = None, cameras: Sequence[str] | None = None,
+                 tables=None, require_labels: bool = False, **kwargs):
+        from offline_training.readers.nuscenes import CAMERAS, NuScenesLidarSegReader
+        super().__init__(**kwargs)
+        self.reader = NuScenesLidarSegReader(dataroot, version, scenes, cameras or CAMERAS,
+                                             tables=tables, require_labels=require_labels)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_frame(self, i: int) -> Frame:
+        return self.reader[i]
+
+
+class SemanticKITTIDataset(ScanDataset):
+    """SemanticKITTI scans with KITTI odometry image_2 (:mod:`.readers.semantickitti`).
+
+    ``sequences``: a split name (train/val/test) or sequence names like ``['08']``; other
+    keywords: :class:`ScanDataset`.
+    """
+
+    def __init__(self, root: str, sequences: Sequence[str] | str = 'train', **kwargs):
+        from offline_training.readers.semantickitti import SemanticKITTIReader
+        super().__init__(**kwargs)
+        self.reader = SemanticKITTIReader(root, sequences)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get_frame(self, i: int) -> Frame:
+        return self.reader[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+class SparseCollate:
+    """Batch samples for the student: voxelize each sweep, concatenate with offsets.
+
+    Output (B samples, V voxels, sum N points, sum C images):
+
+    - ``coords`` (V, 4) int32 ``[batch, x, y, z]`` voxel indices, ``vfeats`` (V, F) mean features
+    - ``inverse`` (sum N,) int64 voxel row of every point, ``point_batch`` (sum N,) int64
+    - ``xyz`` (sum N, 3), ``labels`` (sum N,), ``visible_any`` (sum N,)
+    - ``images`` (sum C, 3, H, W) uint8 (padded bottom/right to the largest image),
+      ``label_images`` (sum C, H, W) int64 (padded with 255) when every sample has them
+    - ``corr_point`` (M,) into the concatenated points, ``corr_image`` (M,) into the
+      concatenated images, ``corr_uv`` (M, 2) float32
+    - ``num_points``, ``num_cameras`` (B,) int64 and ``names`` (list of str)
+    """
+
+    def __init__(self, voxel_size: float):
+        if not voxel_size > 0:
+            raise DatasetError(f'voxel_size must be positive, got {voxel_size}')
+        self.voxel_size = float(voxel_size)
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        from cmkd_ros.models.voxelize import voxelize
+        if not samples:
+            raise DatasetError('cannot collate an empty batch')
+        coords, vfeats, inverse, point_batch = [], [], [], []
+        corr_point, corr_image, corr_uv = [], [], []
+        voxel_offset = point_offset = image_offset = 0
+        for b, sample in enumerate(samples):
+            c, f, inv = voxelize(sample['xyz'], sample['feats'], self.voxel_size)
+            n = sample['xyz'].shape[0]
+            coords.append(torch.cat([torch.full((c.shape[0], 1), b, dtype=torch.int32), c], 1))
+            vfeats.append(f)
+            inverse.append(inv + voxel_offset)
+            point_batch.append(torch.full((n,), b, dtype=torch.int64))
+            corr_point.append(sample['corr_point'] + point_offset)
+            corr_image.append(sample['corr_camera'] + image_offset)
+            corr_uv.append(sample['corr_uv'])
+            voxel_offset += c.shape[0]
+            point_offset += n
+            image_offset += sample['images'].shape[0]
+        images = [s['images'] for s in samples]
+        batch = {
+            'coords': torch.cat(coords), 'vfeats': torch.cat(vfeats),
+            'inverse': torch.cat(inverse), 'point_batch': torch.cat(point_batch),
+            'xyz': torch.cat([s['xyz'] for s in samples]),
+            'labels': torch.cat([s['labels'] for s in samples]),
+            'visible_any': torch.cat([s['visible_any'] for s in samples]),
+            'images': (torch.cat(images) if len({im.shape[-2:] for im in images}) == 1
+                       else _pad_stack([im for group in images for im in group], 0)),
+            'corr_point': torch.cat(corr_point), 'corr_image': torch.cat(corr_image),
+            'corr_uv': torch.cat(corr_uv),
+            'num_points': torch.tensor([s['xyz'].shape[0] for s in samples]),
+            'num_cameras': torch.tensor([s['images'].shape[0] for s in samples]),
+            'names': [s.get('name', '') for s in samples],
+        }
+        if all('label_images' in s for s in samples):
+            labs = [s['label_images'] for s in samples]
+            batch['label_images'] = (torch.cat(labs) if len({lab.shape[-2:] for lab in labs}) == 1
+                                     else _pad_stack([x for g in labs for x in g], IGNORE))
+        return batch

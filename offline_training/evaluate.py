@@ -1,0 +1,256 @@
+"""Score a 3D student: per-class IoU and mIoU for all points and for points no camera sees.
+
+``cmkd evaluate --checkpoint student.pt --data PAIRS [--out DIR]`` loads the student with
+:func:`cmkd_ros.models.checkpoint.load_checkpoint`, runs it on every scan of a data set and
+reports three groups of points:
+
+- ``all``: every labeled point;
+- ``unseen``: points that no camera sees (no correspondence after the occlusion test), the
+  region where only the LiDAR student can label anything;
+- ``seen``: the complement.
+
+The mIoU of a group averages the classes present in that group's ground truth or predictions
+(see :mod:`cmkd_ros.metrics`). With ``--out`` it writes ``eval.json`` (all figures and confusion
+matrices), ``confusion_all.png``, ``confusion_unseen.png`` and ``iou_per_class.png``.
+:func:`evaluate_student` is the library entry the trainer calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cmkd_ros.metrics import ConfusionMatrix
+
+GROUPS = ('all', 'seen', 'unseen')
+
+
+@torch.no_grad()
+def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | None = None,
+                     device: str | torch.device = 'cpu', class_names: Sequence[str] | None = None,
+                     batch_size: int = 1, num_workers: int = 0, max_scans: int | None = None,
+                     progress: bool = False) -> dict:
+    """Per-class IoU, mIoU and accuracy of ``student`` on ``dataset`` (a :class:`ScanDataset`).
+
+    ``voxel_size`` defaults to the student's own. Returns ``{'all'|'seen'|'unseen': summary}``
+    (:meth:`ConfusionMatrix.summary`: miou, accuracy, count, iou and support per class) plus
+    ``confusion`` (group -> K x K list, rows ground truth), ``class_names``, ``num_scans``,
+    ``num_points``, ``unseen_fraction`` (of labeled points) and ``seconds``.
+    """
+    from offline_training.datasets import SparseCollate
+    config = getattr(student, 'config', None)
+    num_classes = int(config.num_classes) if config is not None else int(
+        student.classifier.out_features)
+    voxel_size = float(voxel_size or student.voxel_size)
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f'{len(class_names)} class names for a student with {num_classes} '
+                         'classes')
+    device = torch.device(device)
+    indices = range(len(dataset) if max_scans is None else min(len(dataset), max_scans))
+    if len(indices) == 0:
+        raise ValueError('the evaluation dataset is empty')
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
+                                         batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         collate_fn=SparseCollate(voxel_size))
+    matrices = {g: ConfusionMatrix(num_classes) for g in GROUPS}
+    was_training = student.training
+    student.eval()
+    start = time.perf_counter()
+    scans = points = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(indices), desc='evaluate', unit='scan')
+    try:
+        for batch in loader:
+            out = student(batch['coords'].to(device), batch['vfeats'].to(device))
+            pred = out['logits'].argmax(1).cpu()[batch['inverse']]
+            labels = batch['labels']
+            seen = batch['visible_any']
+            matrices['all'].update(labels, pred)
+            matrices['seen'].update(labels[seen], pred[seen])
+            matrices['unseen'].update(labels[~seen], pred[~seen])
+            scans += len(batch['num_points'])
+            points += int(labels.shape[0])
+            if bar is not None:
+                bar.update(len(batch['num_points']))
+    finally:
+        student.train(was_training)
+        if bar is not None:
+            bar.close()
+    result = {g: matrices[g].summary(class_names) for g in GROUPS}
+    result['confusion'] = {g: matrices[g].matrix.tolist() for g in GROUPS}
+    result['class_names'] = list(class_names)
+    result['num_scans'] = scans
+    result['num_points'] = points
+    labeled = matrices['all'].count
+    result['unseen_fraction'] = matrices['unseen'].count / labeled if labeled else None
+    result['seconds'] = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib's Agg canvas directly: no global backend change)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
+                   title: str = '') -> None:
+    """Row-normalised confusion matrix (rows: ground truth) as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    k = len(class_names)
+    size = max(5.0, 0.45 * k + 2)
+    fig = Figure(figsize=(size, size), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(norm, vmin=0, vmax=1, cmap='Blues')
+    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=8)
+    ax.set_yticks(range(k), labels=class_names, fontsize=8)
+    ax.set_xlabel('prediction')
+    ax.set_ylabel('ground truth')
+    for g in range(k):
+        for p in range(k):
+            if matrix[g, p] > 0:
+                ax.text(p, g, f'{norm[g, p]:.2f}', ha='center', va='center', fontsize=6,
+                        color='white' if norm[g, p] > 0.5 else 'black')
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='fraction of the row')
+    ax.set_title(title or 'confusion matrix (row-normalised)')
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_iou_bars(result: dict, path: str, groups: Sequence[str] = ('all', 'unseen')) -> None:
+    """Per-class IoU bars for each group (classes absent from a group are left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    names = result['class_names']
+    k = len(names)
+    fig = Figure(figsize=(max(6.0, 0.55 * k + 2), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(groups)
+    for j, group in enumerate(groups):
+        iou = [result[group]['iou'][n] for n in names]
+        values = [np.nan if v is None else v for v in iou]
+        miou = result[group]['miou']
+        label = f'{group} (mIoU {miou:.3f})' if miou is not None else f'{group} (no points)'
+        ax.bar(np.arange(k) + (j - (len(groups) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(range(k), labels=names, rotation=60, ha='right', fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('IoU')
+    ax.set_title('per-class IoU')
+    ax.legend(fontsize=8)
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(result: dict, out_dir: str) -> list[str]:
+    """``eval.json`` and the three PNGs into ``out_dir``; returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in (
+        'eval.json', 'confusion_all.png', 'confusion_unseen.png', 'iou_per_class.png')]
+    with open(paths[0], 'w', encoding='utf-8') as fh:
+        json.dump(result, fh, indent=2)
+    plot_confusion(result['confusion']['all'], result['class_names'], paths[1],
+                   'all points (row-normalised)')
+    plot_confusion(result['confusion']['unseen'], result['class_names'], paths[2],
+                   'points no camera sees (row-normalised)')
+    plot_iou_bars(result, paths[3])
+    return paths
+
+
+def format_table(result: dict) -> str:
+    """Plain-text per-class table: IoU for all / seen / unseen points and the point support."""
+    names = result['class_names']
+    width = max(12, max(len(n) for n in names))
+    lines = [f'{"class":<{width}}  {"all":>6}  {"seen":>6}  {"unseen":>6}  {"points":>9}']
+
+    def cell(value):
+        return f'{value:6.3f}' if value is not None else f'{"-":>6}'
+
+    for n in names:
+        lines.append(f'{n:<{width}}  {cell(result["all"]["iou"][n])}  '
+                     f'{cell(result["seen"]["iou"][n])}  {cell(result["unseen"]["iou"][n])}  '
+                     f'{result["all"]["support"][n]:>9}')
+    lines.append(f'{"mIoU":<{width}}  {cell(result["all"]["miou"])}  '
+                 f'{cell(result["seen"]["miou"])}  {cell(result["unseen"]["miou"])}  '
+                 f'{result["all"]["count"]:>9}')
+    lines.append(f'{"accuracy":<{width}}  {cell(result["all"]["accuracy"])}  '
+                 f'{cell(result["seen"]["accuracy"])}  {cell(result["unseen"]["accuracy"])}')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# cmkd evaluate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--checkpoint', required=True, help='student checkpoint (student.pt)')
+    parser.add_argument('--data', required=True,
+                        help='pair dataset folder, nuScenes dataroot or SemanticKITTI root')
+    parser.add_argument('--format', default='pairs',
+                        choices=('pairs', 'nuscenes', 'semantickitti'),
+                        help='layout of --data (default: pairs)')
+    parser.add_argument('--version', default='v1.0-trainval', help='nuScenes version folder')
+    parser.add_argument('--scenes', nargs='*', default=None, help='nuScenes scene names')
+    parser.add_argument('--sequences', nargs='*', default=['08'],
+                        help='SemanticKITTI sequences (default 08, the validation split)')
+    parser.add_argument('--out', default=None, help='folder for eval.json and the PNG plots')
+    parser.add_argument('--cameras', nargs='*', default=None,
+                        help='cameras that count as seeing a point (default: all)')
+    parser.add_argument('--no-occlusion', action='store_true',
+                        help='a point behind a nearer surface still counts as seen')
+    parser.add_argument('--no-motion-compensation', action='store_true',
+                        help='project points without moving them to the camera stamps')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
+    parser.add_argument('--max-scans', type=int, default=None, help='score only the first N')
+    parser.add_argument('--progress', action='store_true', help='show a progress bar')
+
+
+def build_eval_dataset(args: argparse.Namespace, feature_kind: str):
+    from offline_training.datasets import NuScenesDataset, PairDataset, SemanticKITTIDataset
+    common = {'occlusion': not args.no_occlusion,
+              'motion_compensation': not args.no_motion_compensation,
+              'feature_kind': feature_kind}
+    if args.format == 'pairs':
+        return PairDataset(args.data, cameras=args.cameras, label_images=False, **common)
+    if args.format == 'nuscenes':
+        return NuScenesDataset(args.data, args.version, scenes=args.scenes,
+                               cameras=args.cameras, require_labels=True, **common)
+    return SemanticKITTIDataset(args.data, args.sequences, **common)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    try:
+        student, info = load_checkpoint(args.checkpoint, map_location=args.device)
+        dataset = build_eval_dataset(args, info['config'].point_features)
+        result = evaluate_student(student, dataset, voxel_size=info['voxel_size'],
+                                  device=args.device, class_names=info['class_names'],
+                                  max_scans=args.max_scans, progress=args.progress)
+    except (ValueError, OSError) as exc:          # checkpoint, data and metric errors
+        print(f'cmkd evaluate: {exc}', file=sys.stderr)
+        return 1
+    result['checkpoint'] = os.path.abspath(args.checkpoint)
+    result['data'] = os.path.abspath(args.data)
+    print(format_table(result))
+    print(f'{result["num_scans"]} scans, {result["num_points"]} points, '
+          f'{100 * (result["unseen_fraction"] or 0):.1f}% of labeled points unseen by any '
+          f'camera, {result["seconds"]:.1f} s')
+    if args.out:
+        for path in write_report(result, args.out):
+            print(f'wrote {path}')
+    return 0

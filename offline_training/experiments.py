@@ -1,0 +1,255 @@
+"""The experiments of the method on the synthetic world, as one command.
+
+``cmkd train experiments --out DIR`` (or ``python -m offline_training.experiments --out DIR``):
+
+1. render training scenes and held-out test scenes (different world seeds: different streets);
+2. train the 2D teacher on the training images; score it on the test images (2D mIoU);
+3. train students on the training scans and score them on the test scans (3D mIoU, all points
+   and points no camera sees):
+   - ``fskd``: FSKD zero-shot (no 3D labels; shared frozen teacher classifier);
+   - ``udakd_finetune``: UDAKD pre-training, then fine-tuning on ``label_fraction`` of the
+     labeled scans;
+   - ``finetune_scratch``: the same fine-tuning from random weights (what UDAKD is worth);
+   - ``supervised``: every 3D label, the same network (the upper bound);
+   - ``fskd_no_da``: FSKD without the DA module (ablation);
+   - ``fskd_no_occlusion``: FSKD with correspondences kept for occluded points (ablation);
+4. write ``results.json`` and ``results.md`` (the table of docs/experiments.md).
+
+Every stage writes into its own folder and is skipped when its results exist, so an interrupted
+run continues where it stopped. Settings: :class:`ExperimentsConfig` (``key=value`` overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cmkd_ros.config import build, load, setting, to_dict
+
+RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
+        'fskd_no_occlusion')
+
+
+@dataclass(frozen=True)
+class ExperimentsConfig:
+    """Budget and settings of the synthetic experiments (defaults: about 30 min on 2 cores)."""
+
+    out_dir: str = setting('runs/experiments', 'output folder (data, runs, results.md)')
+    seed: int = setting(0, 'training seed of every run', ge=0)
+    train_worlds: tuple[int, ...] = setting((1, 2, 3, 4), 'world seeds of the training streets')
+    test_worlds: tuple[int, ...] = setting((101, 102), 'world seeds of the held-out streets')
+    frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
+    frame_stride: int = setting(6, 'keep every n-th sweep of the drive (10 Hz LiDAR)', ge=1)
+    sim: dict[str, Any] = setting(
+        default_factory=lambda: {'lidar': {'beams': 32, 'horizontal_resolution_deg': 0.6},
+                                 'cameras': {'count': 6, 'width': 320, 'height': 180}},
+        help='SimConfig overrides (cmkd_ros.sim.config) shared by train and test worlds')
+    threads: int = setting(1, 'torch intra-op threads (1 is fastest when the cores are shared)',
+                           ge=1)
+    teacher_steps: int = setting(600, 'teacher optimizer steps', ge=1)
+    teacher_batch_size: int = setting(8, 'teacher images per step', ge=1)
+    teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
+    teacher_model: dict[str, Any] = setting(
+        default_factory=lambda: {'arch': 'small', 'feature_dim': 64, 'output_stride': 4,
+                                 'width': 24},
+        help='TeacherConfig keys')
+    teacher_options: dict[str, Any] = setting(
+        default_factory=lambda: {'crop_size': [160, 288]},
+        help='extra train_teacher keyword arguments (augmentation)')
+    student_steps: int = setting(600, 'optimizer steps of fskd, udakd and supervised', ge=1)
+    finetune_steps: int = setting(300, 'optimizer steps of the few-shot fine-tuning', ge=1)
+    label_fraction: float = setting(0.1, 'fraction of labeled training scans for few-shot',
+                                    gt=0, le=1)
+    batch_size: int = setting(2, 'scans per step', ge=1)
+    voxel_size: float = setting(0.15, 'student voxel size, metres', gt=0)
+    lr: float = setting(2e-3, 'student learning rate', gt=0)
+    student: dict[str, Any] = setting(default_factory=dict, help='StudentConfig overrides')
+    runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
+                  sim: dict) -> str:
+    """Render ``frames`` sweeps of each world seed into the pair dataset ``root``."""
+    from cmkd_ros.pairs import PairReader, PairWriter
+    from cmkd_ros.sim.simulator import SimWorld
+    done = os.path.join(root, 'COMPLETE')
+    if os.path.exists(done):
+        return root
+    if os.path.isdir(root):
+        import shutil
+        shutil.rmtree(root)
+    writer = PairWriter(root, metadata={'source': 'cmkd_ros.sim', 'worlds': list(worlds)},
+                        fsync=False)
+    for world_seed in worlds:
+        world = SimWorld({**sim, 'seed': int(world_seed)})
+        for k in range(frames):
+            writer.write(world.frame(k * stride).to_pair())
+    if len(PairReader(root)) != len(worlds) * frames:
+        raise RuntimeError(f'{root}: expected {len(worlds) * frames} pairs')
+    open(done, 'w').close()
+    return root
+
+
+def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -> dict:
+    """name -> (method, overrides) of every student run, in dependency order."""
+    common = {'seed': cfg.seed, 'progress': False, 'checkpoint_every': 100,
+              'threads': cfg.threads,
+              'log_every': 10,
+              'data': {'train': train, 'val': test, 'voxel_size': cfg.voxel_size,
+                       'batch_size': cfg.batch_size},
+              'optim': {'lr': cfg.lr, 'warmup_steps': 20},
+              'student': dict(cfg.student)}
+    distill = {**common, 'steps': cfg.student_steps, 'teacher': {'checkpoint': teacher},
+               'share_teacher_classifier': True, 'freeze_classifier': True}
+    few = {'data': {'label_fraction': cfg.label_fraction, 'label_unit': 'scans'},
+           'steps': cfg.finetune_steps, 'share_teacher_classifier': False,
+           'freeze_classifier': False, 'optim': {'lr': cfg.lr / 2, 'warmup_steps': 10}}
+    return {
+        'fskd': ('fskd', distill),
+        'udakd': ('udakd', distill),
+        'udakd_finetune': ('finetune', _merge(common, few, {'init_from': '@udakd'})),
+        'finetune_scratch': ('finetune', _merge(common, few)),
+        'supervised': ('supervised', {**common, 'steps': cfg.student_steps,
+                                      'share_teacher_classifier': False,
+                                      'freeze_classifier': False}),
+        'fskd_no_da': ('fskd', _merge(distill, {'student': {'use_da': False}})),
+        'fskd_no_occlusion': ('fskd', _merge(distill, {'data': {'occlusion': False}})),
+    }
+
+
+def _merge(*parts: dict) -> dict:
+    from cmkd_ros.config import merge
+    out: dict = {}
+    for part in parts:
+        out = merge(out, part)
+    return out
+
+
+def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
+    """Run every stage (skipping finished ones) and write results.json / results.md."""
+    import torch
+    from offline_training.config import TrainConfig
+    from offline_training.trainer import train, train_teacher_from_config
+    from offline_training.config import TeacherTrainConfig
+    torch.set_num_threads(cfg.threads)
+    root = cfg.out_dir
+    os.makedirs(root, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    # 1. Data: training and held-out streets.
+    train_dir = render_worlds(os.path.join(root, 'data', 'train'), cfg.train_worlds,
+                              cfg.frames_per_world, cfg.frame_stride, cfg.sim)
+    test_dir = render_worlds(os.path.join(root, 'data', 'test'), cfg.test_worlds,
+                             cfg.frames_per_world, cfg.frame_stride, cfg.sim)
+    timings['data'] = time.monotonic() - start
+    # 2. Teacher.
+    teacher_dir = os.path.join(root, 'teacher')
+    teacher_summary = _cached(teacher_dir, lambda: train_teacher_from_config(build(
+        TeacherTrainConfig, {'out_dir': teacher_dir, 'train': train_dir, 'val': test_dir,
+                             'seed': cfg.seed, 'steps': cfg.teacher_steps,
+                             'batch_size': cfg.teacher_batch_size, 'lr': cfg.teacher_lr,
+                             'model': dict(cfg.teacher_model), 'device': 'cpu',
+                             'threads': cfg.threads, 'options': dict(cfg.teacher_options)})))
+    teacher_path = teacher_summary['teacher']
+    timings['teacher'] = time.monotonic() - start - sum(timings.values())
+    # 3. Students.
+    specs = _student_runs(cfg, train_dir, test_dir, teacher_path)
+    wanted = []
+    for name in cfg.runs:
+        if name == 'udakd_finetune':
+            wanted.append('udakd')
+        wanted.append(name)
+    results = {}
+    for name in dict.fromkeys(wanted):
+        method, values = specs[name]
+        out = os.path.join(root, 'runs', name)
+        if values.get('init_from', '').startswith('@'):
+            values = {**values, 'init_from': results[values['init_from'][1:]]['student']}
+        config = build(TrainConfig, {**values, 'method': method, 'out_dir': out,
+                                     'device': 'cpu'})
+        begin = time.monotonic()
+        results[name] = _cached(out, lambda c=config: train(c, resume=resume))
+        timings[name] = time.monotonic() - begin
+    summary = {'config': to_dict(cfg), 'teacher': teacher_summary,
+               'students': {k: {'method': specs[k][0], 'eval': v.get('eval'),
+                                'seconds': v.get('seconds')} for k, v in results.items()},
+               'timings_s': timings, 'total_s': time.monotonic() - start}
+    with open(os.path.join(root, 'results.json'), 'w', encoding='utf-8') as fh:
+        json.dump(summary, fh, indent=2, default=float)
+    table = results_table(summary)
+    with open(os.path.join(root, 'results.md'), 'w', encoding='utf-8') as fh:
+        fh.write(table)
+    print(table)
+    return summary
+
+
+def _cached(folder: str, make) -> dict:
+    """``folder/summary.json`` when a finished stage left one, else run ``make()``."""
+    path = os.path.join(folder, 'summary.json')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as fh:
+            return json.load(fh)
+    return make()
+
+
+def _miou(result: dict | None, group: str | None = None) -> float | None:
+    """mIoU of a 2D result (``group`` None) or of a 3D result's group ('all', 'unseen')."""
+    if not result:
+        return None
+    if group is not None:
+        result = result.get(group) or {}
+    value = result.get('miou')
+    return None if value is None else float(value)
+
+
+def results_table(summary: dict) -> str:
+    """Markdown table of the experiments (mIoU in %, ratio to the supervised upper bound)."""
+    rows = ['| model | 3D labels used | mIoU all points | mIoU unseen points | '
+            '% of supervised |', '|---|---|---|---|---|']
+    teacher = summary['teacher'].get('eval', {})
+    rows.append(f'| teacher (2D, test images) | - | {_pct(_miou(teacher))} | - | - |')
+    students = summary['students']
+    upper = _miou(students.get('supervised', {}).get('eval'), 'all')
+    labels = {'fskd': 'none (zero-shot)', 'udakd': 'none (zero-shot)',
+              'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot',
+              'supervised': 'all', 'fskd_no_da': 'none (zero-shot)',
+              'fskd_no_occlusion': 'none (zero-shot)'}
+    names = {'fskd': 'FSKD', 'udakd': 'UDAKD (shared classifier)',
+             'udakd_finetune': 'UDAKD + fine-tune', 'finetune_scratch': 'fine-tune from scratch',
+             'supervised': 'supervised (upper bound)', 'fskd_no_da': 'FSKD without DA',
+             'fskd_no_occlusion': 'FSKD without occlusion test'}
+    for key, value in students.items():
+        miou = _miou(value['eval'], 'all')
+        unseen = _miou(value['eval'], 'unseen')
+        ratio = '-' if upper in (None, 0) or miou is None else f'{100 * miou / upper:.0f}%'
+        rows.append(f'| {names.get(key, key)} | {labels.get(key, "?")} | {_pct(miou)} | '
+                    f'{_pct(unseen)} | {ratio} |')
+    return '\n'.join(rows) + '\n'
+
+
+def _pct(value: float | None) -> str:
+    return '-' if value is None else f'{100 * value:.1f}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m offline_training.experiments',
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default=None, help='output folder')
+    parser.add_argument('--config', default=None, help='YAML overriding ExperimentsConfig')
+    parser.add_argument('overrides', nargs='*', metavar='key=value')
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f'out_dir={args.out}'] if args.out else [])
+    run_experiments(load(ExperimentsConfig, args.config, overrides))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

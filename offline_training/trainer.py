@@ -1,0 +1,736 @@
+"""Student training: an explicit step, a short loop, resumable checkpoints, DDP and AMP.
+
+One :class:`Trainer` serves every method (``udakd``, ``fskd``, ``finetune``, ``supervised``);
+a method is only a function from (student outputs, batch) to a dict of named loss terms
+(:data:`METHOD_LOSSES`), weighted by ``config.loss.<term>_weight`` and summed.
+
+Reproducibility and resume:
+
+- every random choice derives from ``config.seed``: weight init, the data order
+  (``DistributedSampler`` seeded per epoch), each sample's augmentation (seeded from
+  (seed, epoch, index), independent of which worker loads it) and the InfoNCE sampling
+  (seeded from (seed, rank, step));
+- a checkpoint (``out_dir/checkpoints/step_XXXXXXXX.pt``, written to a temporary file and
+  renamed) holds the model, optimizer, scheduler, grad scaler, step, RNG states and config;
+  ``resume=True`` continues from the newest one after a crash or ``kill -9``, skipping the
+  batches of the current epoch already used, so the result matches an uninterrupted run.
+
+Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains on its shard
+(``DistributedSampler``) inside ``DistributedDataParallel``: gloo on CPU, nccl on CUDA.
+Rank 0 writes checkpoints, TensorBoard scalars (``out_dir/tensorboard``), ``metrics.jsonl`` and
+the final ``student.pt`` (:func:`cmkd_ros.models.checkpoint.save_checkpoint`, loadable by the
+segment node alone).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from cmkd_ros.classes import get_class_map
+from cmkd_ros.config import ConfigError, build, to_dict
+from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
+from offline_training.losses import (fskd_feature_loss, infonce_loss, sample_image_features,
+                                     semantic_kl_loss, supervised_ce_loss)
+
+CHECKPOINT_FORMAT = 'cmkd_train_state'
+CHECKPOINT_PATTERN = re.compile(r'^step_(\d{8})\.pt$')
+# Settings that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = ('progress', 'threads', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                     'data.num_workers', 'data.val', 'out_dir', 'device')
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (bad checkpoint, mismatched resume, empty data)."""
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(b'/'.join(str(int(p)).encode() for p in parts), digest_size=8)
+    return int.from_bytes(digest.digest(), 'little') >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms of each method: (student outputs, batch, context) -> {name: scalar tensor}
+
+
+class TeacherFeatureCache:
+    """``teacher.features`` of uint8 images, memoised by image content up to ``max_bytes``.
+
+    The teacher is frozen and images are not augmented, so an image's features never change:
+    computing them once per image instead of once per step makes distillation several times
+    cheaper on CPU. Features are kept as float16 on the CPU; once the budget is used up new
+    images are computed but not stored.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, max_bytes: int):
+        self.teacher = teacher
+        self.max_bytes = int(max_bytes)
+        self.bytes_used = 0
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        data = image.detach().cpu().contiguous().numpy().tobytes()
+        return hashlib.blake2b(data, digest_size=16).digest() + str(tuple(image.shape)).encode()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 RGB -> (B, D, h, w) float features (no gradient)."""
+        with torch.no_grad():
+            if self.max_bytes <= 0 or images.dtype != torch.uint8:
+                return self.teacher.features(images.float() / 255.0 if images.dtype ==
+                                             torch.uint8 else images).float()
+            keys = [self.key(image) for image in images]
+            missing = sorted({i for i, k in enumerate(keys) if k not in self.entries})
+            fresh = {}
+            if missing:
+                # float16 both when stored and when fresh: hits and misses give equal values
+                feats = self.teacher.features(images[missing].float() / 255.0).half()
+                for row, i in enumerate(missing):
+                    fresh[keys[i]] = feats[row].float()
+                    size = feats[row].numel() * 2
+                    if self.bytes_used + size <= self.max_bytes:
+                        self.entries[keys[i]] = feats[row].cpu()
+                        self.bytes_used += size
+            self.misses += len(missing)
+            self.hits += len(keys) - len(missing)
+            return torch.stack([fresh[k] if k in fresh else
+                                self.entries[k].to(images.device, torch.float32)
+                                for k in keys])
+
+
+class LossContext:
+    """What a method's loss function may use besides the outputs and the batch."""
+
+    def __init__(self, config: TrainConfig, teacher: torch.nn.Module | None,
+                 generator: torch.Generator, teacher_features: Callable | None = None):
+        self.config = config
+        self.teacher = teacher
+        self.generator = generator
+        self.teacher_features = teacher_features
+
+
+def correspondence_features(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any],
+                            ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    """Student and teacher features of the M camera-LiDAR correspondences of a batch.
+
+    Returns ``rows`` (M,) int64 voxel row of each corresponded point, ``student`` (M, D) the
+    pseudo-2D features of those voxels and ``teacher`` (M, D) the frozen teacher's features
+    bilinearly sampled at the pixels (no gradient). Points without correspondences are absent.
+    """
+    if ctx.teacher is None:
+        raise TrainingError('this method needs a teacher (teacher.checkpoint)')
+    rows = batch['inverse'][batch['corr_point']]
+    images = batch['images']
+    features = ctx.teacher_features or TeacherFeatureCache(ctx.teacher, 0)
+    with torch.no_grad():
+        target = sample_image_features(features(images), batch['corr_image'],
+                                       batch['corr_uv'], tuple(images.shape[-2:]))
+    return rows, outputs['pseudo2d'][rows], target.float()
+
+
+def udakd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
+    """UDAKD: InfoNCE between pseudo-2D point features and teacher pixel features."""
+    _, student, teacher = correspondence_features(outputs, batch, ctx)
+    loss = ctx.config.loss
+    return {'infonce': infonce_loss(student, teacher, loss.infonce_temperature,
+                                    loss.infonce_samples, ctx.generator)}
+
+
+def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
+    """FSKD: feature term + KL between the teacher's logits and the shared-classifier 3D logits."""
+    rows, student, teacher = correspondence_features(outputs, batch, ctx)
+    classifier = ctx.teacher.classifier
+    with torch.no_grad():
+        logits_2d = F.linear(teacher, classifier.weight.flatten(1).float(),
+                             None if classifier.bias is None else classifier.bias.float())
+    loss = ctx.config.loss
+    return {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
+            'semantic': semantic_kl_loss(outputs['logits'][rows], logits_2d,
+                                         loss.kl_temperature)}
+
+
+def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
+    """Cross-entropy on the (possibly thinned) 3D labels of every point."""
+    logits = outputs['logits'][batch['inverse']]
+    return {'ce': supervised_ce_loss(logits, batch['labels'])}
+
+
+METHOD_LOSSES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    'udakd': udakd_terms, 'fskd': fskd_terms, 'finetune': ce_terms, 'supervised': ce_terms}
+TERM_WEIGHTS = {'infonce': 'infonce_weight', 'feature': 'feature_weight',
+                'semantic': 'semantic_weight', 'ce': 'ce_weight'}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def labeled_scan_indices(count: int, fraction: float, seed: int) -> list[int]:
+    """A seeded choice of round(fraction * count) scans (at least one), sorted."""
+    keep = max(1, int(round(fraction * count)))
+    order = np.random.default_rng(derived_seed(seed, 7)).permutation(count)
+    return sorted(int(i) for i in order[:keep])
+
+
+class SeededView(Dataset):
+    """A dataset whose sample ``i`` in epoch ``e`` is drawn with seeds from (seed, e, i).
+
+    Before loading a sample, Python's, numpy's and torch's global generators are seeded from
+    (seed, epoch, index): random augmentations then depend only on the sample and the epoch,
+    not on which worker loads it or on where a resumed run restarted. With
+    ``point_label_fraction`` < 1 each scan keeps a fixed seeded fraction of its point labels (the
+    others become 255), the same in every epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, point_label_fraction: float = 1.0,
+                 ignore_index: int = 255):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+        self.point_label_fraction = float(point_label_fraction)
+        self.ignore_index = ignore_index
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed_everything(derived_seed(self.seed, self.epoch, index))
+        sample = self.dataset[index]
+        if self.point_label_fraction < 1.0:
+            labels = sample['labels']
+            rng = np.random.default_rng(derived_seed(self.seed, 11, index))
+            drop = rng.random(len(labels)) >= self.point_label_fraction
+            if isinstance(labels, torch.Tensor):
+                labels = labels.clone()
+                labels[torch.from_numpy(drop)] = self.ignore_index
+            else:
+                labels = np.array(labels, copy=True)
+                labels[drop] = self.ignore_index
+            sample = {**sample, 'labels': labels}
+        return sample
+
+
+def build_dataset(config: TrainConfig, root: str, train: bool,
+                  feature_kind: str = 'height') -> Dataset:
+    """The pair dataset at ``root`` with the correspondence, image and augmentation settings.
+
+    ``feature_kind`` must be the student's ``point_features``. Augmentation draws from torch's
+    global generator, which :class:`SeededView` seeds per sample.
+    """
+    from offline_training.datasets import PairDataset
+    data = config.data
+    if not root:
+        raise ConfigError('data.train: a pair dataset folder is required')
+    return PairDataset(root, cameras=data.cameras or None, occlusion=data.occlusion,
+                       motion_compensation=data.motion_compensation,
+                       augment=data.augment and train, image_scale=data.image_scale,
+                       feature_kind=feature_kind, label_images=False)
+
+
+def build_collate(config: TrainConfig) -> Callable:
+    from offline_training.datasets import SparseCollate
+    return SparseCollate(config.data.voxel_size)
+
+
+def move_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of ``batch`` on ``device`` (other values unchanged)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_student_for(config: TrainConfig, num_classes: int, feature_dim: int | None):
+    """The student of ``config.student``; class count, voxel size and D filled in and checked.
+
+    ``num_classes`` comes from the class map, ``feature_dim`` (D) from the teacher (None: no
+    teacher, the student's own setting is kept) and the voxel size from ``data.voxel_size``.
+    """
+    from cmkd_ros.models.student import StudentConfig, build_student
+    values = dict(config.student)
+    implied = {'num_classes': num_classes, 'voxel_size': config.data.voxel_size}
+    if feature_dim is not None:
+        implied['feature_dim'] = feature_dim
+    for key, value in implied.items():
+        if key in values and values[key] != value:
+            raise ConfigError(f'student.{key}: {values[key]} disagrees with {value} (from the '
+                              f'{"teacher" if key == "feature_dim" else "config"})')
+        values[key] = value
+    return build_student(build(StudentConfig, values, 'student'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when absent."""
+    return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+            int(os.environ.get('LOCAL_RANK', 0)))
+
+
+def _rng_state() -> dict:
+    state = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': {'name': state[0], 'keys': torch.from_numpy(state[1].astype(np.int64)),
+                      'pos': int(state[2]), 'has_gauss': int(state[3]),
+                      'cached_gaussian': float(state[4])},
+            'python': random.getstate()}
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    np_state = state['numpy']
+    np.random.set_state((np_state['name'], np_state['keys'].numpy().astype(np.uint32),
+                         np_state['pos'], np_state['has_gauss'], np_state['cached_gaussian']))
+    python = state['python']
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+def _flatten(mapping: Mapping, prefix: str = '') -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and key != 'student':
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the step checkpoints in ``out_dir/checkpoints``, oldest first."""
+    folder = os.path.join(out_dir, 'checkpoints')
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Trains a student as ``config`` says; ``fit()`` runs to ``config.steps``.
+
+    ``resume=True`` continues from the newest checkpoint in ``config.out_dir`` (or starts fresh
+    when there is none); the stored config must match except for :data:`RESUMABLE_CHANGES`.
+    ``datasets`` optionally replaces the training dataset (a map-style dataset of samples that
+    ``SparseCollate`` batches).
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False,
+                 train_dataset: Dataset | None = None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError('config must be a TrainConfig (offline_training.config)')
+        self.config = config
+        self.rank, self.world_size, local_rank = distributed_env()
+        if config.device == 'cuda' and not torch.cuda.is_available():
+            raise TrainingError('device: cuda requested but CUDA is not available')
+        use_cuda = config.device == 'cuda' or (
+            config.device == 'auto' and torch.cuda.is_available())
+        self.device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group('nccl' if use_cuda else 'gloo')
+        self.distributed = self.world_size > 1
+        self.use_amp = bool(config.amp and use_cuda)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+        self.class_map = get_class_map(config.class_map)
+        # 1. Frozen teacher (distillation methods, or to share its classifier).
+        self.teacher = None
+        if config.teacher.checkpoint and (config.method in DISTILLATION_METHODS or
+                                          config.share_teacher_classifier):
+            from cmkd_ros.models.teacher import freeze, load_teacher
+            self.teacher = freeze(load_teacher(config.teacher.checkpoint, device=self.device))
+            if self.teacher.num_classes != self.class_map.num_classes:
+                raise ConfigError(f'teacher.checkpoint: teacher has {self.teacher.num_classes} '
+                                  f'classes, class map {config.class_map!r} has '
+                                  f'{self.class_map.num_classes}')
+        self.teacher_cache = None if self.teacher is None else TeacherFeatureCache(
+            self.teacher, config.teacher.cache_mb * 2 ** 20)
+        # 2. Student: from a checkpoint (finetune) or freshly built; same init on every rank.
+        if config.init_from:
+            from cmkd_ros.models.checkpoint import load_checkpoint
+            self.student, info = load_checkpoint(config.init_from)
+            if abs(info['voxel_size'] - config.data.voxel_size) > 1e-9:
+                raise ConfigError(f'data.voxel_size: {config.data.voxel_size} but the init_from '
+                                  f'student uses {info["voxel_size"]}')
+            if list(info['class_names']) != list(self.class_map.names):
+                raise ConfigError(f'init_from: the student was trained on classes '
+                                  f'{info["class_names"]}, class map {config.class_map!r} differs')
+        else:
+            feature_dim = None if self.teacher is None else int(self.teacher.feature_dim)
+            self.student = build_student_for(config, self.class_map.num_classes, feature_dim)
+        if config.share_teacher_classifier and self.teacher is not None:
+            self.student.load_classifier(self.teacher.classifier.weight.detach().clone(),
+                                         self.teacher.classifier.bias.detach().clone(),
+                                         freeze=config.freeze_classifier)
+        elif config.freeze_classifier:
+            for p in self.student.classifier.parameters():
+                p.requires_grad_(False)
+        self.student.to(self.device)
+        self.model: torch.nn.Module = self.student
+        if self.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if use_cuda else None)
+        # 3. Optimizer, schedule, grad scaler.
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optim = config.optim
+        if optim.name == 'adamw':
+            self.optimizer = torch.optim.AdamW(params, lr=optim.lr,
+                                               weight_decay=optim.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                             weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp)
+        # 4. Data: labeled-scan subset, seeded view, sharded sampler.
+        dataset = train_dataset if train_dataset is not None else build_dataset(
+            config, config.data.train, True, self.student.config.point_features)
+        point_fraction = 1.0
+        if config.method in ('finetune', 'supervised') and config.data.label_fraction < 1.0:
+            if config.data.label_unit == 'scans':
+                dataset = Subset(dataset, labeled_scan_indices(
+                    len(dataset), config.data.label_fraction, config.seed))
+            else:
+                point_fraction = config.data.label_fraction
+        self.dataset = SeededView(dataset, config.seed, point_fraction,
+                                  self.class_map.ignore_index)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size,
+                                          rank=self.rank, shuffle=True, seed=config.seed,
+                                          drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // config.data.batch_size
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f'{len(self.dataset)} training scans are fewer than '
+                                f'batch_size x processes = '
+                                f'{config.data.batch_size * self.world_size}')
+        self.collate = build_collate(config)
+        self.loss_terms = METHOD_LOSSES[config.method]
+        self.step = 0
+        if resume:
+            self._resume()
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def _lr_factor(self, step: int) -> float:
+        optim = self.config.optim
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.scheduler == 'constant':
+            return 1.0
+        span = max(1, self.config.steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        floor = optim.min_lr_ratio
+        return float(floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def loss_dict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward the student on ``batch`` (on the device) and return its named loss terms."""
+        generator = torch.Generator().manual_seed(derived_seed(self.config.seed, self.rank,
+                                                               self.step))
+        context = LossContext(self.config, self.teacher, generator, self.teacher_cache)
+        outputs = self.model(batch['coords'], batch['vfeats'])
+        return self.loss_terms(outputs, batch, context)
+
+    def weighted_total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for name, value in terms.items():
+            part = getattr(self.config.loss, TERM_WEIGHTS[name]) * value
+            total = part if total is None else total + part
+        return total
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns this process's loss terms and ``total``."""
+        self.model.train()
+        batch = move_to(batch, self.device)
+        autocast = torch.autocast('cuda', dtype=torch.float16) if self.use_amp else \
+            contextlib.nullcontext()
+        with autocast:
+            terms = self.loss_dict(batch)
+            total = self.weighted_total(terms)
+        if not torch.isfinite(total):
+            raise TrainingError(f'step {self.step}: loss is not finite '
+                                f'({ {k: float(v) for k, v in terms.items()} })')
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.config.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(),
+                                           self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        out = {name: float(value.detach()) for name, value in terms.items()}
+        out['total'] = float(total.detach())
+        return out
+
+    # -- data order -------------------------------------------------------------------------
+
+    def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        batch_size = self.config.data.batch_size
+        indices = list(self.sampler)[:self.steps_per_epoch * batch_size][skip_batches *
+                                                                         batch_size:]
+        workers = self.config.data.num_workers
+        return DataLoader(self.dataset, batch_size=batch_size, sampler=indices,
+                          collate_fn=self.collate, num_workers=workers, drop_last=True,
+                          pin_memory=self.device.type == 'cuda',
+                          persistent_workers=False)
+
+    def batches(self):
+        """Batches from the current step on, epoch after epoch (resumes mid-epoch)."""
+        while True:
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            for batch in self._epoch_loader(epoch, done):
+                yield batch
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {'format': CHECKPOINT_FORMAT, 'step': self.step,
+                'student': self.student.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
+                'rng': _rng_state(), 'config': to_dict(self.config),
+                'world_size': self.world_size}
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 writes ``checkpoints/step_<step>.pt`` atomically and prunes old ones."""
+        path = None
+        if self.rank == 0:
+            folder = os.path.join(self.config.out_dir, 'checkpoints')
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f'step_{self.step:08d}.pt')
+            atomic_torch_save(self.state(), path)
+            for _, old in list_checkpoints(self.config.out_dir)[:-self.config.keep_checkpoints]:
+                os.remove(old)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def _resume(self) -> None:
+        found = list_checkpoints(self.config.out_dir)
+        if not found:
+            return
+        step, path = found[-1]
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise TrainingError(f'{path}: unreadable checkpoint ({exc})') from None
+        if state.get('format') != CHECKPOINT_FORMAT:
+            raise TrainingError(f'{path}: not a training checkpoint')
+        old, new = _flatten(state['config']), _flatten(to_dict(self.config))
+        changed = sorted(k for k in set(old) | set(new)
+                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise TrainingError(f'{path}: cannot resume, settings changed: {", ".join(changed)}')
+        if state['world_size'] != self.world_size:
+            raise TrainingError(f'{path}: written by {state["world_size"]} processes, resuming '
+                                f'with {self.world_size} would change the data order')
+        self.student.load_state_dict(state['student'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        _set_rng_state(state['rng'])
+        self.step = int(state['step'])
+        if self.step != step:
+            raise TrainingError(f'{path}: file name says step {step}, contents {self.step}')
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.distributed:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                              device=self.device if self.device.type == 'cuda' else 'cpu')
+        dist.all_reduce(tensor)
+        return {k: float(v) / self.world_size for k, v in zip(keys, tensor.tolist())}
+
+    def _sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every rank."""
+        if self.distributed:
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer.data, 0)
+
+    def fit(self) -> dict:
+        """Train until ``config.steps``; returns a summary (final losses, output paths)."""
+        cfg = self.config
+        writer = None
+        progress = None
+        metrics_file = None
+        last: dict[str, float] = {}
+        start = time.monotonic()
+        start_step = self.step
+        if self.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, 'tensorboard'),
+                                   purge_step=self.step)
+            metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a',
+                                encoding='utf-8')
+            if cfg.progress:
+                from tqdm import tqdm
+                progress = tqdm(total=cfg.steps, initial=self.step, desc=cfg.method,
+                                dynamic_ncols=True)
+        try:
+            batches = self.batches()
+            while self.step < cfg.steps:
+                values = self.train_step(next(batches))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    last = self._reduce(values)
+                    if self.rank == 0:
+                        lr = self.scheduler.get_last_lr()[0]
+                        for name, value in last.items():
+                            writer.add_scalar(f'loss/{name}', value, self.step)
+                        writer.add_scalar('lr', lr, self.step)
+                        metrics_file.write(json.dumps({'step': self.step, 'lr': lr,
+                                                       **last}) + '\n')
+                        metrics_file.flush()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix({k: f'{v:.3f}' for k, v in values.items()})
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self._sync_buffers()
+                    self.save_checkpoint()
+            self._sync_buffers()
+            checkpoint = self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        summary = {'method': cfg.method, 'start_step': start_step, 'steps': self.step,
+                   'losses': last,
+                   'seconds': time.monotonic() - start, 'checkpoint': checkpoint,
+                   'world_size': self.world_size}
+        if self.rank == 0:
+            summary['student'] = self.export_student()
+            if cfg.data.val:
+                summary['eval'] = self.evaluate(cfg.data.val)
+            with open(os.path.join(cfg.out_dir, 'summary.json'), 'w', encoding='utf-8') as fh:
+                json.dump(summary, fh, indent=2)
+        return summary
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def export_student(self) -> str:
+        """Save the student for inference (``out_dir/student.pt``) with its class map."""
+        from cmkd_ros.models.checkpoint import save_checkpoint
+        path = os.path.join(self.config.out_dir, 'student.pt')
+        save_checkpoint(path, self.student, class_names=self.class_map.names,
+                        class_colors=self.class_map.colors,
+                        extra={'train_config': to_dict(self.config), 'step': self.step})
+        return path
+
+    def evaluate(self, root: str) -> dict:
+        """Score the student on the pair dataset at ``root``; also written to eval.json.
+
+        The evaluation data always uses the default correspondences (occlusion test and motion
+        compensation on), so the ``unseen`` points are the same for every trained variant.
+        """
+        from offline_training.datasets import PairDataset
+        from offline_training.evaluate import evaluate_student
+        dataset = PairDataset(root, cameras=self.config.data.cameras or None,
+                              feature_kind=self.student.config.point_features,
+                              label_images=False)
+        result = evaluate_student(self.student, dataset, voxel_size=self.config.data.voxel_size,
+                                  device=self.device, class_names=self.class_map.names)
+        with open(os.path.join(self.config.out_dir, 'eval.json'), 'w', encoding='utf-8') as fh:
+            json.dump(result, fh, indent=2, default=float)
+        return result
+
+
+def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
+    """``cmkd train teacher``: train on the labeled images of ``config.train``, save
+    ``out_dir/teacher.pt`` (:func:`cmkd_ros.models.teacher.save_teacher`), score on ``val``."""
+    from cmkd_ros.models.teacher import save_teacher
+    from offline_training.readers.images import PairImageDataset
+    from offline_training.train_teacher import train_teacher
+    class_map = get_class_map(config.class_map)
+    model = dict(config.model)
+    if model.setdefault('num_classes', class_map.num_classes) != class_map.num_classes:
+        raise ConfigError(f'model.num_classes: {model["num_classes"]} but class map '
+                          f'{config.class_map!r} has {class_map.num_classes} classes')
+    if not config.train:
+        raise ConfigError('train: a pair dataset folder with label images is required')
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dataset = PairImageDataset(config.train)
+    val = PairImageDataset(config.val) if config.val else None
+    teacher, history = train_teacher(
+        model, dataset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        device=config.device, seed=config.seed, class_map=class_map, val_dataset=val,
+        progress=True, **dict(config.options))
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = os.path.join(config.out_dir, 'teacher.pt')
+    save_teacher(teacher, path, class_map)
+    summary = {'teacher': path, 'steps': config.steps, 'seconds': history['seconds'],
+               'loss': history['loss'][-1] if history['loss'] else None,
+               'eval': history.get('val'), 'config': to_dict(config)}
+    with open(os.path.join(config.out_dir, 'summary.json'), 'w', encoding='utf-8') as fh:
+        json.dump(summary, fh, indent=2, default=float)
+    return summary
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Build a :class:`Trainer` for ``config`` and run it; tears down the process group."""
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,94 @@
+"""Student evaluation: evaluate_student figures by hand, and ``cmkd evaluate`` end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures.synthetic import write_sim_pairs
+from cmkd_ros.classes import SYNTHETIC
+from cmkd_ros.cli import main as cmkd_main
+from cmkd_ros.metrics import mean_iou
+from cmkd_ros.models.checkpoint import save_checkpoint
+from cmkd_ros.models.student import StudentConfig, build_student
+from offline_training.datasets import PairDataset
+from offline_training.evaluate import evaluate_student
+
+TINY_STUDENT = {'arch': 'small', 'widths': (8, 8, 8, 8, 8, 8, 8, 8, 8), 'feature_dim': 8,
+                'num_classes': 12, 'voxel_size': 0.25, 'da_layers': 1, 'backend': 'torch'}
+
+
+@pytest.fixture(scope='module')
+def pairs(tmp_path_factory):
+    return write_sim_pairs(tmp_path_factory.mktemp('eval_pairs'), frames=2, seed=5)
+
+
+def constant_student(label: int):
+    """A real student whose classifier always outputs ``label`` (zero weights, one-hot bias)."""
+    student = build_student(StudentConfig(**TINY_STUDENT))
+    bias = torch.full((12,), -10.0)
+    bias[label] = 10.0
+    student.load_classifier(torch.zeros(12, 8), bias)
+    return student.eval()
+
+
+def test_constant_prediction_gives_hand_computed_figures(pairs):
+    dataset = PairDataset(pairs)
+    road = SYNTHETIC.index('road')
+    result = evaluate_student(constant_student(road), dataset, class_names=SYNTHETIC.names)
+    labels = torch.cat([dataset[i]['labels'] for i in range(len(dataset))]).numpy()
+    seen = torch.cat([dataset[i]['visible_any'] for i in range(len(dataset))]).numpy()
+    for group, mask in (('all', np.ones_like(seen)), ('seen', seen), ('unseen', ~seen)):
+        gt = labels[mask & (labels != 255)]
+        present = np.unique(gt)
+        # predicting road everywhere: IoU(road) = #road / #points, every other present class 0
+        iou_road = (gt == road).sum() / len(gt)
+        assert result[group]['count'] == len(gt)
+        assert result[group]['iou']['road'] == pytest.approx(iou_road)
+        classes = set(present.tolist()) | {road}          # road is predicted, so it counts
+        assert result[group]['miou'] == pytest.approx(iou_road / len(classes))
+        assert result[group]['accuracy'] == pytest.approx(iou_road)
+        absent = [n for i, n in enumerate(SYNTHETIC.names) if i not in present and i != road]
+        assert all(result[group]['iou'][n] is None for n in absent)
+    assert result['all']['count'] == result['seen']['count'] + result['unseen']['count']
+    assert 0 < result['unseen_fraction'] < 1
+    assert result['num_scans'] == 2 and result['num_points'] == len(labels)
+
+
+def test_cli_end_to_end(pairs, tmp_path, capsys):
+    student = build_student(StudentConfig(**TINY_STUDENT))
+    ckpt = tmp_path / 'student.pt'
+    save_checkpoint(ckpt, student, class_names=SYNTHETIC.names,
+                    class_colors=[list(c) for c in SYNTHETIC.colors])
+    out = tmp_path / 'report'
+    assert cmkd_main(['evaluate', '--checkpoint', str(ckpt), '--data', pairs,
+                      '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'mIoU' in printed and 'unseen by any camera' in printed
+    result = json.loads((out / 'eval.json').read_text())
+    for group in ('all', 'seen', 'unseen'):
+        matrix = np.array(result['confusion'][group])
+        assert matrix.shape == (12, 12) and matrix.sum() == result[group]['count']
+        assert result[group]['miou'] == pytest.approx(mean_iou(matrix))
+    assert result['all']['count'] == result['seen']['count'] + result['unseen']['count']
+    for name in ('confusion_all.png', 'confusion_unseen.png', 'iou_per_class.png'):
+        data = (out / name).read_bytes()
+        assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+    # without the occlusion test more points count as seen
+    assert cmkd_main(['evaluate', '--checkpoint', str(ckpt), '--data', pairs,
+                      '--no-occlusion', '--out', str(tmp_path / 'r2')]) == 0
+    no_occ = json.loads((tmp_path / 'r2' / 'eval.json').read_text())
+    assert no_occ['unseen']['count'] < result['unseen']['count']
+
+
+def test_cli_reports_bad_inputs(pairs, tmp_path, capsys):
+    assert cmkd_main(['evaluate', '--checkpoint', str(tmp_path / 'missing.pt'),
+                      '--data', pairs]) == 1
+    assert 'missing.pt' in capsys.readouterr().err
+    student = build_student(StudentConfig(**{**TINY_STUDENT, 'num_classes': 3}))
+    ckpt = tmp_path / 'three.pt'
+    save_checkpoint(ckpt, student, class_names=['a', 'b', 'c'],
+                    class_colors=[[0, 0, 0]] * 3)
+    # the synthetic labels go up to 11: a 3-class student cannot be scored on them
+    assert cmkd_main(['evaluate', '--checkpoint', str(ckpt), '--data', pairs]) == 1
+    assert 'outside [0, 3)' in capsys.readouterr().err

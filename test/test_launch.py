@@ -1,0 +1,222 @@
+"""Launch files and parameter files: what they name must exist.
+
+``launch``/``launch_ros`` are not installable in this venv (PyPI's ``launch`` is an unrelated
+package), so the launch files are checked statically here: every executable is a console script
+of setup.py, every file they name is in config/, every LaunchConfiguration is declared (and every
+declared argument used), every parameter they set is a parameter of the node, every remapped
+private topic is one the node uses, and every ``cmkd`` subcommand option they pass is accepted.
+Where ``launch`` imports (a full ROS 2 install), ``test_launch_descriptions_build`` also builds
+each description and visits it with a LaunchContext.
+"""
+import argparse
+import ast
+import importlib
+import pathlib
+
+import pytest
+
+from cmkd_ros import cli
+from cmkd_ros.config import ConfigError, build
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))
+NODE_CONFIGS = {
+    'segment_node': ('cmkd_ros.nodes.labeling', 'SegmentNodeConfig',
+                     {'checkpoint': 'student.pt'}),
+    'collect_node': ('cmkd_ros.nodes.collecting', 'CollectNodeConfig',
+                     {'calibration_file': 'rig.yaml'}),
+}
+ROS_BUILTIN_PARAMETERS = {'use_sim_time'}
+
+
+def _console_scripts() -> dict[str, str]:
+    """console_scripts of setup.py: name -> 'module:function' (read with ast)."""
+    tree = ast.parse((REPO / 'setup.py').read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == 'console_scripts':
+                    entries = [ast.literal_eval(e) for e in value.elts]
+                    return {e.split('=')[0].strip(): e.split('=')[1].strip() for e in entries}
+    raise AssertionError('setup.py has no console_scripts')
+
+
+def _call_name(call: ast.Call) -> str:
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else getattr(func, 'attr', '')
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _call_name(n) == name]
+
+
+def _kwarg(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value
+    return None
+
+
+def _first_str(call: ast.Call) -> str:
+    arg = call.args[0]
+    assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), ast.dump(arg)
+    return arg.value
+
+
+def _param_names(executable: str) -> set[str]:
+    from cmkd_ros.nodes.ros_io import param_fields
+    module, cls, _ = NODE_CONFIGS[executable]
+    return {f.name for f in param_fields(getattr(importlib.import_module(module), cls))}
+
+
+def _subcommand_options(name: str) -> set[str]:
+    module = importlib.import_module(cli.SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return {opt for action in parser._actions for opt in action.option_strings}
+
+
+def check_launch_file(path: pathlib.Path) -> dict:
+    """Statically check one launch file; returns what it names (for the assertions below)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    assert any(isinstance(n, ast.FunctionDef) and n.name == 'generate_launch_description'
+               for n in tree.body), f'{path.name}: no generate_launch_description()'
+    declared = [_first_str(c) for c in _calls(tree, 'DeclareLaunchArgument')]
+    assert len(declared) == len(set(declared)), f'{path.name}: argument declared twice'
+    used = {_first_str(c) for c in _calls(tree, 'LaunchConfiguration')}
+    assert used <= set(declared), f'{path.name}: undeclared {sorted(used - set(declared))}'
+    assert set(declared) <= used, f'{path.name}: unused {sorted(set(declared) - used)}'
+    # files named as string constants (PathJoinSubstitution([share, 'config', 'x.yaml']))
+    files = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+             and isinstance(n.value, str) and n.value.endswith(('.yaml', '.xml'))]
+    for name in files:
+        assert (REPO / 'config' / name).is_file(), f'{path.name}: config/{name} missing'
+    scripts = _console_scripts()
+    executables = []
+    for call in _calls(tree, 'Node'):
+        package = ast.literal_eval(_kwarg(call, 'package'))
+        executable = ast.literal_eval(_kwarg(call, 'executable'))
+        assert package == 'cmkd_ros'
+        assert executable in scripts, f'{path.name}: {executable} is not a console script'
+        module, func = scripts[executable].split(':')
+        assert callable(getattr(importlib.import_module(module), func))
+        executables.append(executable)
+        # parameters: every key of the inline dict is a node parameter
+        known = _param_names(executable) | ROS_BUILTIN_PARAMETERS
+        for item in _kwarg(call, 'parameters').elts:
+            if isinstance(item, ast.Dict):
+                keys = {ast.literal_eval(k) for k in item.keys}
+                assert keys <= known, f'{path.name}: unknown parameters {sorted(keys - known)}'
+        # remappings: private topics the node really uses
+        source = (REPO / (module.replace('.', '/') + '.py')).read_text()
+        for pair in _kwarg(call, 'remappings').elts:
+            topic = ast.literal_eval(pair.elts[0])
+            assert f"'{topic}'" in source, f'{path.name}: {executable} has no topic {topic}'
+    # ExecuteProcess(cmd=['cmkd', SUB, '--opt', ...]): subcommand and options exist
+    for call in _calls(tree, 'ExecuteProcess'):
+        cmd = _kwarg(call, 'cmd').elts
+        words = [c.value if isinstance(c, ast.Constant) else None for c in cmd]
+        assert words[0] == 'cmkd' and words[1] in cli.SUBCOMMANDS, words[:2]
+        options = _subcommand_options(words[1])
+        for word in words[2:]:
+            if isinstance(word, str) and word.startswith('--'):
+                assert word in options, f'{path.name}: cmkd {words[1]} has no option {word}'
+    return {'declared': declared, 'executables': executables, 'files': files}
+
+
+def test_static_check_of_every_launch_file():
+    names = {p.name for p in LAUNCH_FILES}
+    assert names == {'segment.launch.py', 'collect.launch.py', 'replay_evaluate.launch.py'}
+    found = {p.name: check_launch_file(p) for p in LAUNCH_FILES}
+    for name, info in found.items():
+        for arg in ('params_file', 'use_sim_time', 'fastdds_profile'):
+            assert arg in info['declared'], f'{name} lacks the {arg} argument'
+        assert 'fastdds_shm.xml' in info['files']
+    assert found['segment.launch.py']['executables'] == ['segment_node']
+    assert found['collect.launch.py']['executables'] == ['collect_node']
+    assert 'checkpoint' in found['replay_evaluate.launch.py']['declared']
+
+
+def test_static_check_catches_a_missing_executable_and_an_undeclared_argument(tmp_path):
+    good = (REPO / 'launch' / 'segment.launch.py').read_text()
+    bad = tmp_path / 'bad_exe.launch.py'
+    bad.write_text(good.replace("executable='segment_node'", "executable='no_such_node'"))
+    with pytest.raises(AssertionError, match='no_such_node is not a console script'):
+        check_launch_file(bad)
+    bad.write_text(good.replace("LaunchConfiguration('device')",
+                                "LaunchConfiguration('devise')"))
+    with pytest.raises(AssertionError, match='undeclared'):
+        check_launch_file(bad)
+    bad.write_text(good.replace("'segment_node.param.yaml'", "'missing.param.yaml'"))
+    with pytest.raises(AssertionError, match='missing.param.yaml missing'):
+        check_launch_file(bad)
+
+
+def _yaml_parameters(path: pathlib.Path) -> dict:
+    """Parameters of a ros__parameters file as ROS itself parses it (rcl_yaml_param_parser)."""
+    from rclpy.parameter import Parameter, parameter_dict_from_yaml_file
+    raw = parameter_dict_from_yaml_file(str(path), use_wildcard=True)
+    return {name: Parameter.from_parameter_msg(msg).value for name, msg in raw.items()}
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        parts = name.split('.')
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+@pytest.mark.parametrize('executable', sorted(NODE_CONFIGS))
+def test_param_files_hold_only_node_parameters_and_build_a_valid_config(executable):
+    path = REPO / 'config' / f'{executable}.param.yaml'
+    assert path.read_text().lstrip('# \n').find('/**:') >= 0
+    params = _yaml_parameters(path)
+    names = _param_names(executable)
+    assert set(params) <= names, f'unknown in {path.name}: {sorted(set(params) - names)}'
+    module, cls, required = NODE_CONFIGS[executable]
+    config_cls = getattr(importlib.import_module(module), cls)
+    config = build(config_cls, _nested({**params, **required}))
+    # the file's values are the ones built (spot check of nested and top-level fields)
+    for name, value in params.items():
+        if name in required:
+            continue
+        obj = config
+        for part in name.split('.'):
+            obj = getattr(obj, part)
+        assert (list(obj) if isinstance(obj, tuple) else obj) == (
+            list(value) if isinstance(value, (list, tuple)) else value), name
+    # the required value is really required: the file alone does not build
+    with pytest.raises(ConfigError, match=next(iter(required))):
+        build(config_cls, _nested(params))
+
+
+def test_launch_descriptions_build():
+    """Build each launch description where ``launch`` imports; else the static check runs."""
+    try:
+        import launch  # noqa: F401
+        import launch_ros  # noqa: F401
+    except ImportError:
+        for path in LAUNCH_FILES:
+            check_launch_file(path)
+        return
+    import importlib.util
+
+    from launch import LaunchContext, LaunchDescription
+    from launch.actions import DeclareLaunchArgument
+    for path in LAUNCH_FILES:
+        spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        description = module.generate_launch_description()
+        assert isinstance(description, LaunchDescription)
+        declared = {a.name for a in description.entities if isinstance(a, DeclareLaunchArgument)}
+        assert 'params_file' in declared and 'use_sim_time' in declared
+        context = LaunchContext()
+        for action in description.entities:
+            if isinstance(action, DeclareLaunchArgument) and action.default_value is None:
+                context.launch_configurations[action.name] = 'x'
+        description.visit(context)

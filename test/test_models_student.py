@@ -1,0 +1,201 @@
+"""Student network: MinkUNet, DA module, shared classifier, predict (pure-PyTorch backend)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmkd_ros.config import ConfigError, build
+from cmkd_ros.models import (DAModule, SelfCalibratedConv, StudentConfig, build_minkunet,
+                             build_student, point_features, voxelize)
+from cmkd_ros.sparse import SparseTensor
+
+TINY = dict(arch='minkunet14', widths=[8, 8, 12, 16, 16, 16, 12, 8, 8], feature_dim=12,
+            num_classes=5, backend='torch')
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope='module')
+def scan(data_dir):
+    points = np.fromfile(data_dir / 'nuscenes_sample' / 'LIDAR_TOP.bin', dtype=np.float32)
+    points = points.reshape(-1, 5)
+    near = np.linalg.norm(points[:, :2], axis=1) < 15.0  # keep the tests fast
+    return points[near]
+
+
+def voxel_input(scan, voxel_size=0.2, kind='height', batch=0):
+    feats = point_features(scan[:, :3], scan[:, 3], kind)
+    coords, vfeats, inverse = voxelize(torch.from_numpy(scan[:, :3].copy()),
+                                       torch.from_numpy(feats), voxel_size)
+    batch_col = torch.full((coords.shape[0], 1), batch, dtype=torch.int32)
+    return torch.cat([batch_col, coords], 1), vfeats, inverse
+
+
+def make_student(**overrides):
+    torch.manual_seed(0)
+    return build_student(build(StudentConfig, {**TINY, **overrides}))
+
+
+def test_forward_shapes_and_linear_projection_without_da(scan):
+    coords, feats, _ = voxel_input(scan)
+    student = make_student(use_da=False).eval()
+    with torch.no_grad():
+        out = student(coords, feats)
+    v = coords.shape[0]
+    assert out['backbone'].shape == (v, 8)
+    assert out['pseudo2d'].shape == (v, 12) and out['logits'].shape == (v, 5)
+    proj = student.projection
+    torch.testing.assert_close(out['pseudo2d'], out['backbone'] @ proj.weight.T + proj.bias)
+    torch.testing.assert_close(out['logits'], student.classifier(out['pseudo2d']))
+
+
+def test_outputs_follow_input_order_and_batches_are_independent(scan):
+    coords, feats, _ = voxel_input(scan)
+    student = make_student().eval()
+    with torch.no_grad():
+        ref = student(coords, feats)
+        perm = torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(1))
+        shuffled = student(coords[perm], feats[perm])
+        # 1. A second scan in the same batch (shifted, other batch index) changes nothing.
+        other, other_feats, _ = voxel_input(scan[::3] + np.float32([3, 0, 0, 0, 0]), batch=1)
+        both = student(torch.cat([coords, other]), torch.cat([feats, other_feats]))
+    for key in ('backbone', 'pseudo2d', 'logits'):
+        torch.testing.assert_close(shuffled[key], ref[key][perm], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both[key][:coords.shape[0]], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_load_classifier_from_teacher_1x1_conv_and_freeze(scan):
+    coords, feats, _ = voxel_input(scan)
+    student = make_student()
+    weight = torch.randn(5, 12, 1, 1)
+    bias = torch.randn(5)
+    student.load_classifier(weight, bias, freeze=True)
+    assert not student.classifier.weight.requires_grad
+    out = student(coords, feats)
+    torch.testing.assert_close(out['logits'], out['pseudo2d'] @ weight[:, :, 0, 0].T + bias)
+    out['logits'].square().mean().backward()
+    assert student.classifier.weight.grad is None
+    assert all(p.grad is not None for p in student.projection.parameters())
+    with pytest.raises(ValueError, match=r'\(K, D\)'):
+        student.load_classifier(torch.randn(5, 11))
+
+
+def test_training_steps_reduce_the_loss(scan):
+    coords, feats, _ = voxel_input(scan, 0.3)
+    labels = (feats[:, 1] > -1.0).long() + (feats[:, 1] > 0.5).long()  # height bands
+    student = make_student(num_classes=3)
+    optim = torch.optim.Adam(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(student(coords, feats)['logits'], labels)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_predict_labels_every_point(scan):
+    student = make_student()
+    cls, prob = student.predict(scan[:, :3], scan[:, 3])
+    assert student.training  # predict restores the mode
+    assert cls.shape == (scan.shape[0],) and cls.dtype == torch.int64
+    assert prob.dtype == torch.float32 and float(prob.min()) >= 1 / 5 - 1e-6
+    assert float(prob.max()) <= 1.0 and int(cls.max()) < 5
+    coords, feats, inverse = voxel_input(scan, student.voxel_size)
+    student.eval()
+    with torch.no_grad():
+        logits = student(coords, feats)['logits']
+    torch.testing.assert_close(cls, logits.argmax(1)[inverse])
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match='widths'):
+        build(StudentConfig, {'widths': [8, 8]})
+    with pytest.raises(ConfigError, match='in_channels'):
+        build(StudentConfig, {'in_channels': 3, 'point_features': 'height'})
+    with pytest.raises(ConfigError, match='arch'):
+        build(StudentConfig, {'arch': 'resnet'})
+    assert build(StudentConfig, {'point_features': 'intensity_height'}).input_channels == 3
+    with pytest.raises(ValueError, match='channels'):
+        make_student()(torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 3))
+
+
+def test_minkunet_presets_have_the_documented_depth():
+    def blocks(net):
+        return [len(stage) for stage in list(net.encoder) + list(net.decoder)]
+    assert blocks(build_minkunet('minkunet14', 2)) == [1] * 8
+    assert blocks(build_minkunet('minkunet18', 2)) == [2] * 8
+    assert blocks(build_minkunet('minkunet34', 2)) == [2, 3, 4, 6, 2, 2, 2, 2]
+    assert build_minkunet('small', 2).out_channels == 32
+
+
+def _dense_reference_sc(layer, coords, feats):
+    """Self-calibrated conv on a dense grid (zero outside the voxels), BN in eval mode."""
+    size = 8
+    grid = torch.zeros(1, feats.shape[1], size, size, size, dtype=feats.dtype)
+    idx = coords[:, 1:].long()
+    grid[0, :, idx[:, 0], idx[:, 1], idx[:, 2]] = feats.T
+    mask = torch.zeros(1, 1, size, size, size, dtype=feats.dtype)
+    mask[0, 0, idx[:, 0], idx[:, 1], idx[:, 2]] = 1
+
+    def conv(module, d, m):
+        conv3d = module[0] if isinstance(module, torch.nn.Sequential) else module
+        w = conv3d.weight.reshape(3, 3, 3, conv3d.in_channels, conv3d.out_channels)
+        out = F.conv3d(d, w.permute(4, 3, 0, 1, 2), padding=1)
+        if conv3d.bias is not None:
+            out = out + conv3d.bias.view(1, -1, 1, 1, 1)
+        if isinstance(module, torch.nn.Sequential):
+            bn = module[1]
+            shape = (1, -1, 1, 1, 1)
+            out = ((out - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape)
+                   + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape))
+        return out * m
+
+    x1, x2 = grid[:, :layer.split], grid[:, layer.split:]
+    coarse_mask = F.max_pool3d(mask, 2)
+    pooled = F.avg_pool3d(x1, 2) / F.avg_pool3d(mask, 2).clamp(min=1e-9)
+    context = conv(layer.coarse, pooled, coarse_mask)
+    context = context.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    gate = torch.sigmoid(x1 + context * mask)
+    y1 = conv(layer.project, conv(layer.gated, x1, mask) * gate, mask)
+    out = torch.cat([y1, conv(layer.plain, x2, mask)], dim=1)
+    return out[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].T
+
+
+@pytest.mark.parametrize('final', [False, True])
+def test_self_calibrated_conv_matches_dense_reference(final):
+    gen = torch.Generator().manual_seed(3)
+    coords = (torch.rand(8, 8, 8, generator=gen) < 0.3).nonzero().to(torch.int32)
+    coords = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32), coords], 1)
+    feats = torch.randn(coords.shape[0], 6, generator=gen, dtype=torch.float64)
+    layer = SelfCalibratedConv(6, 5, final=final).double().eval()
+    for bn in [m for m in layer.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
+        bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        bn.weight.data.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.data.uniform_(-0.5, 0.5, generator=gen)
+    out = layer(SparseTensor(feats, coords)).features
+    ref = _dense_reference_sc(layer, coords, feats)
+    assert out.shape == (coords.shape[0], 5)
+    assert float((out.detach() - ref).norm() / ref.norm()) < 1e-10
+
+
+def test_da_module_maps_to_teacher_dimension_and_trains():
+    gen = torch.Generator().manual_seed(4)
+    coords = (torch.rand(10, 10, 10, generator=gen) < 0.3).nonzero().to(torch.int32)
+    coords = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32), coords], 1)
+    feats = torch.randn(coords.shape[0], 8, generator=gen)
+    da = DAModule(8, 16)
+    assert sum(isinstance(m, SelfCalibratedConv) for m in da.modules()) == 3
+    out = da(SparseTensor(feats, coords)).features
+    assert out.shape == (coords.shape[0], 16)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in da.parameters())

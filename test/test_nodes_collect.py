@@ -1,0 +1,285 @@
+"""Collect node as a real process, fed by the replay tool from a synthetic bag or by hand."""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cmkd_ros.bag import deserialize, read_messages
+from cmkd_ros.conversions import cloud_to_array, stamp_ns
+from cmkd_ros.pairs import PairReader
+from ros_utils import (RosClient, RosProcess, make_sim_bag, node_command, processes, ros_env,
+                       unique_domain_id, wait_for)
+
+COLLECT = 'cmkd_ros.nodes.collect_node'
+CAMERAS = ['front', 'front_left']
+
+
+def _params(bag, out, **extra):
+    params = {'calibration_file': str(bag / 'calibration.yaml'), 'cameras': CAMERAS,
+              'record.enabled': True, 'record.output_dir': str(out)}
+    params.update(extra)
+    return params
+
+
+def _replay(bag, domain, log, *extra):
+    topics = ['/lidar/points'] + [f'/cameras/{c}/image_raw/compressed' for c in CAMERAS]
+    return RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag),
+                       '--wait-for', *topics, '--wait-timeout', '40', *extra],
+                      ros_env(domain), log)
+
+
+def _bag_contents(bag):
+    """{topic: {header stamp: message}} of the bag (rosbags messages)."""
+    out: dict = {}
+    for topic, msgtype, _, raw in read_messages(bag):
+        msg = deserialize(raw, msgtype)
+        if hasattr(msg, 'header'):
+            out.setdefault(topic, {})[stamp_ns(msg)] = msg
+    return out
+
+
+@pytest.fixture(scope='module')
+def sim_bag(tmp_path_factory):
+    return make_sim_bag(tmp_path_factory.mktemp('sim') / 'drive', frames=4)
+
+
+def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from sensor_msgs.msg import Image
+
+    from cmkd_ros.motion import PoseTrajectory
+    from cmkd_ros.projection import compute_correspondences
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        overlays = client.collect(Image, '/collect_node/output/overlay')
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        procs.append(RosProcess(node_command(COLLECT, _params(sim_bag, out_dir,
+                                                              use_odometry=True),
+                                             {'~/input/pointcloud': '/lidar/points',
+                                              '~/input/odom': '/odom'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: client.node.count_publishers('/collect_node/output/overlay') > 0, 30,
+                 'collect node', on_fail=procs[0].output)
+        procs.append(_replay(sim_bag, domain, tmp_path / 'replay.log', '--rate', '0.5'))
+        assert procs[1].wait(timeout=60) == 0, procs[1].output()
+        wait_for(lambda: os.path.isdir(out_dir) and len(PairReader(str(out_dir))) >= 4, 20,
+                 '4 pairs', on_fail=lambda: procs[0].output()[-3000:])
+        wait_for(lambda: overlays, 5, 'an overlay image')
+        time.sleep(1.2)                                  # one more diagnostics period
+    bag = _bag_contents(sim_bag)
+    reader = PairReader(str(out_dir))
+    assert len(reader) == 4
+    lidar_stamps = sorted(bag['/lidar/points'])
+    for entry, pair in zip(reader.entries, reader):
+        stamp = pair.lidar_stamp_ns
+        assert stamp == lidar_stamps[reader.entries.index(entry)]
+        points = cloud_to_array(bag['/lidar/points'][stamp])
+        finite = np.isfinite(np.stack([points[c] for c in 'xyz'], 1)).all(1)
+        np.testing.assert_array_equal(pair.xyz, np.stack([points[c] for c in 'xyz'], 1)[finite])
+        np.testing.assert_array_equal(pair.intensity, points['intensity'][finite])
+        np.testing.assert_array_equal(pair.ring, points['ring'][finite])
+        np.testing.assert_array_equal(
+            pair.point_time_ns,
+            stamp + np.round(points['time'][finite].astype(np.float64) * 1e9).astype(np.int64))
+        assert pair.camera_names == CAMERAS
+        for c, name in enumerate(CAMERAS):
+            cam_stamp = int(pair.camera_stamp_ns[c])
+            jpeg = bag[f'/cameras/{name}/image_raw/compressed'][cam_stamp]
+            assert pair.images[name] == bytes(jpeg.data)     # JPEG kept as received
+            assert pair.image_formats[name] == 'jpeg'
+            assert abs(cam_stamp - stamp) < 100_000_000
+            info = bag[f'/cameras/{name}/camera_info'][cam_stamp]
+            np.testing.assert_allclose(pair.calibration.camera(name).K.reshape(-1), info.k)
+        # correspondences as stored = the library function on the stored inputs
+        assert pair.ego_poses is not None and len(pair.ego_stamps_ns) > 10
+        trajectory = PoseTrajectory(pair.ego_stamps_ns, pair.ego_poses)
+        corr = compute_correspondences(pair.xyz, pair.calibration,
+                                       point_time_ns=pair.point_time_ns,
+                                       camera_stamp_ns=pair.camera_stamp_ns,
+                                       trajectory=trajectory)
+        assert len(corr) > 100
+        np.testing.assert_array_equal(pair.correspondences['point'], corr.point)
+        np.testing.assert_array_equal(pair.correspondences['camera'], corr.camera)
+        np.testing.assert_allclose(pair.correspondences['uv'], corr.uv, atol=1e-3)
+    # overlay: the first camera with points drawn over it
+    _, overlay = overlays[0]
+    assert (overlay.width, overlay.height, overlay.encoding) == (320, 180, 'rgb8')
+    values = {kv.key: kv.value for _, msg in diags for s in msg.status
+              if 'collect_node' in s.name for kv in s.values}
+    assert values.get('pairs_written') == '4'
+
+
+def test_kill_9_mid_run_leaves_every_completed_pair_readable(tmp_path):
+    bag = make_sim_bag(tmp_path / 'drive', frames=12, seed=5)
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    with RosClient(domain), processes() as procs:
+        procs.append(RosProcess(node_command(COLLECT, _params(bag, out_dir),
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        procs.append(_replay(bag, domain, tmp_path / 'replay.log', '--rate', '0.4'))
+        wait_for(lambda: os.path.isdir(out_dir) and len(PairReader(str(out_dir))) >= 3, 40,
+                 '3 pairs', on_fail=lambda: procs[0].output()[-3000:])
+        procs[0].kill()                                  # SIGKILL mid-run
+        assert procs[0].proc.wait(timeout=10) == -9
+        procs[1].stop()
+    # 1. every pair file that made it into place is complete and readable, indexed or not.
+    reader = PairReader(str(out_dir), scan=True)
+    assert 3 <= len(reader) < 12
+    files = sorted(f for f in os.listdir(out_dir / 'pairs') if f.endswith('.npz')
+                   and not f.startswith('.'))
+    assert len(files) == len(reader)
+    stamps = [pair.lidar_stamp_ns for pair in reader]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    for pair in reader:
+        assert pair.xyz.shape[0] > 1000 and set(pair.images) == set(CAMERAS)
+        assert pair.image(CAMERAS[0]).shape == (180, 320, 3)
+    # 2. the dataset takes new pairs after the crash (a restarted node appends).
+    from cmkd_ros.pairs import PairWriter
+    writer = PairWriter(str(out_dir))
+    assert writer.count == len(reader)
+
+
+@pytest.mark.parametrize('setting,value,expected_stamps', [
+    ('record.max_megabytes', 0.5, 2),           # about 0.22 MB per pair: the third exceeds it
+    ('record.min_interval_s', 0.15, 2),         # sweeps at 0, 100, 200, 300 ms: 0 and 200 kept
+])
+def test_collect_node_quota_and_rate_limit(tmp_path, sim_bag, setting, value, expected_stamps):
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    with RosClient(domain), processes() as procs:
+        procs.append(RosProcess(node_command(COLLECT, _params(sim_bag, out_dir,
+                                                              **{setting: value}),
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        procs.append(_replay(sim_bag, domain, tmp_path / 'replay.log', '--rate', '0.5'))
+        assert procs[1].wait(timeout=60) == 0, procs[1].output()
+        time.sleep(2.0)                                  # let the worker finish
+    reader = PairReader(str(out_dir))
+    stamps = [e['lidar_stamp_ns'] - 1_700_000_000_000_000_000 for e in reader.entries]
+    assert len(stamps) == expected_stamps
+    if setting == 'record.min_interval_s':
+        assert stamps == [0, 200_000_000]
+    else:
+        assert sum(e['bytes'] for e in reader.entries) <= 0.5e6
+        assert 'quota' in procs[0].output()
+
+
+def _set_publishers(client):
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    return (client.node.create_publisher(PointCloud2, '/lidar/points', 10),
+            client.node.create_publisher(Image, '/cameras/front/image_raw', 10),
+            client.node.create_publisher(CameraInfo, '/cameras/front/camera_info', 10))
+
+
+def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from cmkd_ros.bag import load_calibration
+    from cmkd_ros.conversions import (array_to_cloud, array_to_image,
+                                      camera_info_from_calibration, rclpy_types)
+    t = rclpy_types()
+    cam = load_calibration(sim_bag).camera('front')
+    rng = np.random.default_rng(2)
+    xyz = np.stack([rng.uniform(5, 20, 2000), rng.uniform(-4, 4, 2000),
+                    rng.uniform(-1, 1, 2000)], 1).astype(np.float32)
+    rgb = rng.integers(0, 255, (cam.height, cam.width, 3), dtype=np.uint8)
+
+    def cloud(points, stamp, fields=('x', 'y', 'z')):
+        arr = np.zeros(len(points), dtype=[(f, 'f4') for f in fields])
+        for i, f in enumerate(fields):
+            arr[f] = points[:, i]
+        return array_to_cloud(arr, stamp, 'lidar', t)
+
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    params = {'calibration_file': str(sim_bag / 'calibration.yaml'), 'cameras': ['front'],
+              'image_transport': 'raw', 'image_topic': '/cameras/{camera}/image_raw',
+              'lidar_sync_offset_ms': 0.0, 'point_time_field': '',
+              'record.enabled': True, 'record.output_dir': str(out_dir)}
+    with RosClient(domain) as client, processes() as procs:
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        pub_cloud, pub_image, pub_info = _set_publishers(client)
+        procs.append(RosProcess(node_command(COLLECT, params,
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: all(p.get_subscription_count() for p in (pub_cloud, pub_image,
+                                                                  pub_info)),
+                 30, 'collect node subscriptions', on_fail=procs[0].output)
+        time.sleep(0.5)
+        pairs = lambda: len(PairReader(str(out_dir))) if out_dir.exists() else 0  # noqa: E731
+
+        def send(stamp, points=xyz, image=None, info=None, fields=('x', 'y', 'z')):
+            msg = cloud(points, stamp, fields) if isinstance(points, np.ndarray) else points
+            pub_info.publish(info or camera_info_from_calibration(cam, stamp + 10_000_000, t))
+            pub_image.publish(image or array_to_image(rgb, 'rgb8', stamp + 10_000_000,
+                                                      cam.frame_id, t))
+            pub_cloud.publish(msg)
+
+        def good_set_after(stamp, count_before):
+            send(stamp + 500_000_000)
+            wait_for(lambda: pairs() > count_before, 15, f'a pair after the set at {stamp}',
+                     on_fail=lambda: procs[0].output()[-2000:])
+            return pairs()
+
+        base = 3_000_000_000_000_000_000
+        n = good_set_after(base - 500_000_000, 0)
+        # a. CameraInfo with K all zero: rejected, the previous calibration stays
+        bad_info = camera_info_from_calibration(cam, base + 10_000_000, t)
+        bad_info.k = [0.0] * 9
+        send(base, info=bad_info)
+        n = good_set_after(base, n)
+        # b. unknown encoding; c. image size disagreeing with CameraInfo
+        base += 1_000_000_000
+        yuv = array_to_image(rgb, 'rgb8', base + 10_000_000, cam.frame_id, t)
+        yuv.encoding = 'yuv422_yuy2'
+        send(base, image=yuv)
+        n = good_set_after(base, n)
+        base += 1_000_000_000
+        send(base, image=array_to_image(rgb[::2, ::2].copy(), 'rgb8', base + 10_000_000,
+                                        cam.frame_id, t))
+        n = good_set_after(base, n)
+        # d. no x/y/z; e. wrong point_step; f. NaNs (pair with finite points); g. empty
+        base += 1_000_000_000
+        pub_info.publish(camera_info_from_calibration(cam, base + 10_000_000, t))
+        send(base, points=cloud(xyz, base, ('a', 'b', 'c')))
+        n = good_set_after(base, n)
+        base += 1_000_000_000
+        bad_step = cloud(xyz, base)
+        bad_step.point_step = 4
+        send(base, points=bad_step)
+        n = good_set_after(base, n)
+        base += 1_000_000_000
+        with_nan = xyz.copy()
+        with_nan[:100] = np.nan
+        send(base, points=cloud(with_nan, base))
+        wait_for(lambda: pairs() > n, 15, 'the pair with NaNs dropped')
+        n = pairs()
+        base += 1_000_000_000
+        send(base, points=cloud(xyz[:0], base))
+        n = good_set_after(base, n)
+        # h. stamps jump backwards (a bag loop): reset, and later sets pair again
+        base -= 100_000_000_000
+        n = good_set_after(base, n)
+        keys = ('bad_camera_info', 'bad_encoding', 'image_size_mismatch', 'missing_xyz',
+                'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
+
+        def diag_values():
+            return {kv.key: kv.value for _, msg in diags for s in msg.status
+                    if 'collect_node' in s.name for kv in s.values}
+        wait_for(lambda: all(k in diag_values() for k in keys), 5, 'diagnostic counters',
+                 on_fail=lambda: str(diag_values()))
+        assert procs[0].returncode is None
+    values = diag_values()
+    assert all(values[k] == '1' for k in keys), values
+    reader = PairReader(str(out_dir))
+    assert len(reader) == 10       # 8 good sets, the set with a bad CameraInfo, the NaN one
+    nan_pair = [p for p in reader if p.xyz.shape[0] == 1900]
+    assert len(nan_pair) == 1 and np.isfinite(nan_pair[0].xyz).all()
+    log = procs[0].output()
+    for text in ("'yuv422_yuy2' is not supported", 'image is 160x90 but the calibration says '
+                 '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive'):
+        assert text in log, text

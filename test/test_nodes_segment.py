@@ -1,0 +1,169 @@
+"""Segment node as a real process: fed by the replay tool, by hand-made bad input, parameters."""
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cmkd_ros.classes import SYNTHETIC
+from cmkd_ros.conversions import array_to_cloud, cloud_to_array, rclpy_types, stamp_ns
+from cmkd_ros.nodes.labeling import unpack_rgb
+from ros_utils import (RosClient, RosProcess, make_sim_bag, make_student_checkpoint, node_command,
+                       processes, ros_env, set_parameters, unique_domain_id, wait_for)
+
+SEGMENT = 'cmkd_ros.nodes.segment_node'
+REMAPS = {'~/input/pointcloud': '/lidar/points', '~/output/pointcloud': '/labeled'}
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    return make_student_checkpoint(tmp_path_factory.mktemp('ckpt') / 'student.pt')
+
+
+def _diag_values(diags, key):
+    """Latest value of ``key`` in the segment node's /diagnostics statuses (None if absent)."""
+    for _, msg in reversed(diags):
+        for status in msg.status:
+            if 'segment_node' in status.name:
+                for kv in status.values:
+                    if kv.key == key:
+                        return kv.value
+    return None
+
+
+def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint):
+    from sensor_msgs.msg import PointCloud2
+
+    from cmkd_ros.bag import deserialize, read_messages
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    bag = make_sim_bag(tmp_path / 'drive', frames=3)
+    inputs = {}
+    for topic, msgtype, _, raw in read_messages(bag, ['/lidar/points']):
+        msg = deserialize(raw, msgtype)
+        inputs[stamp_ns(msg)] = cloud_to_array(msg)
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        out = client.collect(PointCloud2, '/labeled')
+        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}, REMAPS),
+                                ros_env(domain), tmp_path / 'node.log'))
+        # 10x slower than recorded: one sweep per second, so even a loaded machine keeps up
+        procs.append(RosProcess(
+            [sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), '--rate', '0.1',
+             '--topics', '/lidar/points', '--wait-for', '/lidar/points', '--wait-timeout', '40'],
+            ros_env(domain), tmp_path / 'replay.log'))
+        assert procs[1].wait(timeout=60) == 0, procs[1].output()
+        wait_for(lambda: len(out) >= 3, 10, '3 labeled clouds',
+                 on_fail=lambda: procs[0].output()[-3000:])
+    student, info = load_checkpoint(checkpoint)
+    assert info['class_names'] == list(SYNTHETIC.names)
+    by_stamp = {stamp_ns(m): m for _, m in out}
+    assert sorted(by_stamp) == sorted(inputs)
+    for stamp, arr in inputs.items():
+        msg = by_stamp[stamp]
+        assert msg.header.frame_id == 'lidar'
+        labeled = cloud_to_array(msg)
+        assert labeled.dtype.names == arr.dtype.names + ('class_id', 'probability', 'rgb')
+        assert labeled.dtype['class_id'] == np.uint8 and labeled.dtype['rgb'] == np.float32
+        assert labeled.shape == arr.shape and arr.shape[0] > 3000   # every point, same order
+        for name in arr.dtype.names:
+            np.testing.assert_array_equal(labeled[name], arr[name])
+        ids = labeled['class_id'].astype(int)
+        assert ids.max() < SYNTHETIC.num_classes            # all in range: nothing cropped
+        assert np.all((labeled['probability'] > 0) & (labeled['probability'] <= 1))
+        np.testing.assert_array_equal(unpack_rgb(labeled['rgb']), SYNTHETIC.colorize(ids))
+        # the node's labels are the library's prediction on the same points
+        pred, prob = student.predict(np.stack([arr['x'], arr['y'], arr['z']], 1),
+                                     np.ascontiguousarray(arr['intensity']))
+        assert np.mean(pred.numpy() == ids) > 0.99
+        np.testing.assert_allclose(prob.numpy(), labeled['probability'], atol=1e-4)
+
+
+def _cloud(points, stamp, msg_types, fields=('x', 'y', 'z', 'intensity')):
+    arr = np.zeros(points.shape[0], dtype=[(f, 'f4') for f in fields])
+    for i, f in enumerate(fields):
+        arr[f] = points[:, i]
+    return array_to_cloud(arr, stamp, 'lidar', msg_types)
+
+
+def test_segment_node_survives_bad_input_and_reports_it(tmp_path, checkpoint):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from sensor_msgs.msg import PointCloud2
+    t = rclpy_types()
+    rng = np.random.default_rng(1)
+    good = rng.uniform(-10, 10, (200, 4)).astype(np.float32)
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        out = client.collect(PointCloud2, '/labeled')
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        pub = client.node.create_publisher(PointCloud2, '/lidar/points', 10)
+        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}, REMAPS),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: pub.get_subscription_count() > 0 and
+                 client.node.count_publishers('/labeled') > 0, 40, 'segment node',
+                 on_fail=procs[0].output)
+        time.sleep(0.5)
+
+        def send_and_expect(msg, expect_output):
+            stamp_good = stamp_ns(msg) + 1
+            pub.publish(msg)
+            time.sleep(0.3)
+            pub.publish(_cloud(good, stamp_good, t))          # the node still answers
+            wait_for(lambda: any(stamp_ns(m) == stamp_good for _, m in out), 20,
+                     'output after bad input', on_fail=procs[0].output)
+            got = [m for _, m in out if stamp_ns(m) == stamp_ns(msg)]
+            assert bool(got) == expect_output
+            return got
+
+        base = 2_000_000_000_000_000_000
+        no_xyz = _cloud(good[:, :3], base, t, fields=('a', 'b', 'c'))
+        send_and_expect(no_xyz, False)
+        bad_step = _cloud(good, base + 10, t)
+        bad_step.point_step = 8                               # fields end past the point
+        send_and_expect(bad_step, False)
+        with_nan = good.copy()
+        with_nan[:20, 0] = np.nan
+        got = send_and_expect(_cloud(with_nan, base + 20, t), True)
+        labeled = cloud_to_array(got[0])
+        assert labeled.shape == (200,)
+        assert np.all(labeled['class_id'][:20] == 255) and np.all(labeled['class_id'][20:] < 12)
+        got = send_and_expect(_cloud(good[:0], base + 30, t), True)   # empty in, empty out
+        assert got[0].width * got[0].height == 0
+        send_and_expect(_cloud(good, base - 10_000_000_000, t), True)  # stamp backwards
+        keys = ('missing_xyz', 'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
+        wait_for(lambda: all(_diag_values(diags, k) for k in keys), 5, 'diagnostics counters',
+                 on_fail=lambda: str(diags[-1][1] if diags else None))
+        assert [int(_diag_values(diags, k)) for k in keys] == [1] * 5
+        assert procs[0].returncode is None                    # still running
+    log = procs[0].output()
+    assert "no field(s) ['x', 'y', 'z']" in log and 'point_step 8' in log   # names the problem
+
+
+def test_segment_node_parameters_are_validated(tmp_path, checkpoint):
+    domain = unique_domain_id()
+    # invalid at startup: exits with a message naming the parameter
+    proc = RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint), 'range_max': -1.0}),
+                      ros_env(domain), tmp_path / 'bad.log')
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        proc.stop()
+    assert 'range_max' in proc.output()
+    proc = RosProcess(node_command(SEGMENT, {'checkpoint': str(tmp_path / 'missing.pt')}),
+                      ros_env(domain), tmp_path / 'missing.log')
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        proc.stop()
+    assert 'checkpoint not found' in proc.output()
+    # at runtime: a valid change is taken, an invalid or read-only one refused with a reason
+    with RosClient(domain) as client, processes() as procs:
+        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        ok = set_parameters(client, '/segment_node', {'range_max': 50.0}, timeout=40)
+        assert ok[0].successful
+        bad = set_parameters(client, '/segment_node', {'range_min': 60.0})
+        assert not bad[0].successful and 'range_max' in bad[0].reason
+        bad = set_parameters(client, '/segment_node', {'classes': ['car', 'dragon']})
+        assert not bad[0].successful and 'dragon' in bad[0].reason
+        ro = set_parameters(client, '/segment_node', {'checkpoint': 'other.pt'})
+        assert not ro[0].successful

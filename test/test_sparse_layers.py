@@ -1,0 +1,231 @@
+"""Every sparse layer of the pure-PyTorch backend against dense conv3d / conv_transpose3d.
+
+Random voxels on small grids (two scans in a batch, negative coordinates included); the dense
+reference runs on the zero-filled grid and is read at the output voxels. Outputs and gradients
+(inputs and weights) must agree to a relative error below 1e-4 (float64).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmkd_ros.sparse import (CoordinateManager, SparseBatchNorm, SparseConv3d, SparseError,
+                             SparsePool, SparseReLU, SparseTensor, SparseUpsample, kernel_offsets,
+                             sparse_cat)
+
+GRID = 12  # cells per axis (multiple of 4 so that strides 2 and 4 tile it)
+LOW = -4  # grid origin (multiple of 4)
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def random_voxels(seed, occupancy=0.25, batch=2, channels=3):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, GRID, GRID, GRID, generator=gen) < occupancy
+    idx = mask.nonzero()
+    coords = idx.clone()
+    coords[:, 1:] += LOW
+    perm = torch.randperm(coords.shape[0], generator=gen)  # arbitrary input order
+    coords = coords[perm].to(torch.int32)
+    feats = torch.randn(coords.shape[0], channels, generator=gen, dtype=torch.float64)
+    return coords, feats
+
+
+def to_dense(coords, feats, stride=1, size=None):
+    """(B, C, G, G, G) grid of voxels at ``stride`` (cells of ``stride`` voxels from LOW)."""
+    size = size or GRID // stride
+    batch = int(coords[:, 0].max()) + 1
+    dense = feats.new_zeros(batch, feats.shape[1], size, size, size)
+    cell = torch.div(coords[:, 1:].long() - LOW, stride, rounding_mode='floor')
+    dense[coords[:, 0].long(), :, cell[:, 0], cell[:, 1], cell[:, 2]] = feats
+    return dense
+
+
+def read_dense(dense, coords, stride=1):
+    cell = torch.div(coords[:, 1:].long() - LOW, stride, rounding_mode='floor')
+    return dense[coords[:, 0].long(), :, cell[:, 0], cell[:, 1], cell[:, 2]]
+
+
+def dense_weight(conv):
+    """conv3d weight (Cout, Cin, k, k, k) (conv_transpose3d: (Cin, Cout, ...)) of a layer."""
+    k = conv.kernel_size
+    w = conv.weight.detach().reshape(k, k, k, conv.in_channels, conv.out_channels)
+    if conv.transposed:
+        return w.permute(3, 4, 0, 1, 2).contiguous()
+    return w.permute(4, 3, 0, 1, 2).contiguous()
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def check_against_dense(layer, sparse_in, dense_fn, in_stride, out_stride):
+    """Compare outputs and gradients of ``layer`` with ``dense_fn(dense_input, weight)``."""
+    feats = sparse_in.features.clone().requires_grad_(True)
+    x = sparse_in.replace(feats)
+    out = layer(x)
+    gen = torch.Generator().manual_seed(7)
+    upstream = torch.randn(out.features.shape, generator=gen, dtype=torch.float64)
+    (out.features * upstream).sum().backward()
+
+    dense_in = to_dense(x.coords, sparse_in.features, in_stride).requires_grad_(True)
+    weight = dense_weight(layer).requires_grad_(True)
+    dense_out = dense_fn(dense_in, weight)
+    ref = read_dense(dense_out, out.coords, out_stride)
+    (ref * upstream).sum().backward()
+
+    assert out.stride == out_stride
+    assert rel_err(out.features.detach(), ref.detach()) < 1e-4
+    assert rel_err(feats.grad, read_dense(dense_in.grad, x.coords, in_stride)) < 1e-4
+    k = layer.kernel_size
+    grad_w = weight.grad.permute(*((2, 3, 4, 0, 1) if layer.transposed else (2, 3, 4, 1, 0)))
+    assert rel_err(layer.weight.grad, grad_w.reshape(k ** 3, layer.in_channels,
+                                                     layer.out_channels)) < 1e-4
+    return out
+
+
+@pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 1), (3, 2), (1, 1)])
+def test_submanifold_conv_matches_dense(kernel_size, dilation):
+    coords, feats = random_voxels(1)
+    x = SparseTensor(feats, coords)
+    layer = SparseConv3d(3, 4, kernel_size, dilation=dilation).double()
+    pad = (kernel_size // 2) * dilation
+    out = check_against_dense(layer, x, lambda d, w: F.conv3d(d, w, padding=pad,
+                                                              dilation=dilation), 1, 1)
+    assert torch.equal(out.coords, coords)  # submanifold: same voxels, same order
+
+
+def test_even_kernel_stride_one_uses_forward_offsets():
+    coords, feats = random_voxels(2)
+    layer = SparseConv3d(3, 2, kernel_size=2).double()
+    check_against_dense(layer, SparseTensor(feats, coords),
+                        lambda d, w: F.conv3d(F.pad(d, (0, 1, 0, 1, 0, 1)), w), 1, 1)
+
+
+@pytest.mark.parametrize('kernel_size', [2, 3])
+def test_strided_conv_matches_dense(kernel_size):
+    coords, feats = random_voxels(3)
+    layer = SparseConv3d(3, 5, kernel_size, stride=2).double()
+    pad = 1 if kernel_size == 3 else 0
+    out = check_against_dense(layer, SparseTensor(feats, coords),
+                              lambda d, w: F.conv3d(d, w, stride=2, padding=pad), 1, 2)
+    # 1. The output voxels are exactly the occupied stride-2 cells.
+    parents = torch.cat([coords[:, :1], torch.div(coords[:, 1:], 2, rounding_mode='floor') * 2],
+                        dim=1)
+    assert torch.equal(torch.unique(parents, dim=0), torch.unique(out.coords, dim=0))
+    assert out.coords.shape[0] == torch.unique(parents, dim=0).shape[0]
+
+
+def test_second_level_conv_uses_stride_units():
+    coords, feats = random_voxels(4, occupancy=0.5)
+    x = SparseTensor(feats, coords)
+    x2 = SparseConv3d(3, 3, 2, stride=2).double()(x)
+    x2 = x2.replace(x2.features.detach())
+    check_against_dense(SparseConv3d(3, 2, 3).double(), x2,
+                        lambda d, w: F.conv3d(d, w, padding=1), 2, 2)
+    check_against_dense(SparseConv3d(3, 2, 2, stride=2).double(), x2,
+                        lambda d, w: F.conv3d(d, w, stride=2), 2, 4)
+
+
+@pytest.mark.parametrize('kernel_size', [2, 3])
+def test_transposed_conv_matches_dense(kernel_size):
+    coords, feats = random_voxels(5)
+    x = SparseTensor(feats, coords)
+    coarse = SparseConv3d(3, 3, 2, stride=2).double()(x)
+    coarse = coarse.replace(coarse.features.detach())
+    layer = SparseConv3d(3, 4, kernel_size, stride=2, transposed=True).double()
+    if kernel_size == 2:
+        def dense(d, w):
+            return F.conv_transpose3d(d, w, stride=2)
+    else:
+        def dense(d, w):
+            return F.conv_transpose3d(d, w, stride=2, padding=1, output_padding=1)
+    out = check_against_dense(layer, coarse, dense, 2, 1)
+    assert torch.equal(out.coords, coords)  # back onto the cached finer voxels, same order
+
+
+def test_max_and_avg_pool_match_dense():
+    coords, feats = random_voxels(6)
+    x = SparseTensor(feats.clone().requires_grad_(True), coords)
+    dense = to_dense(coords, x.features.detach())
+    occupied = to_dense(coords, torch.ones(coords.shape[0], 1, dtype=torch.float64))
+    out_max = SparsePool('max', 2, 2)(x)
+    filled = torch.where(occupied > 0, dense, torch.full_like(dense, -torch.inf))
+    ref_max = read_dense(F.max_pool3d(filled, 2), out_max.coords, 2)
+    assert rel_err(out_max.features.detach(), ref_max) < 1e-12
+    out_avg = SparsePool('avg', 2, 2)(x)
+    ref_avg = read_dense(F.avg_pool3d(dense, 2) / F.avg_pool3d(occupied, 2), out_avg.coords, 2)
+    assert rel_err(out_avg.features.detach(), ref_avg) < 1e-12
+    # 1. Gradients: the average spreads 1/count to each child; the max routes to the argmax.
+    out_avg.features.sum().backward()
+    count = read_dense(F.avg_pool3d(occupied, 2) * 8, out_avg.coords, 2)[:, 0]
+    parent = x.manager.parents(1, 2)[0]
+    expected = (1.0 / count)[parent].unsqueeze(1).expand(-1, 3)
+    assert rel_err(x.features.grad, expected) < 1e-12
+
+
+def test_upsample_nearest_copies_parent():
+    coords, feats = random_voxels(8)
+    x = SparseTensor(feats, coords)
+    coarse = SparsePool('avg', 2, 2)(x)
+    fine = SparseUpsample(2)(coarse)
+    dense = to_dense(coarse.coords, coarse.features, 2, GRID // 2)
+    ref = read_dense(dense.repeat_interleave(2, 2).repeat_interleave(2, 3)
+                     .repeat_interleave(2, 4), coords)
+    assert torch.equal(fine.coords, coords)
+    assert rel_err(fine.features, ref) < 1e-12
+
+
+def test_batch_norm_relu_and_cat_keep_coordinates():
+    coords, feats = random_voxels(9)
+    x = SparseTensor(feats, coords)
+    bn = SparseBatchNorm(3).double()
+    y = SparseReLU()(bn(x))
+    ref = torch.relu((feats - feats.mean(0)) / torch.sqrt(feats.var(0, unbiased=False) + 1e-5))
+    assert rel_err(y.features, ref) < 1e-6
+    z = sparse_cat(x, y)
+    assert z.features.shape == (coords.shape[0], 6)
+    assert torch.equal(z.features[:, 3:], y.features)
+    coarse = SparsePool('max', 2, 2)(x)
+    with pytest.raises(SparseError, match='same coordinates'):
+        sparse_cat(x, coarse)
+
+
+def test_kernel_maps_are_cached_and_shared():
+    coords, feats = random_voxels(10)
+    x = SparseTensor(feats, coords)
+    first = x.manager.kernel_map(1, 3)
+    assert x.manager.kernel_map(1, 3) is first
+    # 1. Pair count equals the dense count of occupied neighbours.
+    occ = to_dense(coords, torch.ones(coords.shape[0], 1, dtype=torch.float64))
+    neighbours = F.conv3d(occ, torch.ones(1, 1, 3, 3, 3, dtype=torch.float64), padding=1)
+    assert first.num_pairs == int(read_dense(neighbours, coords).sum())
+
+
+def test_kernel_offsets_order_is_z_fastest():
+    offs = kernel_offsets(3)
+    assert offs.shape == (27, 3)
+    assert offs[0].tolist() == [-1, -1, -1] and offs[1].tolist() == [-1, -1, 0]
+    assert offs[9].tolist() == [0, -1, -1]
+    assert kernel_offsets(2)[-1].tolist() == [1, 1, 1]
+
+
+def test_bad_coordinates_raise():
+    with pytest.raises(SparseError, match='duplicate'):
+        CoordinateManager(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(SparseError, match=r'\(N, 4\)'):
+        CoordinateManager(torch.zeros(3, 3, dtype=torch.int32))
+    with pytest.raises(SparseError, match='span'):
+        CoordinateManager(torch.tensor([[0, 0, 0, 0], [0, 200000, 0, 0]], dtype=torch.int32))
+    with pytest.raises(SparseError, match='feature rows'):
+        SparseTensor(torch.zeros(2, 1), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32))
+    x = SparseTensor(torch.zeros(1, 1), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32))
+    with pytest.raises(SparseError, match='upsample'):
+        SparseConv3d(1, 1, 2, stride=2, transposed=True)(x)

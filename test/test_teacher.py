@@ -1,0 +1,173 @@
+"""2D teachers: shapes and strides, torchvision-compatible ResNets, save/load (state dict,
+saved teacher, TorchScript), pretrained loading, and a tiny training run on synthetic images."""
+import numpy as np
+import pytest
+import torch
+
+from cmkd_ros.classes import SYNTHETIC
+from cmkd_ros.config import ConfigError
+from cmkd_ros.models.teacher import (ResNetTrunk, TeacherConfig, TeacherError, Bottleneck,
+                                     BasicBlock, build_teacher, convert_torchvision_state_dict,
+                                     freeze, load_pretrained, load_teacher, save_teacher)
+
+
+def tiny_small(**kw):
+    return build_teacher({'arch': 'small', 'width': 8, 'feature_dim': 16, 'num_classes': 5,
+                          **kw})
+
+
+@pytest.mark.parametrize('stride', [4, 8])
+def test_small_teacher_shapes_and_stride(stride):
+    teacher = tiny_small(output_stride=stride).eval()
+    images = torch.rand(2, 3, 50, 83)
+    feats = teacher.features(images)
+    assert teacher.feature_stride == stride
+    assert feats.shape == (2, 16, -(-50 // stride), -(-83 // stride))
+    assert teacher(images).shape == (2, 5, 50, 83)
+    assert isinstance(teacher.classifier, torch.nn.Conv2d)
+    assert teacher.classifier.kernel_size == (1, 1)
+    # the logits are the classifier applied to the features, then upsampled
+    with torch.no_grad():
+        direct = torch.nn.functional.interpolate(teacher.classifier(feats), size=(50, 83),
+                                                 mode='bilinear', align_corners=False)
+        torch.testing.assert_close(teacher(images), direct)
+    # uint8 images are the same as [0, 1] floats
+    u8 = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.features(u8), teacher.features(u8.float() / 255))
+
+
+def test_resnet_trunks_match_torchvision_parameter_counts():
+    # torchvision resnet50 / resnet18 have 25,557,032 / 11,689,512 parameters with the
+    # 1000-class fc (2048*1000+1000 / 512*1000+1000); our trunks are those without fc.
+    r50 = ResNetTrunk(Bottleneck, (3, 4, 6, 3), (False, True, True))
+    r18 = ResNetTrunk(BasicBlock, (2, 2, 2, 2), (False, True, True))
+    assert sum(p.numel() for p in r50.parameters()) == 25_557_032 - 2_049_000
+    assert sum(p.numel() for p in r18.parameters()) == 11_689_512 - 513_000
+    assert 'layer4.2.conv3.weight' in r50.state_dict()
+    assert r50.stride == 8
+
+
+@pytest.mark.parametrize('arch,stride', [('deeplabv3_resnet18', 8), ('deeplabv3_resnet18', 16)])
+def test_deeplab_teacher_strides(arch, stride):
+    teacher = build_teacher({'arch': arch, 'feature_dim': 32, 'num_classes': 3,
+                             'output_stride': stride}).eval()
+    with torch.no_grad():
+        feats = teacher.features(torch.rand(1, 3, 64, 96))
+    assert feats.shape == (1, 32, 64 // stride, 96 // stride)
+    assert teacher.feature_stride == stride
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match='output_stride'):
+        build_teacher({'arch': 'small', 'output_stride': 16})
+    with pytest.raises(ConfigError, match='arch'):
+        build_teacher({'arch': 'vit'})
+    with pytest.raises(TeacherError, match='class map has 12 classes'):
+        build_teacher({'num_classes': 5}, class_map=SYNTHETIC)
+    with pytest.raises(TeacherError, match='3, H, W'):
+        tiny_small().features(torch.rand(1, 1, 8, 8))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    teacher = build_teacher({'arch': 'small', 'width': 8, 'feature_dim': 16}, SYNTHETIC).eval()
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        expect = teacher(x)
+    # saved teacher: config and class map travel in the file
+    path = tmp_path / 'teacher.pt'
+    save_teacher(teacher, str(path))
+    loaded = load_teacher(str(path))
+    assert loaded.class_map == SYNTHETIC and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expect)
+    # bare state dict needs the config
+    bare = tmp_path / 'bare.pt'
+    torch.save(teacher.state_dict(), bare)
+    with pytest.raises(TeacherError, match='needs a TeacherConfig'):
+        load_teacher(str(bare))
+    cfg = TeacherConfig(arch='small', width=8, feature_dim=16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_teacher(str(bare), cfg)(x), expect)
+    with pytest.raises(TeacherError, match='do not fit'):
+        load_teacher(str(bare), {'arch': 'small', 'width': 8, 'feature_dim': 16,
+                                 'num_classes': 4})
+    with pytest.raises(TeacherError, match='holds a small teacher'):
+        load_teacher(str(path), {'arch': 'small', 'num_classes': 3})
+
+
+def test_torchscript_teacher(tmp_path):
+    teacher = tiny_small().eval()
+    path = tmp_path / 'teacher_ts.pt'
+    torch.jit.script(teacher).save(str(path))
+    loaded = load_teacher(str(path))
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), teacher(x))
+        torch.testing.assert_close(loaded.features(x), teacher.features(x))
+    assert loaded.feature_stride == 4 and loaded.feature_dim == 16 and loaded.num_classes == 5
+    torch.testing.assert_close(loaded.classifier.weight, teacher.classifier.weight)
+
+
+def test_rejects_non_weights_files(tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(TeacherError, match='weights_only'):
+        load_teacher(str(bad), {'arch': 'small'})
+    with pytest.raises(TeacherError, match='not found'):
+        load_teacher(str(tmp_path / 'none.pt'))
+
+
+def test_torchvision_key_conversion_and_pretrained_backbone(tmp_path):
+    source = build_teacher({'arch': 'deeplabv3_resnet18', 'feature_dim': 32,
+                            'num_classes': 3})
+    # a torchvision-style ImageNet resnet18 state dict: trunk keys without prefix, plus fc
+    imagenet = {k[len('backbone.'):]: v.clone() + 1.0 for k, v in source.state_dict().items()
+                if k.startswith('backbone.')}
+    imagenet['fc.weight'] = torch.zeros(1000, 512)
+    imagenet['fc.bias'] = torch.zeros(1000)
+    path = tmp_path / 'resnet18_imagenet.pth'
+    torch.save(imagenet, path)
+    teacher = build_teacher({'arch': 'deeplabv3_resnet18', 'feature_dim': 32,
+                             'num_classes': 3, 'pretrained_path': str(path)})
+    state = teacher.state_dict()
+    torch.testing.assert_close(state['backbone.layer3.1.conv2.weight'],
+                               imagenet['layer3.1.conv2.weight'])
+    # torchvision deeplabv3 names: classifier.0-3 = head, classifier.4 = 1x1 classifier
+    converted = convert_torchvision_state_dict({'classifier.0.convs.0.0.weight': 1,
+                                                'classifier.4.weight': 2,
+                                                'aux_classifier.0.weight': 3,
+                                                'backbone.conv1.weight': 4})
+    assert converted == {'head.0.convs.0.0.weight': 1, 'classifier.weight': 2,
+                         'backbone.conv1.weight': 4}
+    unrelated = tmp_path / 'unrelated.pth'
+    torch.save({'encoder.weight': torch.zeros(2)}, unrelated)
+    with pytest.raises(TeacherError, match='no parameter matches'):
+        load_pretrained(teacher, str(unrelated))
+
+
+def test_freeze():
+    teacher = freeze(tiny_small())
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_tiny_training_reduces_loss_and_beats_chance(tmp_path):
+    from fixtures.synthetic import write_sim_pairs
+    from offline_training.readers.images import PairImageDataset
+    from offline_training.train_teacher import evaluate_teacher, train_teacher
+    root = write_sim_pairs(tmp_path / 'pairs', frames=2)
+    data = PairImageDataset(root)
+    teacher, history = train_teacher(
+        {'arch': 'small', 'width': 8, 'feature_dim': 16}, data, steps=24, batch_size=4,
+        crop_size=(64, 96), lr=5e-3, log_every=4, device='cpu', class_map=SYNTHETIC, seed=1)
+    assert len(history['loss']) == 6 and history['step'][-1] == 24
+    assert history['loss'][-1] < 0.7 * history['loss'][0]
+    assert not teacher.training
+    result = evaluate_teacher(teacher, data)
+    assert set(result['iou']) == set(SYNTHETIC.names)
+    # far better than the majority class alone on the training images
+    labels = np.concatenate([data[i]['label'].ravel() for i in range(len(data))])
+    labels = labels[labels != 255]
+    majority = np.bincount(labels).max() / len(labels)
+    assert result['accuracy'] > majority + 0.05

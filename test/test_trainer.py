@@ -1,0 +1,180 @@
+"""Trainer: every method's loss terms, frozen teacher, exact resume, checkpoints, outputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cmkd_ros.classes import SYNTHETIC
+from cmkd_ros.config import ConfigError, build
+from cmkd_ros.models.checkpoint import load_checkpoint
+from cmkd_ros.models.teacher import build_teacher, load_teacher, save_teacher
+from offline_training import trainer as T
+from offline_training.config import TrainConfig, load_train_config
+from offline_training.experiments import render_worlds
+
+TINY_SIM = {'lidar': {'beams': 8, 'horizontal_resolution_deg': 2.0},
+            'cameras': {'count': 2, 'width': 64, 'height': 48}}
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """Four synthetic pairs (one street), two held-out pairs (another) and a random teacher."""
+    root = tmp_path_factory.mktemp('tiny')
+    train = render_worlds(str(root / 'train'), (1,), 4, 3, TINY_SIM)
+    val = render_worlds(str(root / 'val'), (2,), 2, 3, TINY_SIM)
+    torch.manual_seed(0)
+    teacher = build_teacher({'arch': 'small', 'feature_dim': 16, 'width': 8}, SYNTHETIC)
+    path = str(root / 'teacher.pt')
+    save_teacher(teacher, path)
+    return {'train': train, 'val': val, 'teacher': path}
+
+
+def make_config(tiny, method, out, *extra):
+    base = [f'data.train={tiny["train"]}', f'out_dir={out}', 'steps=4', 'checkpoint_every=2',
+            'log_every=1', 'student.arch=small', 'data.batch_size=2', 'progress=false',
+            'threads=1', 'optim.warmup_steps=0']
+    if method in ('udakd', 'fskd'):
+        base.append(f'teacher.checkpoint={tiny["teacher"]}')
+    else:
+        base += ['share_teacher_classifier=false', 'freeze_classifier=false']
+    return load_train_config(method, None, base + list(extra))
+
+
+def state_of(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('method,terms', [('fskd', {'feature', 'semantic'}),
+                                          ('udakd', {'infonce'}),
+                                          ('supervised', {'ce'})])
+def test_methods_return_named_terms_and_write_outputs(tiny, tmp_path, method, terms):
+    config = make_config(tiny, method, tmp_path / method)
+    summary = T.train(config)
+    assert set(summary['losses']) == terms | {'total'}
+    assert all(np.isfinite(v) for v in summary['losses'].values())
+    out = tmp_path / method
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4]
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out / 'tensorboard'))
+    # The exported student loads alone, with its class map and the training config.
+    student, info = load_checkpoint(out / 'student.pt')
+    assert info['class_names'] == list(SYNTHETIC.names)
+    assert info['extra']['train_config']['method'] == method
+    trained = state_of(summary['checkpoint'])['student']
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, trained[name])
+
+
+def test_fskd_keeps_teacher_frozen_and_shares_its_classifier(tiny, tmp_path):
+    config = make_config(tiny, 'fskd', tmp_path / 'fskd', 'steps=3')
+    trainer = T.Trainer(config)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.fit()
+    assert not trainer.teacher.training
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    weight = trainer.teacher.classifier.weight[:, :, 0, 0]
+    assert torch.equal(trainer.student.classifier.weight, weight)
+    assert torch.equal(trainer.student.classifier.bias, trainer.teacher.classifier.bias)
+    changed = [k for k, v in trainer.student.state_dict().items()
+               if k.startswith('backbone.') and not torch.equal(v, start[k])]
+    assert changed, 'the student backbone did not train'
+
+
+def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
+    config = make_config(tiny, 'fskd', tmp_path / 'grad')
+    trainer = T.Trainer(config)
+    batch = T.move_to(trainer.collate([trainer.dataset[0], trainer.dataset[1]]), trainer.device)
+    outputs = trainer.student(batch['coords'], batch['vfeats'])
+    pseudo2d = outputs['pseudo2d'].detach().requires_grad_(True)
+    logits = trainer.student.classifier(pseudo2d)
+    context = T.LossContext(config, trainer.teacher, torch.Generator().manual_seed(0))
+    for terms in (T.fskd_terms({'pseudo2d': pseudo2d, 'logits': logits}, batch, context),
+                  T.udakd_terms({'pseudo2d': pseudo2d, 'logits': logits}, batch, context)):
+        pseudo2d.grad = None
+        sum(terms.values()).backward()
+        with_pixels = torch.zeros(len(pseudo2d), dtype=torch.bool)
+        with_pixels[batch['inverse'][batch['corr_point']]] = True
+        assert (~with_pixels).any() and with_pixels.any()
+        assert float(pseudo2d.grad[~with_pixels].abs().max()) == 0.0
+        assert float(pseudo2d.grad[with_pixels].abs().sum()) > 0.0
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
+    full = T.train(make_config(tiny, 'fskd', tmp_path / 'full', 'steps=5'))
+    cut = make_config(tiny, 'fskd', tmp_path / 'cut', 'steps=5')
+    T.train(cut)
+    # Drop the final checkpoint as if the process had died after step 4.
+    steps = T.list_checkpoints(str(tmp_path / 'cut'))
+    assert [s for s, _ in steps] == [4, 5]
+    os.remove(steps[-1][1])
+    trainer = T.Trainer(cut, resume=True)
+    assert trainer.step == 4
+    resumed = trainer.fit()
+    a = state_of(full['checkpoint'])['student']
+    b = state_of(resumed['checkpoint'])['student']
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_changed_settings(tiny, tmp_path):
+    T.train(make_config(tiny, 'supervised', tmp_path / 'run', 'steps=2'))
+    with pytest.raises(T.TrainingError, match='optim.lr'):
+        T.Trainer(make_config(tiny, 'supervised', tmp_path / 'run', 'steps=2',
+                              'optim.lr=0.5'), resume=True)
+
+
+def test_checkpoint_contents_and_pruning(tiny, tmp_path):
+    summary = T.train(make_config(tiny, 'supervised', tmp_path / 'ck', 'steps=6',
+                                  'keep_checkpoints=2'))
+    found = T.list_checkpoints(str(tmp_path / 'ck'))
+    assert [s for s, _ in found] == [4, 6]
+    assert not [n for n in os.listdir(tmp_path / 'ck' / 'checkpoints') if 'tmp' in n]
+    state = state_of(summary['checkpoint'])
+    assert state['step'] == 6 and state['format'] == T.CHECKPOINT_FORMAT
+    assert {'student', 'optimizer', 'scheduler', 'scaler', 'rng', 'config'} <= set(state)
+    assert build(TrainConfig, state['config']).method == 'supervised'
+
+
+def test_label_fraction_scans_and_points(tiny, tmp_path):
+    assert T.labeled_scan_indices(10, 0.3, 0) == T.labeled_scan_indices(10, 0.3, 0)
+    assert len(T.labeled_scan_indices(10, 0.3, 0)) == 3
+    assert len(T.labeled_scan_indices(10, 0.01, 0)) == 1
+    scans = T.Trainer(make_config(tiny, 'finetune', tmp_path / 's', 'data.label_fraction=0.5'))
+    assert len(scans.dataset) == 2
+    points = T.Trainer(make_config(tiny, 'finetune', tmp_path / 'p', 'data.label_fraction=0.25',
+                                   'data.label_unit=points'))
+    full = T.Trainer(make_config(tiny, 'finetune', tmp_path / 'f'))
+    kept = points.dataset[0]['labels'] != 255
+    labeled = full.dataset[0]['labels'] != 255
+    assert (kept <= labeled).all()
+    assert 0.15 < kept.sum() / labeled.sum() < 0.35
+    assert torch.equal(points.dataset[0]['labels'] != 255, kept)   # same points every time
+
+
+def test_config_errors_name_the_field(tiny, tmp_path):
+    with pytest.raises(ConfigError, match='teacher.checkpoint'):
+        load_train_config('fskd', None, [f'data.train={tiny["train"]}'])
+    with pytest.raises(ConfigError, match='freeze_classifier'):
+        load_train_config('supervised', None, ['share_teacher_classifier=false'])
+    with pytest.raises(ConfigError, match='student.feature_dim'):
+        T.Trainer(make_config(tiny, 'fskd', tmp_path / 'x', 'student.feature_dim=8'))
+    with pytest.raises(ConfigError, match='unknown setting'):
+        make_config(tiny, 'fskd', tmp_path / 'x', 'loss.nope=1')
+
+
+def test_teacher_feature_cache_returns_the_same_features(tiny):
+    teacher = load_teacher(tiny['teacher'])
+    images = torch.randint(0, 255, (3, 3, 48, 64), dtype=torch.uint8)
+    cache = T.TeacherFeatureCache(teacher, 2 ** 30)
+    first = cache(images)
+    again = cache(images[[2, 0]])
+    assert cache.hits == 2 and cache.misses == 3
+    torch.testing.assert_close(again, first[[2, 0]])
+    with torch.no_grad():
+        direct = teacher.features(images.float() / 255)
+    torch.testing.assert_close(first, direct, rtol=1e-2, atol=1e-2)
