@@ -219,7 +219,12 @@ def cloud_to_array(msg: Any, backend: str = 'auto') -> np.ndarray:
     if data.size < need:
         raise ConversionError(f'PointCloud2 data has {data.size} bytes, layout needs {need} '
                               f'({height}x{width}, point_step {point_step}, row_step {row_step})')
-    if backend == 'ros' or (backend == 'auto' and _ros_cloud_reader_ok(msg, view_dtype)):
+    ros_ok = ros_reads_cloud(msg)
+    if backend == 'ros' and not ros_ok:
+        raise ConversionError('sensor_msgs_py reads only rclpy clouds with packed count-1 '
+                              'fields in host byte order and no row padding; use backend='
+                              '"own" (or "auto") for this one')
+    if backend == 'ros' or (backend == 'auto' and ros_ok and _importable('sensor_msgs_py')):
         return _cloud_to_array_ros(msg, out_dtype)
     # 1. one row of bytes per cloud row, row padding cut off; 2. view with the message layout.
     rows = np.lib.stride_tricks.as_strided(data, shape=(height, width * point_step),
@@ -232,16 +237,23 @@ def cloud_to_array(msg: Any, backend: str = 'auto') -> np.ndarray:
     return out
 
 
-def _ros_cloud_reader_ok(msg: Any, view_dtype: np.dtype) -> bool:
-    """Whether sensor_msgs_py is importable and reads this layout correctly."""
-    if not _is_rclpy_msg(msg) or not _importable('sensor_msgs_py'):
+def ros_reads_cloud(msg: Any) -> bool:
+    """Whether sensor_msgs_py's ``read_points`` decodes this PointCloud2 layout correctly.
+
+    It needs an rclpy message whose count-1 fields end exactly at ``point_step``, without row
+    padding, in the host byte order.
+    """
+    if not _is_rclpy_msg(msg):
         return False
-    packed_end = max(view_dtype.fields[n][1] + view_dtype.fields[n][0].itemsize
-                     for n in view_dtype.names)
-    return (int(msg.row_step) == int(msg.width) * int(msg.point_step)
+    try:
+        view = cloud_dtype(msg.fields, int(msg.point_step), bool(msg.is_bigendian))
+    except ConversionError:
+        return False
+    ends = [view.fields[n][1] + view.fields[n][0].itemsize for n in view.names]
+    return (bool(ends) and max(ends) == int(msg.point_step)
+            and int(msg.row_step) == int(msg.width) * int(msg.point_step)
             and all(int(f.count) == 1 for f in msg.fields)
-            and bool(msg.is_bigendian) == (sys.byteorder == 'big')
-            and packed_end == int(msg.point_step))
+            and bool(msg.is_bigendian) == (sys.byteorder == 'big'))
 
 
 def _cloud_to_array_ros(msg: Any, out_dtype: np.dtype) -> np.ndarray:
@@ -367,8 +379,11 @@ def _image_to_array(msg: Any, backend: str) -> np.ndarray:
     if data.size < need:
         raise ConversionError(f'Image data has {data.size} bytes, {width}x{height} {encoding} '
                               f'with step {step} needs {need}')
-    if backend == 'ros' or (backend == 'auto' and _is_rclpy_msg(msg)
-                            and _importable('cv_bridge')):
+    ros_ok = ros_reads_image(msg)
+    if backend == 'ros' and not ros_ok:
+        raise ConversionError('cv_bridge reads only rclpy Images in host byte order whose step '
+                              'is a whole number of pixels; use backend "own" (or "auto")')
+    if backend == 'ros' or (backend == 'auto' and ros_ok and _importable('cv_bridge')):
         return _image_to_array_ros(msg, channels)
     # 1. rows without step padding; 2. typed view in the message byte order; 3. channel order.
     rows = np.lib.stride_tricks.as_strided(data, shape=(height, width * pixel),
@@ -384,6 +399,16 @@ def _image_to_array(msg: Any, backend: str) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, :3])
 
 
+def ros_reads_image(msg: Any) -> bool:
+    """Whether cv_bridge decodes this (supported-encoding) Image layout correctly."""
+    if not _is_rclpy_msg(msg) or str(msg.encoding) not in IMAGE_ENCODINGS:
+        return False
+    dtype, channels = IMAGE_ENCODINGS[str(msg.encoding)]
+    pixel = np.dtype(dtype).itemsize * channels
+    return (int(msg.step) % pixel == 0
+            and bool(int(msg.is_bigendian)) == (sys.byteorder == 'big'))
+
+
 def _image_to_array_ros(msg: Any, channels: int) -> np.ndarray:
     bridge = _require('cv_bridge').CvBridge()
     if channels == 1:
@@ -397,6 +422,9 @@ def _compressed_to_array(msg: Any, backend: str) -> np.ndarray:
     data = _data_bytes(msg.data)
     if data.size == 0:
         raise ConversionError('CompressedImage has no data')
+    if backend == 'ros' and not _is_rclpy_msg(msg):
+        raise ConversionError('cv_bridge reads only rclpy CompressedImage messages; use backend '
+                              '"own" (or "auto")')
     if backend == 'ros' or (backend == 'auto' and _is_rclpy_msg(msg)
                             and _importable('cv_bridge')):
         bridge = _require('cv_bridge').CvBridge()

@@ -44,21 +44,23 @@ def quat_to_matrix(q_xyzw: np.ndarray) -> np.ndarray:
 
 
 def rotvec_to_matrix(rotvec: np.ndarray) -> np.ndarray:
-    """(..., 3) axis * angle -> (..., 3, 3) rotation matrices (Rodrigues)."""
+    """(..., 3) axis * angle -> (..., 3, 3) rotation matrices (Rodrigues).
+
+    ``R = cos(a) I + sin(a) [n]x + (1 - cos(a)) n n^T`` for the unit axis ``n``.
+    """
     v = np.asarray(rotvec, dtype=np.float64)
     angle = np.linalg.norm(v, axis=-1)
-    safe = np.where(angle > 1e-12, angle, 1.0)
-    axis = v / safe[..., None]
-    K = np.zeros(v.shape[:-1] + (3, 3))
-    K[..., 0, 1], K[..., 0, 2] = -axis[..., 2], axis[..., 1]
-    K[..., 1, 0], K[..., 1, 2] = axis[..., 2], -axis[..., 0]
-    K[..., 2, 0], K[..., 2, 1] = -axis[..., 1], axis[..., 0]
-    s = np.sin(angle)[..., None, None]
-    c = (1 - np.cos(angle))[..., None, None]
-    R = np.eye(3) + s * K + c * (K @ K)
-    small = angle <= 1e-12
-    if np.any(small):
-        R[small] = np.eye(3)
+    n = v / np.where(angle > 1e-12, angle, 1.0)[..., None]
+    c, s = np.cos(angle)[..., None, None], np.sin(angle)
+    R = (1 - c) * (n[..., :, None] * n[..., None, :])
+    R += c * np.eye(3)
+    x, y, z = n[..., 0] * s, n[..., 1] * s, n[..., 2] * s
+    R[..., 0, 1] -= z
+    R[..., 0, 2] += y
+    R[..., 1, 0] += z
+    R[..., 1, 2] -= x
+    R[..., 2, 0] -= y
+    R[..., 2, 1] += x
     return R
 
 
@@ -291,7 +293,7 @@ def constant_velocity(stamp_ns: int, T_world_lidar: np.ndarray, linear_velocity:
 
 def compensation_transforms(xyz: np.ndarray, point_time_ns: np.ndarray | int,
                             target_time_ns: np.ndarray, trajectory: Any, *,
-                            time_resolution_ns: int = 50_000
+                            time_resolution_ns: int = 100_000
                             ) -> tuple[np.ndarray, np.ndarray]:
     """Points in a common reference LiDAR frame and the per-target transforms out of it.
 

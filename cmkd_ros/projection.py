@@ -10,8 +10,14 @@ datasets both call it. It chains
    pass; a point is valid when its depth exceeds ``min_depth``, it lies inside the region where
    the camera's distortion function is monotonic (so far-off-axis points never fold back into the
    image) and it lands inside the image,
-3. :func:`occlusion_mask`: a depth test against the projected cloud itself (a coarse per-camera
-   z-buffer of splatted points) removes points hidden behind nearer surfaces.
+3. :func:`occlusion_mask`: a depth test against the projected cloud itself removes points
+   hidden behind nearer surfaces (a coarse per-camera z-buffer; a point is hidden when nearer
+   points cover its cell, or lie on both sides of it within a point's reach, by more than a
+   tolerance growing with depth).
+
+Measured on the synthetic world (``benchmarks/measure_correspondence.py``): the occlusion test
+raises the precision of the visible mask from about 0.955 to 0.982 at a recall of 0.995, and
+motion compensation lowers the mean pixel error from about 5 px to 0.02 px.
 
 Pixel convention (OpenCV): x right, y down, pixel centres at integers, so the image covers
 ``[-0.5, W - 0.5) x [-0.5, H - 0.5)`` and ``round(uv)`` indexes the pixel.
@@ -29,6 +35,8 @@ from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.config import ConfigError, setting
 
 
+# Points per projection chunk and per matrix product (see _project_chunks).
+_CHUNK = 4096
 _GEMM_CHUNK = 4096
 
 
@@ -68,7 +76,7 @@ class CorrespondenceConfig:
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
         'stamps are given')
     time_resolution_ns: int = setting(
-        50_000, 'point times are rounded to this step (ns) when ego poses are interpolated',
+        100_000, 'point times are rounded to this step (ns) when ego poses are interpolated',
         ge=1)
 
     def validate(self) -> None:
@@ -190,6 +198,8 @@ def prepare_rig(rig: RigCalibration, max_ray_angle_deg: float = 89.0) -> Prepare
     """
     if not isinstance(rig, RigCalibration):
         raise ProjectionError(f'expected a RigCalibration, got {type(rig).__name__}')
+    if len(rig) == 0:
+        raise ProjectionError('the rig has no cameras')
     key = _rig_key(rig, max_ray_angle_deg)
     with _PREPARED_LOCK:
         if key in _PREPARED:
@@ -279,13 +289,17 @@ def project_points(xyz: np.ndarray, rig: RigCalibration | PreparedRig, *,
     return uv, depth, valid
 
 
-def _project(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
-             T_extra: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """:func:`project_points` with ``u``, ``v`` as separate (C, N) float32 arrays."""
+def _project_chunks(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
+                    T_extra: np.ndarray | None):
+    """Yield ``(start, u, v, depth, valid)``, each (C, n), for consecutive chunks of points.
+
+    Chunks of points keep the temporaries in the CPU cache and reuse the same heap memory
+    (fresh pages from the OS cost more than the arithmetic here); matrix products of at most
+    ``_GEMM_CHUNK`` points keep OpenBLAS single-threaded (its worker threads stall for whole
+    scheduler slices on a busy CPU: measured 30 ms instead of 0.15 ms).
+    """
     C = len(prep.names)
     pts = _as_points(xyz, C)
-    # 1. LiDAR frame -> camera optical frames (optionally through the compensation transforms),
-    #    as one (3C, 3) @ (3, N) product: rows are X of every camera, then Y, then Z.
     R, t = prep.R, prep.t
     if T_extra is not None:
         T_extra = np.asarray(T_extra, dtype=np.float64)
@@ -293,52 +307,92 @@ def _project(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
             raise ProjectionError(f'T_extra must be (C={C}, 4, 4), got {T_extra.shape}')
         t = np.einsum('cij,cj->ci', R, T_extra[:, :3, 3]) + t
         R = R @ T_extra[:, :3, :3]
+    # rows of M: X of every camera, then Y, then Z
+    M = np.ascontiguousarray(R.transpose(1, 0, 2).reshape(3 * C, 3), dtype=np.float32)
+    t_rows = t.T.reshape(3 * C, 1).astype(np.float32)
+    R32 = R.astype(np.float32)
+    K, size, r2_max = prep.K, prep.size, prep.r2_max[:, None]
+    skew = bool(np.any(K[:, 4]))
     N = pts.shape[-2]
-    if pts.ndim == 2:
-        M = np.ascontiguousarray(R.transpose(1, 0, 2).reshape(3 * C, 3), dtype=np.float32)
-        p_cam = np.empty((3 * C, N), dtype=np.float32)
-        # chunks small enough that OpenBLAS stays single-threaded: its worker threads stall
-        # for whole scheduler slices on a busy CPU (measured 30 ms instead of 0.15 ms)
-        for start in range(0, N, _GEMM_CHUNK):
-            np.matmul(M, pts[start:start + _GEMM_CHUNK].T,
-                      out=p_cam[:, start:start + _GEMM_CHUNK])
-    else:
-        p_cam = np.matmul(R.astype(np.float32), pts.transpose(0, 2, 1)).transpose(1, 0, 2)
-        p_cam = np.ascontiguousarray(p_cam).reshape(3 * C, N)
-    p_cam += t.T.reshape(3 * C, 1).astype(np.float32)
-    X, Y, depth = p_cam[:C], p_cam[C:2 * C], p_cam[2 * C:]
-    with np.errstate(invalid='ignore', divide='ignore'):
-        # 2. pinhole normalization; depth <= min_depth (or NaN) gives NaN everywhere after.
-        inv_z = np.float32(1.0) / np.where(depth > np.float32(min_depth), depth,
-                                           np.float32(np.nan))
-        x = X * inv_z
-        y = Y * inv_z
-        # 3. outside the monotonic region of the distortion function: NaN as well.
-        beyond = x * x + y * y >= prep.r2_max[:, None]
-        if beyond.any():
-            x[beyond] = np.nan
-            y[beyond] = np.nan
-        # 4. distortion, one vectorized pass per model group.
-        if len(prep.groups) == 1:
-            model, _, coeffs = prep.groups[0]
-            xd, yd = _distort(x, y, model, coeffs)
+    for start in range(0, N, _CHUNK):
+        stop = min(start + _CHUNK, N)
+        # 1. LiDAR frame -> camera optical frames, (3C, 3) @ (3, n) products.
+        if pts.ndim == 2:
+            p_cam = np.empty((3 * C, stop - start), dtype=np.float32)
+            for g in range(start, stop, _GEMM_CHUNK):
+                h = min(g + _GEMM_CHUNK, stop)
+                np.matmul(M, pts[g:h].T, out=p_cam[:, g - start:h - start])
         else:
-            xd, yd = np.empty_like(x), np.empty_like(y)
-            for model, idx, coeffs in prep.groups:
-                xd[idx], yd[idx] = _distort(x[idx], y[idx], model, coeffs)
-        # 5. intrinsics: u = fx xd + s yd + cx, v = fy yd + cy.
-        K = prep.K
-        u = K[:, 0:1] * xd
-        if np.any(K[:, 4]):
-            u += K[:, 4:5] * yd
-        u += K[:, 2:3]
-        v = K[:, 1:2] * yd
-        v += K[:, 3:4]
-        # 6. inside the image (pixel centres at integers); NaN compares False.
-        valid = (u >= -0.5) & (u < prep.size[:, 0:1] - 0.5)
-        valid &= v >= -0.5
-        valid &= v < prep.size[:, 1:2] - 0.5
+            p_cam = np.matmul(R32, pts[:, start:stop].transpose(0, 2, 1))
+            p_cam = np.ascontiguousarray(p_cam.transpose(1, 0, 2)).reshape(3 * C, stop - start)
+        p_cam += t_rows
+        X, Y, depth = p_cam[:C], p_cam[C:2 * C], p_cam[2 * C:]
+        with np.errstate(invalid='ignore', divide='ignore'):
+            # 2. pinhole normalization; depth <= min_depth (or NaN) gives NaN from here on.
+            inv_z = np.where(depth > np.float32(min_depth), depth, np.float32(np.nan))
+            np.divide(np.float32(1.0), inv_z, out=inv_z)
+            x = X * inv_z
+            y = Y * inv_z
+            # 3. outside the monotonic region of the distortion function: NaN as well.
+            r2 = x * x
+            r2 += y * y
+            beyond = r2 >= r2_max
+            if beyond.any():
+                x[beyond] = np.nan
+                y[beyond] = np.nan
+            # 4. distortion, one vectorized pass per model group.
+            if len(prep.groups) == 1:
+                model, _, coeffs = prep.groups[0]
+                xd, yd = _distort(x, y, model, coeffs)
+            else:
+                xd, yd = np.empty_like(x), np.empty_like(y)
+                for model, idx, coeffs in prep.groups:
+                    xd[idx], yd[idx] = _distort(x[idx], y[idx], model, coeffs)
+            # 5. intrinsics: u = fx xd + s yd + cx, v = fy yd + cy.
+            u = K[:, 0:1] * xd
+            if skew:
+                u += K[:, 4:5] * yd
+            u += K[:, 2:3]
+            v = K[:, 1:2] * yd
+            v += K[:, 3:4]
+            # 6. inside the image (pixel centres at integers); NaN compares False.
+            valid = u >= -0.5
+            valid &= u < size[:, 0:1] - 0.5
+            valid &= v >= -0.5
+            valid &= v < size[:, 1:2] - 0.5
+        yield start, u, v, depth, valid
+
+
+def _project(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
+             T_extra: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Dense ``u``, ``v``, ``depth`` (C, N) float32 and ``valid`` (C, N) bool."""
+    C, N = len(prep.names), np.asarray(xyz).shape[-2]
+    u = np.empty((C, N), dtype=np.float32)
+    v, depth = np.empty_like(u), np.empty_like(u)
+    valid = np.empty((C, N), dtype=bool)
+    for start, uc, vc, dc, ok in _project_chunks(xyz, prep, min_depth, T_extra):
+        stop = start + uc.shape[1]
+        u[:, start:stop], v[:, start:stop] = uc, vc
+        depth[:, start:stop], valid[:, start:stop] = dc, ok
     return u, v, depth, valid
+
+
+def _project_valid(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
+                   T_extra: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Only the valid pairs, camera-major: ``camera``, ``point`` (M,) int64, ``u``, ``v``,
+    ``depth`` (M,) float32 (no dense (C, N) array is ever built)."""
+    parts = []
+    for start, uc, vc, dc, ok in _project_chunks(xyz, prep, min_depth, T_extra):
+        flat = np.flatnonzero(ok)
+        n = ok.shape[1]
+        parts.append((flat // n, flat % n + start, uc.reshape(-1)[flat], vc.reshape(-1)[flat],
+                      dc.reshape(-1)[flat]))
+    if not parts:
+        empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return empty_i, empty_i, empty_f, empty_f, empty_f
+    cam, point, u, v, d = (np.concatenate(col) for col in zip(*parts))
+    order = np.argsort(cam, kind='stable')         # chunks are in point order already
+    return cam[order], point[order], u[order], v[order], d[order]
 
 
 # ----------------------------------------------------------------------------- occlusion
@@ -477,20 +531,15 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
         capture = camera_capture_ns(rig, camera_stamp_ns)
         pts, T_extra = compensation_transforms(pts, point_time_ns, capture, trajectory,
                                                time_resolution_ns=config.time_resolution_ns)
-    u, v, depth, valid = _project(pts, prep, config.min_depth, T_extra)
-    # compact over the valid pairs (camera-major), then the occlusion test
+    cam_idx, point, u_sel, v_sel, d_sel = _project_valid(pts, prep, config.min_depth, T_extra)
     N = xyz.shape[0]
-    flat_idx = np.flatnonzero(valid)
-    cam_idx = flat_idx // N
-    u_sel, v_sel = u.reshape(-1)[flat_idx], v.reshape(-1)[flat_idx]
-    d_sel = depth.reshape(-1)[flat_idx]
     if config.occlusion:
         keep = ~_hidden(cam_idx, u_sel, v_sel, d_sel, prep, config)
-        flat_idx, cam_idx, u_sel, v_sel, d_sel = (flat_idx[keep], cam_idx[keep], u_sel[keep],
-                                                  v_sel[keep], d_sel[keep])
-    uv = np.empty((flat_idx.size, 2), dtype=np.float32)
+        cam_idx, point, u_sel, v_sel, d_sel = (cam_idx[keep], point[keep], u_sel[keep],
+                                               v_sel[keep], d_sel[keep])
+    uv = np.empty((point.size, 2), dtype=np.float32)
     uv[:, 0] = u_sel
     uv[:, 1] = v_sel
-    return Correspondences(point=(flat_idx % N).astype(np.int64), camera=cam_idx.astype(np.int64),
+    return Correspondences(point=point.astype(np.int64), camera=cam_idx.astype(np.int64),
                            uv=uv, depth=d_sel,
                            num_points=int(N), camera_names=prep.names)

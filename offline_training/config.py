@@ -161,6 +161,7 @@ class TeacherTrainConfig:
     lr: float = setting(1e-3, 'learning rate (AdamW)', gt=0.0)
     device: str = setting('auto', 'auto, cpu or cuda', choices=('auto', 'cpu', 'cuda'))
     threads: int = setting(0, 'torch intra-op CPU threads; 0: torch default', ge=0, le=256)
+    progress: bool = setting(True, 'tqdm progress bar')
     class_map: str = setting('synthetic', 'built-in class map of the labels')
     model: dict[str, Any] = setting(default_factory=dict,
                                     help='TeacherConfig keys (cmkd_ros.models.teacher)')

@@ -157,7 +157,8 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
                              'seed': cfg.seed, 'steps': cfg.teacher_steps,
                              'batch_size': cfg.teacher_batch_size, 'lr': cfg.teacher_lr,
                              'model': dict(cfg.teacher_model), 'device': 'cpu',
-                             'threads': cfg.threads, 'options': dict(cfg.teacher_options)})))
+                             'threads': cfg.threads, 'progress': False,
+                             'options': dict(cfg.teacher_options)})))
     teacher_path = teacher_summary['teacher']
     timings['teacher'] = time.monotonic() - start - sum(timings.values())
     # 3. Students.

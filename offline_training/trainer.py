@@ -415,8 +415,10 @@ class Trainer:
                                          self.teacher.classifier.bias.detach().clone(),
                                          freeze=config.freeze_classifier)
         elif config.freeze_classifier:
-            for p in self.student.classifier.parameters():
-                p.requires_grad_(False)
+            self.student.classifier.requires_grad_(False)
+        if config.method == 'udakd':
+            # InfoNCE never reaches the classifier; left trainable, DDP would wait for it.
+            self.student.classifier.requires_grad_(False)
         self.student.to(self.device)
         self.model: torch.nn.Module = self.student
         if self.distributed:
@@ -714,7 +716,7 @@ def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
     teacher, history = train_teacher(
         model, dataset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
         device=config.device, seed=config.seed, class_map=class_map, val_dataset=val,
-        progress=True, **dict(config.options))
+        progress=config.progress, **dict(config.options))
     os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, 'teacher.pt')
     save_teacher(teacher, path, class_map)

@@ -13,6 +13,7 @@ CONFIG = dict(arch='small', widths=[4, 4, 6, 8, 8, 8, 6, 4, 4], feature_dim=6, n
 NAMES = ['road', 'car', 'vegetation']
 COLORS = [[128, 64, 128], [0, 0, 142], [107, 142, 35]]
 
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Correctness tests run on one thread: robust timing on a shared, busy machine."""
@@ -20,7 +21,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 
 def random_scan(seed=0, n=3000):

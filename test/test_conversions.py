@@ -6,6 +6,7 @@ plain numpy byte layouts and OpenCV. Decoders run on every implementation this i
 on a full ROS install the same expectations show the two agree.
 """
 import struct
+import sys
 
 import cv2
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 from cmkd_ros import conversions as cv
 from cmkd_ros.calibration import CameraCalibration, calibration_from_camera_info
 
-BACKENDS = cv.available_backends()
+BACKENDS = cv.available_backends()       # 'own' everywhere, 'ros' on full ROS 2 installs
+READERS = ['auto', 'own']                 # 'auto' picks sensor_msgs_py/cv_bridge where usable
 KINDS = ['rclpy', 'rosbags']
 STRUCT_CODES = {1: 'b', 2: 'B', 3: 'h', 4: 'H', 5: 'i', 6: 'I', 7: 'f', 8: 'd'}
 SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 8: 8}
@@ -61,7 +63,7 @@ def random_points(rng, n):
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', READERS)
 @pytest.mark.parametrize('big_endian', [False, True])
 @pytest.mark.parametrize('row_pad', [0, 12])
 def test_cloud_all_datatypes_layouts(kind, backend, big_endian, row_pad):
@@ -84,7 +86,7 @@ def test_cloud_all_datatypes_layouts(kind, backend, big_endian, row_pad):
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', READERS)
 def test_cloud_nans_kept_and_dropped_by_xyz(kind, backend):
     t = msg_types(kind)
     fields = [('x', 0, 7, 1), ('y', 4, 7, 1), ('z', 8, 7, 1), ('intensity', 12, 7, 1)]
@@ -194,7 +196,7 @@ def padded_rows(arr2d_bytes_per_row, pad):
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', READERS)
 @pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8'])
 def test_color_images_with_step_padding(kind, backend, encoding):
     rng = np.random.default_rng(3)
@@ -214,7 +216,7 @@ def test_color_images_with_step_padding(kind, backend, encoding):
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', READERS)
 @pytest.mark.parametrize('encoding,dtype,big', [('mono8', np.uint8, 0), ('mono16', np.uint16, 0),
                                                 ('16UC1', np.uint16, 1),
                                                 ('32FC1', np.float32, 0),
@@ -256,7 +258,7 @@ def test_array_to_image_roundtrip(kind, encoding):
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', READERS)
 def test_compressed_png_exact_and_jpeg_close(kind, backend, data_dir):
     t = msg_types(kind)
     bgr = cv2.imread(str(data_dir / 'kitti_000008' / 'image_2.png'))[:64, :96]
@@ -312,6 +314,72 @@ def test_unsupported_encodings():
                                 data=np.arange(50, dtype=np.uint8))
     with pytest.raises(cv.ConversionError, match='could not be decoded'):
         cv.image_to_array(corrupt)
+
+
+# ----------------------------------------------------------------------------- ROS readers
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_implementations_agree_on_layouts_both_read(backend):
+    """The own decoders and sensor_msgs_py / cv_bridge (where installed) give the same arrays
+    on the layouts both read, checked against independently packed bytes."""
+    rng = np.random.default_rng(6)
+    t = cv.rclpy_types()
+    fields = [('x', 0, 7, 1), ('y', 4, 7, 1), ('z', 8, 7, 1), ('intensity', 12, 7, 1),
+              ('ring', 16, 4, 1), ('t', 18, 3, 1)]
+    rows = [{'x': float(np.float32(v[0])), 'y': float(np.float32(v[1])),
+             'z': float(np.float32(v[2])), 'intensity': float(np.float32(v[3])),
+             'ring': int(r), 't': int(q)}
+            for v, r, q in zip(rng.normal(size=(30, 4)), rng.integers(0, 64, 30),
+                               rng.integers(-1000, 1000, 30))]
+    cloud = build_cloud(t, fields, rows, height=3, width=10, point_step=20, row_step=200,
+                        big_endian=sys.byteorder == 'big')
+    assert cv.ros_reads_cloud(cloud)
+    arr = cv.cloud_to_array(cloud, backend=backend)
+    for name, *_ in fields:
+        np.testing.assert_array_equal(arr[name], [p[name] for p in rows], err_msg=name)
+    rgb = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    padded = padded_rows([r[:, ::-1].tobytes() for r in rgb], 6)        # bgr8, 2 pixels pad
+    image = raw_image_msg(t, 'bgr8', padded, 4, 5, 21)
+    assert cv.ros_reads_image(image)
+    np.testing.assert_array_equal(cv.image_to_array(image, backend=backend), rgb)
+    depth = rng.integers(0, 2**16, size=(3, 4)).astype(np.uint16)
+    mono = raw_image_msg(t, '16UC1', depth.astype('=u2').tobytes(), 3, 4, 8,
+                         int(sys.byteorder == 'big'))
+    np.testing.assert_array_equal(cv.image_to_array(mono, backend=backend), depth)
+    png = cv.array_to_compressed(rgb, 'png', 0, 'cam', t)
+    np.testing.assert_array_equal(cv.image_to_array(png, backend=backend), rgb)
+
+
+def test_ros_backend_refuses_layouts_it_cannot_read():
+    rosbags_cloud = build_cloud(cv.rosbags_types(), [('x', 0, 7, 1)], [{'x': 1.0}], height=1,
+                                width=1, point_step=4, row_step=4, big_endian=False)
+    with pytest.raises(cv.ConversionError, match='sensor_msgs_py reads only rclpy'):
+        cv.cloud_to_array(rosbags_cloud, backend='ros')
+    padded = build_cloud(cv.rclpy_types(), [('x', 0, 7, 1)], [{'x': 1.0}], height=1, width=1,
+                         point_step=8, row_step=8, big_endian=False)
+    assert not cv.ros_reads_cloud(padded)                # 4 bytes of point padding
+    with pytest.raises(cv.ConversionError, match='packed count-1'):
+        cv.cloud_to_array(padded, backend='ros')
+    odd_step = raw_image_msg(cv.rclpy_types(), 'rgb8', bytes(2 * 10), 2, 3, 10)
+    assert not cv.ros_reads_image(odd_step)
+    with pytest.raises(cv.ConversionError, match='cv_bridge reads only'):
+        cv.image_to_array(odd_step, backend='ros')
+    # auto still decodes them with the own implementation
+    assert cv.cloud_to_array(padded, backend='auto')['x'].tolist() == [1.0]
+    with pytest.raises(cv.ConversionError, match="backend 'gpu'"):
+        cv.cloud_to_array(padded, backend='gpu')
+
+
+def test_ros_backend_needs_its_packages():
+    t = cv.rclpy_types()
+    cloud = build_cloud(t, [('x', 0, 7, 1)], [{'x': 2.0}], height=1, width=1, point_step=4,
+                        row_step=4, big_endian=sys.byteorder == 'big')
+    if 'ros' in BACKENDS:
+        assert cv.cloud_to_array(cloud, backend='ros')['x'].tolist() == [2.0]
+    else:
+        with pytest.raises(ImportError, match='sensor_msgs_py'):
+            cv.cloud_to_array(cloud, backend='ros')
 
 
 # ----------------------------------------------------------------------------- CameraInfo

@@ -220,3 +220,15 @@ def test_launch_descriptions_build():
             if isinstance(action, DeclareLaunchArgument) and action.default_value is None:
                 context.launch_configurations[action.name] = 'x'
         description.visit(context)
+
+
+def test_node_docs_list_every_parameter_and_topic():
+    text = (REPO / 'docs' / 'nodes.md').read_text()
+    for executable in NODE_CONFIGS:
+        for name in _param_names(executable):
+            if not name.startswith('correspondence.'):
+                assert f'`{name}`' in text, f'docs/nodes.md does not document {name}'
+    for topic in ('~/input/pointcloud', '~/output/pointcloud', '~/debug/processing_time_ms',
+                  '~/output/overlay', '~/input/odom', '/diagnostics'):
+        assert f'`{topic}`' in text
+    assert 'FASTDDS_DEFAULT_PROFILES_FILE' in text and 'fastdds_shm.xml' in text

@@ -12,6 +12,7 @@ from cmkd_ros.sparse import SparseTensor
 TINY = dict(arch='minkunet14', widths=[8, 8, 12, 16, 16, 16, 12, 8, 8], feature_dim=12,
             num_classes=5, backend='torch')
 
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Correctness tests run on one thread: robust timing on a shared, busy machine."""
@@ -19,7 +20,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 
 @pytest.fixture(scope='module')

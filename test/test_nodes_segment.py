@@ -129,6 +129,10 @@ def test_segment_node_survives_bad_input_and_reports_it(tmp_path, checkpoint):
         got = send_and_expect(_cloud(good[:0], base + 30, t), True)   # empty in, empty out
         assert got[0].width * got[0].height == 0
         send_and_expect(_cloud(good, base - 10_000_000_000, t), True)  # stamp backwards
+        organized = array_to_cloud(cloud_to_array(_cloud(good, 0, t)).reshape(10, 20),
+                                   base + 40, 'lidar', t)
+        got = send_and_expect(organized, True)                # organized in, organized out
+        assert (got[0].height, got[0].width) == (10, 20)
         keys = ('missing_xyz', 'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
         wait_for(lambda: all(_diag_values(diags, k) for k in keys), 5, 'diagnostics counters',
                  on_fail=lambda: str(diags[-1][1] if diags else None))
@@ -156,7 +160,12 @@ def test_segment_node_parameters_are_validated(tmp_path, checkpoint):
         proc.stop()
     assert 'checkpoint not found' in proc.output()
     # at runtime: a valid change is taken, an invalid or read-only one refused with a reason
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rcl_interfaces.srv import DescribeParameters
+    from sensor_msgs.msg import PointCloud2
     with RosClient(domain) as client, processes() as procs:
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        pub = client.node.create_publisher(PointCloud2, '/segment_node/input/pointcloud', 10)
         procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}),
                                 ros_env(domain), tmp_path / 'node.log'))
         ok = set_parameters(client, '/segment_node', {'range_max': 50.0}, timeout=40)
@@ -167,3 +176,38 @@ def test_segment_node_parameters_are_validated(tmp_path, checkpoint):
         assert not bad[0].successful and 'dragon' in bad[0].reason
         ro = set_parameters(client, '/segment_node', {'checkpoint': 'other.pt'})
         assert not ro[0].successful
+        # descriptions and bounds as `ros2 param describe` shows them
+        cli = client.node.create_client(DescribeParameters, '/segment_node/describe_parameters')
+        assert cli.wait_for_service(timeout_sec=10)
+        future = cli.call_async(DescribeParameters.Request(names=['range_max', 'checkpoint']))
+        wait_for(future.done, 10, 'describe_parameters')
+        rng, ckpt = future.result().descriptors
+        assert 'farther than this' in rng.description and rng.additional_constraints == '> 0.0'
+        assert ckpt.read_only and not rng.read_only
+        # nobody subscribes to the output: no inference, counted
+        rng_pts = np.random.default_rng(3).uniform(-5, 5, (100, 4)).astype(np.float32)
+        for i in range(3):
+            pub.publish(_cloud(rng_pts, 10 + i, rclpy_types()))
+            time.sleep(0.1)
+        wait_for(lambda: _diag_values(diags, 'skipped_no_subscriber') == '3', 10,
+                 'skipped_no_subscriber = 3')
+        assert _diag_values(diags, 'processed') is None
+
+
+def test_latest_slot_keeps_only_the_newest_item_and_counts_drops():
+    import threading
+
+    from cmkd_ros.nodes.ros_io import LatestSlot
+    slot = LatestSlot()
+    assert not slot.put(1) and slot.put(2) and slot.put(3)     # 1 and 2 never taken
+    assert slot.take(timeout=0.1) == 3 and slot.dropped == 2
+    assert slot.take(timeout=0.05) is None
+    got = []
+    worker = threading.Thread(target=lambda: got.append(slot.take(timeout=5)))
+    worker.start()
+    time.sleep(0.05)
+    slot.put(4)                                                 # wakes the waiting taker
+    worker.join(timeout=5)
+    assert got == [4] and slot.dropped == 2
+    slot.close()
+    assert slot.take(timeout=5) is None and slot.closed

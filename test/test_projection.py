@@ -189,6 +189,13 @@ def test_kitti_sample_matches_P2_formula(data_dir):
     assert np.array_equal(valid[0], inside)
     assert np.abs(uv[0, inside] - ref[inside]).max() < 0.01
     np.testing.assert_allclose(depth[0], proj[:, 2], rtol=1e-5, atol=1e-3)
+    # and OpenCV, from its own decomposition of the 3x4 KITTI projection matrix
+    P = (np.array(raw['P2']) @ np.array(raw['R0_rect']) @ np.array(raw['Tr_velo_to_cam']))[:3]
+    K, R, centre = cv2.decomposeProjectionMatrix(P)[:3]
+    centre = centre[:3, 0] / centre[3, 0]
+    rvec, _ = cv2.Rodrigues(R)
+    cv_uv, _ = cv2.projectPoints(pts.astype(np.float64), rvec, -R @ centre, K / K[2, 2], None)
+    assert np.abs(uv[0, inside] - cv_uv.reshape(-1, 2)[inside]).max() < 0.01
 
 
 def _scan_grid(distance, width, height, centre_y, step):
@@ -277,7 +284,22 @@ def test_config_and_input_errors():
     rig = RigCalibration((make_cam('a', 'none'),))
     with pytest.raises(ProjectionError, match=r'\(N, 3\)'):
         compute_correspondences(np.zeros((4, 2), np.float32), rig)
+    with pytest.raises(ProjectionError, match='no cameras'):
+        compute_correspondences(np.zeros((4, 3), np.float32), RigCalibration(()))
+    empty = compute_correspondences(np.zeros((0, 3), np.float32), rig)
+    assert len(empty) == 0 and empty.uv.shape == (0, 2) and empty.num_points == 0
     with pytest.raises(ProjectionError, match='point_time_ns'):
         from cmkd_ros.motion import constant_velocity
         compute_correspondences(np.zeros((4, 3), np.float32), rig,
                                 trajectory=constant_velocity(0, np.eye(4), [1, 0, 0]))
+
+
+def test_prepared_rig_cache_follows_content():
+    from cmkd_ros.projection import prepare_rig
+    cam = make_cam('a', 'plumb_bob')
+    first = prepare_rig(RigCalibration((cam,)))
+    assert prepare_rig(RigCalibration((make_cam('a', 'plumb_bob'),))) is first
+    moved = dataclasses.replace(cam, T_cam_lidar=look(5.0, 4.0, (0.1, -0.2, 0.3)))
+    other = prepare_rig(RigCalibration((moved,)))
+    assert other is not first
+    np.testing.assert_allclose(other.R[0], moved.T_cam_lidar[:3, :3])

@@ -147,6 +147,9 @@ def test_cameras_capture_at_their_own_stamps_while_the_ego_moves(world, frame):
     assert st[0] <= min(frame.lidar_stamp_ns, frame.camera_stamp_ns.min())
     assert st[-1] >= max(frame.lidar_stamp_ns + world.sweep_period_ns, frame.camera_stamp_ns.max())
     assert np.allclose(frame.ego_poses, world.poses(st))
+    mid = frame.lidar_stamp_ns + 1_234_567               # between two pose samples
+    interpolated = np.asarray(frame.trajectory().pose_at(np.array([mid]))).reshape(-1, 4, 4)[0]
+    assert np.allclose(interpolated, world.poses([mid])[0], atol=1e-4)
     # Cameras stand apart from the LiDAR.
     for cam in frame.calibration.cameras:
         dist = np.linalg.norm(np.linalg.inv(cam.T_cam_lidar)[:3, 3])
@@ -262,3 +265,40 @@ def test_culling_gives_the_same_hits_as_brute_force():
         b, _, _ = cam.cast(prims, T, brute_force=True)
         assert np.array_equal(a.t, b.t) and np.array_equal(a.obj, b.obj)
         assert (a.obj >= 0).sum() > 100
+
+
+def test_plumb_bob_jacobian_matches_finite_differences():
+    from cmkd_ros.sim.camera import plumb_bob_jacobian
+    D = np.array([-0.2, 0.05, 0.003, -0.002, 0.01])
+    x, y = np.array([0.3, -0.6, 0.1]), np.array([-0.2, 0.4, 0.5])
+    h = 1e-6
+    ax, ay = distort_plumb_bob(x + h, y, D)
+    bx, by = distort_plumb_bob(x - h, y, D)
+    cx, cy = distort_plumb_bob(x, y + h, D)
+    dx, dy = distort_plumb_bob(x, y - h, D)
+    numeric = ((ax - bx) / 2 / h, (cx - dx) / 2 / h, (ay - by) / 2 / h, (cy - dy) / 2 / h)
+    for got, want in zip(plumb_bob_jacobian(x, y, D), numeric):
+        assert np.allclose(got, want, atol=1e-7)
+
+
+def test_non_invertible_distortion_is_a_config_error():
+    with pytest.raises(ConfigError, match='cameras.distortion'):
+        SimWorld({'cameras': {'count': 1, 'width': 64, 'height': 48, 'horizontal_fov_deg': 150.0,
+                              'distortion': [-0.6, 0.0, 0.0, 0.0, 0.0]}})
+
+
+def test_cameras_and_lidar_never_stand_inside_a_solid():
+    from cmkd_ros.sim.world import contains
+    for seed in range(6):
+        world = SimWorld({'seed': seed, **TINY,
+                          'scene': {'parked_cars': 25.0, 'trucks': 8.0, 'moving_lane_cars': 15.0}})
+        for index in range(0, 400, 7):                    # 40 s of driving
+            stamps = np.concatenate([[world.frame_stamp_ns(index)],
+                                     world.camera_stamps_ns(index)])
+            poses = world.poses(stamps)
+            centers = [poses[0, :3, 3]] + [
+                (pose @ np.linalg.inv(cam.T_cam_lidar))[:3, 3]
+                for pose, cam in zip(poses[1:], world.calibration.cameras)]
+            x = float(poses[0, 0, 3])
+            prims = world.scene.primitives(x - 20, x + 20)
+            assert not contains(prims, np.array(centers), margin=0.3).any(), (seed, index)

@@ -15,6 +15,7 @@ from cmkd_ros.sparse import (CoordinateManager, SparseBatchNorm, SparseConv3d, S
 GRID = 12  # cells per axis (multiple of 4 so that strides 2 and 4 tile it)
 LOW = -4  # grid origin (multiple of 4)
 
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Correctness tests run on one thread: robust timing on a shared, busy machine."""
@@ -22,7 +23,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 
 def random_voxels(seed, occupancy=0.25, batch=2, channels=3):

@@ -171,3 +171,31 @@ def test_tiny_training_reduces_loss_and_beats_chance(tmp_path):
     labels = labels[labels != 255]
     majority = np.bincount(labels).max() / len(labels)
     assert result['accuracy'] > majority + 0.05
+
+
+def test_image_augment_keeps_image_and_label_aligned():
+    from offline_training.train_teacher import ImageAugment
+    # label = column band index; the image encodes the same band in its red channel
+    label = np.repeat(np.arange(8, dtype=np.uint8)[None].repeat(6, 1), 30, 0)   # (30, 48)
+    image = np.zeros((30, 48, 3), np.uint8)
+    image[..., 0] = label * 30
+    augment = ImageAugment(crop_size=(40, 40), scale_range=(0.7, 1.3), flip=True,
+                           color_jitter=0.0)
+    rng = np.random.default_rng(0)
+    flipped = 0
+    for _ in range(20):
+        img, lab = augment(image, label, rng)
+        assert img.shape == (40, 40, 3) and lab.shape == (40, 40)
+        labeled = lab != 255
+        # padding is ignore (255) in the label and black in the image
+        assert (img[~labeled] == 0).all()
+        # nearest-neighbour labels agree with the bilinear image away from band edges
+        agree = (np.abs(img[..., 0][labeled].astype(int) - lab[labeled].astype(int) * 30) <= 15)
+        assert agree.mean() > 0.8
+        row = lab[0][lab[0] != 255]
+        flipped += bool(len(row) > 1 and row[0] > row[-1])
+    assert 0 < flipped < 20                      # flips happen, not always
+    jitter = ImageAugment(crop_size=None, scale_range=(1.0, 1.0), flip=False, color_jitter=0.4)
+    img, lab = jitter(image, label, rng)
+    np.testing.assert_array_equal(lab, label)
+    assert not np.array_equal(img, image)

@@ -1,9 +1,10 @@
 """The 3D student: MinkUNet backbone, DA module (or a linear projection), shared classifier.
 
 ``Student.forward(coords (V, 4) int32 [batch, x, y, z], feats (V, F))`` returns per-voxel
-``backbone (V, Cb)``, ``pseudo2d (V, D)`` (features in the 2D teacher's space) and ``logits (V, K)``
-= ``classifier(pseudo2d)``, where ``classifier`` is a linear layer ``D -> K`` that can load the
-teacher's 1x1 classifier and be frozen (shared weights, as in the paper). Rows follow the input.
+``backbone (V, Cb)``, ``pseudo2d (V, D)`` (features in the 2D teacher's space) and
+``logits (V, K) = classifier(pseudo2d)``, where ``classifier`` is a linear layer ``D -> K`` that
+can load the teacher's 1x1 classifier and be frozen (shared weights, as in the paper). Rows
+follow the input.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class Student(nn.Module):
 
     def load_classifier(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         freeze: bool = True) -> None:
-        """Copy a teacher's classifier ``(K, D)`` or 1x1 conv ``(K, D, 1, 1)`` (+ bias ``(K,)``)."""
+        """Copy a teacher's classifier ``(K, D)`` or 1x1 conv ``(K, D, 1, 1)``, bias ``(K,)``."""
         weight = torch.as_tensor(weight)
         if weight.ndim == 4 and weight.shape[2:] == (1, 1):
             weight = weight[:, :, 0, 0]

@@ -28,7 +28,8 @@ def _as_tensor(array, name: str, dtype=torch.float32) -> torch.Tensor:
         return array.to(dtype)
     if isinstance(array, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-    raise VoxelizeError(f'{name} must be a numpy array or torch tensor, got {type(array).__name__}')
+    raise VoxelizeError(f'{name} must be a numpy array or torch tensor, got '
+                        f'{type(array).__name__}')
 
 
 def feature_channels(kind: str) -> int:

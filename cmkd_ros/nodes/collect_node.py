@@ -13,7 +13,6 @@ skipped; the node keeps running. See docs/nodes.md.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 from typing import Any
@@ -258,8 +257,8 @@ class CollectNode(Node):
         config = self.params.config
         start = time.monotonic()
         lidar_msg = item.messages[LIDAR_KEY]
-        samples: dict[str, CameraSample] = {k: v for k, v in item.messages.items()
-                                             if k != LIDAR_KEY}
+        samples: dict[str, CameraSample] = {
+            k: v for k, v in item.messages.items() if k != LIDAR_KEY}
         stamp = msg_stamp_ns(lidar_msg)
         try:
             points = cloud_to_array(lidar_msg)

@@ -17,12 +17,13 @@ import types
 import typing
 from typing import Any, Callable, Iterable
 
-from cmkd_ros import config as cfg
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, DurabilityPolicy,
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
+
+from cmkd_ros import config as cfg
 
 
 def sensor_qos(depth: int = 5) -> QoSProfile:
@@ -100,8 +101,8 @@ def _leaf_type(tp: Any) -> tuple[int, bool]:
 
 
 def _constraints(meta: dict) -> str:
-    parts = [f'{text} {meta[key]}' for key, text in (('ge', '>='), ('gt', '>'), ('le', '<='),
-                                                    ('lt', '<')) if meta.get(key) is not None]
+    bounds = (('ge', '>='), ('gt', '>'), ('le', '<='), ('lt', '<'))
+    parts = [f'{text} {meta[key]}' for key, text in bounds if meta.get(key) is not None]
     if meta.get('choices') is not None:
         parts.append('one of ' + ', '.join(map(str, meta['choices'])))
     if meta.get('length') is not None:
@@ -290,9 +291,10 @@ class Diagnostics:
                 throttle_duration_sec=10.0)
             return
         DiagnosticArray, DiagnosticStatus, KeyValue = self._msgs
-        status = DiagnosticStatus(level=bytes([level]), name=f'{self.node.get_name()}: {self.name}',
-                                  message=message, hardware_id=self.node.get_fully_qualified_name(),
-                                  values=[KeyValue(key=k, value=v) for k, v in items.items()])
+        status = DiagnosticStatus(
+            level=bytes([level]), name=f'{self.node.get_name()}: {self.name}', message=message,
+            hardware_id=self.node.get_fully_qualified_name(),
+            values=[KeyValue(key=k, value=v) for k, v in items.items()])
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self._pub.publish(msg)

@@ -98,6 +98,10 @@ class SegmentNode(Node):
             self.diag.set('dropped', self.slot.dropped)
 
     def _work(self) -> None:
+        threads = self.params.config.num_threads
+        if threads > 0:                 # torch's thread setting is per calling thread
+            import torch
+            torch.set_num_threads(threads)
         while not self.slot.closed:
             item = self.slot.take(timeout=0.2)
             if item is None:
@@ -144,6 +148,8 @@ class SegmentNode(Node):
                 self.diag.warn('nan_points', f'{int((~finite).sum())} of {points.shape[0]} '
                                'points have non-finite coordinates (labeled 255)')
         labeled = segment_array(points, self.predict, self.class_map, config)
+        if int(msg.height) > 1:                               # organized in, organized out
+            labeled = labeled.reshape(int(msg.height), int(msg.width))
         out = array_to_cloud(labeled, msg_stamp_ns(msg), msg.header.frame_id, self.msg_types)
         out.header = msg.header
         return out

@@ -39,22 +39,32 @@ def distort_plumb_bob(xn: np.ndarray, yn: np.ndarray, D: np.ndarray):
     return xd, yd
 
 
+def plumb_bob_jacobian(xn: np.ndarray, yn: np.ndarray, D: np.ndarray):
+    """Partial derivatives (dxd/dx, dxd/dy, dyd/dx, dyd/dy) of :func:`distort_plumb_bob`."""
+    k1, k2, p1, p2 = D[:4]
+    k3 = D[4] if len(D) > 4 else 0.0
+    r2 = xn * xn + yn * yn
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    d_radial = k1 + r2 * (2 * k2 + 3 * k3 * r2)             # d radial / d r2
+    cross = 2 * xn * yn * d_radial + 2 * p1 * xn + 2 * p2 * yn
+    return (radial + 2 * xn * xn * d_radial + 2 * p1 * yn + 6 * p2 * xn, cross, cross,
+            radial + 2 * yn * yn * d_radial + 6 * p1 * yn + 2 * p2 * xn)
+
+
 def undistort_plumb_bob(xd: np.ndarray, yd: np.ndarray, D: np.ndarray, iterations: int = 60):
     """Inverse of :func:`distort_plumb_bob` by Newton iteration (float64).
 
-    Raises ValueError if it does not converge to 1e-9 (distortion not invertible there).
+    Raises ValueError if it does not converge to 1e-9, or converges beyond the fold of a strong
+    distortion (where it is not one-to-one).
     """
+    D = np.asarray(D, np.float64)
     xn, yn = xd.astype(np.float64).copy(), yd.astype(np.float64).copy()
-    h = 1e-7
     for _ in range(iterations):
         fx, fy = distort_plumb_bob(xn, yn, D)
         ex, ey = fx - xd, fy - yd
         if max(np.abs(ex).max(initial=0), np.abs(ey).max(initial=0)) < 1e-12:
             break
-        # Numerical Jacobian of the distortion, then one Newton step.
-        ax, ay = distort_plumb_bob(xn + h, yn, D)
-        bx, by = distort_plumb_bob(xn, yn + h, D)
-        j11, j21, j12, j22 = (ax - fx) / h, (ay - fy) / h, (bx - fx) / h, (by - fy) / h
+        j11, j12, j21, j22 = plumb_bob_jacobian(xn, yn, D)
         det = j11 * j22 - j12 * j21
         xn -= (j22 * ex - j12 * ey) / det
         yn -= (-j21 * ex + j11 * ey) / det
@@ -62,9 +72,8 @@ def undistort_plumb_bob(xd: np.ndarray, yd: np.ndarray, D: np.ndarray, iteration
     err = max(np.abs(fx - xd).max(initial=0), np.abs(fy - yd).max(initial=0))
     # The solution must lie where the distortion is locally one-to-one and keeps orientation
     # (a root beyond the fold of a strong barrel distortion is not the camera's ray).
-    ax, ay = distort_plumb_bob(xn + h, yn, D)
-    bx, by = distort_plumb_bob(xn, yn + h, D)
-    det = ((ax - fx) * (by - fy) - (bx - fx) * (ay - fy)) / (h * h)
+    j11, j12, j21, j22 = plumb_bob_jacobian(xn, yn, D)
+    det = j11 * j22 - j12 * j21
     r2 = xn * xn + yn * yn
     radial = 1 + r2 * (D[0] + r2 * (D[1] + r2 * (D[4] if len(D) > 4 else 0.0)))
     if not err < 1e-9 or not (det.min(initial=1) > 0 and radial.min(initial=1) > 0):

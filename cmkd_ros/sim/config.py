@@ -95,8 +95,9 @@ class CamerasConfig:
 class SceneConfig:
     """Procedural street: densities are per 100 m of street and per side."""
 
-    road_width_min_m: float = setting(7.0, 'narrowest road (curb to curb)', ge=4.0, le=30.0)
-    road_width_max_m: float = setting(12.0, 'widest road (curb to curb)', ge=4.0, le=40.0)
+    road_width_min_m: float = setting(8.0, 'narrowest road (curb to curb; parked cars on both '
+                                      'sides, opposite-lane cars from 9 m)', ge=6.5, le=30.0)
+    road_width_max_m: float = setting(13.0, 'widest road (curb to curb)', ge=6.5, le=40.0)
     sidewalk_width_m: float = setting(3.0, 'mean sidewalk width', ge=0.5, le=10.0)
     parked_cars: float = setting(8.0, 'parked cars per 100 m and side', ge=0.0, le=30.0)
     trucks: float = setting(1.5, 'parked trucks per 100 m and side', ge=0.0, le=10.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from cmkd_ros.calibration import RigCalibration
 from cmkd_ros.classes import SYNTHETIC, ClassMap
-from cmkd_ros.config import build
+from cmkd_ros.config import ConfigError, build
 from cmkd_ros.sim.camera import (MAX_GROUND_DEPTH_M, NEAR_M, CameraModel, camera_pose,
                                  nuscenes_like_rig)
 from cmkd_ros.sim.config import SimConfig
@@ -75,6 +76,11 @@ class SimFrame:
         except ValueError:
             raise KeyError(f'no camera {name!r}; have {self.camera_names}') from None
 
+    def trajectory(self):
+        """The frame's ego poses as a :class:`cmkd_ros.motion.PoseTrajectory`."""
+        from cmkd_ros.motion import PoseTrajectory
+        return PoseTrajectory(self.ego_stamps_ns, self.ego_poses)
+
     def occlusion_stats(self) -> dict:
         """Point counts: in view of some camera, out of every view, visible in some camera,
         occluded in some camera that it projects into, and that fraction of the in-view ones."""
@@ -121,6 +127,19 @@ class SimFrame:
             ego_stamps_ns=self.ego_stamps_ns, ego_poses=self.ego_poses)
 
 
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(workers: int):
+    """One process-wide thread pool per size, shared by every SimWorld."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            from concurrent.futures import ThreadPoolExecutor
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix='cmkd-sim')
+        return _POOLS[workers]
+
+
 class SimWorld:
     """A deterministic synthetic drive: ``SimWorld(config).frame(i)`` is the i-th sweep.
 
@@ -135,7 +154,6 @@ class SimWorld:
             raise ValueError(f'workers must be >= 1, got {workers}')
         # Threads rendering cameras in parallel (numpy releases the GIL); output is identical.
         self.workers = int(workers) if workers is not None else min(2, os.cpu_count() or 1)
-        self._executor = None
         if not isinstance(config, SimConfig):
             config = build(SimConfig, config or {})
         self.config = config
@@ -149,7 +167,10 @@ class SimWorld:
             cams.distortion, cams.distortion_jitter, cams.mount_forward_m, cams.mount_side_m,
             cams.mount_below_lidar_m, cams.pitch_deg, rng=np.random.default_rng([config.seed, 5]))
         self.calibration = RigCalibration(tuple(rig), lidar_frame='lidar')
-        self.cameras = [CameraModel(c) for c in rig]
+        try:
+            self.cameras = [CameraModel(c) for c in rig]
+        except ValueError as exc:
+            raise ConfigError(f'cameras.distortion: {exc}') from None
         # Each camera fires when the sweep passes its heading (as in nuScenes).
         self._camera_offset_ns = []
         for cam in rig:
@@ -158,16 +179,10 @@ class SimWorld:
                 self.lidar.time_at_azimuth_ns(float(np.arctan2(forward[1], forward[0]))))
 
     def _pool(self):
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix='cmkd-sim')
-        return self._executor
+        return _shared_pool(self.workers)
 
     def close(self) -> None:
-        """Stop the camera threads (also done at interpreter exit)."""
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
+        """Release resources (the camera threads are a process-wide pool; nothing to stop)."""
 
     @property
     def sweep_period_ns(self) -> int:

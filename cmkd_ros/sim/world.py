@@ -18,9 +18,13 @@ from cmkd_ros.classes import SYNTHETIC
 from cmkd_ros.sim.config import SimConfig
 
 BLOCK_M = 60.0
+# Parked vehicles stay within this distance of the curb; a car (with its yaw jitter) reaches this
+# far sideways from its centre.
+PARKED_REACH_M = 2.5
+CAR_HALF_REACH_M = 1.2
 # Class ids of the synthetic class map.
-ROAD, SIDEWALK, TERRAIN, BUILDING, VEGETATION, CAR, TRUCK, PEDESTRIAN, POLE, BARRIER, SIGN, \
-    FENCE = (SYNTHETIC.index(n) for n in (
+(ROAD, SIDEWALK, TERRAIN, BUILDING, VEGETATION, CAR, TRUCK, PEDESTRIAN, POLE, BARRIER, SIGN,
+ FENCE) = (SYNTHETIC.index(n) for n in (
         'road', 'sidewalk', 'terrain', 'building', 'vegetation', 'car', 'truck', 'pedestrian',
         'pole', 'barrier', 'traffic_sign', 'fence'))
 # Primitive kinds.
@@ -31,7 +35,7 @@ TEX_NOISE, TEX_FACADE, TEX_CELLS, TEX_FOLIAGE, TEX_CLOTHES, TEX_GLASS = range(6)
 REFLECTIVITY = np.array([0.12, 0.25, 0.3, 0.35, 0.45, 0.55, 0.5, 0.3, 0.4, 0.6, 0.95, 0.35],
                         dtype=np.float32)
 EPS_T = 1e-3
-# Surface identities: primitives get block * UID_STRIDE + index; the ground and the sky these.
+# Surface identities: block * UID_STRIDE + index for solids, these for the ground and the sky.
 UID_STRIDE = 1 << 20
 GROUND_UID, SKY_UID = -1, -2
 
@@ -200,9 +204,16 @@ class StreetScene:
         self.wave_phase = rng.uniform(0, 2 * np.pi, 8).astype(np.float32)
         self.tile_size = float(rng.uniform(0.4, 0.9))
         self.hash_seed = int(rng.integers(1, 2 ** 20))
-        # Ego lane: clear of parked cars on the right and of cars in the opposite lane.
-        self.ego_y_low = -self.road_half + 3.0
-        self.ego_y_high = 0.5 * self.road_half - 1.7
+        # Parked cars and trucks keep within PARKED_REACH_M of the curb; cars stand in the
+        # opposite lane only on roads wide enough for them and the ego to pass.
+        self.opposite_lane = self.road_half >= 4.5
+        self.opposite_lane_y = 0.5 * (self.road_half - PARKED_REACH_M)
+        # Ego lane: the cameras (mounted up to mount_side_m sideways) keep 0.5 m from every car.
+        clearance = config.cameras.mount_side_m + 0.5
+        self.ego_y_low = -self.road_half + PARKED_REACH_M + clearance
+        left = (self.opposite_lane_y - CAR_HALF_REACH_M if self.opposite_lane
+                else self.road_half - PARKED_REACH_M)
+        self.ego_y_high = left - clearance
         self.trajectory = Trajectory(config, self.ego_y_low, self.ego_y_high)
 
     # ------------------------------------------------------------------ layout
@@ -274,7 +285,7 @@ class StreetScene:
                 self._car(out, x, side * (curb - 1.05), rng.normal(0, 0.03))
             for x in rng.uniform(x0, x1, count(scene.trucks)):
                 if free(x, 6.0):
-                    self._truck(out, x, side * (curb - 1.4), side)
+                    self._truck(out, x, side * (curb - 1.3), side)
             for x in rng.uniform(x0, x1, count(scene.pedestrians)):
                 if free(x, -2.0):
                     self._pedestrian(out, x, side * (curb + rng.uniform(0.4, walk - 0.3)))
@@ -285,8 +296,8 @@ class StreetScene:
                 if free(x, 1.0):
                     self._tree(out, x, side * (curb + walk * rng.uniform(0.55, 0.8)))
         for x in rng.uniform(x0, x1, count(scene.moving_lane_cars)):
-            if free(x, 3.0):
-                self._car(out, x, 0.5 * self.road_half + 0.3, np.pi + rng.normal(0, 0.03))
+            if free(x, 3.0) and self.opposite_lane:
+                self._car(out, x, self.opposite_lane_y, np.pi + rng.normal(0, 0.03))
         for x in rng.uniform(x0, x1, count(scene.barriers)):
             side = rng.choice([-1, 1])
             n = int(rng.integers(2, 7))
@@ -363,10 +374,10 @@ class StreetScene:
         r = out.rng
         color = out.jitter(r.uniform(0.3, 0.95, 3), 0.05)
         cargo_len, height = r.uniform(5.5, 8.0), r.uniform(3.0, 3.8)
-        out.add(BOX, (x, y, (0.6 + height) / 2), (cargo_len / 2, 1.25, (height - 0.6) / 2),
+        out.add(BOX, (x, y, (0.6 + height) / 2), (cargo_len / 2, 1.2, (height - 0.6) / 2),
                 TRUCK, color, TEX_CELLS)
         cab_x = x - side * (cargo_len / 2 + 1.2)
-        out.add(BOX, (cab_x, y, 1.5), (1.1, 1.2, 1.2), TRUCK,
+        out.add(BOX, (cab_x, y, 1.5), (1.1, 1.15, 1.2), TRUCK,
                 out.jitter(r.uniform(0.2, 0.9, 3), 0.05), TEX_GLASS, color2=(0.1, 0.1, 0.12))
 
     def _pedestrian(self, out, x, y):
@@ -431,6 +442,24 @@ class Hits:
     def empty(n: int) -> 'Hits':
         return Hits(np.full(n, np.inf, np.float32), np.full(n, -1, np.int32),
                     np.zeros((n, 3), np.float32), np.zeros((n, 3), np.float32))
+
+
+def contains(prims: Primitives, points: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """(N,) bool: world ``points`` (N, 3) lie inside a solid grown by ``margin`` metres."""
+    inside = np.zeros(len(points), bool)
+    for j in range(len(prims)):
+        d = points - prims.center[j]
+        size = prims.size[j] + margin
+        if prims.kind[j] == BOX:
+            c, s = math.cos(prims.yaw[j]), math.sin(prims.yaw[j])
+            lx, ly = c * d[:, 0] + s * d[:, 1], c * d[:, 1] - s * d[:, 0]
+            inside |= ((np.abs(lx) <= size[0]) & (np.abs(ly) <= size[1])
+                       & (np.abs(d[:, 2]) <= size[2]))
+        elif prims.kind[j] == CYLINDER:
+            inside |= (d[:, 0] ** 2 + d[:, 1] ** 2 <= size[0] ** 2) & (np.abs(d[:, 2]) <= size[2])
+        else:
+            inside |= ((d / size) ** 2).sum(1) <= 1.0
+    return inside
 
 
 def rows_times(v: np.ndarray, M: np.ndarray) -> np.ndarray:

@@ -7,9 +7,9 @@ convention): downsampling by ``r`` maps ``c`` to ``floor(c / (s r)) * s r``.
 Each coordinate is packed into one int64 key, ``batch << 54 | x' << 36 | y' << 18 | z'`` with
 ``x' = x - origin_x`` (origin = minimum minus a margin), so that adding a kernel offset to a
 coordinate adds a constant to its key and sorted keys are lexicographic ``(batch, x, y, z)``.
-Neighbour lookup probes a hash table of the keys of the target stride (:class:`_HashIndex`). Every coordinate
-set and kernel map is built once per ``CoordinateManager`` (one per input batch) and reused by all
-layers that need it.
+Neighbour lookup probes a hash table of the keys of the target stride (:class:`_HashIndex`).
+Every coordinate set and kernel map is built once per ``CoordinateManager`` (one per input
+batch) and reused by all layers that need it.
 """
 from __future__ import annotations
 
@@ -47,30 +47,43 @@ def kernel_offsets(kernel_size: int, dilation: int = 1) -> torch.Tensor:
 class KernelMap:
     """Input/output row pairs of a sparse convolution, grouped by kernel offset.
 
-    ``in_rows``/``out_rows`` are ``(P,) int64``; offset ``k`` owns ``[bounds[k], bounds[k+1])``.
-    ``identity`` is the offset index whose pairs are ``(i, i)`` for every row (the centre of a
-    submanifold convolution; not stored in the pair arrays), or -1.
+    ``in_rows``/``out_rows`` are ``(P,) int64``; group ``g`` owns ``[bounds[g], bounds[g+1])`` and
+    uses weight slice ``kernel_index[g]`` of a ``(volume, Cin, Cout)`` weight. ``identity`` is the
+    weight slice whose pairs are ``(i, i)`` for every row (the centre of a submanifold
+    convolution; not stored in the pair arrays), or -1.
     """
 
     in_rows: torch.Tensor
     out_rows: torch.Tensor
     bounds: list
+    kernel_index: list
+    volume: int
     num_in: int
     num_out: int
     identity: int = -1
 
-    @property
-    def volume(self) -> int:
-        return len(self.bounds) - 1
-
     def transposed(self) -> KernelMap:
         """The same pairs with inputs and outputs exchanged (for transposed convolutions)."""
-        return KernelMap(self.out_rows, self.in_rows, self.bounds, self.num_out, self.num_in,
-                         self.identity)
+        return dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
+                                   num_in=self.num_out, num_out=self.num_in)
 
     @property
     def num_pairs(self) -> int:
         return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
+
+    @classmethod
+    def from_groups(cls, groups: list, volume: int, num_in: int, num_out: int,
+                    identity: int = -1) -> KernelMap:
+        """Build from ``[(kernel index, in rows, out rows), ...]`` (empty groups dropped)."""
+        groups = [g for g in groups if g[1].numel()]
+        bounds = [0]
+        for _, rows, _ in groups:
+            bounds.append(bounds[-1] + int(rows.numel()))
+        empty = torch.zeros(0, dtype=torch.int64)
+        in_rows = torch.cat([g[1] for g in groups]) if groups else empty
+        out_rows = torch.cat([g[2] for g in groups]) if groups else empty
+        return cls(in_rows, out_rows, bounds, [g[0] for g in groups], volume, num_in, num_out,
+                   identity)
 
 
 _HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as int64
@@ -262,43 +275,57 @@ class CoordinateManager:
             self._maps[key] = kmap
         return self._maps[key]
 
+    def _split(self, rows: torch.Tensor) -> tuple:
+        """Found rows ``(K, n)`` (-1 = absent) -> (offset idx, input rows, output rows, counts)."""
+        ok = rows >= 0
+        k_idx, out_rows = ok.nonzero(as_tuple=True)  # ordered by offset, then output row
+        counts = torch.bincount(k_idx, minlength=rows.shape[0]).tolist()
+        return rows[ok], out_rows, counts
+
     def _submanifold_map(self, stride: int, kernel_size: int, dilation: int) -> KernelMap:
         cset = self._set(stride)
         n = cset.keys.numel()
         offsets = kernel_offsets(kernel_size, dilation) * stride
         volume = offsets.shape[0]
-        arange = torch.arange(n, device=self.device)
-        per_offset: list = [None] * volume
-        identity = -1
-        if kernel_size % 2 == 1:
-            # 1. Odd kernels are symmetric: offset k and volume-1-k are mirror images, so the
-            #    pairs of one are the swapped pairs of the other; the centre is the identity.
-            identity = volume // 2
-            half = list(range(identity))
-            deltas = self.key_delta(offsets[half]).to(self.device)
-            rows = cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1))  # (H, n)
-            for k, found in zip(half, rows):
-                ok = found >= 0
-                inp, out = found[ok], arange[ok]
-                per_offset[k] = (inp, out)
-                per_offset[volume - 1 - k] = (out, inp)
-        else:
+        if kernel_size % 2 == 0:
             deltas = self.key_delta(offsets).to(self.device)
-            rows = cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1))
-            for k, found in enumerate(rows):
-                ok = found >= 0
-                per_offset[k] = (found[ok], arange[ok])
-        return self._assemble(per_offset, n, n, identity)
+            in_rows, out_rows, counts = self._split(
+                cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+            return self._grouped(in_rows, out_rows, counts, list(range(volume)), volume, n, n)
+        # 1. Odd kernels are symmetric: offset k and volume-1-k are mirror images, so the pairs
+        #    of one are the swapped pairs of the other; the centre is the identity.
+        centre = volume // 2
+        deltas = self.key_delta(offsets[:centre]).to(self.device)
+        in_rows, out_rows, counts = self._split(
+            cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+        half = len(counts)
+        kmap = self._grouped(torch.cat([in_rows, out_rows]), torch.cat([out_rows, in_rows]),
+                             counts + counts, list(range(half)) + [volume - 1 - k
+                                                                   for k in range(half)],
+                             volume, n, n)
+        kmap.identity = centre
+        return kmap
+
+    @staticmethod
+    def _grouped(in_rows, out_rows, counts, kernel_index, volume, num_in, num_out) -> KernelMap:
+        bounds = [0]
+        kept = []
+        for k, c in zip(kernel_index, counts):
+            if c:
+                bounds.append(bounds[-1] + c)
+                kept.append(k)
+        return KernelMap(in_rows, out_rows, bounds, kept, volume, num_in, num_out)
 
     def _parent_map(self, in_stride: int, factor: int) -> KernelMap:
         # 2. Kernel size == stride (even): every input row feeds exactly one output, at the
         #    offset given by its position inside the parent cell.
         inverse, code = self.parents(in_stride, factor)
         order = torch.argsort(code, stable=True)
-        counts = torch.bincount(code, minlength=factor ** 3).tolist()
-        bounds = [0] + list(itertools.accumulate(counts))
+        volume = factor ** 3
+        counts = torch.bincount(code, minlength=volume).tolist()
         num_out = self._sets[in_stride * factor].keys.numel()
-        return KernelMap(order, inverse[order], bounds, inverse.numel(), num_out)
+        return self._grouped(order, inverse[order], counts, list(range(volume)), volume,
+                             inverse.numel(), num_out)
 
     def _strided_map(self, in_stride: int, kernel_size: int, factor: int,
                      dilation: int) -> KernelMap:
@@ -307,21 +334,7 @@ class CoordinateManager:
         coarse = self._set(in_stride * factor)
         offsets = kernel_offsets(kernel_size, dilation) * in_stride
         deltas = self.key_delta(offsets).to(self.device)
-        rows = fine.lookup(coarse.keys.unsqueeze(0) + deltas.unsqueeze(1))  # (K, n_out)
-        arange = torch.arange(coarse.keys.numel(), device=self.device)
-        per_offset = []
-        for found in rows:
-            ok = found >= 0
-            per_offset.append((found[ok], arange[ok]))
-        return self._assemble(per_offset, fine.keys.numel(), coarse.keys.numel(), -1)
-
-    def _assemble(self, per_offset: list, num_in: int, num_out: int, identity: int) -> KernelMap:
-        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-        ins, outs, bounds = [], [], [0]
-        for k, pair in enumerate(per_offset):
-            if k == identity:
-                pair = (empty, empty)
-            ins.append(pair[0])
-            outs.append(pair[1])
-            bounds.append(bounds[-1] + int(pair[0].numel()))
-        return KernelMap(torch.cat(ins), torch.cat(outs), bounds, num_in, num_out, identity)
+        in_rows, out_rows, counts = self._split(
+            fine.lookup(coarse.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+        return self._grouped(in_rows, out_rows, counts, list(range(offsets.shape[0])),
+                             offsets.shape[0], fine.keys.numel(), coarse.keys.numel())

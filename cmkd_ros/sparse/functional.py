@@ -6,17 +6,15 @@ import torch
 from .coords import KernelMap
 
 
-def _offset_products(rows: torch.Tensor, weight: torch.Tensor, bounds: list,
-                     transpose_weight: bool, skip: int) -> torch.Tensor:
-    """``rows[a:b] @ weight[k]`` (or ``weight[k].T``) for each offset's slice ``[a, b)``."""
+def _offset_products(rows: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
+                     transpose_weight: bool) -> torch.Tensor:
+    """``rows[a:b] @ weight[k]`` (or ``weight[k].T``) for each group's slice ``[a, b)``."""
+    bounds = kmap.bounds
     width = weight.shape[1] if transpose_weight else weight.shape[2]
     out = rows.new_empty(rows.shape[0], width)
-    for k in range(len(bounds) - 1):
-        a, b = bounds[k], bounds[k + 1]
-        if b == a or k == skip:
-            continue
+    for g, k in enumerate(kmap.kernel_index):
         w = weight[k].t() if transpose_weight else weight[k]
-        torch.mm(rows[a:b], w, out=out[a:b])
+        torch.mm(rows[bounds[g]:bounds[g + 1]], w, out=out[bounds[g]:bounds[g + 1]])
     return out
 
 
@@ -44,18 +42,17 @@ class SparseConvFunction(torch.autograd.Function):
             else:
                 grad_feats = grad_out.new_zeros(kmap.num_in, weight.shape[1])
             if kmap.in_rows.numel():
-                prod = _offset_products(grad_rows, weight, kmap.bounds, True, kmap.identity)
+                prod = _offset_products(grad_rows, weight, kmap, True)
                 grad_feats.index_add_(0, kmap.in_rows, prod)
         if ctx.needs_input_grad[1]:
             # 2. dL/dW[k] = x[in rows of k]^T @ dL/dy[out rows of k].
             grad_weight = torch.zeros_like(weight)
             in_rows = feats.index_select(0, kmap.in_rows)
-            for k in range(kmap.volume):
-                a, b = kmap.bounds[k], kmap.bounds[k + 1]
-                if b > a:
-                    torch.mm(in_rows[a:b].t(), grad_rows[a:b], out=grad_weight[k])
+            for g, k in enumerate(kmap.kernel_index):
+                a, b = kmap.bounds[g], kmap.bounds[g + 1]
+                grad_weight[k] += torch.mm(in_rows[a:b].t(), grad_rows[a:b])
             if kmap.identity >= 0:
-                torch.mm(feats.t(), grad_out, out=grad_weight[kmap.identity])
+                grad_weight[kmap.identity] += torch.mm(feats.t(), grad_out)
         return grad_feats, grad_weight, None
 
 
@@ -66,7 +63,7 @@ def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) ->
         out = feats.new_zeros(kmap.num_out, weight.shape[2])
     if kmap.in_rows.numel():
         gathered = feats.index_select(0, kmap.in_rows)
-        prod = _offset_products(gathered, weight, kmap.bounds, False, kmap.identity)
+        prod = _offset_products(gathered, weight, kmap, False)
         out.index_add_(0, kmap.out_rows, prod)
     return out
 

@@ -1,0 +1,184 @@
+"""``cmkd demo``: the whole collect -> train -> segment -> evaluate loop on synthetic drives.
+
+1. render three synthetic drives: labeled camera images for the 2D teacher (a pair dataset), a
+   training drive and a held-out drive (rosbag2, MCAP and sqlite3);
+2. replay the training bag through the real ``collect_node`` (a separate ROS 2 process), which
+   synchronizes LiDAR + six cameras, computes correspondences and writes distillation pairs;
+3. train the 2D teacher on the labeled images;
+4. train the 3D student with FSKD on the collected pairs: no 3D labels (zero-shot);
+5. replay the held-out bag through the real ``segment_node`` and score it against the bag's
+   ground-truth labels (mIoU, latency percentiles, drops);
+6. write pictures: projected points over a camera image, the confusion matrix and per-class IoU.
+
+Every step is a ``cmkd`` subcommand or node run as its own process, exactly as a user would run
+them; the demo only chains them and prints where each output went.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+# (teacher image frames, training drive frames, held-out frames, teacher steps, student steps)
+SIZES = {'small': (24, 24, 8, 300, 300), 'full': (60, 60, 20, 1200, 1500)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
+    parser.add_argument('--size', choices=sorted(SIZES), default='small',
+                        help='small: about 10 minutes on 2 cores; full: better numbers')
+    parser.add_argument('--keep', action='store_true',
+                        help='reuse outputs of an earlier run instead of starting over')
+
+
+class Step:
+    """Prints numbered progress lines with elapsed time."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.start = total, 0, time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.index += 1
+        print(f'[{self.index}/{self.total} {time.monotonic() - self.start:6.0f} s] {text}',
+              flush=True)
+
+
+def _cmkd(*args: str, env=None) -> None:
+    cmd = [sys.executable, '-m', 'cmkd_ros.cli', *args]
+    print('  $ cmkd ' + ' '.join(args), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _ros_env() -> dict:
+    """An isolated ROS 2 graph for the demo's processes (own domain, localhost discovery)."""
+    env = dict(os.environ)
+    env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    env['ROS_DOMAIN_ID'] = str(os.getpid() % 90 + 5)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env['ROS_LOCALHOST_ONLY'] = '1'
+    return env
+
+
+def _write_collect_params(path: str, calibration: str, cameras: list[str], pairs: str) -> None:
+    import yaml
+    params = {'/**': {'ros__parameters': {
+        'calibration_file': calibration, 'cameras': cameras,
+        'image_transport': 'compressed', 'image_topic': '/cameras/{camera}/image_raw/compressed',
+        'camera_info_topic': '/cameras/{camera}/camera_info', 'use_odometry': True,
+        'record': {'enabled': True, 'output_dir': pairs, 'fsync': False},
+        'overlay': {'enabled': False}}}}
+    with open(path, 'w', encoding='utf-8') as fh:
+        yaml.safe_dump(params, fh)
+
+
+def collect_pairs(bag: str, pairs: str, workdir: str) -> int:
+    """Replay ``bag`` through a collect_node process; returns the number of pairs written."""
+    from cmkd_ros.bag import load_calibration
+    from cmkd_ros.pairs import PairReader
+
+    rig = load_calibration(bag)
+    params = os.path.join(workdir, 'collect.params.yaml')
+    _write_collect_params(params, os.path.join(bag, 'calibration.yaml'), rig.names, pairs)
+    env = _ros_env()
+    log = open(os.path.join(workdir, 'collect_node.log'), 'w', encoding='utf-8')
+    node = subprocess.Popen(
+        [sys.executable, '-m', 'cmkd_ros.nodes.collect_node', '--ros-args',
+         '--params-file', params, '-r', '~/input/pointcloud:=/lidar/points',
+         '-r', '~/input/odom:=/odom'], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _cmkd('replay', bag, '--wait-for', '/lidar/points', '--wait-timeout', '60',
+              '--rate', '0.5', '--delay', '1', env=env)
+        deadline = time.monotonic() + 30
+        count = -1
+        while time.monotonic() < deadline:       # let the node drain its queue
+            time.sleep(2.0)
+            now = len(PairReader(pairs)) if os.path.isdir(pairs) else 0
+            if now == count:
+                break
+            count = now
+    finally:
+        node.send_signal(signal.SIGINT)
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        log.close()
+    return len(PairReader(pairs)) if os.path.isdir(pairs) else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.keep:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    n_teacher, n_train, n_test, teacher_steps, student_steps = SIZES[args.size]
+    step = Step(6)
+    paths = {k: os.path.join(out, k) for k in ('teacher_images', 'drive_train', 'drive_heldout',
+                                                'heldout_pairs', 'pairs', 'teacher', 'student',
+                                                'evaluation')}
+
+    step('render synthetic drives (LiDAR 32 beams, six 640x360 cameras, ground truth)')
+    for key, fmt, seed, frames in (('teacher_images', 'frames', 11, n_teacher),
+                                   ('drive_train', 'mcap', 21, n_train),
+                                   ('drive_heldout', 'sqlite3', 31, n_test),
+                                   ('heldout_pairs', 'frames', 31, n_test)):
+        if not os.path.exists(paths[key]):
+            extra = ['--compressed'] if fmt != 'sqlite3' else []
+            _cmkd('sim', '--format', fmt, '--frames', str(frames), '--seed', str(seed),
+                  '--out', paths[key], *extra)
+
+    step('collect distillation pairs: replay the training bag through collect_node')
+    if not os.path.exists(paths['pairs']):
+        count = collect_pairs(paths['drive_train'], paths['pairs'], out)
+        print(f'  collect_node wrote {count} pairs of {n_train} sweeps to {paths["pairs"]}')
+        if count == 0:
+            print(f'  no pairs were written; see {out}/collect_node.log', file=sys.stderr)
+            return 1
+
+    step('train the 2D teacher on labeled camera images')
+    teacher_ckpt = os.path.join(paths['teacher'], 'teacher.pt')
+    if not os.path.exists(teacher_ckpt):
+        _cmkd('train', 'teacher', '--config', 'config/teacher.yaml', '--out', paths['teacher'],
+              f'train={paths["teacher_images"]}', f'val={paths["heldout_pairs"]}',
+              f'steps={teacher_steps}')
+
+    step('train the 3D student with FSKD on the collected pairs (no 3D labels)')
+    student_ckpt = os.path.join(paths['student'], 'student.pt')
+    if not os.path.exists(student_ckpt):
+        _cmkd('train', 'fskd', '--config', 'config/fskd.yaml', '--out', paths['student'],
+              f'data.train={paths["pairs"]}', f'teacher.checkpoint={teacher_ckpt}',
+              f'steps={student_steps}')
+
+    step('segment the held-out bag through segment_node and score it')
+    report_path = os.path.join(out, 'evaluate_bag.json')
+    _cmkd('evaluate-bag', paths['drive_heldout'], '--checkpoint', student_ckpt,
+          '--json', report_path, '--log', os.path.join(out, 'segment_node.log'), env=_ros_env())
+
+    step('pictures: projected points, confusion matrix, per-class IoU')
+    _cmkd('overlay', '--data', paths['heldout_pairs'], '--out', os.path.join(out, 'overlay'),
+          '--max-pairs', '1')
+    _cmkd('evaluate', '--checkpoint', student_ckpt, '--data', paths['heldout_pairs'],
+          '--out', paths['evaluation'])
+    _summary(out, report_path, paths)
+    return 0
+
+
+def _summary(out: str, report_path: str, paths: dict) -> None:
+    with open(report_path, encoding='utf-8') as fh:
+        report = json.load(fh)
+    teacher_eval = os.path.join(paths['teacher'], 'eval.json')
+    print('\n=== cmkd demo summary ===')
+    if os.path.exists(teacher_eval):
+        with open(teacher_eval, encoding='utf-8') as fh:
+            print(f'2D teacher mIoU (held-out images): {json.load(fh).get("miou", float("nan")):.3f}')
+    print(f'3D student (FSKD, zero-shot) mIoU on the held-out bag: {report["miou"]:.3f}')
+    lat = report.get('latency_ms', {})
+    print(f'segment_node latency p50 {lat.get("p50", float("nan")):.1f} ms, '
+          f'p95 {lat.get("p95", float("nan")):.1f} ms; drops: {report.get("dropped", "?")}')
+    print(f'outputs in {out}: evaluate_bag.json, evaluation/ (confusion matrix, IoU bars), '
+          'overlay/ (projected points)')
