@@ -20,6 +20,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SCAN = REPO.parent / 'shared' / 'data' / 'nuscenes_sample' / 'LIDAR_TOP.bin'
 
 
+# name -> StudentConfig overrides. small: the CPU real-time student with its DA module (teacher
+# features D = 64, the default teacher); standard: MinkUNet18 with DA, D = 256 (DeepLabV3).
+STUDENTS = {
+    'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True),
+    'small_noda': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=False),
+    'minkunet14': dict(arch='minkunet14', voxel_size=0.1, feature_dim=256, use_da=False),
+    'standard': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=True),
+    'standard_noda': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=False),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--scan', default=os.environ.get('CMKD_BENCH_SCAN', str(DEFAULT_SCAN)),
@@ -29,24 +40,15 @@ def parse_args(argv=None):
     parser.add_argument('--repeats', type=int, default=7, help='timed runs (median reported)')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--students', default='small,standard',
-                        help='comma list among: small, standard, standard_noda, minkunet14')
+                        help='comma list of: ' + ', '.join(STUDENTS))
     parser.add_argument('--backends', default='torch,minkowski', help='comma list')
     return parser.parse_args(argv)
-
-
-# name -> StudentConfig overrides
-STUDENTS = {
-    'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=False),
-    'small_da': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True),
-    'minkunet14': dict(arch='minkunet14', voxel_size=0.1, feature_dim=256, use_da=False),
-    'standard': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=True),
-    'standard_noda': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=False),
-}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
+    os.environ.setdefault('OPENBLAS_NUM_THREADS', str(args.threads))
     import numpy as np
     import torch
     sys.path.insert(0, str(REPO))
@@ -85,7 +87,11 @@ def main(argv=None) -> int:
               f'{"cpu ms":>9}{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}{"ours/ME":>9}')
     print(header)
     print('-' * len(header))
-    for name in [s for s in args.students.split(',') if s]:
+    names = [s for s in args.students.split(',') if s]
+    unknown = sorted(set(names) - set(STUDENTS))
+    if unknown:
+        raise SystemExit(f'unknown students {unknown}; known: {sorted(STUDENTS)}')
+    for name in names:
         config = build(StudentConfig, STUDENTS[name])
         feats = point_features(points[:, :3], points[:, 3], config.point_features)
         coords, vfeats, _ = voxelize(points[:, :3], feats, config.voxel_size)
@@ -121,35 +127,40 @@ def main(argv=None) -> int:
                 flops[0] += 2.0 * coords.shape[0] * m.in_features * m.out_features
         map_ms = _time_maps(student, coords, vfeats, SparseTensor, sync)
 
-        medians = {}
-        for backend in backends:
-            student.set_backend(backend)
-            with torch.no_grad():
+        # 3. Backends alternate run by run, so that both see the same background load.
+        times = {b: [] for b in backends}
+        cpu_times = {b: [] for b in backends}
+        with torch.no_grad():
+            for backend in backends:
+                student.set_backend(backend)
                 for _ in range(args.warmup):
                     student(coords, vfeats)
-                times, cpu_times = [], []
-                for _ in range(args.repeats):
+            for _ in range(args.repeats):
+                for backend in backends:
+                    student.set_backend(backend)
                     sync()
                     t, c = time.perf_counter(), time.process_time()
                     student(coords, vfeats)
                     sync()
-                    times.append(time.perf_counter() - t)
-                    cpu_times.append(time.process_time() - c)
-            med = statistics.median(times)
-            medians[backend] = med
+                    times[backend].append(time.perf_counter() - t)
+                    cpu_times[backend].append(time.process_time() - c)
+        gflop = flops[0] / 1e9
+        for backend in backends:
+            med = statistics.median(times[backend])
             ratio = ''
-            if backend == 'minkowski' and 'torch' in medians:
-                ratio = f'{medians["torch"] / med:.2f}'
-            gflop = flops[0] / 1e9
+            if backend == 'minkowski' and 'torch' in times:
+                ratio = (f'{statistics.median(times["torch"]) / med:.2f}/'
+                         f'{min(times["torch"]) / min(times[backend]):.2f}')
             print(f'{name:<14}{backend:<11}{coords.shape[0]:>8}{med * 1e3:>11.1f}'
-                  f'{min(times) * 1e3:>9.1f}{statistics.median(cpu_times) * 1e3:>9.1f}'
-                  f'{gflop:>8.2f}{gflop / med:>9.1f}'
-                  f'{100 * gflop / med / peak:>7.1f}%'
-                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}{ratio:>9}')
+                  f'{min(times[backend]) * 1e3:>9.1f}'
+                  f'{statistics.median(cpu_times[backend]) * 1e3:>9.1f}'
+                  f'{gflop:>8.2f}{gflop / med:>9.1f}{100 * gflop / med / peak:>7.1f}%'
+                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}{ratio:>11}')
     print('median/min ms: wall time per forward; cpu ms: process CPU time per forward (all '
           'threads); maps ms: time to build all coordinate sets and kernel maps of one forward '
-          '(torch backend, included in its latency); ours/ME: median wall-time ratio, < 1 means '
-          'the torch backend is faster.')
+          '(torch backend, included in its latency); GFLOP/s and % of the sgemm peak from the '
+          'median; ours/ME: ratio of medians / ratio of minima (< 1: the torch backend is '
+          'faster). Backends alternate run by run.')
     return 0
 
 

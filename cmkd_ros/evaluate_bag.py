@@ -8,6 +8,9 @@ to receipt of the output, both in this process) and drops (inputs without an out
 printed table and optionally JSON.
 
     cmkd evaluate-bag heldout.mcap --checkpoint student.pt --json report.json
+
+:func:`collect_pairs_from_bag` does the same for the collect node: it replays a synthetic bag
+into a real ``collect_node`` process and returns the pair dataset it wrote.
 """
 from __future__ import annotations
 
@@ -82,6 +85,27 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     out = {f'p{q}': float(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
     out.update(max=float(arr.max()), mean=float(arr.mean()))
     return out
+
+
+def ros_param_text(value: Any) -> str:
+    """A parameter value as ``--ros-args -p name:=TEXT`` expects it (YAML scalars, lists)."""
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(ros_param_text(v) for v in value) + ']'
+    if isinstance(value, str) and value == '':
+        return "''"
+    return str(value)
+
+
+def node_command(module: str, params: dict, remaps: dict) -> list[str]:
+    """``python -m module --ros-args -p k:=v ... -r a:=b`` with this interpreter."""
+    cmd = [sys.executable, '-m', module, '--ros-args']
+    for key, value in params.items():
+        cmd += ['-p', f'{key}:={ros_param_text(value)}']
+    for src, dst in remaps.items():
+        cmd += ['-r', f'{src}:={dst}']
+    return cmd
 
 
 def _node_command(args: argparse.Namespace) -> list[str]:
@@ -346,3 +370,74 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, fh, indent=2)
         print(f'report written to {args.json}')
     return 0
+
+
+def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None = None,
+                           image_transport: str = 'compressed', rate: float = 1.0,
+                           params: dict | None = None, startup_timeout: float = 60.0,
+                           settle_s: float = 2.0, log: str | None = None) -> int:
+    """Replay a synthetic bag (``cmkd sim`` layout) into a real collect node; returns the number
+    of pairs in ``out_dir`` afterwards.
+
+    The node records with odometry-based motion compensation; ``params`` adds or overrides
+    collect node parameters (e.g. ``{'teacher.checkpoint': 'teacher.pt'}``). Blocks until the
+    replay has finished and no new pair appeared for ``settle_s`` seconds.
+    """
+    import rclpy
+
+    from cmkd_ros.bag import CALIBRATION_FILE, camera_topics
+    from cmkd_ros.calibration import RigCalibration
+    from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
+    from cmkd_ros.pairs import PairReader
+    from cmkd_ros.replay import Replayer
+    bag_dir = bag if os.path.isdir(bag) else os.path.dirname(bag)
+    calibration = os.path.join(bag_dir, CALIBRATION_FILE)
+    names = list(cameras or RigCalibration.load(calibration).names)
+    key = 'compressed' if image_transport == 'compressed' else 'image'
+    image_topics = [camera_topics(n)[key] for n in names]
+    node_params = {'calibration_file': os.path.abspath(calibration), 'cameras': names,
+                   'image_transport': image_transport,
+                   'image_topic': camera_topics('{camera}')[key], 'use_odometry': True,
+                   'record.enabled': True, 'record.output_dir': os.path.abspath(out_dir)}
+    node_params.update(params or {})
+    env = ensure_fastdds_profile(dict(os.environ))
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    ensure_fastdds_profile()
+    log_file = open(log, 'wb') if log else tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        node_command('cmkd_ros.nodes.collect_node', node_params,
+                     {'~/input/pointcloud': '/lidar/points', '~/input/odom': '/odom'}),
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('cmkd_collect_bag', context=context)
+
+    def count() -> int:
+        return len(PairReader(out_dir)) if os.path.isdir(out_dir) else 0
+
+    try:
+        topics = ['/lidar/points', '/odom'] + image_topics + [camera_topics(n)['info']
+                                                              for n in names]
+        replayer = Replayer(node, bag, topics, rate=rate)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while replayer.wait_for_subscribers(['/lidar/points'] + image_topics, 0.2):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise EvaluationError(f'collect node not ready (exit code {proc.poll()}):'
+                                          f'\n{_tail(log_file)}')
+            time.sleep(0.5)                        # let discovery settle both ways
+            replayer.play()
+        finally:
+            replayer.close()
+        last, last_change = count(), time.monotonic()
+        while time.monotonic() - last_change < settle_s:
+            time.sleep(0.2)
+            now = count()
+            if now != last:
+                last, last_change = now, time.monotonic()
+    finally:
+        _stop_process(proc)                      # SIGINT: the node finishes queued pairs
+        node.destroy_node()
+        context.try_shutdown()
+        log_file.close()
+    return count()

@@ -126,6 +126,7 @@ class Replayer:
             from rosgraph_msgs.msg import Clock
             self._clock_class = Clock
             self.clock_pub = node.create_publisher(Clock, '/clock', QoSProfile(depth=10))
+        self._raw_ok = True
         self.start_ns = self.reader.start_time
         self.end_ns = self.reader.end_time
 
@@ -141,6 +142,18 @@ class Replayer:
             if pending:
                 time.sleep(0.05)
         return pending
+
+    def _publish(self, topic: str, raw: bytes) -> None:
+        """Publish CDR bytes as they are; deserialize first where rclpy cannot publish bytes."""
+        pub = self.publishers[topic]
+        if self._raw_ok:
+            try:
+                pub.publish(raw)
+                return
+            except TypeError:                  # an rclpy without serialized publishing
+                self._raw_ok = False
+        from rclpy.serialization import deserialize_message
+        pub.publish(deserialize_message(raw, pub.msg_type))
 
     def _publish_clock(self, bag_ns: int) -> None:
         msg = self._clock_class()
@@ -177,7 +190,7 @@ class Replayer:
                     break
                 if self.clock_pub is not None:
                     self._publish_clock(bag_ns)
-                self.publishers[conn.topic].publish(bytes(raw))
+                self._publish(conn.topic, bytes(raw))
                 now = time.monotonic()
                 self.stats.max_lag_ms = max(self.stats.max_lag_ms, (now - target) * 1e3)
                 self.stats.published[conn.topic] += 1
@@ -248,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
                 if missing:
                     print(f'cmkd replay: no subscriber on {missing} after {args.wait_timeout} '
                           's; starting anyway', file=sys.stderr)
+                # The subscriber side discovers this publisher a moment later; samples sent
+                # before that are not delivered.
+                stop.wait(0.5)
             if args.delay > 0:
                 stop.wait(args.delay)
             stats = replayer.play(loop=args.loop, stop=stop)

@@ -14,7 +14,7 @@ from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, Op
 from launch.conditions import IfCondition, UnlessCondition
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import FindExecutable, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
@@ -68,13 +68,15 @@ def generate_launch_description():
         }],
         remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
                     ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])
+    # `python3 -m cmkd_ros.cli`: colcon puts the `cmkd` script in lib/cmkd_ros, off the PATH.
+    python = FindExecutable(name='python3')
     replay = ExecuteProcess(
-        cmd=['cmkd', 'replay', LaunchConfiguration('bag'), '--clock',
+        cmd=[python, '-m', 'cmkd_ros.cli', 'replay', LaunchConfiguration('bag'), '--clock',
              '--rate', LaunchConfiguration('rate'),
              '--wait-for', LaunchConfiguration('input_pointcloud')],
         output='screen', condition=UnlessCondition(evaluate))
     score = ExecuteProcess(
-        cmd=['cmkd', 'evaluate-bag', LaunchConfiguration('bag'),
+        cmd=[python, '-m', 'cmkd_ros.cli', 'evaluate-bag', LaunchConfiguration('bag'),
              '--checkpoint', LaunchConfiguration('checkpoint'),
              '--params-file', LaunchConfiguration('params_file'),
              '--device', LaunchConfiguration('device'),

@@ -45,29 +45,31 @@ class ExperimentsConfig:
     frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
     frame_stride: int = setting(6, 'keep every n-th sweep of the drive (10 Hz LiDAR)', ge=1)
     sim: dict[str, Any] = setting(
-        default_factory=lambda: {'lidar': {'beams': 32, 'horizontal_resolution_deg': 0.6},
-                                 'cameras': {'count': 6, 'width': 320, 'height': 180}},
+        default_factory=lambda: {'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0},
+                                 'cameras': {'count': 6, 'width': 256, 'height': 144}},
         help='SimConfig overrides (cmkd_ros.sim.config) shared by train and test worlds')
-    threads: int = setting(1, 'torch intra-op threads (1 is fastest when the cores are shared)',
-                           ge=1)
-    teacher_steps: int = setting(600, 'teacher optimizer steps', ge=1)
-    teacher_batch_size: int = setting(8, 'teacher images per step', ge=1)
+    threads: int = setting(1, 'torch intra-op threads per training process', ge=1)
+    parallel: int = setting(2, 'trainings run at the same time (one process each)', ge=1)
+    teacher_steps: int = setting(800, 'teacher optimizer steps', ge=1)
+    teacher_batch_size: int = setting(4, 'teacher images per step', ge=1)
     teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
     teacher_model: dict[str, Any] = setting(
         default_factory=lambda: {'arch': 'small', 'feature_dim': 64, 'output_stride': 4,
                                  'width': 24},
         help='TeacherConfig keys')
     teacher_options: dict[str, Any] = setting(
-        default_factory=lambda: {'crop_size': [160, 288]},
+        default_factory=lambda: {'crop_size': [128, 224]},
         help='extra train_teacher keyword arguments (augmentation)')
     student_steps: int = setting(600, 'optimizer steps of fskd, udakd and supervised', ge=1)
     finetune_steps: int = setting(300, 'optimizer steps of the few-shot fine-tuning', ge=1)
     label_fraction: float = setting(0.1, 'fraction of labeled training scans for few-shot',
                                     gt=0, le=1)
-    batch_size: int = setting(2, 'scans per step', ge=1)
-    voxel_size: float = setting(0.15, 'student voxel size, metres', gt=0)
+    batch_size: int = setting(1, 'scans per step', ge=1)
+    voxel_size: float = setting(0.2, 'student voxel size, metres', gt=0)
     lr: float = setting(2e-3, 'student learning rate', gt=0)
-    student: dict[str, Any] = setting(default_factory=dict, help='StudentConfig overrides')
+    student: dict[str, Any] = setting(
+        default_factory=lambda: {'arch': 'small', 'point_features': 'intensity_height'},
+        help='StudentConfig overrides (same network for every run)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
 
 
@@ -133,13 +135,34 @@ def _merge(*parts: dict) -> dict:
     return out
 
 
-def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
-    """Run every stage (skipping finished ones) and write results.json / results.md."""
+def _teacher_job(values: dict) -> dict:
+    """Train and score the teacher (runs in a worker process)."""
+    import torch
+    from offline_training.config import TeacherTrainConfig
+    from offline_training.trainer import train_teacher_from_config
+    torch.set_num_threads(values['threads'])
+    return _cached(values['out_dir'],
+                   lambda: train_teacher_from_config(build(TeacherTrainConfig, values)))
+
+
+def _student_job(values: dict, resume: bool) -> dict:
+    """Train and score one student (runs in a worker process)."""
     import torch
     from offline_training.config import TrainConfig
-    from offline_training.trainer import train, train_teacher_from_config
-    from offline_training.config import TeacherTrainConfig
-    torch.set_num_threads(cfg.threads)
+    from offline_training.trainer import train
+    torch.set_num_threads(values['threads'])
+    return _cached(values['out_dir'], lambda: train(build(TrainConfig, values), resume=resume))
+
+
+def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
+    """Run every stage (skipping finished ones) and write results.json / results.md.
+
+    Independent trainings run ``cfg.parallel`` at a time in worker processes: the teacher-free
+    runs (supervised, fine-tuning from scratch) beside the teacher, then the distillation runs,
+    then the fine-tuning of the UDAKD student.
+    """
+    import concurrent.futures
+    import multiprocessing
     root = cfg.out_dir
     os.makedirs(root, exist_ok=True)
     timings: dict[str, float] = {}
@@ -150,37 +173,57 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
     test_dir = render_worlds(os.path.join(root, 'data', 'test'), cfg.test_worlds,
                              cfg.frames_per_world, cfg.frame_stride, cfg.sim)
     timings['data'] = time.monotonic() - start
-    # 2. Teacher.
-    teacher_dir = os.path.join(root, 'teacher')
-    teacher_summary = _cached(teacher_dir, lambda: train_teacher_from_config(build(
-        TeacherTrainConfig, {'out_dir': teacher_dir, 'train': train_dir, 'val': test_dir,
-                             'seed': cfg.seed, 'steps': cfg.teacher_steps,
-                             'batch_size': cfg.teacher_batch_size, 'lr': cfg.teacher_lr,
-                             'model': dict(cfg.teacher_model), 'device': 'cpu',
-                             'threads': cfg.threads, 'progress': False,
-                             'options': dict(cfg.teacher_options)})))
-    teacher_path = teacher_summary['teacher']
-    timings['teacher'] = time.monotonic() - start - sum(timings.values())
-    # 3. Students.
+    # 2. Jobs: name -> (what it waits for, function, arguments).
+    teacher_path = os.path.join(root, 'teacher', 'teacher.pt')
     specs = _student_runs(cfg, train_dir, test_dir, teacher_path)
     wanted = []
     for name in cfg.runs:
         if name == 'udakd_finetune':
             wanted.append('udakd')
         wanted.append(name)
-    results = {}
+    jobs = {'teacher': ((), _teacher_job, {
+        'out_dir': os.path.join(root, 'teacher'), 'train': train_dir, 'val': test_dir,
+        'seed': cfg.seed, 'steps': cfg.teacher_steps, 'batch_size': cfg.teacher_batch_size,
+        'lr': cfg.teacher_lr, 'model': dict(cfg.teacher_model), 'device': 'cpu',
+        'threads': cfg.threads, 'progress': False, 'options': dict(cfg.teacher_options)})}
     for name in dict.fromkeys(wanted):
         method, values = specs[name]
-        out = os.path.join(root, 'runs', name)
-        if values.get('init_from', '').startswith('@'):
-            values = {**values, 'init_from': results[values['init_from'][1:]]['student']}
-        config = build(TrainConfig, {**values, 'method': method, 'out_dir': out,
-                                     'device': 'cpu'})
-        begin = time.monotonic()
-        results[name] = _cached(out, lambda c=config: train(c, resume=resume))
-        timings[name] = time.monotonic() - begin
+        needs = ('teacher',) if method in ('fskd', 'udakd') else ()
+        if str(values.get('init_from', '')).startswith('@'):
+            needs = needs + (values['init_from'][1:],)
+        jobs[name] = (needs, _student_job, {**values, 'method': method, 'device': 'cpu',
+                                            'out_dir': os.path.join(root, 'runs', name)})
+    # 3. Run them as their inputs become ready.
+    results: dict[str, dict] = {}
+    begun: dict[str, float] = {}
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(cfg.parallel, mp_context=context) as pool:
+        running: dict = {}
+        while len(results) < len(jobs):
+            for name, (needs, function, values) in jobs.items():
+                if name in results or name in running.values() or \
+                        not all(n in results for n in needs):
+                    continue
+                if str(values.get('init_from', '')).startswith('@'):
+                    values = {**values, 'init_from': results[values['init_from'][1:]]['student']}
+                if os.path.exists(os.path.join(values['out_dir'], 'summary.json')):
+                    results[name] = _cached(values['out_dir'], None)
+                    timings[name] = 0.0
+                    continue
+                args = (values,) if function is _teacher_job else (values, resume)
+                running[pool.submit(function, *args)] = name
+                begun[name] = time.monotonic()
+            if not running:
+                continue
+            done, _ = concurrent.futures.wait(running, return_when='FIRST_COMPLETED')
+            for future in done:
+                name = running.pop(future)
+                results[name] = future.result()
+                timings[name] = time.monotonic() - begun[name]
+                print(f'[experiments] {name} done in {timings[name]:.0f} s', flush=True)
+    teacher_summary = results.pop('teacher')
     summary = {'config': to_dict(cfg), 'teacher': teacher_summary,
-               'students': {k: {'method': specs[k][0], 'eval': v.get('eval'),
+               'students': {k: {'method': jobs[k][2]['method'], 'eval': v.get('eval'),
                                 'seconds': v.get('seconds')} for k, v in results.items()},
                'timings_s': timings, 'total_s': time.monotonic() - start}
     with open(os.path.join(root, 'results.json'), 'w', encoding='utf-8') as fh:
@@ -227,7 +270,10 @@ def results_table(summary: dict) -> str:
              'udakd_finetune': 'UDAKD + fine-tune', 'finetune_scratch': 'fine-tune from scratch',
              'supervised': 'supervised (upper bound)', 'fskd_no_da': 'FSKD without DA',
              'fskd_no_occlusion': 'FSKD without occlusion test'}
-    for key, value in students.items():
+    order = ('fskd', 'udakd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
+             'fskd_no_occlusion')
+    for key in sorted(students, key=lambda k: order.index(k) if k in order else len(order)):
+        value = students[key]
         miou = _miou(value['eval'], 'all')
         unseen = _miou(value['eval'], 'unseen')
         ratio = '-' if upper in (None, 0) or miou is None else f'{100 * miou / upper:.0f}%'

@@ -360,8 +360,8 @@ class Trainer:
 
     ``resume=True`` continues from the newest checkpoint in ``config.out_dir`` (or starts fresh
     when there is none); the stored config must match except for :data:`RESUMABLE_CHANGES`.
-    ``datasets`` optionally replaces the training dataset (a map-style dataset of samples that
-    ``SparseCollate`` batches).
+    ``train_dataset`` optionally replaces the pair dataset of ``config.data.train`` (any
+    map-style dataset of :mod:`offline_training.datasets` samples, e.g. nuScenes).
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False,

@@ -4,8 +4,9 @@
 # Usage: scripts/build_minkowski.sh [VENV]      (default: the active virtual environment)
 #
 # The wheel is built once per torch version and cached in
-#   ${CMKD_WHEEL_CACHE:-$HOME/.cache/cmkd_ros/wheels}/torch-<torch version>/
-# A later run (CI, a fresh venv with the same torch) installs the cached wheel without building.
+#   ${CMKD_WHEEL_CACHE:-$HOME/.cache/cmkd_ros/wheels}/torch-<torch version>/<cpu|cuda>/
+# A later run (CI, a fresh venv with the same torch) installs the cached wheel without building;
+# nothing is done when MinkowskiEngine already imports (CMKD_ME_FORCE=1 reinstalls).
 #
 # CPU build (default, tested: torch 2.13.0+cpu, Python 3.11, about 7 min on 2 cores, 27.6 MB
 # wheel): needs OpenBLAS headers (apt-get install -y libopenblas-dev; done here when apt-get is
@@ -41,6 +42,10 @@ TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)')" || {
     echo "error: torch is not importable by $PYTHON; install torch first" >&2
     exit 2
 }
+if [[ "${CMKD_ME_FORCE:-0}" != "1" ]] && "$PYTHON" -c 'import MinkowskiEngine' > /dev/null 2>&1; then
+    echo "MinkowskiEngine already imports in $PYTHON (set CMKD_ME_FORCE=1 to reinstall)"
+    exit 0
+fi
 PY_TAG="$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 
 if [[ "${CMKD_ME_CUDA:-0}" == "1" ]]; then

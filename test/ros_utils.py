@@ -29,6 +29,7 @@ BASE_ENV = {
     ('FASTRTPS_DEFAULT_PROFILES_FILE' if os.environ.get('ROS_DISTRO') in ('humble', 'iron')
      else 'FASTDDS_DEFAULT_PROFILES_FILE'): str(PROFILE),
     'PYTHONUNBUFFERED': '1',
+    'OMP_WAIT_POLICY': 'PASSIVE',
 }
 
 
@@ -280,3 +281,21 @@ def make_sim_bag(path: pathlib.Path, frames: int = 4, storage: str = 'mcap',
         'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0}})
     export_bag(SimWorld(config), str(path), frames, storage, images)
     return path
+
+
+def predict_offline(student, points) -> tuple:
+    """The student's (class_id, probability) numpy arrays for a decoded cloud, one torch thread.
+
+    One thread: this (pytest) process's OpenMP pool may spin against the node processes on a
+    shared machine; the result does not depend on the thread count.
+    """
+    import numpy as np
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        xyz = np.stack([points['x'], points['y'], points['z']], 1).astype(np.float32)
+        pred, prob = student.predict(xyz, np.ascontiguousarray(points['intensity']))
+    finally:
+        torch.set_num_threads(threads)
+    return pred.numpy(), prob.numpy()

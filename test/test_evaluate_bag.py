@@ -8,8 +8,8 @@ import pytest
 from cmkd_ros.bag import deserialize, read_messages
 from cmkd_ros.conversions import cloud_to_array, stamp_ns
 from cmkd_ros.evaluate_bag import _Collector, cdr_header_stamp_ns, score
-from ros_utils import (RosProcess, make_sim_bag, make_student_checkpoint, ros_env,
-                       unique_domain_id)
+from ros_utils import (RosProcess, make_sim_bag, make_student_checkpoint, predict_offline,
+                       ros_env, unique_domain_id)
 
 
 @pytest.fixture(scope='module')
@@ -55,11 +55,10 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
     confusion = ConfusionMatrix(len(info['class_names']))
     for stamp in sorted(points)[:report['frames_received']] if report['drops'] == 0 else []:
         arr = points[stamp]
-        pred, _ = student.predict(np.stack([arr['x'], arr['y'], arr['z']], 1),
-                                  np.ascontiguousarray(arr['intensity']))
+        pred, _ = predict_offline(student, arr)
         gt = labels[stamp]['label']
         keep = gt < len(info['class_names'])
-        confusion.update(gt[keep], pred.numpy()[keep])
+        confusion.update(gt[keep], pred[keep])
     if report['drops'] == 0:
         assert report['miou'] == pytest.approx(confusion.miou(), abs=2e-3)
         assert report['points_scored'] == confusion.count

@@ -112,15 +112,15 @@ def check_launch_file(path: pathlib.Path) -> dict:
         for pair in _kwarg(call, 'remappings').elts:
             topic = ast.literal_eval(pair.elts[0])
             assert f"'{topic}'" in source, f'{path.name}: {executable} has no topic {topic}'
-    # ExecuteProcess(cmd=['cmkd', SUB, '--opt', ...]): subcommand and options exist
+    # ExecuteProcess(cmd=[python, '-m', 'cmkd_ros.cli', SUB, '--opt', ...]): all exist
     for call in _calls(tree, 'ExecuteProcess'):
         cmd = _kwarg(call, 'cmd').elts
         words = [c.value if isinstance(c, ast.Constant) else None for c in cmd]
-        assert words[0] == 'cmkd' and words[1] in cli.SUBCOMMANDS, words[:2]
-        options = _subcommand_options(words[1])
-        for word in words[2:]:
+        assert words[1:3] == ['-m', 'cmkd_ros.cli'] and words[3] in cli.SUBCOMMANDS, words[:4]
+        options = _subcommand_options(words[3])
+        for word in words[4:]:
             if isinstance(word, str) and word.startswith('--'):
-                assert word in options, f'{path.name}: cmkd {words[1]} has no option {word}'
+                assert word in options, f'{path.name}: cmkd {words[3]} has no option {word}'
     return {'declared': declared, 'executables': executables, 'files': files}
 
 
@@ -149,6 +149,13 @@ def test_static_check_catches_a_missing_executable_and_an_undeclared_argument(tm
         check_launch_file(bad)
     bad.write_text(good.replace("'segment_node.param.yaml'", "'missing.param.yaml'"))
     with pytest.raises(AssertionError, match='missing.param.yaml missing'):
+        check_launch_file(bad)
+    bad.write_text(good.replace("'device': ParameterValue", "'devise': ParameterValue"))
+    with pytest.raises(AssertionError, match='unknown parameters'):
+        check_launch_file(bad)
+    replay = (REPO / 'launch' / 'replay_evaluate.launch.py').read_text()
+    bad.write_text(replay.replace("'--clock'", "'--clok'"))
+    with pytest.raises(AssertionError, match='has no option --clok'):
         check_launch_file(bad)
 
 

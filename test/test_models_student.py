@@ -114,6 +114,8 @@ def test_predict_labels_every_point(scan):
     with torch.no_grad():
         logits = student(coords, feats)['logits']
     torch.testing.assert_close(cls, logits.argmax(1)[inverse])
+    empty_cls, empty_prob = student.predict(np.zeros((0, 3), np.float32), np.zeros(0))
+    assert empty_cls.shape == (0,) and empty_prob.shape == (0,)
 
 
 def test_config_validation():
@@ -199,3 +201,20 @@ def test_da_module_maps_to_teacher_dimension_and_trains():
     assert out.shape == (coords.shape[0], 16)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in da.parameters())
+
+
+def test_mixed_precision_autocast_trains(scan):
+    """Under autocast (bfloat16 on CPU here, float16 on CUDA in training) forward and backward
+    run and stay close to float32."""
+    coords, feats, _ = voxel_input(scan, 0.3)
+    student = make_student().eval()
+    with torch.no_grad():
+        ref = student(coords, feats)['pseudo2d']
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = student(coords, feats)
+    pseudo = out['pseudo2d'].float()
+    assert float((pseudo - ref).norm() / ref.norm()) < 0.05
+    out['logits'].float().square().mean().backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+               for g in grads)

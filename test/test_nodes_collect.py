@@ -51,6 +51,8 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
 
     from cmkd_ros.motion import PoseTrajectory
     from cmkd_ros.projection import compute_correspondences
+    import torch
+
     from cmkd_ros.classes import SYNTHETIC
     from cmkd_ros.models.teacher import TeacherConfig, build_teacher, load_teacher, save_teacher
     from cmkd_ros.nodes.collecting import teacher_outputs
@@ -73,7 +75,7 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
                  'collect node', on_fail=procs[0].output)
         procs.append(_replay(sim_bag, domain, tmp_path / 'replay.log', '--rate', '0.5'))
         assert procs[1].wait(timeout=60) == 0, procs[1].output()
-        wait_for(lambda: os.path.isdir(out_dir) and len(PairReader(str(out_dir))) >= 4, 20,
+        wait_for(lambda: os.path.isdir(out_dir) and len(PairReader(str(out_dir))) >= 4, 30,
                  '4 pairs', on_fail=lambda: procs[0].output()[-3000:])
         wait_for(lambda: overlays, 5, 'an overlay image')
         time.sleep(1.2)                                  # one more diagnostics period
@@ -111,6 +113,7 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
         assert len(corr) > 100
         # teacher outputs: (K, H/4, W/4) float16 logits of the image as stored
         teacher = load_teacher(str(teacher_path))
+        torch.set_num_threads(1)                      # see ros_utils.predict_offline
         for name in CAMERAS:
             stored = pair.teacher[name]
             assert stored.shape == (12, 45, 80) and stored.dtype == np.float16
@@ -224,7 +227,7 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
         wait_for(lambda: all(p.get_subscription_count() for p in (pub_cloud, pub_image,
                                                                   pub_info)),
                  30, 'collect node subscriptions', on_fail=procs[0].output)
-        time.sleep(0.5)
+        time.sleep(1.0)                                  # discovery on the node's side too
         pairs = lambda: len(PairReader(str(out_dir))) if out_dir.exists() else 0  # noqa: E731
 
         def send(stamp, points=xyz, image=None, info=None, fields=('x', 'y', 'z')):
@@ -294,7 +297,25 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     assert len(reader) == 10       # 8 good sets, the set with a bad CameraInfo, the NaN one
     nan_pair = [p for p in reader if p.xyz.shape[0] == 1900]
     assert len(nan_pair) == 1 and np.isfinite(nan_pair[0].xyz).all()
+    first = reader[0]                                   # raw images are stored as lossless PNG
+    assert first.image_formats['front'] == 'png'
+    np.testing.assert_array_equal(first.image('front'), rgb)
     log = procs[0].output()
     for text in ("'yuv422_yuy2' is not supported", 'image is 160x90 but the calibration says '
                  '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive'):
         assert text in log, text
+
+
+def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monkeypatch):
+    from cmkd_ros.evaluate_bag import collect_pairs_from_bag
+    from ros_utils import BASE_ENV
+    for key, value in ros_env(unique_domain_id()).items():
+        if key in BASE_ENV or key == 'ROS_DOMAIN_ID':
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv('ROS_LOCALHOST_ONLY', raising=False)
+    out_dir = tmp_path / 'pairs'
+    count = collect_pairs_from_bag(str(sim_bag), str(out_dir), rate=0.5,
+                                   log=str(tmp_path / 'node.log'))
+    reader = PairReader(str(out_dir))
+    assert count == len(reader) == 4
+    assert all(pair.ego_poses is not None for pair in reader)     # odometry was used

@@ -9,7 +9,8 @@ from cmkd_ros.classes import SYNTHETIC
 from cmkd_ros.conversions import array_to_cloud, cloud_to_array, rclpy_types, stamp_ns
 from cmkd_ros.nodes.labeling import unpack_rgb
 from ros_utils import (RosClient, RosProcess, make_sim_bag, make_student_checkpoint, node_command,
-                       processes, ros_env, set_parameters, unique_domain_id, wait_for)
+                       predict_offline, processes, ros_env, set_parameters, unique_domain_id,
+                       wait_for)
 
 SEGMENT = 'cmkd_ros.nodes.segment_node'
 REMAPS = {'~/input/pointcloud': '/lidar/points', '~/output/pointcloud': '/labeled'}
@@ -46,6 +47,10 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint):
         out = client.collect(PointCloud2, '/labeled')
         procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}, REMAPS),
                                 ros_env(domain), tmp_path / 'node.log'))
+        # the node skips inference while it sees no subscriber: let discovery finish first
+        wait_for(lambda: client.node.count_publishers('/labeled') > 0, 40, 'segment node',
+                 on_fail=procs[0].output)
+        time.sleep(1.0)
         # 10x slower than recorded: one sweep per second, so even a loaded machine keeps up
         procs.append(RosProcess(
             [sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), '--rate', '0.1',
@@ -72,10 +77,9 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint):
         assert np.all((labeled['probability'] > 0) & (labeled['probability'] <= 1))
         np.testing.assert_array_equal(unpack_rgb(labeled['rgb']), SYNTHETIC.colorize(ids))
         # the node's labels are the library's prediction on the same points
-        pred, prob = student.predict(np.stack([arr['x'], arr['y'], arr['z']], 1),
-                                     np.ascontiguousarray(arr['intensity']))
-        assert np.mean(pred.numpy() == ids) > 0.99
-        np.testing.assert_allclose(prob.numpy(), labeled['probability'], atol=1e-4)
+        pred, prob = predict_offline(student, arr)
+        assert np.mean(pred == ids) > 0.99
+        np.testing.assert_allclose(prob, labeled['probability'], atol=1e-4)
 
 
 def _cloud(points, stamp, msg_types, fields=('x', 'y', 'z', 'intensity')):
@@ -211,3 +215,25 @@ def test_latest_slot_keeps_only_the_newest_item_and_counts_drops():
     assert got == [4] and slot.dropped == 2
     slot.close()
     assert slot.take(timeout=5) is None and slot.closed
+
+
+def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
+    from sensor_msgs.msg import PointCloud2
+    t = rclpy_types()
+    # a Python where diagnostic_msgs cannot be imported (as on a minimal install)
+    launcher = ("import sys; sys.modules['diagnostic_msgs'] = None; "
+                "sys.modules['diagnostic_msgs.msg'] = None; "
+                "from cmkd_ros.nodes.segment_node import main; main()")
+    cmd = [sys.executable, '-c', launcher] + node_command(SEGMENT, {
+        'checkpoint': str(checkpoint), 'always_process': True})[3:]
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        pub = client.node.create_publisher(PointCloud2, '/segment_node/input/pointcloud', 10)
+        procs.append(RosProcess(cmd, ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: pub.get_subscription_count() > 0, 40, 'segment node',
+                 on_fail=procs[0].output)
+        time.sleep(1.0)                                  # discovery on the node's side too
+        pub.publish(_cloud(np.zeros((10, 3), np.float32), 5, t, fields=('a', 'b', 'c')))
+        wait_for(lambda: 'missing_xyz=1' in procs[0].output(), 15, 'logged counters',
+                 on_fail=procs[0].output)
+    assert 'diagnostic_msgs is not importable' in procs[0].output()

@@ -82,3 +82,18 @@ def test_replay_rejects_bad_arguments_with_a_clear_message(tmp_path, args, messa
     finally:
         proc.stop()
     assert message in proc.output()
+
+
+def test_replay_passes_ros_args_remaps(tmp_path):
+    from sensor_msgs.msg import PointCloud2
+    bag = tmp_path / 'bag'
+    write_cloud_bag(bag, 'mcap', frames=2, points=20)
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        clouds = client.collect(PointCloud2, '/points')
+        procs.append(RosProcess(_replay_cmd(bag, '--topics', '/lidar/points', '--wait-for',
+                                            '/lidar/points', '--ros-args', '-r',
+                                            '/lidar/points:=/points'),
+                                ros_env(domain), tmp_path / 'replay.log'))
+        assert procs[0].wait(timeout=30) == 0, procs[0].output()
+        wait_for(lambda: len(clouds) == 2, 5, 'two remapped clouds')

@@ -4,6 +4,7 @@ Random voxels on small grids (two scans in a batch, negative coordinates include
 reference runs on the zero-filled grid and is read at the output voxels. Outputs and gradients
 (inputs and weights) must agree to a relative error below 1e-4 (float64).
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +230,33 @@ def test_bad_coordinates_raise():
     x = SparseTensor(torch.zeros(1, 1), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32))
     with pytest.raises(SparseError, match='upsample'):
         SparseConv3d(1, 1, 2, stride=2, transposed=True)(x)
+
+
+def test_two_threads_give_the_single_thread_result(data_dir):
+    """No race in the parallel gather/scatter: 2 threads reproduce 1 thread on a real scan."""
+    points = np.fromfile(data_dir / 'nuscenes_sample' / 'LIDAR_TOP.bin', dtype=np.float32)
+    xyz = torch.from_numpy(points.reshape(-1, 5)[:, :3].copy())
+    cells = torch.unique(torch.floor(xyz / 0.2).to(torch.int32), dim=0)
+    coords = torch.cat([torch.zeros(cells.shape[0], 1, dtype=torch.int32), cells], 1)
+    feats = torch.randn(coords.shape[0], 16, generator=torch.Generator().manual_seed(0))
+    conv = SparseConv3d(16, 16, 3)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        conv.zero_grad()
+        f = feats.clone().requires_grad_(True)
+        out = conv(SparseTensor(f, coords))
+        out.features.square().sum().backward()
+        results.append((out.features.detach(), f.grad, conv.weight.grad.clone()))
+    for single, double in zip(*results):
+        assert torch.allclose(single, double, rtol=1e-5, atol=1e-5)
+
+
+def test_coordinate_lookup_finds_present_and_rejects_absent_voxels():
+    coords, _ = random_voxels(11, occupancy=0.6)
+    manager = CoordinateManager(coords)
+    perm = torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(2))
+    assert torch.equal(manager.find(coords[perm]), perm)
+    absent = torch.tensor([[0, LOW - 1, 0, 0], [1, 0, GRID + LOW, 0], [2, 0, 0, 0],
+                           [0, 10 ** 6, 0, 0], [0, -10 ** 6, 5, 5]], dtype=torch.int32)
+    assert manager.find(absent).tolist() == [-1] * 5

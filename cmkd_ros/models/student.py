@@ -165,13 +165,16 @@ class Student(nn.Module):
         """Per-point class ``(N,) int64`` and probability ``(N,) float32`` of one scan.
 
         xyz: ``(N, 3) float32`` LiDAR frame (numpy or torch); intensity ``(N,)`` when the
-        configured point features use it. Runs in eval mode on the model's device.
+        configured point features use it. Runs in eval mode on the model's device. An empty
+        scan gives empty outputs; NaN/inf coordinates raise (drop them first).
         """
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         try:
             pts = torch.as_tensor(xyz, dtype=torch.float32)
+            if pts.ndim == 2 and pts.shape[0] == 0:  # an empty scan has empty labels
+                return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
             inten = None if intensity is None else torch.as_tensor(intensity, dtype=torch.float32)
             feats = point_features(pts, inten, self.config.point_features)
             coords, vfeats, inverse = voxelize(pts, feats, self.config.voxel_size)

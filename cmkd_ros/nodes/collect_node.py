@@ -13,6 +13,7 @@ skipped; the node keeps running. See docs/nodes.md.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from typing import Any
@@ -210,9 +211,13 @@ class CollectNode(Node):
         if self._last_lidar_ns is not None and stamp < self._last_lidar_ns:
             self.diag.warn('stamp_backwards', f'LiDAR stamp jumped back by '
                            f'{(self._last_lidar_ns - stamp) / 1e9:.3f} s (bag loop or clock '
-                           'reset): synchronizer, odometry and rate limit reset')
-            self.sync.reset()
+                           'reset): odometry and rate limit reset')
+            # The synchronizer resets itself on such a jump (sync.reset_jump_ms); resetting it
+            # here too would lose camera images of the new time that arrived before the sweep.
+            horizon = int(self.params.config.odometry_history_s * 1e9)
+            kept = [m for m in self.odometry if abs(msg_stamp_ns(m) - stamp) <= horizon]
             self.odometry.clear()
+            self.odometry.extend(kept)
             self.rate_limiter.last_ns = None
         self._last_lidar_ns = stamp
         self._emit(self.sync.add(LIDAR_KEY, stamp, msg))
@@ -370,6 +375,9 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def main(args=None) -> None:
+    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
+    # more when the cores are shared with other processes (measured on 2 busy cores).
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     rclpy.init(args=args)
     try:
         node = CollectNode()

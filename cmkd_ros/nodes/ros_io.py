@@ -239,6 +239,7 @@ class Diagnostics:
         self.values: dict[str, Any] = {}
         self._last_log: dict[str, float] = {}
         self._last_warn: tuple[float, str] | None = None
+        self._last_text, self._last_text_time = '', -float('inf')
         self._lock = threading.Lock()
         try:
             from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -286,9 +287,12 @@ class Diagnostics:
     def publish(self) -> None:
         level, message, items = self.status()
         if self._msgs is None:
-            self.node.get_logger().info(
-                f'{self.name}: {message}; ' + ', '.join(f'{k}={v}' for k, v in items.items()),
-                throttle_duration_sec=10.0)
+            # Logged instead: when something changed, at most once per throttle_s.
+            text = f'{self.name}: {message}; ' + ', '.join(f'{k}={v}' for k, v in items.items())
+            now = time.monotonic()
+            if text != self._last_text and now - self._last_text_time >= self.throttle_s:
+                self._last_text, self._last_text_time = text, now
+                self.node.get_logger().info(text)
             return
         DiagnosticArray, DiagnosticStatus, KeyValue = self._msgs
         status = DiagnosticStatus(

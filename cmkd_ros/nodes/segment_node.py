@@ -9,6 +9,7 @@ Inference is skipped while nobody subscribes to the output. See docs/nodes.md.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -160,6 +161,9 @@ class SegmentNode(Node):
 
 
 def main(args=None) -> None:
+    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
+    # more when the cores are shared with other processes (measured on 2 busy cores).
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     rclpy.init(args=args)
     try:
         node = SegmentNode()

@@ -71,20 +71,6 @@ class KernelMap:
     def num_pairs(self) -> int:
         return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
 
-    @classmethod
-    def from_groups(cls, groups: list, volume: int, num_in: int, num_out: int,
-                    identity: int = -1) -> KernelMap:
-        """Build from ``[(kernel index, in rows, out rows), ...]`` (empty groups dropped)."""
-        groups = [g for g in groups if g[1].numel()]
-        bounds = [0]
-        for _, rows, _ in groups:
-            bounds.append(bounds[-1] + int(rows.numel()))
-        empty = torch.zeros(0, dtype=torch.int64)
-        in_rows = torch.cat([g[1] for g in groups]) if groups else empty
-        out_rows = torch.cat([g[2] for g in groups]) if groups else empty
-        return cls(in_rows, out_rows, bounds, [g[0] for g in groups], volume, num_in, num_out,
-                   identity)
-
 
 _HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as int64
 _EMPTY = -1  # packed keys are >= 0
@@ -103,7 +89,7 @@ class _HashIndex:
         size = 1 << self.bits
         self.mask = size - 1
         self.table = torch.full((size,), _EMPTY, dtype=torch.int64, device=keys.device)
-        self.rows = torch.empty(size, dtype=torch.int64, device=keys.device)
+        self.rows = torch.zeros(size, dtype=torch.int64, device=keys.device)
         slot = self._hash(keys)
         pending = torch.arange(n, device=keys.device)
         while pending.numel():
@@ -125,16 +111,19 @@ class _HashIndex:
         """Row of each key in ``query`` (1-D int64), -1 where absent."""
         slot = self._hash(query)
         found = self.table[slot]
-        hit = found == query
+        occupied = found != _EMPTY
+        hit = occupied & (found == query)
         result = torch.where(hit, self.rows[slot], torch.full_like(query, -1))
-        pending = ((found != _EMPTY) & ~hit).nonzero().squeeze(1)
+        pending = (occupied & ~hit).nonzero().squeeze(1)
         while pending.numel():
+            # Probe the next slot until the key or an empty slot (absent) is found.
             s = (slot[pending] + 1) & self.mask
             slot[pending] = s
             found = self.table[s]
-            hit = found == query[pending]
+            occupied = found != _EMPTY
+            hit = occupied & (found == query[pending])
             result[pending[hit]] = self.rows[s[hit]]
-            pending = pending[(found != _EMPTY) & ~hit]
+            pending = pending[occupied & ~hit]
         return result
 
 

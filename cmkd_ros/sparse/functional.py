@@ -68,13 +68,40 @@ def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) ->
     return out
 
 
+def _autocast_dtype(device_type: str):
+    """The autocast dtype active for ``device_type``, or None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = (torch.is_autocast_enabled() if device_type == 'cuda'
+                   else torch.is_autocast_cpu_enabled())
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return (torch.get_autocast_gpu_dtype() if device_type == 'cuda'
+                else torch.get_autocast_cpu_dtype())
+
+
 def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``."""
+    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``.
+
+    Under autocast, features and weight are cast to the autocast dtype first (the casts are
+    differentiable), so forward and backward always see one dtype.
+    """
     if weight.ndim != 3 or weight.shape[0] != kmap.volume or weight.shape[1] != feats.shape[1]:
         raise ValueError(f'weight {tuple(weight.shape)} does not fit {kmap.volume} kernel '
                          f'offsets and {feats.shape[1]} input channels')
     if feats.shape[0] != kmap.num_in:
         raise ValueError(f'{feats.shape[0]} feature rows for {kmap.num_in} input coordinates')
+    device_type = feats.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:
+        with torch.autocast(device_type, enabled=False):
+            return sparse_conv(feats.to(dtype), weight.to(dtype), kmap)
+    if weight.dtype != feats.dtype:
+        raise ValueError(f'features are {feats.dtype} but the weight is {weight.dtype}')
     if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad):
         return SparseConvFunction.apply(feats, weight, kmap)
     return _conv_forward(feats.contiguous(), weight, kmap)
