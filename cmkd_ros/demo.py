@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -58,57 +57,10 @@ def _ros_env() -> dict:
     """An isolated ROS 2 graph for the demo's processes (own domain, localhost discovery)."""
     env = dict(os.environ)
     env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     env['ROS_DOMAIN_ID'] = str(os.getpid() % 90 + 5)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env['ROS_LOCALHOST_ONLY'] = '1'
     return env
-
-
-def _write_collect_params(path: str, calibration: str, cameras: list[str], pairs: str) -> None:
-    import yaml
-    params = {'/**': {'ros__parameters': {
-        'calibration_file': calibration, 'cameras': cameras,
-        'image_transport': 'compressed', 'image_topic': '/cameras/{camera}/image_raw/compressed',
-        'camera_info_topic': '/cameras/{camera}/camera_info', 'use_odometry': True,
-        'record': {'enabled': True, 'output_dir': pairs, 'fsync': False},
-        'overlay': {'enabled': False}}}}
-    with open(path, 'w', encoding='utf-8') as fh:
-        yaml.safe_dump(params, fh)
-
-
-def collect_pairs(bag: str, pairs: str, workdir: str) -> int:
-    """Replay ``bag`` through a collect_node process; returns the number of pairs written."""
-    from cmkd_ros.bag import load_calibration
-    from cmkd_ros.pairs import PairReader
-
-    rig = load_calibration(bag)
-    params = os.path.join(workdir, 'collect.params.yaml')
-    _write_collect_params(params, os.path.join(bag, 'calibration.yaml'), rig.names, pairs)
-    env = _ros_env()
-    log = open(os.path.join(workdir, 'collect_node.log'), 'w', encoding='utf-8')
-    node = subprocess.Popen(
-        [sys.executable, '-m', 'cmkd_ros.nodes.collect_node', '--ros-args',
-         '--params-file', params, '-r', '~/input/pointcloud:=/lidar/points',
-         '-r', '~/input/odom:=/odom'], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _cmkd('replay', bag, '--wait-for', '/lidar/points', '--wait-timeout', '60',
-              '--rate', '0.5', '--delay', '1', env=env)
-        deadline = time.monotonic() + 30
-        count = -1
-        while time.monotonic() < deadline:       # let the node drain its queue
-            time.sleep(2.0)
-            now = len(PairReader(pairs)) if os.path.isdir(pairs) else 0
-            if now == count:
-                break
-            count = now
-    finally:
-        node.send_signal(signal.SIGINT)
-        try:
-            node.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.kill()
-        log.close()
-    return len(PairReader(pairs)) if os.path.isdir(pairs) else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
     step('collect distillation pairs: replay the training bag through collect_node')
     if not os.path.exists(paths['pairs']):
-        count = collect_pairs(paths['drive_train'], paths['pairs'], out)
+        from cmkd_ros.evaluate_bag import collect_pairs_from_bag
+        os.environ.update(_ros_env())
+        count = collect_pairs_from_bag(paths['drive_train'], paths['pairs'], rate=0.5,
+                                       params={'record.fsync': False, 'overlay.enabled': False},
+                                       log=os.path.join(out, 'collect_node.log'))
         print(f'  collect_node wrote {count} pairs of {n_train} sweeps to {paths["pairs"]}')
         if count == 0:
             print(f'  no pairs were written; see {out}/collect_node.log', file=sys.stderr)
@@ -178,7 +134,8 @@ def _summary(out: str, report_path: str, paths: dict) -> None:
             print(f'2D teacher mIoU (held-out images): {json.load(fh).get("miou", float("nan")):.3f}')
     print(f'3D student (FSKD, zero-shot) mIoU on the held-out bag: {report["miou"]:.3f}')
     lat = report.get('latency_ms', {})
-    print(f'segment_node latency p50 {lat.get("p50", float("nan")):.1f} ms, '
-          f'p95 {lat.get("p95", float("nan")):.1f} ms; drops: {report.get("dropped", "?")}')
+    p50, p95 = (lat.get(k) or float('nan') for k in ('p50', 'p95'))
+    print(f'segment_node latency p50 {p50:.1f} ms, p95 {p95:.1f} ms; {report["frames_published"]} scans '
+          f'published, {report["drops"]} dropped')
     print(f'outputs in {out}: evaluate_bag.json, evaluation/ (confusion matrix, IoU bars), '
           'overlay/ (projected points)')

@@ -98,9 +98,10 @@ class Replayer:
         self.connections = []
         self.publishers: dict[str, Any] = {}
         for conn in self.reader.connections:
-            if conn.topic not in wanted or conn.topic in self.publishers:
-                if conn.topic in self.publishers:
-                    self.connections.append(conn)
+            if conn.topic not in wanted:
+                continue
+            if conn.topic in self.publishers:       # a topic may have several connections
+                self.connections.append(conn)
                 continue
             try:
                 msg_class = _import_msg_class(conn.msgtype)

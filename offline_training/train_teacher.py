@@ -100,6 +100,36 @@ class AugmentedImages(torch.utils.data.Dataset):
                 torch.from_numpy(label.astype(np.int64)))
 
 
+def class_weights(dataset, num_classes: int, kind: str = 'inverse_sqrt',
+                  max_images: int = 64) -> torch.Tensor:
+    """(K,) float32 cross-entropy weights from the label histogram of up to ``max_images``.
+
+    ``inverse_sqrt``: ``w_c = 1 / sqrt(f_c)`` for class frequency ``f_c`` (classes never seen get
+    the largest weight of the seen ones), normalised so the pixel-weighted mean is 1; ``none``:
+    all ones. Rare classes (poles, signs, pedestrians) otherwise get almost no gradient.
+    """
+    if kind == 'none':
+        return torch.ones(num_classes)
+    if kind != 'inverse_sqrt':
+        raise TeacherTrainingError(f'unknown class weighting {kind!r}; use none or '
+                                   'inverse_sqrt')
+    counts = np.zeros(num_classes, dtype=np.float64)
+    step = max(1, len(dataset) // max_images)
+    for i in range(0, len(dataset), step):
+        label = np.asarray(dataset[i]['label']).ravel()
+        label = label[label < num_classes]
+        counts += np.bincount(label, minlength=num_classes)[:num_classes]
+    if counts.sum() == 0:
+        raise TeacherTrainingError('no labeled pixel found to compute class weights')
+    freq = counts / counts.sum()
+    weights = np.zeros(num_classes)
+    seen = freq > 0
+    weights[seen] = 1.0 / np.sqrt(freq[seen])
+    weights[~seen] = weights[seen].max()
+    weights /= (weights * freq).sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def _device(name: str | torch.device) -> torch.device:
     if isinstance(name, torch.device):
         return name
@@ -154,7 +184,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                   color_jitter: float = 0.3, device: str = 'auto', seed: int = 0,
                   num_workers: int = 0, class_map: ClassMap | None = None,
                   teacher: Teacher | None = None, val_dataset=None, val_image_scale: float = 1.0,
-                  log_every: int = 10, progress: bool = False,
+                  class_weighting: str = 'none', log_every: int = 10, progress: bool = False,
                   callback: Callable[[int, float], None] | None = None
                   ) -> tuple[Teacher, dict]:
     """Train a teacher with pixel cross-entropy; returns ``(teacher, history)``.
@@ -164,6 +194,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     network instead of building one from ``cfg``. ``history`` holds ``step``/``loss`` lists (one
     entry per ``log_every`` steps, the mean loss since the last one), ``seconds``,
     ``images_per_second`` and, with ``val_dataset``, ``val`` (:func:`evaluate_teacher`).
+    ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`).
     The returned teacher is in eval mode.
     """
     if steps < 1 or batch_size < 1:
@@ -179,6 +210,8 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     elif class_map is not None:
         teacher.class_map = class_map
     teacher.to(dev).train()
+    weights = class_weights(dataset, teacher.num_classes, class_weighting).to(dev)
+    history_weights = weights.tolist()
     augment = ImageAugment(tuple(crop_size) if crop_size is not None else None,
                            tuple(scale_range), flip, color_jitter)
     data = AugmentedImages(dataset, augment, seed)
@@ -191,7 +224,8 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history: dict[str, Any] = {'step': [], 'loss': [], 'lr': []}
+    history: dict[str, Any] = {'step': [], 'loss': [], 'lr': [],
+                               'class_weights': history_weights}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -206,7 +240,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                                            '2 and at least 2 training images')
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
             logits = teacher(images)
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+            loss = F.cross_entropy(logits, labels, weight=weights, ignore_index=IGNORE)
             if not torch.isfinite(loss):
                 if (labels == IGNORE).all():
                     continue              # a crop with nothing labeled carries no signal

@@ -22,5 +22,7 @@ for _cmkd_exe in collect_node segment_node; do
   fi
 done
 unset _cmkd_exe
+# Idle OpenMP workers must not spin: on shared cores spinning made 2-thread inference 10x slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export CMKD_DATA_DIR="${CMKD_DATA_DIR:-$_cmkd_root/../shared/data}"
 unset _cmkd_root _cmkd_venv

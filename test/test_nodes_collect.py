@@ -319,3 +319,47 @@ def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monk
     reader = PairReader(str(out_dir))
     assert count == len(reader) == 4
     assert all(pair.ego_poses is not None for pair in reader)     # odometry was used
+
+
+@pytest.mark.parametrize('params,message', [
+    ({}, 'cameras: list at least one camera name'),
+    ({'cameras': ['back']}, "no camera named 'back'"),
+    ({'cameras': ['front'], 'sync.slop_ms': -3.0}, 'sync.slop_ms: -3.0 must be > 0.0'),
+    ({'cameras': ['front'], 'record.enabled': True}, 'record.output_dir: required'),
+])
+def test_collect_node_rejects_invalid_parameters_at_startup(tmp_path, sim_bag, params, message):
+    proc = RosProcess(node_command(COLLECT, {'calibration_file': str(sim_bag /
+                                                                     'calibration.yaml'),
+                                             **params}),
+                      ros_env(unique_domain_id()), tmp_path / 'node.log')
+    try:
+        assert proc.wait(timeout=30) == 2
+    finally:
+        proc.stop()
+    assert message in proc.output()
+
+
+def test_collect_node_recording_switched_on_at_runtime(tmp_path, sim_bag):
+    from ros_utils import set_parameters
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    params = _params(sim_bag, out_dir)
+    params['record.enabled'] = False
+    with RosClient(domain) as client, processes() as procs:
+        procs.append(RosProcess(node_command(COLLECT, params,
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        replay = _replay(sim_bag, domain, tmp_path / 'replay1.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        time.sleep(1.0)
+        assert not out_dir.exists()                       # recording off: nothing written
+        bad = set_parameters(client, '/collect_node', {'record.min_interval_s': -1.0})
+        assert not bad[0].successful and 'record.min_interval_s' in bad[0].reason
+        ok = set_parameters(client, '/collect_node', {'record.enabled': True})
+        assert ok[0].successful
+        replay = _replay(sim_bag, domain, tmp_path / 'replay2.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        wait_for(lambda: out_dir.exists() and len(PairReader(str(out_dir))) == 4, 20,
+                 '4 pairs after switching recording on', on_fail=procs[0].output)

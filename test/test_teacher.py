@@ -199,3 +199,18 @@ def test_image_augment_keeps_image_and_label_aligned():
     img, lab = jitter(image, label, rng)
     np.testing.assert_array_equal(lab, label)
     assert not np.array_equal(img, image)
+
+
+def test_class_weights_by_hand():
+    from offline_training.train_teacher import TeacherTrainingError, class_weights
+    # class 0: 12 pixels, class 1: 3 pixels, class 2: never, 255 ignored
+    label = np.array([[0] * 6 + [1] + [255], [0] * 6 + [1, 1]], dtype=np.uint8)
+    data = [{'image': np.zeros((2, 8, 3), np.uint8), 'label': label}]
+    w = class_weights(data, 3).numpy()
+    f = np.array([12, 3]) / 15
+    raw = 1 / np.sqrt(f)
+    expect = np.append(raw, raw.max()) / (raw * f).sum()
+    np.testing.assert_allclose(w, expect, rtol=1e-6)
+    assert (class_weights(data, 3, 'none') == 1).all()
+    with pytest.raises(TeacherTrainingError, match='unknown class weighting'):
+        class_weights(data, 3, 'median')

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
@@ -382,7 +383,7 @@ def main(args=None) -> None:
     try:
         node = CollectNode()
     except (ConfigError, CalibrationError, ValueError, FileNotFoundError, ImportError,
-            OSError) as exc:
+            OSError, ParameterException) as exc:
         rclpy.logging.get_logger('collect_node').fatal(str(exc))
         rclpy.try_shutdown()
         raise SystemExit(2)

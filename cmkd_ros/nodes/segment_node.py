@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import rclpy
+from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64
@@ -167,7 +168,7 @@ def main(args=None) -> None:
     rclpy.init(args=args)
     try:
         node = SegmentNode()
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, ParameterException) as exc:
         # A configuration or checkpoint problem: say what is wrong and exit non-zero.
         rclpy.logging.get_logger('segment_node').fatal(str(exc))
         rclpy.try_shutdown()
