@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -222,10 +223,14 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
                 timings[name] = time.monotonic() - begun[name]
                 print(f'[experiments] {name} done in {timings[name]:.0f} s', flush=True)
     teacher_summary = results.pop('teacher')
+    # CPU seconds of this process and its finished workers: the budget on a shared machine.
+    usage = [resource.getrusage(resource.RUSAGE_SELF),
+             resource.getrusage(resource.RUSAGE_CHILDREN)]
     summary = {'config': to_dict(cfg), 'teacher': teacher_summary,
                'students': {k: {'method': jobs[k][2]['method'], 'eval': v.get('eval'),
                                 'seconds': v.get('seconds')} for k, v in results.items()},
-               'timings_s': timings, 'total_s': time.monotonic() - start}
+               'timings_s': timings, 'total_s': time.monotonic() - start,
+               'cpu_s': sum(u.ru_utime + u.ru_stime for u in usage)}
     with open(os.path.join(root, 'results.json'), 'w', encoding='utf-8') as fh:
         json.dump(summary, fh, indent=2, default=float)
     table = results_table(summary)

@@ -13,8 +13,11 @@ case ":${AMENT_PREFIX_PATH:-}:" in
 esac
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Large clouds and images over best-effort QoS need a bigger Fast DDS shared-memory segment.
-export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}"
-export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$FASTRTPS_DEFAULT_PROFILES_FILE}"
+# Humble and Iron read FASTRTPS_DEFAULT_PROFILES_FILE; later distros FASTDDS_DEFAULT_PROFILES_FILE.
+case "${ROS_DISTRO:-}" in
+  humble|iron) export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}" ;;
+  *) export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}" ;;
+esac
 # `ros2 run cmkd_ros <node>` looks in <prefix>/lib/cmkd_ros; pip puts console scripts in bin/.
 for _cmkd_exe in collect_node segment_node; do
   if [ -x "$_cmkd_venv/bin/$_cmkd_exe" ] && [ ! -e "$_cmkd_venv/lib/cmkd_ros/$_cmkd_exe" ]; then
