@@ -42,11 +42,17 @@ def parse_args(argv=None):
     parser.add_argument('--students', default='small,standard',
                         help='comma list of: ' + ', '.join(STUDENTS))
     parser.add_argument('--backends', default='torch,minkowski', help='comma list')
+    parser.add_argument('--omp-wait', choices=('env', 'passive', 'active'), default='env',
+                        help='OpenMP wait policy for both backends: env = leave OMP_WAIT_POLICY '
+                        'as set; passive sleeps at barriers (robust when other processes keep '
+                        'the cores busy)')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.omp_wait != 'env':  # must be set before torch (libgomp) is loaded
+        os.environ['OMP_WAIT_POLICY'] = args.omp_wait.upper()
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
     os.environ.setdefault('OPENBLAS_NUM_THREADS', str(args.threads))
     import numpy as np
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     peak = 2 * 2048 ** 3 / min(times[1:]) / 1e9
     print(f'device {device}, threads {args.threads}, points {points.shape[0]}, '
-          f'sgemm peak {peak:.1f} GFLOP/s')
+          f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
+          f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s')
 
     header = (f'{"student":<14}{"backend":<11}{"voxels":>8}{"median ms":>11}{"min ms":>9}'
               f'{"cpu ms":>9}{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}{"ours/ME":>9}')

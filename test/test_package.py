@@ -62,8 +62,9 @@ def test_pip_install_into_a_venv_registers_the_package_with_ament(tmp_path):
     (site / 'parent_env.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
     src = tmp_path / 'src'
     _copy_package(src)
-    _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '-q',
-          '--prefix', str(venv), str(src)])
+    # The venv's own interpreter runs pip (found through the .pth), so scripts point at it.
+    _run([str(venv / 'bin' / 'python'), '-m', 'pip', 'install', '--no-deps', '-q',
+          '--no-build-isolation', '--ignore-installed', str(src)])
     env = {**os.environ, 'CMKD_VENV': str(venv), 'AMENT_PREFIX_PATH': '', 'PYTHONPATH': ''}
     script = (f'source {REPO}/scripts/env.sh && cd {tmp_path} && python -c "'
               'from ament_index_python.packages import get_package_share_directory as g;'

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -35,7 +36,8 @@ from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
                                        point_times_ns, teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, sensor_qos,
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, exit_if_help_requested,
+                                   qos_overrides, sensor_qos,
                                    spin_until_shutdown)
 from cmkd_ros.pairs import Pair, PairWriter
 from cmkd_ros.projection import compute_correspondences
@@ -379,6 +381,10 @@ def main(args=None) -> None:
     # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
     # more when the cores are shared with other processes (measured on 2 busy cores).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    exit_if_help_requested(sys.argv if args is None else list(args), 'collect_node',
+                           CollectNodeConfig,
+                           'Synchronizes LiDAR + cameras, computes correspondences and'
+                           ' records distillation pairs.')
     rclpy.init(args=args)
     try:
         node = CollectNode()

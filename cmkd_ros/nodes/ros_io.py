@@ -408,3 +408,19 @@ def ensure_fastdds_profile(env: dict | None = None) -> dict:
         if not env.get(var):
             env[var] = path
     return env
+
+
+def exit_if_help_requested(argv: list[str], node_name: str, config_cls: type,
+                           summary: str) -> None:
+    """Print usage and the node's parameters (from its config schema) for ``-h``/``--help``.
+
+    Only arguments before ``--ros-args`` are looked at, so ROS arguments are never mistaken for it.
+    """
+    own = argv[1:argv.index('--ros-args')] if '--ros-args' in argv else argv[1:]
+    if not {'-h', '--help'} & set(own):
+        return
+    print(f'usage: ros2 run cmkd_ros {node_name} [--ros-args --params-file FILE '
+          f'-p NAME:=VALUE -r FROM:=TO ...]\n\n{summary}\n\nparameters:')
+    for name, tp, default, text in cfg.describe(config_cls):
+        print(f'  {name} ({tp}, default {default!r}): {text}')
+    raise SystemExit(0)

@@ -10,6 +10,7 @@ Inference is skipped while nobody subscribes to the output. See docs/nodes.md.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -25,7 +26,8 @@ from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.labeling import SegmentNodeConfig, class_filter, segment_array
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot,
+                                   exit_if_help_requested, qos_overrides,
                                    sensor_qos, spin_until_shutdown)
 
 RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
@@ -165,6 +167,10 @@ def main(args=None) -> None:
     # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
     # more when the cores are shared with other processes (measured on 2 busy cores).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    exit_if_help_requested(sys.argv if args is None else list(args), 'segment_node',
+                           SegmentNodeConfig,
+                           'Segments LiDAR clouds with a student checkpoint;'
+                           ' publishes class_id, probability and rgb.')
     rclpy.init(args=args)
     try:
         node = SegmentNode()

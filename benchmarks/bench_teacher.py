@@ -4,17 +4,20 @@ Prints, for each architecture, ``features()`` inference and one AdamW training s
 ``--batch`` crops of ``--size``), as images/s and as a ratio to the small teacher measured in the
 same run (absolute figures vary with the machine and its load; the ratios much less).
 
-    python benchmarks/teacher_throughput.py [--size 192 320] [--batch 4] [--repeats 3]
+    python benchmarks/bench_teacher.py [--size 192 320] [--batch 4] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from cmkd_ros.models.teacher import build_teacher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from cmkd_ros.models.teacher import build_teacher  # noqa: E402
 
 ARCHS = (('small', {'arch': 'small'}),
          ('small os8', {'arch': 'small', 'output_stride': 8}),

@@ -5,16 +5,19 @@ temporary pair dataset, then times building samples (decode, correspondences wit
 motion compensation, features) with and without the occlusion test and with half-size images,
 and SparseCollate batches. Ratios are against the default sample in the same run.
 
-    python benchmarks/dataset_throughput.py [--frames 4] [--voxel 0.1]
+    python benchmarks/bench_datasets.py [--frames 4] [--voxel 0.1]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from cmkd_ros.pairs import PairWriter
-from offline_training.datasets import PairDataset, SparseCollate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from cmkd_ros.pairs import PairWriter  # noqa: E402
+from offline_training.datasets import PairDataset, SparseCollate  # noqa: E402
 
 
 def _rate(fn, count: int) -> float:
