@@ -67,7 +67,7 @@ class ExperimentsConfig:
                                     gt=0, le=1)
     batch_size: int = setting(1, 'scans per step', ge=1)
     voxel_size: float = setting(0.2, 'student voxel size, metres', gt=0)
-    lr: float = setting(2e-3, 'student learning rate', gt=0)
+    lr: float = setting(1e-3, 'student learning rate (also of the few-shot fine-tuning)', gt=0)
     student: dict[str, Any] = setting(
         default_factory=lambda: {'arch': 'small', 'point_features': 'intensity_height'},
         help='StudentConfig overrides (same network for every run)')
@@ -114,7 +114,7 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
                'share_teacher_classifier': True, 'freeze_classifier': True}
     few = {'data': {'label_fraction': cfg.label_fraction, 'label_unit': 'scans'},
            'steps': cfg.finetune_steps, 'share_teacher_classifier': False,
-           'freeze_classifier': False, 'optim': {'lr': cfg.lr / 2, 'warmup_steps': 10}}
+           'freeze_classifier': False, 'optim': {'lr': cfg.lr, 'warmup_steps': 10}}
     return {
         'fskd': ('fskd', distill),
         'udakd': ('udakd', distill),
