@@ -38,7 +38,9 @@ class SyncConfig:
     """Settings of the LiDAR + cameras synchronizer."""
 
     queue_size: int = setting(10, 'messages kept per input', ge=1, le=1000)
-    slop_ms: float = setting(50.0, 'largest stamp spread (ms) inside one set', gt=0.0)
+    slop_ms: float = setting(
+        100.0, 'largest stamp spread (ms) inside one set; cameras triggered as a 10 Hz LiDAR '
+        'sweeps past them (nuScenes-style rigs) span up to one sweep, 100 ms', gt=0.0)
     partial_timeout_ms: float = setting(
         0.0, 'emit a LiDAR message with the cameras present once the newest stamp is this much '
         '(ms) later and no complete set took it; 0 disables partial sets', ge=0.0)

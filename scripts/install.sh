@@ -17,7 +17,8 @@ stamp_of() {
       "$ROOT/scripts/ament_link.sh" 2>/dev/null | sha256sum | cut -c1-16
 }
 STAMP="$(stamp_of)"
-if [ -f "$VENV/.cmkd-install-stamp" ] && [ "$(cat "$VENV/.cmkd-install-stamp")" = "$STAMP" ]; then
+if [ -f "$VENV/.cmkd-install-stamp" ] && [ "$(cat "$VENV/.cmkd-install-stamp")" = "$STAMP" ] \
+   && [ -x "$VENV/bin/cmkd" ]; then
   echo "[install] $VENV is up to date"
   exit 0
 fi

@@ -54,3 +54,14 @@ def test_cmkd_sim_rejects_bad_settings_naming_the_field(tmp_path):
     (tmp_path / 'exists').mkdir()
     res = _cmkd('--frames', '1', '--out', str(tmp_path / 'exists'))
     assert res.returncode == 2 and 'already exists' in res.stderr
+
+
+def test_cmkd_sim_stride_spreads_frames_over_the_drive(tmp_path):
+    res = _cmkd('--frames', '2', '--stride', '5', '--out', str(tmp_path / 'p'), '--format',
+                'frames', '--seed', '3', '--cameras', '1', *SMALL)
+    assert res.returncode == 0, res.stderr
+    stamps = [p.lidar_stamp_ns for p in PairReader(str(tmp_path / 'p'))]
+    assert stamps[1] - stamps[0] == 5 * 100_000_000      # sweeps 0 and 5 of a 10 Hz LiDAR
+    res = _cmkd('--frames', '2', '--stride', '5', '--out', str(tmp_path / 'b'), '--format',
+                'mcap')
+    assert res.returncode == 2 and '--stride' in res.stderr

@@ -184,3 +184,23 @@ def test_errors_and_config():
     cb.add('lidar', 0, 'l')
     cb.add('a', 1 * MS, 'a')
     assert len(got) == 1 and got[0].messages == {'lidar': 'l', 'a': 'a'}
+
+
+def test_default_config_groups_a_nuscenes_style_rig_by_sweep():
+    """Six cameras triggered as a 10 Hz LiDAR sweeps past them (stamps spread over ~80 ms, one
+    before the sweep stamp) form one complete set per sweep with the default settings and the
+    collect node's 50 ms LiDAR offset (sweep middle)."""
+    from cmkd_ros.sim import SimWorld
+    world = SimWorld({'seed': 21})
+    names = world.calibration.names
+    sync = ApproximateTimeSync.from_config(build(SyncConfig, {}), 'lidar', names,
+                                           time_offsets_ns={'lidar': 50 * MS})
+    sets = []
+    for sweep in range(6):
+        sets += sync.add('lidar', world.frame_stamp_ns(sweep), sweep)
+        for name, stamp in zip(names, world.camera_stamps_ns(sweep)):
+            sets += sync.add(name, int(stamp), sweep)
+    assert len(sets) >= 5
+    for found in sets:
+        assert found.complete
+        assert set(found.messages.values()) == {found.messages['lidar']}   # one sweep each

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--images', choices=('raw', 'compressed', 'both'), default=None,
                         help='bag image topics (default raw, or compressed with --compressed)')
     parser.add_argument('--start', type=int, default=0, help='index of the first frame')
+    parser.add_argument('--stride', type=int, default=1,
+                        help='frames format: keep every n-th sweep (spreads frames over the drive)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
@@ -46,8 +48,12 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from cmkd_ros.config import ConfigError
-    if args.frames < 1:
-        print('cmkd sim: --frames must be >= 1', file=sys.stderr)
+    if args.frames < 1 or args.stride < 1:
+        print('cmkd sim: --frames and --stride must be >= 1', file=sys.stderr)
+        return 2
+    if args.stride != 1 and args.format != 'frames':
+        print('cmkd sim: --stride needs --format frames (a bag keeps every sweep)',
+              file=sys.stderr)
         return 2
     try:
         config = build_config(args)
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format == 'frames':
             summary = export_pairs(world, args.out, args.frames,
                                    'jpeg' if args.compressed else 'png', args.start,
-                                   on_frame=lambda _: bar.update(1))
+                                   on_frame=lambda _: bar.update(1), stride=args.stride)
         else:
             images = args.images or ('compressed' if args.compressed else 'raw')
             summary = export_bag(world, args.out, args.frames, args.format, images, args.start,

@@ -55,14 +55,16 @@ def export_bag(world: SimWorld, path: str, frames: int, storage: str = 'mcap',
 
 
 def export_pairs(world: SimWorld, path: str, frames: int, image_format: str = 'png',
-                 start: int = 0, on_frame: Callable[[SimFrame], None] | None = None) -> dict:
-    """Render ``frames`` frames into the pair dataset at ``path`` (cmkd_ros.pairs format)."""
+                 start: int = 0, on_frame: Callable[[SimFrame], None] | None = None,
+                 stride: int = 1) -> dict:
+    """Render sweeps ``start, start + stride, ...`` (``frames`` of them) into the pair dataset at
+    ``path`` (cmkd_ros.pairs format); a stride spreads few frames over a longer drive."""
     from cmkd_ros.pairs import PairWriter
     writer = PairWriter(str(path), metadata={'source': 'cmkd_ros.sim',
                                              'class_names': list(world.class_map.names),
                                              'sim_config': to_dict(world.config)})
     summary = _Summary(path, 'frames')
-    for frame in world.frames(frames, start):
+    for frame in (world.frame(start + i * stride) for i in range(frames)):
         writer.write(frame.to_pair(image_format, world.config.cameras.jpeg_quality))
         summary.add(frame)
         if on_frame is not None:
