@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+TEACHER_SEEDS = (11, 12, 13, 14, 15, 16)
 # (teacher image frames, training drive frames, held-out frames, teacher steps, student steps)
 SIZES = {'small': (24, 24, 8, 300, 300), 'full': (60, 60, 20, 1200, 1500)}
 
@@ -75,14 +76,20 @@ def run(args: argparse.Namespace) -> int:
                                                 'evaluation')}
 
     step('render synthetic drives (LiDAR 32 beams, six 640x360 cameras, ground truth)')
-    for key, fmt, seed, frames in (('teacher_images', 'frames', 11, n_teacher),
-                                   ('drive_train', 'mcap', 21, n_train),
+    if not os.path.exists(paths['teacher_images']):
+        # Labeled images for the teacher, spread over several streets (consecutive frames of
+        # one street teach a 2D network little).
+        per_seed = max(1, n_teacher // len(TEACHER_SEEDS))
+        for seed in TEACHER_SEEDS:
+            _cmkd('sim', '--format', 'frames', '--frames', str(per_seed), '--stride', '8',
+                  '--seed', str(seed), '--out', paths['teacher_images'], '--compressed',
+                  '--no-progress')
+    for key, fmt, seed, frames in (('drive_train', 'mcap', 21, n_train),
                                    ('drive_heldout', 'sqlite3', 31, n_test),
                                    ('heldout_pairs', 'frames', 31, n_test)):
         if not os.path.exists(paths[key]):
-            extra = ['--compressed'] if fmt != 'sqlite3' else []
             _cmkd('sim', '--format', fmt, '--frames', str(frames), '--seed', str(seed),
-                  '--out', paths[key], *extra)
+                  '--out', paths[key], '--compressed')
 
     step('collect distillation pairs: replay the training bag through collect_node')
     if not os.path.exists(paths['pairs']):
