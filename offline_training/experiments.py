@@ -59,7 +59,7 @@ class ExperimentsConfig:
                                  'width': 24},
         help='TeacherConfig keys')
     teacher_options: dict[str, Any] = setting(
-        default_factory=lambda: {'crop_size': [128, 224]},
+        default_factory=lambda: {'crop_size': [128, 224], 'class_weighting': 'inverse_sqrt'},
         help='extra train_teacher keyword arguments (augmentation)')
     student_steps: int = setting(1000, 'optimizer steps of fskd, udakd and supervised', ge=1)
     finetune_steps: int = setting(300, 'optimizer steps of the few-shot fine-tuning', ge=1)

@@ -14,3 +14,13 @@ def data_dir() -> pathlib.Path:
     if not (DATA_DIR / 'nuscenes_sample' / 'calibration.json').exists():
         raise FileNotFoundError(f'sample data not found in {DATA_DIR}; set CMKD_DATA_DIR')
     return DATA_DIR
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Correctness tests run on one torch thread: robust timing on a shared, busy machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ NAMES = ['road', 'car', 'vegetation']
 COLORS = [[128, 64, 128], [0, 0, 142], [107, 142, 35]]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def random_scan(seed=0, n=3000):

@@ -22,13 +22,7 @@ REQUIRED = os.environ.get('CMKD_REQUIRE_MINKOWSKI', '') == '1'
 AVAILABLE = minkowski_available()
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def test_minkowski_is_available_when_required_else_reported_clearly():

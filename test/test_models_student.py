@@ -13,13 +13,7 @@ TINY = dict(arch='minkunet14', widths=[8, 8, 12, 16, 16, 16, 12, 8, 8], feature_
             num_classes=5, backend='torch')
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 @pytest.fixture(scope='module')

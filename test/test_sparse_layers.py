@@ -17,13 +17,7 @@ GRID = 12  # cells per axis (multiple of 4 so that strides 2 and 4 tile it)
 LOW = -4  # grid origin (multiple of 4)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Correctness tests run on one thread: robust timing on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def random_voxels(seed, occupancy=0.25, batch=2, channels=3):

@@ -13,14 +13,11 @@ skipped; the node keeps running. See docs/nodes.md.
 from __future__ import annotations
 
 import collections
-import os
-import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
-import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -36,9 +33,8 @@ from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
                                        point_times_ns, teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, exit_if_help_requested,
-                                   qos_overrides, sensor_qos,
-                                   spin_until_shutdown)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, run_node,
+                                   sensor_qos)
 from cmkd_ros.pairs import Pair, PairWriter
 from cmkd_ros.projection import compute_correspondences
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
@@ -378,22 +374,11 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def main(args=None) -> None:
-    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
-    # more when the cores are shared with other processes (measured on 2 busy cores).
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-    exit_if_help_requested(sys.argv if args is None else list(args), 'collect_node',
-                           CollectNodeConfig,
-                           'Synchronizes LiDAR + cameras, computes correspondences and'
-                           ' records distillation pairs.')
-    rclpy.init(args=args)
-    try:
-        node = CollectNode()
-    except (ConfigError, CalibrationError, ValueError, FileNotFoundError, ImportError,
-            OSError, ParameterException) as exc:
-        rclpy.logging.get_logger('collect_node').fatal(str(exc))
-        rclpy.try_shutdown()
-        raise SystemExit(2)
-    spin_until_shutdown(node)
+    run_node(CollectNode, 'collect_node', CollectNodeConfig,
+             'Synchronizes LiDAR + cameras, computes correspondences and records distillation'
+             ' pairs.',
+             (ConfigError, CalibrationError, ValueError, FileNotFoundError, ImportError, OSError,
+              ParameterException), args)
 
 
 if __name__ == '__main__':

@@ -424,3 +424,30 @@ def exit_if_help_requested(argv: list[str], node_name: str, config_cls: type,
     for name, tp, default, text in cfg.describe(config_cls):
         print(f'  {name} ({tp}, default {default!r}): {text}')
     raise SystemExit(0)
+
+
+def run_node(node_cls: type, node_name: str, config_cls: type, summary: str,
+             startup_errors: tuple[type[BaseException], ...], args: list[str] | None = None,
+             ) -> None:
+    """Console-script body shared by the nodes: ``--help``, init, build, spin, clean shutdown.
+
+    An error of ``startup_errors`` while the node is built (a bad parameter, calibration or
+    checkpoint) is logged as fatal and exits with status 2 instead of a traceback.
+    """
+    import os
+    import sys
+
+    import rclpy
+    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
+    # more when the cores are shared with other processes (measured on 2 busy cores).
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    exit_if_help_requested(sys.argv if args is None else list(args), node_name, config_cls,
+                           summary)
+    rclpy.init(args=args)
+    try:
+        node = node_cls()
+    except startup_errors as exc:
+        rclpy.logging.get_logger(node_name).fatal(str(exc))
+        rclpy.try_shutdown()
+        raise SystemExit(2)
+    spin_until_shutdown(node)

@@ -9,13 +9,10 @@ Inference is skipped while nobody subscribes to the output. See docs/nodes.md.
 """
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import numpy as np
-import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
@@ -26,9 +23,8 @@ from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.labeling import SegmentNodeConfig, class_filter, segment_array
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot,
-                                   exit_if_help_requested, qos_overrides,
-                                   sensor_qos, spin_until_shutdown)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
+                                   run_node, sensor_qos)
 
 RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
 
@@ -164,22 +160,10 @@ class SegmentNode(Node):
 
 
 def main(args=None) -> None:
-    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
-    # more when the cores are shared with other processes (measured on 2 busy cores).
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-    exit_if_help_requested(sys.argv if args is None else list(args), 'segment_node',
-                           SegmentNodeConfig,
-                           'Segments LiDAR clouds with a student checkpoint;'
-                           ' publishes class_id, probability and rgb.')
-    rclpy.init(args=args)
-    try:
-        node = SegmentNode()
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, ParameterException) as exc:
-        # A configuration or checkpoint problem: say what is wrong and exit non-zero.
-        rclpy.logging.get_logger('segment_node').fatal(str(exc))
-        rclpy.try_shutdown()
-        raise SystemExit(2)
-    spin_until_shutdown(node)
+    run_node(SegmentNode, 'segment_node', SegmentNodeConfig,
+             'Segments LiDAR clouds with a student checkpoint; publishes class_id, probability and'
+             ' rgb.',
+             (ConfigError, ValueError, FileNotFoundError, ImportError, ParameterException), args)
 
 
 if __name__ == '__main__':
