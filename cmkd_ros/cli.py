@@ -1,8 +1,8 @@
 """The ``cmkd`` command-line tool: one subcommand per job.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``cmkd --help`` stays fast and a missing
-optional dependency only affects the subcommand that needs it.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``cmkd --help``
+stays fast and a missing optional dependency only affects the subcommand that needs it.
 """
 from __future__ import annotations
 

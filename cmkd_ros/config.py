@@ -173,7 +173,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
-    """Recursively merge ``override`` into a copy of ``base`` (mappings merge, the rest replaces)."""
+    """Merge ``override`` into a copy of ``base``: mappings merge recursively, others replace."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):

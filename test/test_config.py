@@ -47,8 +47,8 @@ def test_yaml_then_cli_overrides(tmp_path):
     path = tmp_path / 'c.yaml'
     path.write_text('steps: 5\ninner:\n  size: 0.2\n')
     cfg = load(Outer, str(path), ['inner.widths=[8, 16, 32]', 'mode=udakd'])
-    assert (cfg.steps, cfg.inner.size, cfg.inner.widths, cfg.mode) == (5, 0.2, (8, 16, 32),
-                                                                         'udakd')
+    got = (cfg.steps, cfg.inner.size, cfg.inner.widths, cfg.mode)
+    assert got == (5, 0.2, (8, 16, 32), 'udakd')
     with pytest.raises(ConfigError, match='not found'):
         load(Outer, str(tmp_path / 'missing.yaml'))
     (tmp_path / 'bad.yaml').write_text('- a list\n')

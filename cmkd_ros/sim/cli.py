@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='bag image topics (default raw, or compressed with --compressed)')
     parser.add_argument('--start', type=int, default=0, help='index of the first frame')
     parser.add_argument('--stride', type=int, default=1,
-                        help='frames format: keep every n-th sweep (spreads frames over the drive)')
+                        help='frames format: keep every n-th sweep (spread frames over the drive)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
