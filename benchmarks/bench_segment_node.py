@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -73,13 +72,8 @@ def start_node(module: str, params: dict, remaps: dict, env: dict, log_path: str
 
 
 def stop_node(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    from cmkd_ros.evaluate_bag import stop_process
+    stop_process(proc, timeout=10.0)
 
 
 class Client:

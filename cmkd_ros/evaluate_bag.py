@@ -276,7 +276,7 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
         stop.set()
         if spinner.is_alive():
             spinner.join(timeout=2)
-        _stop_process(proc)
+        stop_process(proc)
         executor.shutdown(timeout_sec=1)
         node.destroy_node()
         context.try_shutdown()
@@ -298,15 +298,17 @@ def _tail(log: Any, n: int = 3000) -> str:
         return ''
 
 
-def _stop_process(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGINT a node started in its own session (so it finishes cleanly), SIGKILL after
+    ``timeout`` seconds."""
     import signal
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            proc.wait(timeout=timeout)
 
 
 def format_table(report: dict) -> str:
@@ -436,7 +438,7 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
             if now != last:
                 last, last_change = now, time.monotonic()
     finally:
-        _stop_process(proc)                      # SIGINT: the node finishes queued pairs
+        stop_process(proc)                      # SIGINT: the node finishes queued pairs
         node.destroy_node()
         context.try_shutdown()
         log_file.close()

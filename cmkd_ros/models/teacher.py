@@ -14,9 +14,9 @@ The split matters for distillation: ``features`` are the teacher's pixel feature
 the student's pseudo-2D features) and ``classifier`` is the 1x1 convolution the student shares,
 frozen, to turn pseudo-2D features into logits.
 
-Saved teachers (:func:`save_teacher`) are plain dicts loadable with ``torch.load(...,
-weights_only=True)``: ``{'format': 'cmkd_teacher', 'config': ..., 'class_map': ...,
-'state_dict': ...}``. :func:`load_teacher` also accepts a bare state dict or a TorchScript file.
+Saved teachers (:func:`save_teacher`) are plain dicts, loadable with weights_only=True:
+``{'format': 'cmkd_teacher', 'config': ..., 'class_map': ..., 'state_dict': ...}``.
+:func:`load_teacher` also accepts a bare state dict or a TorchScript file.
 """
 from __future__ import annotations
 
