@@ -56,16 +56,62 @@ class SparseConvFunction(torch.autograd.Function):
         return grad_feats, grad_weight, None
 
 
+_BLOCK_ROWS = 256  # pairs per batched GEMM block
+
+
+def _blocked_pairs(kmap: KernelMap):
+    """The pairs cut into blocks of ``_BLOCK_ROWS`` rows, each within one offset group.
+
+    Returns ``(in_rows, out_rows, kernel_index)``: ``(B, _BLOCK_ROWS)`` int64 rows (padding
+    reads input row 0 and lands in output row ``num_out``, a discarded row) and ``(B,)`` weight
+    slices.
+    Cached on the map (not a dataclass field, so a transposed copy rebuilds it).
+    """
+    cached = kmap.__dict__.get('_blocked')
+    if cached is not None:
+        return cached
+    device = kmap.in_rows.device
+    sizes = torch.tensor([b - a for a, b in zip(kmap.bounds[:-1], kmap.bounds[1:])],
+                         dtype=torch.int64, device=device)
+    starts = torch.tensor(kmap.bounds[:-1], dtype=torch.int64, device=device)
+    blocks = (sizes + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    # 1. Each block's group and its first position inside that group.
+    block_group = torch.repeat_interleave(torch.arange(len(kmap.kernel_index), device=device),
+                                          blocks)
+    first_block = torch.cumsum(blocks, 0) - blocks
+    block_offset = (torch.arange(block_group.numel(), device=device)
+                    - first_block[block_group]) * _BLOCK_ROWS
+    # 2. Pair index of every slot; slots past the group's end point at a padding pair.
+    position = block_offset[:, None] + torch.arange(_BLOCK_ROWS, device=device)[None]
+    pair = torch.where(position < sizes[block_group][:, None],
+                       starts[block_group][:, None] + position, kmap.in_rows.numel())
+    pad = torch.tensor([0, kmap.num_out], dtype=torch.int64, device=device)
+    in_rows = torch.cat([kmap.in_rows, pad[:1]])[pair]
+    out_rows = torch.cat([kmap.out_rows, pad[1:]])[pair]
+    kernel_index = torch.tensor(kmap.kernel_index, dtype=torch.int64, device=device)[block_group]
+    kmap.__dict__['_blocked'] = (in_rows, out_rows, kernel_index)
+    return kmap.__dict__['_blocked']
+
+
 def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    cout = weight.shape[2]
+    if not kmap.in_rows.numel():
+        if kmap.identity >= 0:
+            return torch.mm(feats, weight[kmap.identity])
+        return feats.new_zeros(kmap.num_out, cout)
+    # 1. One batched GEMM over fixed-size blocks of pairs (few large calls instead of one small
+    #    GEMM per offset); padding slots land in a discarded last output row.
+    in_rows, out_rows, kernel_index = _blocked_pairs(kmap)
+    gathered = feats.index_select(0, in_rows.view(-1)).view(*in_rows.shape, feats.shape[1])
+    prod = torch.bmm(gathered, weight.index_select(0, kernel_index))
+    out = feats.new_empty(kmap.num_out + 1, cout)
     if kmap.identity >= 0:
-        out = torch.mm(feats, weight[kmap.identity])
+        torch.mm(feats, weight[kmap.identity], out=out[:-1])
+        out[-1].zero_()
     else:
-        out = feats.new_zeros(kmap.num_out, weight.shape[2])
-    if kmap.in_rows.numel():
-        gathered = feats.index_select(0, kmap.in_rows)
-        prod = _offset_products(gathered, weight, kmap, False)
-        out.index_add_(0, kmap.out_rows, prod)
-    return out
+        out.zero_()
+    out.index_add_(0, out_rows.view(-1), prod.view(-1, cout))
+    return out[:-1]
 
 
 def _autocast_dtype(device_type: str):
