@@ -23,7 +23,7 @@ DEFAULT_SCAN = REPO.parent / 'shared' / 'data' / 'nuscenes_sample' / 'LIDAR_TOP.
 # name -> StudentConfig overrides. small: the CPU real-time student with its DA module (teacher
 # features D = 64, the default teacher); standard: MinkUNet18 with DA, D = 256 (DeepLabV3).
 STUDENTS = {
-    'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True),
+    'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True, da_width=32),
     'small_noda': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=False),
     'minkunet14': dict(arch='minkunet14', voxel_size=0.1, feature_dim=256, use_da=False),
     'standard': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=True),
@@ -125,8 +125,11 @@ def main(argv=None) -> int:
         hooks = [m.register_forward_hook(count) for m in student.modules()
                  if isinstance(m, SparseConv3d)]
         student.set_backend('torch')
-        with torch.no_grad():
-            student(coords, vfeats)
+        state = {k: v.clone() for k, v in student.state_dict().items()}
+        with torch.no_grad():  # train mode: eval folds batch norm into the conv (no hook call)
+            student.train()(coords, vfeats)
+        student.load_state_dict(state)
+        student.eval()
         for h in hooks:
             h.remove()
         for m in student.modules():
@@ -179,14 +182,15 @@ def _time_maps(student, coords, feats, tensor_cls, sync, repeats=3):
         student.backbone(x)
         if student.config.use_da:
             student.projection(student.backbone(x))
+    from cmkd_ros.sparse.functional import blocked_pairs
     requests = list(x.manager._maps)
     times = []
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
         manager = tensor_cls(feats, coords).manager
-        for in_stride, kernel, stride, dilation in sorted(requests, key=lambda r: r[0]):
-            manager.kernel_map(in_stride, kernel, stride, dilation)
+        for request in sorted(requests, key=lambda r: r[0]):
+            blocked_pairs(manager.kernel_map(*request[:4], transposed=len(request) > 4))
         sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2] * 1e3

@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(student_ckpt):
         _cmkd('train', 'fskd', '--config', 'config/fskd.yaml', '--out', paths['student'],
               f'data.train={paths["pairs"]}', f'teacher.checkpoint={teacher_ckpt}',
-              f'steps={student_steps}', 'student.arch=small', 'data.voxel_size=0.2',
-              'data.batch_size=1',
+              f'steps={student_steps}', 'student.arch=small', 'student.da_width=32',
+              'data.voxel_size=0.2', 'data.batch_size=1',
               'data.image_scale=0.5', f'checkpoint_every={student_steps}')
 
     step('segment the held-out bag through segment_node and score it')

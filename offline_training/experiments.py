@@ -70,7 +70,8 @@ class ExperimentsConfig:
     lr: float = setting(2e-3, 'student learning rate (the few-shot fine-tuning uses half)',
                         gt=0)
     student: dict[str, Any] = setting(
-        default_factory=lambda: {'arch': 'small', 'point_features': 'intensity_height'},
+        default_factory=lambda: {'arch': 'small', 'da_width': 32,
+                                 'point_features': 'intensity_height'},
         help='StudentConfig overrides (same network for every run)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
 

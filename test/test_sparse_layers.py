@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkd_ros.sparse import (CoordinateManager, SparseBatchNorm, SparseConv3d, SparseError,
+from cmkd_ros.sparse import (ConvBN, CoordinateManager, SparseBatchNorm, SparseConv3d, SparseError,
                              SparsePool, SparseReLU, SparseTensor, SparseUpsample, kernel_offsets,
                              sparse_cat)
 
@@ -202,6 +202,61 @@ def test_kernel_maps_are_cached_and_shared():
     occ = to_dense(coords, torch.ones(coords.shape[0], 1, dtype=torch.float64))
     neighbours = F.conv3d(occ, torch.ones(1, 1, 3, 3, 3, dtype=torch.float64), padding=1)
     assert first.num_pairs == int(read_dense(neighbours, coords).sum())
+
+
+@pytest.mark.parametrize('kernel_size,stride,transposed,relu', [
+    (3, 1, False, True), (1, 1, False, False), (2, 2, False, True), (3, 2, False, False),
+    (2, 2, True, True)])
+def test_eval_mode_folds_batch_norm_into_the_convolution(kernel_size, stride, transposed, relu):
+    coords, feats = random_voxels(11)
+    x = SparseTensor(feats, coords)
+    if transposed:  # start from the coarse voxels an encoder would have made
+        x = SparseConv3d(3, 3, 2, 2).double()(x)
+    layer = ConvBN(3, 5, kernel_size, stride, transposed, relu).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        bn = layer[1]
+        bn.running_mean.copy_(torch.randn(5, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(5, generator=gen, dtype=torch.float64) + 0.5)
+        bn.weight.copy_(torch.randn(5, generator=gen, dtype=torch.float64))
+        bn.bias.copy_(torch.randn(5, generator=gen, dtype=torch.float64))
+    layer.eval()
+    unfolded = x
+    for module in layer:  # conv, then batch norm, then ReLU: the training-mode path
+        unfolded = module(unfolded)
+    with torch.no_grad():
+        folded = layer(x)
+    assert folded.stride == unfolded.stride
+    assert rel_err(folded.features, unfolded.features) < 1e-10
+    assert (folded.features.min() >= 0) == relu
+    # 2. With gradients the folded path is differentiable in the batch norm parameters too.
+    layer(x).features.sum().backward()
+    assert layer[1].weight.grad is not None and layer[0].weight.grad is not None
+
+
+def test_conv_bias_is_added_with_and_without_gradients():
+    coords, feats = random_voxels(12)
+    x = SparseTensor(feats, coords)
+    layer = SparseConv3d(3, 4, 3, bias=True).double()
+    with torch.no_grad():
+        fused = layer(x).features  # the bias initialises the output buffer
+        plain = x.conv(layer.weight, 3).features + layer.bias
+    assert rel_err(fused, plain) < 1e-12
+    out = layer(x.replace(feats.clone().requires_grad_(True)))
+    out.features.sum().backward()
+    assert torch.allclose(layer.bias.grad, torch.full((4,), float(coords.shape[0]),
+                                                      dtype=torch.float64))
+    assert rel_err(out.features, plain) < 1e-12
+
+
+def test_transposed_maps_are_cached():
+    coords, feats = random_voxels(13)
+    manager = SparseTensor(feats, coords).manager
+    manager.parents(1, 2)
+    up = manager.kernel_map(1, 2, 2, transposed=True)
+    assert manager.kernel_map(1, 2, 2, transposed=True) is up
+    down = manager.kernel_map(1, 2, 2)
+    assert torch.equal(up.in_rows, down.out_rows) and up.num_out == down.num_in
 
 
 def test_kernel_offsets_order_is_z_fastest():

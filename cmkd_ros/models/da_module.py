@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmkd_ros.sparse import (SparseBatchNorm, SparseConv3d, SparsePool, SparseReLU,
+from cmkd_ros.sparse import (ConvBN, SparseConv3d, SparsePool, SparseReLU,
                              SparseUpsample, sparse_cat)
 
 
 def _conv_bn(in_channels: int, out_channels: int, norm: bool = True) -> nn.Module:
     if not norm:
         return SparseConv3d(in_channels, out_channels, 3, bias=True)
-    return nn.Sequential(SparseConv3d(in_channels, out_channels, 3), SparseBatchNorm(out_channels))
+    return ConvBN(in_channels, out_channels, 3)
 
 
 class SelfCalibratedConv(nn.Module):
@@ -56,20 +56,26 @@ class SelfCalibratedConv(nn.Module):
 
 
 class DAModule(nn.Module):
-    """``layers`` self-calibrated convolutions (ReLU between): ``(N, C) -> (N, D)``."""
+    """``layers`` self-calibrated convolutions (ReLU between): ``(N, C) -> (N, D)``.
 
-    def __init__(self, in_channels: int, out_channels: int, layers: int = 3, pool: int = 2):
+    ``hidden``: output width of all but the last layer (0 = D); narrower is cheaper.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int = 3, pool: int = 2,
+                 hidden: int = 0):
         super().__init__()
         if layers < 1:
             raise ValueError(f'the DA module needs >= 1 layer, got {layers}')
+        hidden = hidden or out_channels  # width between the layers
         blocks = []
         width = in_channels
         for i in range(layers):
             last = i == layers - 1
-            blocks.append(SelfCalibratedConv(width, out_channels, pool, final=last))
+            blocks.append(SelfCalibratedConv(width, out_channels if last else hidden, pool,
+                                             final=last))
             if not last:
                 blocks.append(SparseReLU())
-            width = out_channels
+            width = hidden
         self.layers = nn.Sequential(*blocks)
 
     def forward(self, x):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
-from cmkd_ros.sparse import ConvBNReLU, SparseBatchNorm, SparseConv3d, SparseReLU, sparse_cat
+from cmkd_ros.sparse import ConvBN, ConvBNReLU, SparseReLU, sparse_cat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class MinkUNetSpec:
 
 
 ARCHS = {
-    'small': MinkUNetSpec((16, 16, 32, 64, 128, 64, 48, 32, 32), (1,) * 8, 3),
+    'small': MinkUNetSpec((16, 16, 32, 48, 64, 48, 32, 32, 32), (1,) * 8, 3),
     'minkunet14': MinkUNetSpec((32, 32, 64, 128, 256, 256, 128, 96, 96), (1,) * 8, 5),
     'minkunet18': MinkUNetSpec((32, 32, 64, 128, 256, 256, 128, 96, 96), (2,) * 8, 5),
     'minkunet34': MinkUNetSpec((32, 32, 64, 128, 256, 256, 128, 96, 96),
@@ -39,14 +40,16 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBNReLU(in_channels, out_channels, 3)
         self.conv2 = ConvBNReLU(out_channels, out_channels, 3, relu=False)
-        self.shortcut = (None if in_channels == out_channels else nn.Sequential(
-            SparseConv3d(in_channels, out_channels, 1), SparseBatchNorm(out_channels)))
+        self.shortcut = (None if in_channels == out_channels
+                         else ConvBN(in_channels, out_channels, 1))
         self.relu = SparseReLU()
 
     def forward(self, x):
         out = self.conv2(self.conv1(x))
         skip = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(out.replace(out.features + skip.features))
+        if torch.is_grad_enabled():
+            return self.relu(out.replace(out.features + skip.features))
+        return out.replace(out.features.add_(skip.features).relu_())  # inference: in place
 
 
 def _stage(in_channels: int, out_channels: int, blocks: int) -> nn.Sequential:

@@ -44,6 +44,8 @@ class StudentConfig:
     num_classes: int = setting(16, 'K: number of classes of the shared classifier', ge=1)
     use_da: bool = setting(True, 'self-calibrated DA module (else a linear projection to D)')
     da_layers: int = setting(3, 'self-calibrated convolution layers in the DA module', ge=1)
+    da_width: int = setting(0, 'width between the DA layers; 0 = feature_dim (narrower is '
+                            'faster)', ge=0)
     backend: str = setting('auto', 'sparse convolution backend: torch, minkowski, or auto '
                            '(MinkowskiEngine on CUDA when it imports, else torch)',
                            choices=BACKENDS)
@@ -55,6 +57,9 @@ class StudentConfig:
         if self.stem_kernel not in (0, 1, 3, 5, 7):
             raise ConfigError(f'stem_kernel: must be 0 (preset) or odd 1..7, got '
                               f'{self.stem_kernel}')
+        if self.da_width == 1:
+            raise ConfigError('da_width: a self-calibrated layer needs >= 2 channels (or 0 = '
+                              'feature_dim)')
         implied = feature_channels(self.point_features)
         if self.in_channels not in (0, implied):
             raise ConfigError(f'in_channels: {self.in_channels} disagrees with point_features '
@@ -95,7 +100,8 @@ class Student(nn.Module):
                                        config.stem_kernel or None)
         width = self.backbone.out_channels
         if config.use_da:
-            self.projection = DAModule(width, config.feature_dim, config.da_layers)
+            self.projection = DAModule(width, config.feature_dim, config.da_layers,
+                                       hidden=config.da_width)
         else:
             self.projection = nn.Linear(width, config.feature_dim)
         self.classifier = nn.Linear(config.feature_dim, config.num_classes)

@@ -6,14 +6,15 @@ manager that caches coordinates per tensor stride and kernel maps per (stride, k
 """
 from .coords import CoordinateManager, KernelMap, SparseError, kernel_offsets
 from .functional import sparse_conv, SparseConvFunction
-from .layers import (ConvBNReLU, SparseActivation, SparseBatchNorm, SparseConv3d, SparsePool,
-                     SparseReLU, SparseUpsample, sparse_cat)
+from .layers import (ConvBN, ConvBNReLU, SparseActivation, SparseBatchNorm, SparseConv3d,
+                     SparsePool, SparseReLU, SparseUpsample, sparse_cat)
 from .minkowski import (MinkowskiTensor, MinkowskiUnavailable, from_minkowski_kernel,
                         import_minkowski, minkowski_available, to_minkowski_kernel)
 from .tensor import SparseTensor
 
 __all__ = [
-    'ConvBNReLU', 'CoordinateManager', 'KernelMap', 'MinkowskiTensor', 'MinkowskiUnavailable',
+    'ConvBN', 'ConvBNReLU', 'CoordinateManager', 'KernelMap', 'MinkowskiTensor',
+    'MinkowskiUnavailable',
     'SparseActivation', 'SparseBatchNorm', 'SparseConv3d', 'SparseConvFunction', 'SparseError',
     'SparsePool', 'SparseReLU', 'SparseTensor', 'SparseUpsample', 'from_minkowski_kernel',
     'import_minkowski', 'kernel_offsets', 'minkowski_available', 'sparse_cat', 'sparse_conv',

@@ -267,9 +267,16 @@ class CoordinateManager:
 
     # -- kernel maps ------------------------------------------------------------------------
     def kernel_map(self, in_stride: int, kernel_size: int, stride: int = 1,
-                   dilation: int = 1) -> KernelMap:
-        """Pairs of a convolution from ``in_stride`` to ``in_stride * stride`` (cached)."""
+                   dilation: int = 1, transposed: bool = False) -> KernelMap:
+        """Pairs of a convolution from ``in_stride`` to ``in_stride * stride`` (cached).
+
+        ``transposed``: the same pairs the other way round, ``in_stride * stride -> in_stride``.
+        """
         key = (in_stride, kernel_size, stride, dilation)
+        if transposed:
+            if key + (True,) not in self._maps:
+                self._maps[key + (True,)] = self.kernel_map(*key).transposed()
+            return self._maps[key + (True,)]
         if key not in self._maps:
             if stride == 1:
                 kmap = self._submanifold_map(in_stride, kernel_size, dilation)
@@ -317,38 +324,43 @@ class CoordinateManager:
     def _column_half_pairs(self, cset: _CoordinateSet, stride: int, kernel_size: int) -> tuple:
         """Pairs of the first half of an odd, undilated kernel's offsets (index < centre).
 
-        Keys sort by (batch, x, y, z), so the k voxels of a neighbouring column (dx, dy) at
-        z - r .. z + r are consecutive in the sorted keys: one ``searchsorted`` for the lowest,
-        then each next one is either at the same position or the one after. ``(k^2 + 1) / 2``
-        searches per voxel instead of one lookup per offset.
+        Keys sort by (batch, x, y, z), so the voxels of a neighbouring column (dx, dy) at
+        z - r .. z + r are consecutive in the sorted keys: one ``searchsorted`` finds the first
+        candidate, the next k - 1 sorted keys are the others, and a key's distance to the lowest
+        one gives its z step. The columns before the centre are dx < 0, then dx == 0 with dy < 0,
+        then the voxel's own column below it: exactly the offsets before the centre.
         """
         r = kernel_size // 2
-        keys, order = cset.sorted()
-        n = keys.numel()
-        ins, outs, counts = [], [], []
-        # 1. Columns in offset order: dx < 0, then dx == 0 with dy < 0 (all dz), then the voxel's
-        #    own column below it (dz < 0): exactly the offsets before the centre.
-        for dx in range(-r, 1):
-            for dy in range(-r, r + 1):
-                if dx == 0 and dy > 0:
-                    break
-                steps = r if (dx, dy) == (0, 0) else kernel_size
-                offset = torch.tensor([[dx * stride, dy * stride, -r * stride]])
-                lowest = keys + self.key_delta(offset).to(self.device)
-                pos = torch.searchsorted(keys, lowest)
-                for t in range(steps):
-                    # 2. Voxel z - r + t of the column sits at pos when present; then step on.
-                    at = pos.clamp(max=n - 1)
-                    present = keys[at] == lowest + t * stride
-                    found = present.nonzero().squeeze(1)
-                    ins.append(at[found])
-                    outs.append(found)
-                    counts.append(int(found.numel()))
-                    pos = pos + present
-        if not ins:  # kernel size 1: the centre only
+        if r == 0:  # kernel size 1: the centre only
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return empty, empty, []
-        in_rows, out_rows = torch.cat(ins), torch.cat(outs)
+        keys, order = cset.sorted()
+        n = keys.numel()
+        columns = [(dx, dy) for dx in range(-r, 1) for dy in range(-r, r + 1)
+                   if dx < 0 or dy <= 0]
+        lowest_offsets = torch.tensor([[dx * stride, dy * stride, -r * stride]
+                                       for dx, dy in columns])
+        # 1. The lowest possible neighbour key of every (column, voxel) and where it would sit.
+        lowest = keys.unsqueeze(0) + self.key_delta(lowest_offsets).to(self.device).unsqueeze(1)
+        first = torch.searchsorted(keys, lowest)  # (C, n)
+        # 2. k candidates per (column, voxel): the z step is the key distance / stride.
+        steps = torch.arange(kernel_size, device=self.device)
+        cand = (first.unsqueeze(2) + steps).clamp_(max=n - 1)  # (C, n, k)
+        dist = keys[cand] - lowest.unsqueeze(2)
+        limit = torch.full((len(columns), 1, 1), 2 * r * stride, dtype=torch.int64,
+                           device=self.device)
+        limit[-1] = (r - 1) * stride  # own column: below the voxel only
+        hit = (dist >= 0) & (dist <= limit)
+        col, out_rows, j = hit.nonzero(as_tuple=True)
+        in_rows = cand[col, out_rows, j]
+        # 3. Kernel index ((dx + r) k + dy + r) k + z step; group by it, output rows ascending.
+        base = torch.tensor([((dx + r) * kernel_size + dy + r) * kernel_size
+                             for dx, dy in columns],
+                            device=self.device)
+        kidx = base[col] + torch.div(dist[col, out_rows, j], stride, rounding_mode='floor')
+        regroup = torch.argsort(kidx, stable=True)
+        in_rows, out_rows = in_rows[regroup], out_rows[regroup]
+        counts = torch.bincount(kidx, minlength=kernel_size ** 3 // 2).tolist()
         if order is not None:
             in_rows, out_rows = order[in_rows], order[out_rows]
         return in_rows, out_rows, counts

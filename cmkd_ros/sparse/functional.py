@@ -59,7 +59,7 @@ class SparseConvFunction(torch.autograd.Function):
 _BLOCK_ROWS = 256  # pairs per batched GEMM block
 
 
-def _blocked_pairs(kmap: KernelMap):
+def blocked_pairs(kmap: KernelMap):
     """The pairs cut into blocks of ``_BLOCK_ROWS`` rows, each within one offset group.
 
     Returns ``(in_rows, out_rows, kernel_index)``: ``(B, _BLOCK_ROWS)`` int64 rows (padding
@@ -93,23 +93,31 @@ def _blocked_pairs(kmap: KernelMap):
     return kmap.__dict__['_blocked']
 
 
-def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     cout = weight.shape[2]
     if not kmap.in_rows.numel():
         if kmap.identity >= 0:
+            if bias is not None:
+                return torch.addmm(bias, feats, weight[kmap.identity])
             return torch.mm(feats, weight[kmap.identity])
-        return feats.new_zeros(kmap.num_out, cout)
+        out = feats.new_zeros(kmap.num_out, cout)
+        return out if bias is None else out.add_(bias)
     # 1. One batched GEMM over fixed-size blocks of pairs (few large calls instead of one small
     #    GEMM per offset); padding slots land in a discarded last output row.
-    in_rows, out_rows, kernel_index = _blocked_pairs(kmap)
+    in_rows, out_rows, kernel_index = blocked_pairs(kmap)
+    out = feats.new_empty(kmap.num_out + 1, cout)
+    if kmap.identity >= 0 and bias is not None:
+        torch.addmm(bias, feats, weight[kmap.identity], out=out[:-1])
+    elif kmap.identity >= 0:
+        torch.mm(feats, weight[kmap.identity], out=out[:-1])
+    elif bias is not None:
+        out[:-1].copy_(bias.expand(kmap.num_out, cout))
+    else:
+        out[:-1].zero_()
+    out[-1].zero_()
     gathered = feats.index_select(0, in_rows.view(-1)).view(*in_rows.shape, feats.shape[1])
     prod = torch.bmm(gathered, weight.index_select(0, kernel_index))
-    out = feats.new_empty(kmap.num_out + 1, cout)
-    if kmap.identity >= 0:
-        torch.mm(feats, weight[kmap.identity], out=out[:-1])
-        out[-1].zero_()
-    else:
-        out.zero_()
     out.index_add_(0, out_rows.view(-1), prod.view(-1, cout))
     return out[:-1]
 
@@ -130,8 +138,10 @@ def _autocast_dtype(device_type: str):
                 else torch.get_autocast_cpu_dtype())
 
 
-def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``.
+def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``, plus
+    ``bias (Cout,)`` when given.
 
     Under autocast, features and weight are cast to the autocast dtype first (the casts are
     differentiable), so forward and backward always see one dtype.
@@ -145,9 +155,16 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> t
     dtype = _autocast_dtype(device_type)
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
-            return sparse_conv(feats.to(dtype), weight.to(dtype), kmap)
+            return sparse_conv(feats.to(dtype), weight.to(dtype), kmap,
+                               None if bias is None else bias.to(dtype))
     if weight.dtype != feats.dtype:
         raise ValueError(f'features are {feats.dtype} but the weight is {weight.dtype}')
-    if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad):
-        return SparseConvFunction.apply(feats, weight, kmap)
-    return _conv_forward(feats.contiguous(), weight, kmap)
+    if bias is not None and (bias.shape != (weight.shape[2],) or bias.dtype != feats.dtype):
+        raise ValueError(f'bias {tuple(bias.shape)} {bias.dtype} does not fit '
+                         f'{weight.shape[2]} output channels of {feats.dtype}')
+    if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)):
+        out = SparseConvFunction.apply(feats, weight, kmap)
+        return out if bias is None else out + bias
+    # Inference: the bias initialises the output buffer (no extra pass).
+    return _conv_forward(feats.contiguous(), weight, kmap, bias)

@@ -53,10 +53,8 @@ class SparseConv3d(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def forward(self, x):
-        out = x.conv(self.weight, self.kernel_size, self.stride, self.dilation, self.transposed)
-        if self.bias is not None:
-            out = out.replace(out.features + self.bias)
-        return out
+        return x.conv(self.weight, self.kernel_size, self.stride, self.dilation, self.transposed,
+                      bias=self.bias)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
@@ -128,14 +126,48 @@ def sparse_cat(*tensors):
     return out
 
 
-class ConvBNReLU(nn.Sequential):
-    """Sparse convolution, batch norm, ReLU."""
+class ConvBN(nn.Sequential):
+    """Sparse convolution, batch norm, optional ReLU (modules ``0``, ``1``, ``2``).
+
+    In eval mode the batch norm is folded into the convolution (scaled weight, one bias), so a
+    layer is one pass over the features instead of three.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, transposed: bool = False, relu: bool = True):
+                 stride: int = 1, transposed: bool = False, relu: bool = False):
         layers = [SparseConv3d(in_channels, out_channels, kernel_size, stride,
                                transposed=transposed),
                   SparseBatchNorm(out_channels)]
         if relu:
             layers.append(SparseReLU())
         super().__init__(*layers)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the convolution with the eval-mode batch norm folded in."""
+        conv, bn = self[0], self[1]
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        return conv.weight * scale, shift
+
+    def forward(self, x):
+        conv, bn = self[0], self[1]
+        if self.training or bn.training or bn.running_mean is None:
+            return super().forward(x)
+        weight, bias = self.folded()
+        out = x.conv(weight, conv.kernel_size, conv.stride, conv.dilation, conv.transposed,
+                     bias=bias)
+        if len(self) < 3:
+            return out
+        if isinstance(self[2], SparseReLU) and not torch.is_grad_enabled():
+            return out.replace(out.features.relu_())  # a fresh buffer: in place is safe
+        return self[2](out)
+
+
+class ConvBNReLU(ConvBN):
+    """Sparse convolution, batch norm, ReLU (``relu=False``: no ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, transposed: bool = False, relu: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, transposed, relu)

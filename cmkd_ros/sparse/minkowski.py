@@ -104,7 +104,11 @@ class MinkowskiTensor:
         return self._wrap(features, self.me.coordinate_map_key)
 
     def conv(self, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
-             transposed: bool = False) -> MinkowskiTensor:
+             transposed: bool = False, bias: torch.Tensor | None = None) -> MinkowskiTensor:
+        out = self._conv(weight, kernel_size, stride, dilation, transposed)
+        return out if bias is None else out.replace(out.features + bias)
+
+    def _conv(self, weight, kernel_size, stride, dilation, transposed) -> MinkowskiTensor:
         ME = self.ME
         if kernel_size == 1 and stride == 1:
             return self.replace(self.me.F.mm(weight[0]))

@@ -61,8 +61,8 @@ class SparseTensor:
 
     # -- operations used by the layers --------------------------------------------------------
     def conv(self, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
-             transposed: bool = False) -> SparseTensor:
-        """Sparse convolution with weight ``(k^3, Cin, Cout)`` (offsets z fastest).
+             transposed: bool = False, bias: torch.Tensor | None = None) -> SparseTensor:
+        """Sparse convolution with weight ``(k^3, Cin, Cout)`` (offsets z fastest), optional bias.
 
         ``stride == 1``: output on the input coordinates (submanifold). ``stride > 1``: output on
         the coarser coordinates ``floor(c / (s r)) * s r``. ``transposed``: output on the cached
@@ -73,12 +73,13 @@ class SparseTensor:
                 raise SparseError(f'transposed conv with stride {stride} cannot upsample a '
                                   f'tensor at stride {self.stride}')
             target = self.stride // stride
-            kmap = self.manager.kernel_map(target, kernel_size, stride, dilation).transposed()
-            return SparseTensor(sparse_conv(self.features, weight, kmap), stride=target,
+            kmap = self.manager.kernel_map(target, kernel_size, stride, dilation,
+                                           transposed=True)
+            return SparseTensor(sparse_conv(self.features, weight, kmap, bias), stride=target,
                                 manager=self.manager)
         kmap = self.manager.kernel_map(self.stride, kernel_size, stride, dilation)
-        return SparseTensor(sparse_conv(self.features, weight, kmap), stride=self.stride * stride,
-                            manager=self.manager)
+        return SparseTensor(sparse_conv(self.features, weight, kmap, bias),
+                            stride=self.stride * stride, manager=self.manager)
 
     def pool(self, kind: str, kernel_size: int, stride: int) -> SparseTensor:
         """Max or average (over present inputs) pooling to the stride ``self.stride * stride``."""
