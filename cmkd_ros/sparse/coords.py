@@ -72,8 +72,10 @@ class KernelMap:
 
     def transposed(self) -> KernelMap:
         """The same pairs with inputs and outputs exchanged (for transposed convolutions)."""
-        return dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
-                                   num_in=self.num_out, num_out=self.num_in)
+        flipped = dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
+                                      num_in=self.num_out, num_out=self.num_in)
+        flipped.__dict__['_transpose_of'] = self  # lets blocked_pairs reuse this map's blocks
+        return flipped
 
     @property
     def num_pairs(self) -> int:
