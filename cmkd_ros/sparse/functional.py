@@ -201,3 +201,20 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
         return out if bias is None else out + bias
     # Inference: the bias initialises the output buffer (no extra pass).
     return _conv_forward(feats.contiguous(), weight, kmap, bias)
+
+
+def average_matrix(kmap: KernelMap, dtype: torch.dtype) -> torch.Tensor:
+    """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached)."""
+    cache = kmap.__dict__.setdefault('_average', {})
+    if dtype not in cache:
+        order = torch.argsort(kmap.out_rows, stable=True)
+        counts = torch.bincount(kmap.out_rows, minlength=kmap.num_out)
+        crow = counts.new_zeros(kmap.num_out + 1)
+        torch.cumsum(counts, 0, out=crow[1:])
+        values = 1.0 / counts.clamp(min=1).to(dtype)[kmap.out_rows[order]]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter('ignore', UserWarning)
+            cache[dtype] = torch.sparse_csr_tensor(crow, kmap.in_rows[order], values,
+                                                   size=(kmap.num_out, kmap.num_in),
+                                                   check_invariants=False)
+    return cache[dtype]
