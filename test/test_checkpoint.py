@@ -52,7 +52,8 @@ def test_round_trip_restores_predictions_and_class_map(saved):
     assert info['class_names'] == NAMES and info['class_colors'] == COLORS
     assert info['voxel_size'] == 0.25 and info['format_version'] == FORMAT_VERSION
     assert info['extra'] == {'step': 7, 'miou': 0.5}
-    assert info['config'] == dataclasses.replace(student.config, backend='auto')
+    assert info['config'] == dataclasses.replace(  # stored with the resolved stem kernel
+        student.config, backend='auto', stem_kernel=student.backbone.stem_kernel)
     assert not loaded.training
     xyz, intensity = random_scan(1)
     student.eval()
@@ -139,3 +140,20 @@ def test_save_checks_the_class_map(tmp_path, saved):
         save_checkpoint(tmp_path / 'x.pt', student, class_names=NAMES,
                         class_colors=[[0, 0, 300]] * 3)
     assert not (tmp_path / 'x.pt').exists()
+
+
+def test_preset_checkpoints_store_their_resolved_widths(tmp_path, monkeypatch):
+    from cmkd_ros.models import minkunet
+    config = build(StudentConfig, {**CONFIG, 'widths': []})
+    student = build_student(config)
+    path = tmp_path / 'preset.pt'
+    save_checkpoint(path, student, class_names=NAMES, class_colors=COLORS)
+    preset = minkunet.ARCHS['small']
+    # A later release changes the preset: the file still loads with the widths it was built with.
+    monkeypatch.setitem(minkunet.ARCHS, 'small', dataclasses.replace(
+        preset, widths=tuple(w * 2 for w in preset.widths), stem_kernel=5))
+    loaded, _ = load_checkpoint(path)
+    assert loaded.backbone.widths == preset.widths
+    assert loaded.backbone.stem_kernel == preset.stem_kernel
+    for key, value in student.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)

@@ -51,7 +51,9 @@ def save_checkpoint(path, student: Student, *, class_names, class_colors,
     payload = {
         'format': FORMAT,
         'format_version': FORMAT_VERSION,
-        'config': to_dict(student.config),
+        # Resolved widths and stem kernel: the file does not depend on a preset that may change.
+        'config': {**to_dict(student.config), 'widths': list(student.backbone.widths),
+                   'stem_kernel': student.backbone.stem_kernel},
         'voxel_size': float(student.config.voxel_size),
         'class_names': names,
         'class_colors': colors,

@@ -68,6 +68,7 @@ class MinkUNet(nn.Module):
                              f'counts, got {len(widths)} and {len(blocks)}')
         if min(widths) < 1 or min(blocks) < 1 or in_channels < 1:
             raise ValueError(f'widths, blocks and in_channels must be >= 1: {widths}, {blocks}')
+        self.widths, self.stem_kernel = tuple(widths), stem_kernel
         stem, enc, dec = widths[0], widths[1:5], widths[5:9]
         self.stem = ConvBNReLU(in_channels, stem, stem_kernel)
         self.down = nn.ModuleList()
