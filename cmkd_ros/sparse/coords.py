@@ -149,7 +149,11 @@ class _CoordinateSet:
     def sorted(self) -> tuple:
         """(sorted keys, row of each sorted key or None when the rows are already sorted)."""
         if self._sorted is None:
-            self._sorted = torch.sort(self.keys)
+            keys = self.keys
+            if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
+                self._sorted = (keys, None)  # e.g. voxelize() output: already in key order
+            else:
+                self._sorted = torch.sort(keys)
         return self._sorted
 
     def lookup(self, query: torch.Tensor) -> torch.Tensor:
