@@ -229,7 +229,16 @@ def test_eval_mode_folds_batch_norm_into_the_convolution(kernel_size, stride, tr
     assert folded.stride == unfolded.stride
     assert rel_err(folded.features, unfolded.features) < 1e-10
     assert (folded.features.min() >= 0) == relu
-    # 2. With gradients the folded path is differentiable in the batch norm parameters too.
+    # 2. The inference cache follows in-place changes of the statistics.
+    with torch.no_grad():
+        layer[1].running_mean.add_(1.0)
+        moved = layer(x)
+    reference = x
+    for module in layer:
+        reference = module(reference)
+    assert rel_err(moved.features, reference.features) < 1e-10
+    assert rel_err(moved.features, folded.features) > 1e-3
+    # 3. With gradients the folded path is differentiable in the batch norm parameters too.
     layer(x).features.sum().backward()
     assert layer[1].weight.grad is not None and layer[0].weight.grad is not None
 

@@ -143,17 +143,34 @@ class ConvBN(nn.Sequential):
         super().__init__(*layers)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the convolution with the eval-mode batch norm folded in."""
+        """(weight, bias) of the convolution with the eval-mode batch norm folded in.
+
+        Without gradients the result is cached until a parameter changes (version counters) or
+        the layer runs in training mode, so inference does not refold every layer per scan.
+        """
         conv, bn = self[0], self[1]
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = None
+        if not torch.is_grad_enabled():
+            key = tuple((id(t), t._version, t.device, t.dtype) for t in sources if t is not None)
+            cached = self.__dict__.get('_folded')
+            if cached is not None and cached[0] == key:
+                return cached[1]
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             shift = shift + conv.bias * scale
-        return conv.weight * scale, shift
+        result = (conv.weight * scale, shift)
+        if key is not None:
+            self.__dict__['_folded'] = (key, result)
+        return result
 
     def forward(self, x):
         conv, bn = self[0], self[1]
         if self.training or bn.training or bn.running_mean is None:
+            # Training updates the running statistics in place without bumping their version
+            # counters: drop the folded cache.
+            self.__dict__.pop('_folded', None)
             return super().forward(x)
         weight, bias = self.folded()
         out = x.conv(weight, conv.kernel_size, conv.stride, conv.dilation, conv.transposed,
