@@ -45,10 +45,20 @@ class DataSection:
                                  '(pixel coordinates follow)', gt=0.0, le=4.0)
     augment: bool = setting(True, 'random rotation about z, flip and scaling of the points '
                             '(correspondences are kept)')
+    augment_scale_xy: tuple[float, float] = setting(
+        (0.5, 1.0), 'with augment: extra horizontal scaling by a factor in [low, high] (heights '
+        'kept; < 1 packs points as densely as near the sensor, where no camera looks, so a '
+        'student distilled on camera-visible points also labels the near range); [1, 1]: off',
+        gt=0.0)
     label_fraction: float = setting(1.0, 'fraction of 3D labels kept (finetune/supervised); '
                                     'the rest become the ignore label', gt=0.0, le=1.0)
     label_unit: str = setting('scans', 'what label_fraction counts: whole scans or points',
                               choices=('scans', 'points'))
+
+    def validate(self) -> None:
+        low, high = self.augment_scale_xy
+        if not low <= high:
+            raise ConfigError(f'augment_scale_xy: need low <= high, got [{low}, {high}]')
 
 
 @dataclass(frozen=True)

@@ -78,10 +78,14 @@ class PointAugment:
         return {**data, 'xyz': np.ascontiguousarray(xyz, dtype=np.float32)}
 
 
-def default_point_augment() -> PointAugment:
-    """Rotation about z (any angle), random x/y flips and scaling by 0.95..1.05."""
+def default_point_augment(scale_xy: tuple = (1.0, 1.0)) -> PointAugment:
+    """Rotation about z (any angle), random x/y flips and scaling by 0.95..1.05; with
+    ``scale_xy != (1, 1)`` also a horizontal scaling by a factor in that range."""
     from cmkd_ros.models.augment import RandomFlip, RandomRotationZ, RandomScale
-    return PointAugment([RandomRotationZ(math.pi), RandomFlip(), RandomScale(0.95, 1.05)])
+    transforms = [RandomRotationZ(math.pi), RandomFlip(), RandomScale(0.95, 1.05)]
+    if tuple(scale_xy) != (1.0, 1.0):
+        transforms.append(RandomScale(*scale_xy, axes=(0, 1)))
+    return PointAugment(transforms)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ class ExperimentsConfig:
         default_factory=lambda: {'arch': 'small', 'da_width': 32,
                                  'point_features': 'intensity_height'},
         help='StudentConfig overrides (same network for every run)')
+    data: dict[str, Any] = setting(default_factory=dict,
+                                   help='extra data keys of every student run (TrainConfig.data)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
 
 
@@ -108,7 +110,7 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
     common = {'seed': cfg.seed, 'progress': False, 'checkpoint_every': 100,
               'threads': cfg.threads,
               'log_every': 10,
-              'data': {'train': train, 'val': test, 'voxel_size': cfg.voxel_size,
+              'data': {**cfg.data, 'train': train, 'val': test, 'voxel_size': cfg.voxel_size,
                        'batch_size': cfg.batch_size},
               'optim': {'lr': cfg.lr, 'warmup_steps': 20},
               'student': dict(cfg.student)}

@@ -243,13 +243,15 @@ def build_dataset(config: TrainConfig, root: str, train: bool,
     ``feature_kind`` must be the student's ``point_features``. Augmentation draws from torch's
     global generator, which :class:`SeededView` seeds per sample.
     """
-    from offline_training.datasets import PairDataset
+    from offline_training.datasets import PairDataset, default_point_augment
     data = config.data
     if not root:
         raise ConfigError('data.train: a pair dataset folder is required')
     return PairDataset(root, cameras=data.cameras or None, occlusion=data.occlusion,
                        motion_compensation=data.motion_compensation,
-                       augment=data.augment and train, image_scale=data.image_scale,
+                       augment=(default_point_augment(data.augment_scale_xy)
+                                if data.augment and train else False),
+                       image_scale=data.image_scale,
                        feature_kind=feature_kind, label_images=False)
 
 

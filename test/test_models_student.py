@@ -112,6 +112,27 @@ def test_predict_labels_every_point(scan):
     assert empty_cls.shape == (0,) and empty_prob.shape == (0,)
 
 
+def test_prepared_scans_reuse_the_maps_of_the_last_forward_pass(scan):
+    student = make_student().eval()
+    first = student.prepare(scan[:, :3], scan[:, 3])
+    assert first.manager is None  # nothing recorded yet: maps are built during the pass
+    cls_a, prob_a = student.predict_prepared(first)
+    requests = student.__dict__['_map_requests']
+    assert any(products for _, products in requests)  # blocks and scatter matrices recorded
+    # 1. The next scan's maps are built ahead (another thread can do this) and the network
+    #    builds none of its own.
+    other = scan[::2]
+    ahead = student.prepare(other[:, :3], other[:, 3])
+    built = {key for key, _ in ahead.manager.map_requests()}
+    assert built == {key for key, _ in requests}
+    cls_b, prob_b = student.predict_prepared(ahead)
+    assert {key for key, _ in ahead.manager.map_requests()} == built
+    # 2. Same labels as the one-call path.
+    cls_c, prob_c = student.predict(other[:, :3], other[:, 3])
+    assert torch.equal(cls_b, cls_c) and torch.allclose(prob_b, prob_c, atol=1e-6)
+    assert cls_a.shape == (scan.shape[0],) and cls_b.shape == (other.shape[0],)
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match='widths'):
         build(StudentConfig, {'widths': [8, 8]})

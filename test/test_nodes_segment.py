@@ -32,7 +32,8 @@ def _diag_values(diags, key):
     return None
 
 
-def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint):
+@pytest.mark.parametrize('pipeline', [True, False], ids=['pipelined', 'one_worker'])
+def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline):
     from sensor_msgs.msg import PointCloud2
 
     from cmkd_ros.bag import deserialize, read_messages
@@ -45,7 +46,8 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint):
     domain = unique_domain_id()
     with RosClient(domain) as client, processes() as procs:
         out = client.collect(PointCloud2, '/labeled')
-        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}, REMAPS),
+        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint),
+                                                       'pipeline': pipeline}, REMAPS),
                                 ros_env(domain), tmp_path / 'node.log'))
         # the node skips inference while it sees no subscriber: let discovery finish first
         wait_for(lambda: client.node.count_publishers('/labeled') > 0, 40, 'segment node',

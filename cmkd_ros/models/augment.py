@@ -35,16 +35,24 @@ class RandomRotationZ:
 
 
 class RandomScale:
-    """Uniform isotropic scaling by a factor in ``[low, high]``."""
+    """Scaling by one factor in ``[low, high]`` of the coordinates ``axes`` (default all three).
 
-    def __init__(self, low: float = 0.95, high: float = 1.05):
+    ``axes=(0, 1)`` scales only horizontally: heights stay, points move closer together
+    (``< 1``) as they are near the sensor.
+    """
+
+    def __init__(self, low: float = 0.95, high: float = 1.05, axes: tuple = (0, 1, 2)):
         if not 0 < low <= high:
             raise ValueError(f'need 0 < low <= high, got {low}, {high}')
-        self.low, self.high = low, high
+        if not axes or any(a not in (0, 1, 2) for a in axes):
+            raise ValueError(f'axes must be a non-empty subset of (0, 1, 2), got {axes}')
+        self.low, self.high, self.axes = low, high, tuple(axes)
 
     def __call__(self, xyz, rng: np.random.Generator) -> np.ndarray:
         xyz = _check_xyz(xyz)
-        return xyz * np.asarray(rng.uniform(self.low, self.high), dtype=xyz.dtype)
+        factor = np.ones(3, dtype=xyz.dtype)
+        factor[list(self.axes)] = rng.uniform(self.low, self.high)
+        return xyz * factor
 
 
 class RandomFlip:

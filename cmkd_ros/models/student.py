@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from cmkd_ros.config import ConfigError, setting
-from cmkd_ros.sparse import MinkowskiTensor, SparseTensor, import_minkowski, minkowski_available
+from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseTensor,
+                             import_minkowski, minkowski_available)
 from cmkd_ros.sparse.minkowski import rows_in_order
 
 from .da_module import DAModule
@@ -115,8 +116,12 @@ class Student(nn.Module):
         resolve_backend(backend)
         self.backend = backend
 
-    def forward(self, coords: torch.Tensor, feats: torch.Tensor) -> dict:
-        """coords ``(V, 4) int32 [batch, x, y, z]``, feats ``(V, F)`` -> dict of ``(V, .)``."""
+    def forward(self, coords: torch.Tensor, feats: torch.Tensor, manager=None) -> dict:
+        """coords ``(V, 4) int32 [batch, x, y, z]``, feats ``(V, F)`` -> dict of ``(V, .)``.
+
+        ``manager``: a :class:`~cmkd_ros.sparse.CoordinateManager` of these coordinates with its
+        kernel maps already built (:meth:`prepare`); torch backend only.
+        """
         if coords.ndim != 2 or coords.shape[1] != 4:
             raise ValueError(f'coords must be (V, 4) [batch, x, y, z], got {tuple(coords.shape)}')
         if feats.ndim != 2 or feats.shape[0] != coords.shape[0]:
@@ -129,8 +134,11 @@ class Student(nn.Module):
         coords = coords.to(device=feats.device, dtype=torch.int32)
         if backend == 'minkowski':
             x = MinkowskiTensor(feats, coords)
+        elif manager is not None:
+            x = SparseTensor(feats, manager=manager)
         else:
             x = SparseTensor(feats, coords)
+        inputs = x
         x = self.backbone(x)
 
         def in_input_order(t) -> torch.Tensor:
@@ -143,6 +151,8 @@ class Student(nn.Module):
             pseudo2d = in_input_order(self.projection(x))
         else:
             pseudo2d = self.projection(backbone)
+        if backend == 'torch':  # what prepare() builds ahead for the next scan
+            self.__dict__['_map_requests'] = inputs.manager.map_requests()
         return {'backbone': backbone, 'pseudo2d': pseudo2d, 'logits': self.classifier(pseudo2d)}
 
     def load_classifier(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -174,23 +184,55 @@ class Student(nn.Module):
         configured point features use it. Runs in eval mode on the model's device. An empty
         scan gives empty outputs; NaN/inf coordinates raise (drop them first).
         """
+        return self.predict_prepared(self.prepare(xyz, intensity))
+
+    @torch.no_grad()
+    def prepare(self, xyz, intensity=None) -> PreparedScan:
+        """The network-independent half of :meth:`predict`: point features, voxels and (torch
+        backend) the kernel maps the last forward pass used. Touches no module state, so a
+        second thread can prepare the next scan while this one runs the network."""
         device = next(self.parameters()).device
+        pts = torch.as_tensor(xyz, dtype=torch.float32)
+        if pts.ndim == 2 and pts.shape[0] == 0:  # an empty scan has empty labels
+            return PreparedScan(None, None, torch.zeros(0, dtype=torch.int64), None)
+        inten = None if intensity is None else torch.as_tensor(intensity, dtype=torch.float32)
+        feats = point_features(pts, inten, self.config.point_features)
+        coords, vfeats, inverse = voxelize(pts, feats, self.config.voxel_size)
+        batch = torch.zeros(coords.shape[0], 1, dtype=torch.int32)
+        coords = torch.cat([batch, coords], dim=1).to(device)
+        vfeats = vfeats.to(device)
+        manager = None
+        requests = self.__dict__.get('_map_requests')
+        if requests and resolve_backend(self.backend, device) == 'torch':
+            manager = CoordinateManager(coords)
+            manager.prebuild(requests, vfeats.dtype)
+        return PreparedScan(coords, vfeats, inverse, manager)
+
+    @torch.no_grad()
+    def predict_prepared(self, scan: PreparedScan) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict` of a scan from :meth:`prepare`."""
+        if scan.coords is None:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
-            pts = torch.as_tensor(xyz, dtype=torch.float32)
-            if pts.ndim == 2 and pts.shape[0] == 0:  # an empty scan has empty labels
-                return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
-            inten = None if intensity is None else torch.as_tensor(intensity, dtype=torch.float32)
-            feats = point_features(pts, inten, self.config.point_features)
-            coords, vfeats, inverse = voxelize(pts, feats, self.config.voxel_size)
-            batch = torch.zeros(coords.shape[0], 1, dtype=torch.int32)
-            out = self(torch.cat([batch, coords], dim=1).to(device), vfeats.to(device))
+            out = self(scan.coords, scan.feats, manager=scan.manager)
             prob, cls = torch.softmax(out['logits'].float(), dim=1).max(dim=1)
-            inverse = inverse.to(device)
+            inverse = scan.inverse.to(cls.device)
             return cls[inverse].cpu(), prob[inverse].cpu()
         finally:
             self.train(was_training)
+
+
+@dataclasses.dataclass
+class PreparedScan:
+    """A scan ready for the network: voxel coords ``(V, 4)``, features ``(V, F)``, the voxel of
+    every point ``(N,)`` and (torch backend) a coordinate manager with prebuilt kernel maps."""
+
+    coords: torch.Tensor | None
+    feats: torch.Tensor | None
+    inverse: torch.Tensor
+    manager: CoordinateManager | None
 
 
 def build_student(config: StudentConfig) -> Student:

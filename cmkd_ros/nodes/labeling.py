@@ -40,6 +40,9 @@ class SegmentNodeConfig:
     always_process: bool = setting(False, 'segment even when nobody subscribes to the output '
                                    '(benchmarks); normally inference is skipped then')
     diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
+    pipeline: bool = setting(True, 'prepare the next scan (decoding, voxels, kernel maps) in a '
+                             'second thread while the network runs: more scans per second on '
+                             'multi-core CPUs')
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -96,24 +99,39 @@ def segment_array(points: np.ndarray, predictor: Predictor, class_map: ClassMap,
     [range_min, range_max] or of an unpublished class get class_id 255, probability 0 and the
     ignore color. Raises ConversionError when the cloud has no x, y, z.
     """
-    out = np.zeros(points.shape[0], dtype=output_dtype(points.dtype))
-    for name in out.dtype.names[:-3]:
-        out[name] = points[name]
-    class_id = np.full(points.shape[0], IGNORE_INDEX, dtype=np.uint8)
-    probability = np.zeros(points.shape[0], dtype=np.float32)
-    # 1. finite points (LiDAR frame), 2. range crop, 3. inference on what is left.
+    xyz, rows, intensity = select_points(points, config)
+    pred = prob = None
+    if rows.size:
+        pred, prob = predictor(xyz, intensity)
+    return label_points(points, rows, pred, prob, class_map, config)
+
+
+def select_points(points: np.ndarray, config: SegmentNodeConfig) -> tuple:
+    """The points to segment: ``(xyz (M, 3) float32, rows (M,) into points, intensity (M,))``,
+    finite and within [range_min, range_max] (intensity 0 when the cloud has none)."""
+    # 1. finite points (LiDAR frame), 2. range crop.
     xyz, rows = xyz_from_cloud(points, drop_invalid=True)
     if rows.size:
         dist = np.linalg.norm(xyz, axis=1)
         in_range = (dist >= config.range_min) & (dist <= config.range_max)
         xyz, rows = xyz[in_range], rows[in_range]
+    if 'intensity' in (points.dtype.names or ()):
+        intensity = np.asarray(points['intensity'][rows], dtype=np.float32).reshape(-1)
+        intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        intensity = np.zeros(rows.size, dtype=np.float32)
+    return np.ascontiguousarray(xyz), rows, intensity
+
+
+def label_points(points: np.ndarray, rows: np.ndarray, pred: Any, prob: Any,
+                 class_map: ClassMap, config: SegmentNodeConfig) -> np.ndarray:
+    """The output array of :func:`segment_array` from the predictions for ``points[rows]``."""
+    out = np.zeros(points.shape[0], dtype=output_dtype(points.dtype))
+    for name in out.dtype.names[:-3]:
+        out[name] = points[name]
+    class_id = np.full(points.shape[0], IGNORE_INDEX, dtype=np.uint8)
+    probability = np.zeros(points.shape[0], dtype=np.float32)
     if rows.size:
-        if 'intensity' in (points.dtype.names or ()):
-            intensity = np.asarray(points['intensity'][rows], dtype=np.float32).reshape(-1)
-            intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
-        else:
-            intensity = np.zeros(rows.size, dtype=np.float32)
-        pred, prob = predictor(np.ascontiguousarray(xyz), intensity)
         pred = _to_numpy(pred).astype(np.int64).reshape(-1)
         prob = _to_numpy(prob).astype(np.float32).reshape(-1)
         if pred.shape[0] != rows.size or prob.shape[0] != rows.size:

@@ -22,7 +22,8 @@ from cmkd_ros.classes import ClassMap
 from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
-from cmkd_ros.nodes.labeling import SegmentNodeConfig, class_filter, segment_array
+from cmkd_ros.nodes.labeling import (SegmentNodeConfig, class_filter, label_points,
+                                     select_points)
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
                                    run_node, sensor_qos)
 
@@ -40,11 +41,28 @@ def load_predictor(path: str, device: str, num_threads: int = 0):
     student, info = load_checkpoint(path, map_location=device)
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
 
-    def predict(xyz: np.ndarray, intensity: np.ndarray):
-        with torch.inference_mode():
-            return student.predict(xyz, intensity)
+    return StudentPredictor(student), class_map
 
-    return predict, class_map
+
+class StudentPredictor:
+    """``predictor(xyz, intensity)`` of a student, split in two for the pipelined worker:
+    ``prepare`` (voxels, kernel maps; no model state) then ``infer`` (the network)."""
+
+    def __init__(self, student):
+        self.student = student
+
+    def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
+        import torch
+        with torch.inference_mode():
+            return self.student.prepare(xyz, intensity)
+
+    def infer(self, prepared):
+        import torch
+        with torch.inference_mode():
+            return self.student.predict_prepared(prepared)
+
+    def __call__(self, xyz: np.ndarray, intensity: np.ndarray):
+        return self.infer(self.prepare(xyz, intensity))
 
 
 class SegmentNode(Node):
@@ -73,8 +91,14 @@ class SegmentNode(Node):
                                          qos_overriding_options=qos_overrides())
         self.pub_processing = self.create_publisher(Float64, '~/debug/processing_time_ms', 10)
         self.pub_latency = self.create_publisher(Float64, '~/debug/pipeline_latency_ms', 10)
-        self.worker = threading.Thread(target=self._work, name='segment_worker', daemon=True)
-        self.worker.start()
+        # 3b. workers: one (prepare + infer), or two with a one-scan slot between them.
+        self.ready = LatestSlot()
+        stages = ([('segment_prepare', self._prepare_loop), ('segment_infer', self._infer_loop)]
+                  if config.pipeline else [('segment_worker', self._work)])
+        self.workers = [threading.Thread(target=fn, name=name, daemon=True)
+                        for name, fn in stages]
+        for worker in self.workers:
+            worker.start()
         self.sub = self.create_subscription(PointCloud2, '~/input/pointcloud', self._on_cloud,
                                             sensor_qos(),
                                             qos_overriding_options=qos_overrides())
@@ -95,39 +119,82 @@ class SegmentNode(Node):
                            'reset); processing it')
         self._last_stamp_ns = stamp
         if self.slot.put((msg, received)):
-            self.diag.set('dropped', self.slot.dropped)
+            self._count_drop()
 
-    def _work(self) -> None:
-        threads = self.params.config.num_threads
+    @property
+    def dropped(self) -> int:
+        """Scans replaced before being processed (in either slot)."""
+        return self.slot.dropped + self.ready.dropped
+
+    def _count_drop(self) -> None:
+        self.diag.set('dropped', self.dropped)
+
+    @staticmethod
+    def _set_threads(threads: int) -> None:
         if threads > 0:                 # torch's thread setting is per calling thread
             import torch
             torch.set_num_threads(threads)
+
+    def _guarded(self, step, *args):
+        """``step(*args)``, or None after a throttled warning: bad input never stops a worker."""
+        try:
+            return step(*args)
+        except (ConversionError, ValueError) as exc:
+            self.diag.warn('bad_input', f'cannot segment cloud: {exc}')
+        except Exception as exc:  # keep the node alive; report what happened
+            self.diag.warn('inference_error', f'{type(exc).__name__}: {exc}')
+        return None
+
+    def _work(self) -> None:
+        """Single worker: prepare and infer each scan in turn."""
+        self._set_threads(self.params.config.num_threads)
         while not self.slot.closed:
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
             msg, received = item
             start = time.monotonic()
-            try:
-                labeled = self._segment(msg)
-            except (ConversionError, ValueError) as exc:
-                self.diag.warn('bad_input', f'cannot segment cloud: {exc}')
-                continue
-            except Exception as exc:  # keep the node alive; report what happened
-                self.diag.warn('inference_error', f'{type(exc).__name__}: {exc}')
-                continue
-            if labeled is None:
-                continue
-            self.pub.publish(labeled)
-            done = time.monotonic()
-            self.processed += 1
-            self.pub_processing.publish(Float64(data=(done - start) * 1e3))
-            self.pub_latency.publish(Float64(data=(done - received) * 1e3))
-            self.diag.set('processed', self.processed)
-            self.diag.set('last_processing_ms', round((done - start) * 1e3, 1))
+            job = self._guarded(self._prepare, msg)
+            if job is not None:
+                self._finish(job, received, time.monotonic() - start)
 
-    def _segment(self, msg: PointCloud2):
-        config = self.params.config
+    def _prepare_loop(self) -> None:
+        """Pipeline stage 1: decode, select points, voxels and kernel maps (one thread)."""
+        self._set_threads(1)
+        while not self.slot.closed:
+            item = self.slot.take(timeout=0.2)
+            if item is None:
+                continue
+            msg, received = item
+            start = time.monotonic()
+            job = self._guarded(self._prepare, msg)
+            if job is not None and self.ready.put((job, received, time.monotonic() - start)):
+                self._count_drop()
+
+    def _infer_loop(self) -> None:
+        """Pipeline stage 2: the network, labels, publish."""
+        self._set_threads(self.params.config.num_threads)
+        while not self.ready.closed:
+            item = self.ready.take(timeout=0.2)
+            if item is not None:
+                self._finish(*item)
+
+    def _finish(self, job, received: float, prepare_s: float) -> None:
+        start = time.monotonic()
+        labeled = self._guarded(self._infer, job)
+        if labeled is None:
+            return
+        self.pub.publish(labeled)
+        done = time.monotonic()
+        processing_ms = (prepare_s + done - start) * 1e3
+        self.processed += 1
+        self.pub_processing.publish(Float64(data=processing_ms))
+        self.pub_latency.publish(Float64(data=(done - received) * 1e3))
+        self.diag.set('processed', self.processed)
+        self.diag.set('last_processing_ms', round(processing_ms, 1))
+
+    def _prepare(self, msg: PointCloud2):
+        """(msg, decoded points, rows, prepared scan) or None for a skipped cloud."""
         try:
             points = cloud_to_array(msg)
         except ConversionError as exc:
@@ -147,7 +214,16 @@ class SegmentNode(Node):
             if not finite.all():
                 self.diag.warn('nan_points', f'{int((~finite).sum())} of {points.shape[0]} '
                                'points have non-finite coordinates (labeled 255)')
-        labeled = segment_array(points, self.predict, self.class_map, config)
+        xyz, rows, intensity = select_points(points, self.params.config)
+        prepared = self.predict.prepare(xyz, intensity) if rows.size else None
+        return msg, points, rows, prepared
+
+    def _infer(self, job):
+        msg, points, rows, prepared = job
+        pred = prob = None
+        if prepared is not None:
+            pred, prob = self.predict.infer(prepared)
+        labeled = label_points(points, rows, pred, prob, self.class_map, self.params.config)
         if int(msg.height) > 1:                               # organized in, organized out
             labeled = labeled.reshape(int(msg.height), int(msg.width))
         out = array_to_cloud(labeled, msg_stamp_ns(msg), msg.header.frame_id, self.msg_types)
@@ -156,7 +232,9 @@ class SegmentNode(Node):
 
     def close(self) -> None:
         self.slot.close()
-        self.worker.join(timeout=2.0)
+        self.ready.close()
+        for worker in self.workers:
+            worker.join(timeout=2.0)
 
 
 def main(args=None) -> None:

@@ -82,6 +82,8 @@ class KernelMap:
         return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
 
 
+_PRODUCTS = ('_blocked', '_scatter', '_average')  # what functional.py caches on a map
+
 _HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as int64
 _EMPTY = -1  # packed keys are >= 0
 
@@ -272,6 +274,23 @@ class CoordinateManager:
         return self._parents[key]
 
     # -- kernel maps ------------------------------------------------------------------------
+    def map_requests(self) -> list:
+        """What this manager built: ``(kernel_map key, names of the cached products)``, for
+        :meth:`prebuild` on the next batch (a network asks for the same maps every time)."""
+        return [(key, tuple(sorted(k for k in kmap.__dict__ if k in _PRODUCTS)))
+                for key, kmap in self._maps.items()]
+
+    def prebuild(self, requests: list, dtype: torch.dtype = torch.float32) -> None:
+        """Build the maps (and their GEMM blocks and scatter matrices) of ``requests`` now,
+        e.g. in a thread that runs ahead of the network."""
+        from .functional import average_matrix, blocked_pairs, scatter_matrix
+        build = {'_blocked': blocked_pairs, '_scatter': lambda m: scatter_matrix(m, dtype),
+                 '_average': lambda m: average_matrix(m, dtype)}
+        for key, products in sorted(requests, key=lambda r: r[0][0]):
+            kmap = self.kernel_map(*key[:4], transposed=len(key) > 4)
+            for name in products:
+                build[name](kmap)
+
     def kernel_map(self, in_stride: int, kernel_size: int, stride: int = 1,
                    dilation: int = 1, transposed: bool = False) -> KernelMap:
         """Pairs of a convolution from ``in_stride`` to ``in_stride * stride`` (cached).
