@@ -13,7 +13,7 @@ Without ``--checkpoint`` a randomly initialised ``small`` student (16 classes; `
 its StudentConfig) is used: timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 2] [--device cpu]``.
+[--threads 2] [--device cpu] [--no-pipeline]``.
 """
 from __future__ import annotations
 
@@ -203,6 +203,8 @@ def main() -> int:
                         'use_da=false or feature_dim=64 (without --checkpoint)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
+    parser.add_argument('--no-pipeline', dest='pipeline', action='store_false',
+                        help="the node's single-worker mode (parameter pipeline:=false)")
     parser.add_argument('--scan', default=str(DATA / 'nuscenes_sample' / 'LIDAR_TOP.bin'))
     parser.add_argument('--reference-repeats', type=int, default=5)
     args = parser.parse_args()
@@ -214,7 +216,8 @@ def main() -> int:
     scan = nuscenes_scan(pathlib.Path(args.scan))
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
-          f'{args.device}, {args.threads} threads')
+          f'{args.device}, {args.threads} threads, '
+          f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     # 1. reference: the library step alone, in this process
     reference = library_reference(checkpoint, args.device, args.threads, scan,
                                   args.reference_repeats)
@@ -225,7 +228,7 @@ def main() -> int:
     log_path = os.path.join(tmp, 'segment_node.log')
     proc = start_node('cmkd_ros.nodes.segment_node',
                       {'checkpoint': checkpoint, 'device': args.device,
-                       'num_threads': args.threads},
+                       'num_threads': args.threads, 'pipeline': args.pipeline},
                       {'~/input/pointcloud': '/bench/points',
                        '~/output/pointcloud': '/bench/labeled'}, env, log_path)
     from rclpy.qos import qos_profile_sensor_data
