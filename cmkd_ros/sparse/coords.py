@@ -71,10 +71,15 @@ class KernelMap:
     identity: int = -1
 
     def transposed(self) -> KernelMap:
-        """The same pairs with inputs and outputs exchanged (for transposed convolutions)."""
-        flipped = dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
-                                      num_in=self.num_out, num_out=self.num_in)
-        flipped.__dict__['_transpose_of'] = self  # lets blocked_pairs reuse this map's blocks
+        """The same pairs with inputs and outputs exchanged (for transposed convolutions and
+        input gradients). Made once: ``m.transposed().transposed() is m``."""
+        flipped = self.__dict__.get('_transposed')
+        if flipped is None:
+            flipped = dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
+                                          num_in=self.num_out, num_out=self.num_in)
+            flipped.__dict__['_transpose_of'] = self  # blocked_pairs reuses this map's blocks
+            flipped.__dict__['_transposed'] = self
+            self.__dict__['_transposed'] = flipped
         return flipped
 
     @property
@@ -298,9 +303,8 @@ class CoordinateManager:
         ``transposed``: the same pairs the other way round, ``in_stride * stride -> in_stride``.
         """
         key = (in_stride, kernel_size, stride, dilation)
-        if transposed:
-            if key + (True,) not in self._maps:
-                self._maps[key + (True,)] = self.kernel_map(*key).transposed()
+        if transposed:  # recorded under its own key (map_requests) but made by the map
+            self._maps[key + (True,)] = self.kernel_map(*key).transposed()
             return self._maps[key + (True,)]
         if key not in self._maps:
             if stride == 1:

@@ -27,7 +27,7 @@ class SparseConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # 1. dL/dx = the transposed convolution of dL/dy with W[k]^T (same blocks, same
             #    row-parallel scatter as the forward pass).
-            grad_feats = _conv_forward(grad_out, weight.transpose(1, 2), _transposed(kmap))
+            grad_feats = _conv_forward(grad_out, weight.transpose(1, 2), kmap.transposed())
         if ctx.needs_input_grad[1]:
             # 2. dL/dW[k] = x[in rows]^T @ dL/dy[out rows], one batched GEMM over the blocks
             #    (padding slots read a zero gradient row), summed per kernel offset.
@@ -41,13 +41,6 @@ class SparseConvFunction(torch.autograd.Function):
             if kmap.identity >= 0:
                 grad_weight[kmap.identity] += torch.mm(feats.t(), grad_out)
         return grad_feats, grad_weight, None
-
-
-def _transposed(kmap: KernelMap) -> KernelMap:
-    """``kmap.transposed()``, cached on the map (its blocks and scatter matrix with it)."""
-    if '_transposed' not in kmap.__dict__:
-        kmap.__dict__['_transposed'] = kmap.transposed()
-    return kmap.__dict__['_transposed']
 
 
 _BLOCK_ROWS = 256  # pairs per batched GEMM block
@@ -203,8 +196,11 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     return _conv_forward(feats.contiguous(), weight, kmap, bias)
 
 
-def average_matrix(kmap: KernelMap, dtype: torch.dtype) -> torch.Tensor:
-    """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached)."""
+def average_matrix(kmap: KernelMap, dtype: torch.dtype):
+    """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached per
+    dtype); None for dtypes the CPU sparse product does not support."""
+    if dtype not in _CSR_DTYPES:
+        return None
     cache = kmap.__dict__.setdefault('_average', {})
     if dtype not in cache:
         order = torch.argsort(kmap.out_rows, stable=True)

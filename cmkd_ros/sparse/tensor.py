@@ -89,11 +89,11 @@ class SparseTensor:
         if kmap.identity >= 0:
             raise SparseError('pooling needs stride > 1 or an even kernel')
         feats = self.features
-        csr_ok = feats.device.type == 'cpu' and feats.dtype in (torch.float32, torch.float64)
-        if kind == 'avg' and csr_ok:
-            # One row-parallel sparse product with weights 1 / (inputs per output).
-            return SparseTensor(average_matrix(kmap, feats.dtype) @ feats,
-                                stride=self.stride * stride, manager=self.manager)
+        average = (average_matrix(kmap, feats.dtype)
+                   if kind == 'avg' and feats.device.type == 'cpu' else None)
+        if average is not None:  # one row-parallel sparse product, weights 1 / count
+            return SparseTensor(average @ feats, stride=self.stride * stride,
+                                manager=self.manager)
         rows = feats.index_select(0, kmap.in_rows)
         index = kmap.out_rows.unsqueeze(1).expand(-1, feats.shape[1])
         out = feats.new_zeros(kmap.num_out, feats.shape[1])
