@@ -83,6 +83,18 @@ def test_augmentation_moves_points_only(pairs):
     assert torch.equal(again['xyz'], aug['xyz'])           # seeded: reproducible
 
 
+def test_horizontal_scaling_packs_points_and_keeps_heights(pairs):
+    from offline_training.datasets import default_point_augment
+    plain = PairDataset(pairs)[1]
+    aug = PairDataset(pairs, augment=default_point_augment((0.5, 0.6)), seed=3)[1]
+    flat = aug['xyz'][:, :2].norm(dim=1) / plain['xyz'][:, :2].norm(dim=1).clamp(min=1e-6)
+    assert 0.5 * 0.95 - 1e-4 < float(flat.min()) and float(flat.max()) < 0.6 * 1.05 + 1e-4
+    off_zero = plain['xyz'][:, 2].abs() > 0.1
+    height = aug['xyz'][off_zero, 2] / plain['xyz'][off_zero, 2]  # isotropic 0.95..1.05 only
+    assert 0.95 - 1e-4 < float(height.min()) and float(height.max()) < 1.05 + 1e-4
+    assert torch.equal(aug['corr_uv'], plain['corr_uv'])
+
+
 def test_camera_subset_and_unknown_camera(pairs):
     s = PairDataset(pairs, cameras=['front_left'])[0]
     assert s['images'].shape[0] == 1 and int(s['corr_camera'].max()) == 0

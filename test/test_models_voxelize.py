@@ -101,3 +101,10 @@ def test_augmentations(scan):
     assert first.shape == xyz.shape and first.dtype == xyz.dtype
     with pytest.raises(ValueError, match='low <= high'):
         RandomScale(1.2, 1.1)
+    # Horizontal only: heights stay, x and y shrink by one common factor.
+    packed = RandomScale(0.5, 0.6, axes=(0, 1))(xyz, rng)
+    np.testing.assert_array_equal(packed[:, 2], xyz[:, 2])
+    factor = np.linalg.norm(packed[:, :2], axis=1) / np.linalg.norm(xyz[:, :2], axis=1)
+    assert 0.5 <= factor.min() and np.ptp(factor) < 1e-5 and factor.max() <= 0.6
+    with pytest.raises(ValueError, match='axes'):
+        RandomScale(axes=(3,))
