@@ -145,9 +145,8 @@ class SegmentNode(Node):
             self.diag.warn('inference_error', f'{type(exc).__name__}: {exc}')
         return None
 
-    def _work(self) -> None:
-        """Single worker: prepare and infer each scan in turn."""
-        self._set_threads(self.params.config.num_threads)
+    def _prepared_scans(self):
+        """Yield ``(job, received, prepare seconds)`` for each scan taken from the input slot."""
         while not self.slot.closed:
             item = self.slot.take(timeout=0.2)
             if item is None:
@@ -156,19 +155,19 @@ class SegmentNode(Node):
             start = time.monotonic()
             job = self._guarded(self._prepare, msg)
             if job is not None:
-                self._finish(job, received, time.monotonic() - start)
+                yield job, received, time.monotonic() - start
+
+    def _work(self) -> None:
+        """Single worker: prepare and infer each scan in turn."""
+        self._set_threads(self.params.config.num_threads)
+        for item in self._prepared_scans():
+            self._finish(*item)
 
     def _prepare_loop(self) -> None:
         """Pipeline stage 1: decode, select points, voxels and kernel maps (one thread)."""
         self._set_threads(1)
-        while not self.slot.closed:
-            item = self.slot.take(timeout=0.2)
-            if item is None:
-                continue
-            msg, received = item
-            start = time.monotonic()
-            job = self._guarded(self._prepare, msg)
-            if job is not None and self.ready.put((job, received, time.monotonic() - start)):
+        for item in self._prepared_scans():
+            if self.ready.put(item):
                 self._count_drop()
 
     def _infer_loop(self) -> None:

@@ -131,21 +131,46 @@ def scatter_matrix(kmap: KernelMap, dtype: torch.dtype):
     On CPU this row-parallel sparse product is several times faster than ``index_add_`` (a
     serial scatter). Cached on the map per dtype; None for dtypes it does not support.
     """
-    if dtype not in _CSR_DTYPES:
-        return None
-    cache = kmap.__dict__.setdefault('_scatter', {})
-    if dtype not in cache:
+    def build():
         out_rows = blocked_pairs(kmap)[1].view(-1)
         real = (out_rows < kmap.num_out).nonzero().squeeze(1)  # padding slots stay out
-        order = real[torch.argsort(out_rows[real], stable=True)]
-        crow = out_rows.new_zeros(kmap.num_out + 1)
-        torch.cumsum(torch.bincount(out_rows[real], minlength=kmap.num_out), 0, out=crow[1:])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter('ignore', UserWarning)
-            cache[dtype] = torch.sparse_csr_tensor(
-                crow, order, torch.ones(order.numel(), dtype=dtype, device=out_rows.device),
-                size=(kmap.num_out, out_rows.numel()), check_invariants=False)
+        return _row_csr(out_rows[real], real, kmap.num_out, out_rows.numel(), dtype)
+    return _cached_csr(kmap, '_scatter', dtype, build)
+
+
+def average_matrix(kmap: KernelMap, dtype: torch.dtype):
+    """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached per
+    dtype); None for dtypes the CPU sparse product does not support."""
+    return _cached_csr(kmap, '_average', dtype, lambda: _row_csr(
+        kmap.out_rows, kmap.in_rows, kmap.num_out, kmap.num_in, dtype, average=True))
+
+
+def _cached_csr(kmap: KernelMap, name: str, dtype: torch.dtype, build):
+    """``build()`` cached on ``kmap`` under ``name`` per dtype; None for unsupported dtypes."""
+    if dtype not in _CSR_DTYPES:
+        return None
+    cache = kmap.__dict__.setdefault(name, {})
+    if dtype not in cache:
+        cache[dtype] = build()
     return cache[dtype]
+
+
+def _row_csr(rows: torch.Tensor, columns: torch.Tensor, num_rows: int, num_columns: int,
+             dtype: torch.dtype, average: bool = False) -> torch.Tensor:
+    """CSR ``(num_rows, num_columns)`` with entry ``(rows[i], columns[i])`` equal to 1, or to
+    1 / (entries in its row) with ``average``."""
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=num_rows)
+    crow = counts.new_zeros(num_rows + 1)
+    torch.cumsum(counts, 0, out=crow[1:])
+    if average:
+        values = 1.0 / counts.clamp(min=1).to(dtype)[rows[order]]
+    else:
+        values = torch.ones(order.numel(), dtype=dtype, device=rows.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter('ignore', UserWarning)
+        return torch.sparse_csr_tensor(crow, columns[order], values,
+                                       size=(num_rows, num_columns), check_invariants=False)
 
 
 def _autocast_dtype(device_type: str):
@@ -194,23 +219,3 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
         return out if bias is None else out + bias
     # Inference: the bias initialises the output buffer (no extra pass).
     return _conv_forward(feats.contiguous(), weight, kmap, bias)
-
-
-def average_matrix(kmap: KernelMap, dtype: torch.dtype):
-    """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached per
-    dtype); None for dtypes the CPU sparse product does not support."""
-    if dtype not in _CSR_DTYPES:
-        return None
-    cache = kmap.__dict__.setdefault('_average', {})
-    if dtype not in cache:
-        order = torch.argsort(kmap.out_rows, stable=True)
-        counts = torch.bincount(kmap.out_rows, minlength=kmap.num_out)
-        crow = counts.new_zeros(kmap.num_out + 1)
-        torch.cumsum(counts, 0, out=crow[1:])
-        values = 1.0 / counts.clamp(min=1).to(dtype)[kmap.out_rows[order]]
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter('ignore', UserWarning)
-            cache[dtype] = torch.sparse_csr_tensor(crow, kmap.in_rows[order], values,
-                                                   size=(kmap.num_out, kmap.num_in),
-                                                   check_invariants=False)
-    return cache[dtype]
