@@ -141,14 +141,20 @@ def build(cls: type, data: Mapping[str, Any] | None = None, where: str = '') -> 
     kwargs = {}
     for name, f in fields.items():
         path = f'{where}.{name}' if where else name
-        if name in data:
-            value = _convert(data[name], hints[name], path)
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
+        if f.default is not dataclasses.MISSING:
+            default = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
+            default = f.default_factory()
+        elif name not in data:
             raise ConfigError(f'{path}: required setting is missing')
+        if name not in data:
+            value = default
+        elif isinstance(data[name], Mapping) and isinstance(default, Mapping):
+            # A mapping setting (e.g. overrides of another config) is merged into its default,
+            # so ``student.da_width=0`` keeps the other default keys.
+            value = _convert(merge(default, data[name]), hints[name], path)
+        else:
+            value = _convert(data[name], hints[name], path)
         _check_bounds(value, f.metadata, path)
         kwargs[name] = value
     obj = cls(**kwargs)

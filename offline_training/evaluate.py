@@ -98,6 +98,41 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     return result
 
 
+@torch.no_grad()
+def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: Sequence[str],
+                            device: str | torch.device = 'cpu',
+                            max_scans: int | None = None) -> dict:
+    """mIoU of the 2D teacher's labels carried to the LiDAR points by the correspondences.
+
+    Each point some camera sees gets the class of the mean teacher softmax at its pixels (the
+    target FSKD distils); the result (``seen`` group, :meth:`ConfusionMatrix.summary`) is what a
+    zero-shot student could reach on those points by copying its teacher, no more.
+    ``dataset``: a :class:`ScanDataset` with images and correspondences.
+    """
+    from offline_training.datasets import SparseCollate
+    from offline_training.losses import sample_image_features
+    num_classes = len(class_names)
+    device = torch.device(device)
+    collate = SparseCollate(1.0)  # the voxels are not used
+    matrix = ConfusionMatrix(num_classes)
+    count = len(dataset) if max_scans is None else min(len(dataset), max_scans)
+    for index in range(count):
+        batch = collate([dataset[index]])
+        images = batch['images'].to(device)
+        feats = sample_image_features(teacher.features(images.float() / 255.0),
+                                      batch['corr_image'].to(device),
+                                      batch['corr_uv'].to(device), tuple(images.shape[-2:]))
+        logits = teacher.classifier(feats[:, :, None, None])[:, :, 0, 0]
+        if logits.shape[1] != num_classes:
+            raise ValueError(f'the teacher has {logits.shape[1]} classes, class_names '
+                             f'{num_classes}')
+        votes = torch.zeros(batch['labels'].shape[0], num_classes, device=device)
+        votes.index_add_(0, batch['corr_point'].to(device), logits.float().softmax(1))
+        seen = batch['visible_any']
+        matrix.update(batch['labels'][seen], votes.argmax(1).cpu()[seen])
+    return {'seen': matrix.summary(class_names), 'num_scans': count}
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots (matplotlib's Agg canvas directly: no global backend change)
 

@@ -5,7 +5,7 @@
 1. render training scenes and held-out test scenes (different world seeds: different streets);
 2. train the 2D teacher on the training images; score it on the test images (2D mIoU);
 3. train students on the training scans and score them on the test scans (3D mIoU, all points
-   and points no camera sees):
+   and points no camera sees), ``repeats`` times with consecutive seeds:
    - ``fskd``: FSKD zero-shot (no 3D labels; shared frozen teacher classifier);
    - ``udakd_finetune``: UDAKD pre-training, then fine-tuning on ``label_fraction`` of the
      labeled scans;
@@ -40,7 +40,9 @@ class ExperimentsConfig:
     """Budget and settings of the synthetic experiments (defaults: about 30 min on 2 cores)."""
 
     out_dir: str = setting('runs/experiments', 'output folder (data, runs, results.md)')
-    seed: int = setting(0, 'training seed of every run', ge=0)
+    seed: int = setting(0, 'training seed of the teacher and of every student run', ge=0)
+    repeats: int = setting(1, 'train every student run this many times, seeds seed, seed+1, ...;'
+                           ' the table gives mean and standard deviation', ge=1)
     train_worlds: tuple[int, ...] = setting((1, 2, 3, 4), 'world seeds of the training streets')
     test_worlds: tuple[int, ...] = setting((101, 102), 'world seeds of the held-out streets')
     frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
@@ -75,6 +77,8 @@ class ExperimentsConfig:
         help='StudentConfig overrides (same network for every run)')
     data: dict[str, Any] = setting(default_factory=dict,
                                    help='extra data keys of every student run (TrainConfig.data)')
+    loss: dict[str, Any] = setting(default_factory=dict,
+                                   help='loss keys of the distillation runs (TrainConfig.loss)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
 
 
@@ -115,6 +119,7 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
               'optim': {'lr': cfg.lr, 'warmup_steps': 20},
               'student': dict(cfg.student)}
     distill = {**common, 'steps': cfg.student_steps, 'teacher': {'checkpoint': teacher},
+               'loss': dict(cfg.loss),
                'share_teacher_classifier': True, 'freeze_classifier': True}
     few = {'data': {'label_fraction': cfg.label_fraction, 'label_unit': 'scans'},
            'steps': cfg.finetune_steps, 'share_teacher_classifier': False,
@@ -191,13 +196,21 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
         'seed': cfg.seed, 'steps': cfg.teacher_steps, 'batch_size': cfg.teacher_batch_size,
         'lr': cfg.teacher_lr, 'model': dict(cfg.teacher_model), 'device': 'cpu',
         'threads': cfg.threads, 'progress': False, 'options': dict(cfg.teacher_options)})}
-    for name in dict.fromkeys(wanted):
-        method, values = specs[name]
-        needs = ('teacher',) if method in ('fskd', 'udakd') else ()
-        if str(values.get('init_from', '')).startswith('@'):
-            needs = needs + (values['init_from'][1:],)
-        jobs[name] = (needs, _student_job, {**values, 'method': method, 'device': 'cpu',
-                                            'out_dir': os.path.join(root, 'runs', name)})
+    seeds = {}  # job name -> (run name, seed); the first seed keeps the plain run name
+    for repeat in range(cfg.repeats):
+        seed = cfg.seed + repeat
+        suffix = f'_seed{seed}' if repeat else ''
+        for name in dict.fromkeys(wanted):
+            method, values = specs[name]
+            values = {**values, 'seed': seed}
+            needs = ('teacher',) if method in ('fskd', 'udakd') else ()
+            if str(values.get('init_from', '')).startswith('@'):
+                values['init_from'] += suffix
+                needs = needs + (values['init_from'][1:],)
+            seeds[name + suffix] = (name, seed)
+            jobs[name + suffix] = (needs, _student_job, {
+                **values, 'method': method, 'device': 'cpu',
+                'out_dir': os.path.join(root, 'runs', name + suffix)})
     # 3. Run them as their inputs become ready.
     results: dict[str, dict] = {}
     context = multiprocessing.get_context('spawn')
@@ -225,13 +238,21 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
                 timings[name] = time.monotonic() - start
                 print(f'[experiments] {name} done after {timings[name]:.0f} s '
                       f'({results[name].get("seconds", 0):.0f} s of training)', flush=True)
-    teacher_summary = results.pop('teacher')
+    teacher_summary = dict(results.pop('teacher'))
+    teacher_summary['transfer'] = _label_transfer(teacher_path, test_dir, cfg.threads)
     # CPU seconds of this process and its finished workers: the budget on a shared machine.
     usage = [resource.getrusage(resource.RUSAGE_SELF),
              resource.getrusage(resource.RUSAGE_CHILDREN)]
-    summary = {'config': to_dict(cfg), 'teacher': teacher_summary,
-               'students': {k: {'method': jobs[k][2]['method'], 'eval': v.get('eval'),
-                                'seconds': v.get('seconds')} for k, v in results.items()},
+    students: dict[str, dict] = {}
+    for job, result in results.items():  # the first seed's result; every seed's under 'seeds'
+        name, seed = seeds[job]
+        entry = students.setdefault(name, {'method': jobs[job][2]['method'], 'seconds': 0.0,
+                                           'seeds': {}})
+        entry['seeds'][seed] = result.get('eval')
+        entry['seconds'] += result.get('seconds') or 0.0
+        if job == name:
+            entry['eval'] = result.get('eval')
+    summary = {'config': to_dict(cfg), 'teacher': teacher_summary, 'students': students,
                'done_after_s': timings, 'total_s': time.monotonic() - start,
                'cpu_s': sum(u.ru_utime + u.ru_stime for u in usage)}
     with open(os.path.join(root, 'results.json'), 'w', encoding='utf-8') as fh:
@@ -243,6 +264,26 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
     return summary
 
 
+def _label_transfer(teacher_path: str, test_dir: str, threads: int) -> dict:
+    """The teacher's labels carried to the test points (cached in ``teacher/transfer.json``)."""
+    path = os.path.join(os.path.dirname(teacher_path), 'transfer.json')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as fh:
+            return json.load(fh)
+    import torch
+    from cmkd_ros.models.teacher import load_teacher
+    from offline_training.datasets import PairDataset
+    from offline_training.evaluate import evaluate_label_transfer
+    torch.set_num_threads(threads)
+    teacher = load_teacher(teacher_path)
+    result = evaluate_label_transfer(teacher, PairDataset(test_dir, label_images=False),
+                                     class_names=teacher.class_map.names)
+    with open(path + '.tmp', 'w', encoding='utf-8') as fh:
+        json.dump(result, fh, indent=2, default=float)
+    os.replace(path + '.tmp', path)
+    return result
+
+
 def _cached(folder: str, make) -> dict:
     """``folder/summary.json`` when a finished stage left one, else run ``make()``."""
     path = os.path.join(folder, 'summary.json')
@@ -250,6 +291,22 @@ def _cached(folder: str, make) -> dict:
         with open(path, encoding='utf-8') as fh:
             return json.load(fh)
     return make()
+
+
+def _seed_mious(student: dict, group: str) -> list[float]:
+    """The student's mIoU for ``group`` of every seed (one value for a single-seed summary)."""
+    evals = list((student.get('seeds') or {}).values()) or [student.get('eval')]
+    return [v for v in (_miou(e, group) for e in evals) if v is not None]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than 2 values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def _miou(result: dict | None, group: str | None = None) -> float | None:
@@ -263,13 +320,19 @@ def _miou(result: dict | None, group: str | None = None) -> float | None:
 
 
 def results_table(summary: dict) -> str:
-    """Markdown table of the experiments (mIoU in %, ratio to the supervised upper bound)."""
-    rows = ['| model | 3D labels used | mIoU all points | mIoU unseen points | '
-            '% of supervised |', '|---|---|---|---|---|']
+    """Markdown table of the experiments (mIoU in %, ratio to the supervised upper bound).
+
+    With several seeds a cell is ``mean ± std`` over the seeds and the ratio is of the means.
+    """
+    rows = ['| model | 3D labels used | mIoU all points | mIoU seen points | '
+            'mIoU unseen points | % of supervised |', '|---|---|---|---|---|---|']
     teacher = summary['teacher'].get('eval', {})
-    rows.append(f'| teacher (2D, test images) | - | {_pct(_miou(teacher))} | - | - |')
+    rows.append(f'| teacher (2D, test images) | - | {_pct(_miou(teacher))} | - | - | - |')
+    transfer = _miou(summary['teacher'].get('transfer'), 'seen')
+    rows.append(f'| teacher labels carried to the seen points | - | - | {_pct(transfer)} | - | '
+                '- |')
     students = summary['students']
-    upper = _miou(students.get('supervised', {}).get('eval'), 'all')
+    upper = _mean_std(_seed_mious(students.get('supervised', {}), 'all'))[0]
     labels = {'fskd': 'none (zero-shot)', 'udakd': 'none (zero-shot)',
               'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot',
               'supervised': 'all', 'fskd_no_da': 'none (zero-shot)',
@@ -281,17 +344,19 @@ def results_table(summary: dict) -> str:
     order = ('fskd', 'udakd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
              'fskd_no_occlusion')
     for key in sorted(students, key=lambda k: order.index(k) if k in order else len(order)):
-        value = students[key]
-        miou = _miou(value['eval'], 'all')
-        unseen = _miou(value['eval'], 'unseen')
+        miou = _mean_std(_seed_mious(students[key], 'all'))[0]
+        cells = [_pct(*_mean_std(_seed_mious(students[key], group)))
+                 for group in ('all', 'seen', 'unseen')]
         ratio = '-' if upper in (None, 0) or miou is None else f'{100 * miou / upper:.0f}%'
-        rows.append(f'| {names.get(key, key)} | {labels.get(key, "?")} | {_pct(miou)} | '
-                    f'{_pct(unseen)} | {ratio} |')
+        rows.append(f'| {names.get(key, key)} | {labels.get(key, "?")} | '
+                    f'{" | ".join(cells)} | {ratio} |')
     return '\n'.join(rows) + '\n'
 
 
-def _pct(value: float | None) -> str:
-    return '-' if value is None else f'{100 * value:.1f}'
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return '-'
+    return f'{100 * value:.1f}' + ('' if std is None else f' ± {100 * std:.1f}')
 
 
 def main(argv: list[str] | None = None) -> int:

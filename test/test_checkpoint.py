@@ -157,3 +157,26 @@ def test_preset_checkpoints_store_their_resolved_widths(tmp_path, monkeypatch):
     assert loaded.backbone.stem_kernel == preset.stem_kernel
     for key, value in student.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_checkpoints_from_before_da_mix_and_residual_load_as_the_first_da_module(tmp_path):
+    """Files saved before ``da_mix`` and ``da_residual`` existed have no such keys: they hold the
+    channel-halves DA module without shortcut and must load as one."""
+    student = build_student(build(StudentConfig, {**CONFIG, 'da_mix': False,
+                                                  'da_residual': False}))
+    path = tmp_path / 'old.pt'
+    save_checkpoint(path, student, class_names=NAMES, class_colors=COLORS)
+    payload = torch.load(path, weights_only=True)
+    del payload['config']['da_mix'], payload['config']['da_residual']
+    torch.save(payload, path)
+    loaded, info = load_checkpoint(path)
+    assert info['config'].da_mix is False and info['config'].da_residual is False
+    xyz, intensity = random_scan(1)
+    student.eval()
+    assert torch.equal(loaded.predict(xyz, intensity)[0], student.predict(xyz, intensity)[0])
+    # A current file keeps its setting.
+    mixed = tmp_path / 'new.pt'
+    save_checkpoint(mixed, build_student(build(StudentConfig, CONFIG)), class_names=NAMES,
+                    class_colors=COLORS)
+    config = load_checkpoint(mixed)[1]['config']
+    assert config.da_mix is True and config.da_residual is True

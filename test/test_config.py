@@ -1,6 +1,6 @@
 """The shared config schema: defaults, YAML + overrides, and errors that name the field."""
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -20,6 +20,8 @@ class Outer:
     steps: int = setting(10, 'optimizer steps', ge=1)
     inner: Inner = setting(default_factory=Inner, help='nested section')
     path: str | None = setting(None, 'optional path')
+    extra: dict[str, Any] = setting(default_factory=lambda: {'arch': 'small', 'width': 32},
+                                    help='overrides of another config')
 
 
 def test_defaults_round_trip_through_to_dict():
@@ -54,6 +56,16 @@ def test_yaml_then_cli_overrides(tmp_path):
     (tmp_path / 'bad.yaml').write_text('- a list\n')
     with pytest.raises(ConfigError, match='mapping'):
         load(Outer, str(tmp_path / 'bad.yaml'))
+
+
+def test_mapping_settings_merge_into_their_defaults(tmp_path):
+    """``extra.width=0`` changes one key and keeps the other defaults (it once replaced the
+    whole mapping, silently training another network)."""
+    assert load(Outer, None, ['extra.width=0']).extra == {'arch': 'small', 'width': 0}
+    path = tmp_path / 'c.yaml'
+    path.write_text('extra:\n  depth: 3\n')
+    assert load(Outer, str(path)).extra == {'arch': 'small', 'width': 32, 'depth': 3}
+    assert build(Outer).extra == {'arch': 'small', 'width': 32}
 
 
 def test_describe_lists_nested_fields_with_help():

@@ -12,7 +12,7 @@ from cmkd_ros.metrics import mean_iou
 from cmkd_ros.models.checkpoint import save_checkpoint
 from cmkd_ros.models.student import StudentConfig, build_student
 from offline_training.datasets import PairDataset
-from offline_training.evaluate import evaluate_student
+from offline_training.evaluate import evaluate_label_transfer, evaluate_student
 
 TINY_STUDENT = {'arch': 'small', 'widths': (8, 8, 8, 8, 8, 8, 8, 8, 8), 'feature_dim': 8,
                 'num_classes': 12, 'voxel_size': 0.25, 'da_layers': 1, 'backend': 'torch'}
@@ -53,6 +53,27 @@ def test_constant_prediction_gives_hand_computed_figures(pairs):
     assert result['all']['count'] == result['seen']['count'] + result['unseen']['count']
     assert 0 < result['unseen_fraction'] < 1
     assert result['num_scans'] == 2 and result['num_points'] == len(labels)
+
+
+def test_label_transfer_scores_the_seen_points_with_the_teacher_labels(pairs):
+    """A teacher that says 'car' at every pixel labels every seen point 'car': the same figures
+    as a student predicting 'car', on the seen points only."""
+    from cmkd_ros.models.teacher import build_teacher
+    teacher = build_teacher({'arch': 'small', 'width': 8, 'feature_dim': 8, 'num_classes': 12})
+    car = SYNTHETIC.index('car')
+    with torch.no_grad():
+        teacher.classifier.weight.zero_()
+        teacher.classifier.bias.fill_(-10.0)
+        teacher.classifier.bias[car] = 10.0
+    dataset = PairDataset(pairs)
+    transfer = evaluate_label_transfer(teacher.eval(), dataset, class_names=SYNTHETIC.names)
+    student = evaluate_student(constant_student(car), dataset, class_names=SYNTHETIC.names)
+    assert transfer['num_scans'] == 2
+    assert transfer['seen']['count'] == student['seen']['count'] > 0
+    assert transfer['seen']['miou'] == pytest.approx(student['seen']['miou'])
+    assert transfer['seen']['iou'] == pytest.approx(student['seen']['iou'])
+    with pytest.raises(ValueError, match='classes'):
+        evaluate_label_transfer(teacher, dataset, class_names=SYNTHETIC.names[:5])
 
 
 def test_cli_end_to_end(pairs, tmp_path, capsys):

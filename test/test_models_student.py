@@ -165,8 +165,9 @@ def _dense_reference_sc(layer, coords, feats):
 
     def conv(module, d, m):
         conv3d = module[0] if isinstance(module, torch.nn.Sequential) else module
-        w = conv3d.weight.reshape(3, 3, 3, conv3d.in_channels, conv3d.out_channels)
-        out = F.conv3d(d, w.permute(4, 3, 0, 1, 2), padding=1)
+        k = conv3d.kernel_size
+        w = conv3d.weight.reshape(k, k, k, conv3d.in_channels, conv3d.out_channels)
+        out = F.conv3d(d, w.permute(4, 3, 0, 1, 2), padding=k // 2)
         if conv3d.bias is not None:
             out = out + conv3d.bias.view(1, -1, 1, 1, 1)
         if isinstance(module, torch.nn.Sequential):
@@ -174,9 +175,14 @@ def _dense_reference_sc(layer, coords, feats):
             shape = (1, -1, 1, 1, 1)
             out = ((out - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape)
                    + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape))
+            if len(module) > 2:
+                out = out.relu()
         return out * m
 
-    x1, x2 = grid[:, :layer.split], grid[:, layer.split:]
+    if layer.mix is not None:  # branch inputs: 1x1x1 conv + BN + ReLU of every channel
+        x1, x2 = conv(layer.mix[0], grid, mask), conv(layer.mix[1], grid, mask)
+    else:                      # channel halves
+        x1, x2 = grid[:, :layer.split], grid[:, layer.split:]
     coarse_mask = F.max_pool3d(mask, 2)
     pooled = F.avg_pool3d(x1, 2) / F.avg_pool3d(mask, 2).clamp(min=1e-9)
     context = conv(layer.coarse, pooled, coarse_mask)
@@ -188,12 +194,13 @@ def _dense_reference_sc(layer, coords, feats):
 
 
 @pytest.mark.parametrize('final', [False, True])
-def test_self_calibrated_conv_matches_dense_reference(final):
+@pytest.mark.parametrize('mix', [True, False])
+def test_self_calibrated_conv_matches_dense_reference(final, mix):
     gen = torch.Generator().manual_seed(3)
     coords = (torch.rand(8, 8, 8, generator=gen) < 0.3).nonzero().to(torch.int32)
     coords = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32), coords], 1)
     feats = torch.randn(coords.shape[0], 6, generator=gen, dtype=torch.float64)
-    layer = SelfCalibratedConv(6, 5, final=final).double().eval()
+    layer = SelfCalibratedConv(6, 5, final=final, mix=mix).double().eval()
     for bn in [m for m in layer.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
         bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
         bn.running_var.uniform_(0.5, 2.0, generator=gen)
@@ -216,6 +223,47 @@ def test_da_module_maps_to_teacher_dimension_and_trains():
     assert out.shape == (coords.shape[0], 16)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in da.parameters())
+
+
+def test_residual_da_module_adds_a_linear_projection(scan):
+    """With ``da_residual`` the pseudo-2D features are DA(x) + W x + b: silencing the DA
+    module's last layer leaves exactly the linear projection of the backbone features."""
+    student = make_student(da_residual=True).eval()
+    coords, feats, _ = voxel_input(scan)
+    last = student.projection.layers[-1]
+    with torch.no_grad():
+        for conv in (last.plain, last.project):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        out = student(coords, feats)
+    expected = student.shortcut(out['backbone'])
+    assert torch.allclose(out['pseudo2d'], expected, atol=1e-6)
+    assert not make_student(da_residual=False).state_dict().keys() & {'shortcut.weight'}
+
+
+@pytest.mark.parametrize('mix', [True, False])
+def test_da_output_channels_depend_on_which_input_channels(mix):
+    """With mixing every pseudo-2D channel sees every student channel; with channel halves the
+    module is two separate towers (the first half of the outputs never sees the second half of
+    the inputs), the reason mixing is the default."""
+    gen = torch.Generator().manual_seed(5)
+    coords = (torch.rand(8, 8, 8, generator=gen) < 0.3).nonzero().to(torch.int32)
+    coords = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32), coords], 1)
+    feats = torch.randn(coords.shape[0], 8, generator=gen, dtype=torch.float64,
+                        requires_grad=True)
+    da = DAModule(8, 16, hidden=8, mix=mix).double()
+    out = da(SparseTensor(feats, coords)).features
+    # d(sum of output half a) / d(input half b) for all four (a, b) pairs
+    reach = torch.zeros(2, 2)
+    for a in range(2):
+        grad, = torch.autograd.grad(out[:, a * 8:(a + 1) * 8].sum(), feats, retain_graph=True)
+        for b in range(2):
+            reach[a, b] = grad[:, b * 4:(b + 1) * 4].abs().sum()
+    if mix:
+        assert bool((reach > 0).all())
+    else:
+        assert reach[0, 1] == 0 and reach[1, 0] == 0
+        assert reach[0, 0] > 0 and reach[1, 1] > 0
 
 
 def test_mixed_precision_autocast_trains(scan):

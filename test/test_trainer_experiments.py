@@ -21,6 +21,7 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
         assert 0.0 <= run['eval']['all']['miou'] <= 1.0, name
         assert run['eval']['num_scans'] == 3
     assert 0.0 <= summary['teacher']['eval']['miou'] <= 1.0
+    assert 0.0 <= summary['teacher']['transfer']['seen']['miou'] <= 1.0
     # The ablations change exactly what they claim to change.
     from cmkd_ros.models.checkpoint import load_checkpoint
     _, no_da = load_checkpoint(tmp_path / 'runs' / 'fskd_no_da' / 'student.pt')
@@ -35,9 +36,28 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
     assert info['extra']['train_config']['init_from'].endswith('udakd/student.pt')
     table = (tmp_path / 'results.md').read_text()
     assert table == results_table(summary)
-    assert table.count('\n') == 2 + 1 + len(RUNS) + 1
+    assert table.count('\n') == 2 + 2 + len(RUNS) + 1
     # Everything is cached: a second call only reads the summaries.
     begin = time.monotonic()
     again = run_experiments(config)
     assert time.monotonic() - begin < 10
     assert again['students']['fskd']['eval'] == summary['students']['fskd']['eval']
+
+
+def test_repeats_train_every_run_per_seed_and_report_mean_and_std(tmp_path):
+    config = build(ExperimentsConfig, {**TINY, 'out_dir': str(tmp_path), 'repeats': 2, 'seed': 3,
+                                       'runs': ['udakd_finetune', 'supervised']})
+    summary = run_experiments(config)
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    for name in ('udakd', 'udakd_finetune', 'supervised'):
+        assert sorted(summary['students'][name]['seeds']) == [3, 4]
+        for seed, folder in ((3, name), (4, f'{name}_seed4')):
+            _, info = load_checkpoint(tmp_path / 'runs' / folder / 'student.pt')
+            assert info['extra']['train_config']['seed'] == seed
+    # Each seed's fine-tuning starts from the UDAKD student of the same seed.
+    _, info = load_checkpoint(tmp_path / 'runs' / 'udakd_finetune_seed4' / 'student.pt')
+    assert info['extra']['train_config']['init_from'].endswith('udakd_seed4/student.pt')
+    mious = [e['all']['miou'] for e in summary['students']['supervised']['seeds'].values()]
+    mean = 100 * sum(mious) / 2
+    row = next(r for r in results_table(summary).splitlines() if r.startswith('| supervised'))
+    assert f'{mean:.1f} ± ' in row and '| 100% |' in row

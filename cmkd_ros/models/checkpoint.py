@@ -105,6 +105,9 @@ def load_checkpoint(path, map_location='cpu', backend: str = 'auto') -> tuple[St
     try:
         config_data = dict(payload['config'])
         config_data['backend'] = backend
+        # Files from before these keys hold the first DA module: channel halves, no shortcut.
+        config_data.setdefault('da_mix', False)
+        config_data.setdefault('da_residual', False)
         config = build(StudentConfig, config_data)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f'{path}: invalid student config: {exc}') from None

@@ -47,6 +47,12 @@ class StudentConfig:
     da_layers: int = setting(3, 'self-calibrated convolution layers in the DA module', ge=1)
     da_width: int = setting(0, 'width between the DA layers; 0 = feature_dim (narrower is '
                             'faster)', ge=0)
+    da_mix: bool = setting(True, 'DA layers feed both branches from 1x1x1 convolutions of all '
+                           'channels (false: channel halves, two separate towers; checkpoints '
+                           'without this key)')
+    da_residual: bool = setting(True, 'add a linear projection of the backbone features to the '
+                                'DA output, so the DA module learns a residual (false: the DA '
+                                'module alone; checkpoints without this key)')
     backend: str = setting('auto', 'sparse convolution backend: torch, minkowski, or auto '
                            '(MinkowskiEngine on CUDA when it imports, else torch)',
                            choices=BACKENDS)
@@ -102,7 +108,9 @@ class Student(nn.Module):
         width = self.backbone.out_channels
         if config.use_da:
             self.projection = DAModule(width, config.feature_dim, config.da_layers,
-                                       hidden=config.da_width)
+                                       hidden=config.da_width, mix=config.da_mix)
+            if config.da_residual:
+                self.shortcut = nn.Linear(width, config.feature_dim)
         else:
             self.projection = nn.Linear(width, config.feature_dim)
         self.classifier = nn.Linear(config.feature_dim, config.num_classes)
@@ -149,6 +157,8 @@ class Student(nn.Module):
         backbone = in_input_order(x)
         if self.config.use_da:
             pseudo2d = in_input_order(self.projection(x))
+            if self.config.da_residual:
+                pseudo2d = pseudo2d + self.shortcut(backbone)
         else:
             pseudo2d = self.projection(backbone)
         if backend == 'torch':  # what prepare() builds ahead for the next scan
