@@ -37,7 +37,7 @@ RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da'
 
 @dataclass(frozen=True)
 class ExperimentsConfig:
-    """Budget and settings of the synthetic experiments (defaults: about 30 min on 2 cores)."""
+    """Budget and settings of the synthetic experiments (defaults: about 20 min on 2 cores)."""
 
     out_dir: str = setting('runs/experiments', 'output folder (data, runs, results.md)')
     seed: int = setting(0, 'training seed of the teacher and of every student run', ge=0)
@@ -53,7 +53,7 @@ class ExperimentsConfig:
         help='SimConfig overrides (cmkd_ros.sim.config) shared by train and test worlds')
     threads: int = setting(1, 'torch intra-op threads per training process', ge=1)
     parallel: int = setting(2, 'trainings run at the same time (one process each)', ge=1)
-    teacher_steps: int = setting(800, 'teacher optimizer steps', ge=1)
+    teacher_steps: int = setting(2000, 'teacher optimizer steps', ge=1)
     teacher_batch_size: int = setting(4, 'teacher images per step', ge=1)
     teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
     teacher_model: dict[str, Any] = setting(
@@ -63,7 +63,7 @@ class ExperimentsConfig:
     teacher_options: dict[str, Any] = setting(
         default_factory=lambda: {'crop_size': [128, 224], 'class_weighting': 'inverse_sqrt'},
         help='extra train_teacher keyword arguments (augmentation)')
-    student_steps: int = setting(1000, 'optimizer steps of fskd, udakd and supervised', ge=1)
+    student_steps: int = setting(2000, 'optimizer steps of fskd, udakd and supervised', ge=1)
     finetune_steps: int = setting(300, 'optimizer steps of the few-shot fine-tuning', ge=1)
     label_fraction: float = setting(0.1, 'fraction of labeled training scans for few-shot',
                                     gt=0, le=1)
