@@ -141,6 +141,7 @@ def build(cls: type, data: Mapping[str, Any] | None = None, where: str = '') -> 
     kwargs = {}
     for name, f in fields.items():
         path = f'{where}.{name}' if where else name
+        default: Any = None
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -68,6 +68,18 @@ def test_mapping_settings_merge_into_their_defaults(tmp_path):
     assert build(Outer).extra == {'arch': 'small', 'width': 32}
 
 
+@dataclass(frozen=True)
+class Required:
+    path: str = setting(help='no default')
+    count: int = setting(1, 'with a default')
+
+
+def test_required_settings():
+    assert build(Required, {'path': 'a'}).path == 'a'
+    with pytest.raises(ConfigError, match='path: required'):
+        build(Required, {'count': 2})
+
+
 def test_describe_lists_nested_fields_with_help():
     rows = {name: (tp, default, text) for name, tp, default, text in describe(Outer)}
     assert rows['inner.size'] == ('float', 0.1, 'voxel size in metres')
