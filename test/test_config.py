@@ -70,13 +70,13 @@ def test_mapping_settings_merge_into_their_defaults(tmp_path):
 
 @dataclass(frozen=True)
 class Required:
-    path: str = setting(help='no default')
+    options: dict[str, Any] = setting(help='a mapping without default')
     count: int = setting(1, 'with a default')
 
 
 def test_required_settings():
-    assert build(Required, {'path': 'a'}).path == 'a'
-    with pytest.raises(ConfigError, match='path: required'):
+    assert build(Required, {'options': {'a': 1}}).options == {'a': 1}
+    with pytest.raises(ConfigError, match='options: required'):
         build(Required, {'count': 2})
 
 
