@@ -69,7 +69,7 @@ class ExperimentsConfig:
                                     gt=0, le=1)
     batch_size: int = setting(1, 'scans per step', ge=1)
     voxel_size: float = setting(0.2, 'student voxel size, metres', gt=0)
-    lr: float = setting(2e-3, 'student learning rate (the few-shot fine-tuning uses half)',
+    lr: float = setting(4e-3, 'student learning rate (the few-shot fine-tuning uses half)',
                         gt=0)
     student: dict[str, Any] = setting(
         default_factory=lambda: {'arch': 'small', 'da_width': 32,

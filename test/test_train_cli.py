@@ -27,7 +27,7 @@ def test_print_config_applies_defaults_yaml_then_cli(capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved['method'] == 'fskd'
     assert resolved['steps'] == 7                        # CLI over YAML (2000)
-    assert resolved['optim']['lr'] == 0.002              # YAML over the default (0.001)
+    assert resolved['optim']['lr'] == 0.004              # YAML over the default (0.001)
     assert resolved['loss']['infonce_samples'] == 4096   # default
     assert resolved['loss']['kl_temperature'] == 2.0
     assert resolved['data']['train'] == 'somewhere'
