@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_segment_node import (DATA, Client, bench_env, nuscenes_scan, paced,  # noqa: E402
-                                percentiles, start_node, stop_node, wait_until)
+from bench_segment_node import (DATA, BackgroundNode, bench_env, nuscenes_scan,  # noqa: E402
+                                paced, percentiles, start_node, stop_node, wait_until)
 
 
 def library_reference(scan, rig, jpegs, out_dir: str, repeats: int) -> list[float]:
@@ -90,7 +90,7 @@ def main() -> int:
         {'~/input/pointcloud': '/bench/points'}, env, log_path)
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
-    client = Client('bench_collect')
+    client = BackgroundNode('bench_collect')
     t = rclpy_types()
     qos = qos_profile_sensor_data
     pub_cloud = client.node.create_publisher(PointCloud2, '/bench/points', qos)

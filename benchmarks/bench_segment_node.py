@@ -33,6 +33,8 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')        # as the nodes do, be
 sys.path.insert(0, str(ROOT))                                    # run from a checkout
 DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
 
+from cmkd_ros.background_node import BackgroundNode  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -74,33 +76,6 @@ def start_node(module: str, params: dict, remaps: dict, env: dict, log_path: str
 def stop_node(proc) -> None:
     from cmkd_ros.evaluate_bag import stop_process
     stop_process(proc, timeout=10.0)
-
-
-class Client:
-    """An rclpy node in its own context, spun in a background thread."""
-
-    def __init__(self, name: str):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        while not self._stop.is_set():
-            self.executor.spin_once(timeout_sec=0.05)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.executor.shutdown(timeout_sec=1)
-        self.node.destroy_node()
-        self.context.try_shutdown()
 
 
 def wait_until(predicate, timeout: float, what: str, proc=None) -> None:
@@ -234,7 +209,7 @@ def main() -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
     from std_msgs.msg import Float64
-    client = Client('bench_segment')
+    client = BackgroundNode('bench_segment')
     published: dict[int, float] = {}
     received: dict[int, float] = {}
     processing: list[float] = []

@@ -208,11 +208,11 @@ def score(collector: _Collector, labels: dict[int, np.ndarray], class_names: lis
 
 def evaluate_bag(args: argparse.Namespace) -> dict:
     """Run the segment node over ``args.bag`` and return the report (see module docstring)."""
-    import rclpy
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
     from std_msgs.msg import Float64
 
+    from cmkd_ros.background_node import BackgroundNode
     from cmkd_ros.models.checkpoint import load_checkpoint
     from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
     from cmkd_ros.replay import Replayer
@@ -225,26 +225,14 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
     log = open(args.log, 'wb') if args.log else tempfile.TemporaryFile()
     proc = subprocess.Popen(_node_command(args), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node('cmkd_evaluate_bag', context=context)
-    from rclpy.executors import SingleThreadedExecutor
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.05)
-
-    spinner = threading.Thread(target=spin, daemon=True)
+    client = BackgroundNode('cmkd_evaluate_bag')
+    node = client.node
     collector = _Collector()
     try:
         node.create_subscription(PointCloud2, OUTPUT_TOPIC, collector.on_output,
                                  qos_profile_sensor_data)
         node.create_subscription(Float64, f'/{NODE_NAME}/debug/processing_time_ms',
                                  collector.on_processing, 100)
-        spinner.start()
         replayer = Replayer(node, args.bag, [args.points_topic], rate=args.rate,
                             on_publish=collector.on_publish)
         try:
@@ -273,13 +261,8 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
                     break
             time.sleep(0.05)
     finally:
-        stop.set()
-        if spinner.is_alive():
-            spinner.join(timeout=2)
         stop_process(proc)
-        executor.shutdown(timeout_sec=1)
-        node.destroy_node()
-        context.try_shutdown()
+        client.close()
     report = score(collector, labels, class_names)
     report.update(bag=os.path.abspath(args.bag), checkpoint=os.path.abspath(args.checkpoint),
                   device=args.device, rate=args.rate, class_names=class_names,

@@ -13,9 +13,10 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Iterator
+
+from cmkd_ros.background_node import BackgroundNode
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROFILE = REPO / 'config' / 'fastdds_shm.xml'
@@ -156,28 +157,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
-class RosClient:
-    """An rclpy node in its own context on ``domain_id``, spun by a background thread."""
+class RosClient(BackgroundNode):
+    """A :class:`BackgroundNode` on ``domain_id`` with this process's test environment."""
 
     def __init__(self, domain_id: int, name: str = 'test_client'):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         setup_test_process_env()
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        while not self._stop.is_set() and self.context.ok():
-            try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception:  # context shut down underneath
-                break
+        super().__init__(name, domain_id)
 
     def collect(self, msg_type: Any, topic: str, qos: Any = None) -> list:
         """Subscribe ``topic``; returns the list the received messages are appended to."""
@@ -187,19 +172,6 @@ class RosClient:
                                       lambda m: received.append((time.monotonic(), m)),
                                       qos or qos_profile_sensor_data)
         return received
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.executor.shutdown(timeout_sec=1)
-        self.node.destroy_node()
-        self.context.try_shutdown()
-
-    def __enter__(self) -> 'RosClient':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def write_cloud_bag(path: pathlib.Path, storage: str = 'mcap', frames: int = 10,
