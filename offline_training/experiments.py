@@ -37,7 +37,7 @@ RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da'
 
 @dataclass(frozen=True)
 class ExperimentsConfig:
-    """Budget and settings of the synthetic experiments (defaults: about 20 min on 2 cores)."""
+    """Budget and settings of the synthetic experiments (defaults: about 25 min on 2 cores)."""
 
     out_dir: str = setting('runs/experiments', 'output folder (data, runs, results.md)')
     seed: int = setting(0, 'training seed of the teacher and of every student run', ge=0)
