@@ -91,7 +91,8 @@ def main(argv=None) -> int:
           f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s')
 
     header = (f'{"student":<14}{"backend":<11}{"voxels":>8}{"median ms":>11}{"min ms":>9}'
-              f'{"cpu ms":>9}{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}{"ours/ME":>9}')
+              f'{"cpu ms":>9}{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}'
+              f'{"predict ms":>11}{"ours/ME":>11}')
     print(header)
     print('-' * len(header))
     names = [s for s in args.students.split(',') if s]
@@ -154,6 +155,18 @@ def main(argv=None) -> int:
                     sync()
                     times[backend].append(time.perf_counter() - t)
                     cpu_times[backend].append(time.process_time() - c)
+        # 4. What a node pays per scan: voxelize on the CPU, copy, forward, labels per point.
+        predict_ms = ''
+        if 'torch' in backends:
+            student.set_backend('torch')
+            predict_times = []
+            for _ in range(args.warmup + args.repeats):
+                sync()
+                t = time.perf_counter()
+                student.predict(points[:, :3], points[:, 3])
+                sync()
+                predict_times.append(time.perf_counter() - t)
+            predict_ms = f'{statistics.median(predict_times[args.warmup:]) * 1e3:.1f}'
         gflop = flops[0] / 1e9
         for backend in backends:
             med = statistics.median(times[backend])
@@ -165,10 +178,13 @@ def main(argv=None) -> int:
                   f'{min(times[backend]) * 1e3:>9.1f}'
                   f'{statistics.median(cpu_times[backend]) * 1e3:>9.1f}'
                   f'{gflop:>8.2f}{gflop / med:>9.1f}{100 * gflop / med / peak:>7.1f}%'
-                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}{ratio:>11}')
+                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}'
+                  f'{(predict_ms if backend == "torch" else ""):>11}{ratio:>11}')
     print('median/min ms: wall time per forward; cpu ms: process CPU time per forward (all '
           'threads); maps ms: time to build all coordinate sets and kernel maps of one forward '
-          '(torch backend, included in its latency); GFLOP/s and % of the sgemm peak from the '
+          '(torch backend, included in its latency); predict ms: Student.predict on the raw '
+          'points (voxelization, forward, a label per point; torch backend); GFLOP/s and % of '
+          'the sgemm peak from the '
           'median; ours/ME: ratio of medians / ratio of minima (< 1: the torch backend is '
           'faster). Backends alternate run by run.')
     return 0

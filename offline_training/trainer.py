@@ -660,7 +660,8 @@ class Trainer:
         summary = {'method': cfg.method, 'start_step': start_step, 'steps': self.step,
                    'losses': last,
                    'seconds': time.monotonic() - start, 'checkpoint': checkpoint,
-                   'world_size': self.world_size}
+                   'world_size': self.world_size, 'device': self.device.type,
+                   'amp': self.use_amp}
         if self.rank == 0:
             summary['student'] = self.export_student()
             if cfg.data.val:

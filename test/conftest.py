@@ -16,6 +16,18 @@ def data_dir() -> pathlib.Path:
     return DATA_DIR
 
 
+def _devices():
+    """cpu, plus cuda where a GPU is visible: CI (no GPU) runs the CPU cases, a GPU both."""
+    import torch
+    return ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> str:
+    """Torch device the test runs on (the cuda case exists only where CUDA is available)."""
+    return request.param
+
+
 @pytest.fixture
 def single_torch_thread():
     """Correctness tests run on one torch thread: robust timing on a shared, busy machine."""

@@ -112,6 +112,30 @@ def test_predict_labels_every_point(scan):
     assert empty_cls.shape == (0,) and empty_prob.shape == (0,)
 
 
+def test_forward_and_gradients_on_device_match_a_float64_cpu_reference(scan, device):
+    """float32 on ``device`` (kernel maps built there too) against the same weights in float64
+    on the CPU: outputs and weight gradients to a relative error below 1e-4."""
+    coords, feats, _ = voxel_input(scan)
+    results = []
+    for where, dtype in ((device, torch.float32), ('cpu', torch.float64)):
+        student = make_student().to(device=where, dtype=dtype)
+        out = student(coords.to(where), feats.to(device=where, dtype=dtype))
+        out['logits'].square().mean().backward()
+        results.append(({k: v.detach().cpu().double() for k, v in out.items()},
+                        {n: p.grad.cpu().double() for n, p in student.named_parameters()
+                         if p.grad is not None}))
+    (out, grads), (ref_out, ref_grads) = results
+    for key in ('backbone', 'pseudo2d', 'logits'):
+        assert float((out[key] - ref_out[key]).norm() / ref_out[key].norm()) < 1e-4, key
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        assert float((grad - ref).norm() / ref.norm().clamp(min=1e-12)) < 1e-4, name
+    # predict() runs on the model's device and returns one label per input point.
+    cls, prob = make_student().to(device).predict(scan[:, :3], scan[:, 3])
+    assert cls.shape == (scan.shape[0],) and prob.shape == (scan.shape[0],)
+
+
 def test_prepared_scans_reuse_the_maps_of_the_last_forward_pass(scan):
     student = make_student().eval()
     first = student.prepare(scan[:, :3], scan[:, 3])
@@ -266,17 +290,19 @@ def test_da_output_channels_depend_on_which_input_channels(mix):
         assert reach[0, 0] > 0 and reach[1, 1] > 0
 
 
-def test_mixed_precision_autocast_trains(scan):
-    """Under autocast (bfloat16 on CPU here, float16 on CUDA in training) forward and backward
+def test_mixed_precision_autocast_trains(scan, device):
+    """Under autocast (bfloat16 on CPU, float16 on CUDA as in training) forward and backward
     run and stay close to float32."""
     coords, feats, _ = voxel_input(scan, 0.3)
-    student = make_student().eval()
+    coords, feats = coords.to(device), feats.to(device)
+    student = make_student().to(device).eval()
     with torch.no_grad():
         ref = student(coords, feats)['pseudo2d']
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    dtype = torch.float16 if device == 'cuda' else torch.bfloat16
+    with torch.autocast(device, dtype=dtype):
         out = student(coords, feats)
     pseudo = out['pseudo2d'].float()
-    assert float((pseudo - ref).norm() / ref.norm()) < 0.05
+    assert float((pseudo.detach() - ref).norm() / ref.norm()) < 0.05
     out['logits'].float().square().mean().backward()
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()

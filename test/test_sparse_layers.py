@@ -20,7 +20,7 @@ LOW = -4  # grid origin (multiple of 4)
 pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
-def random_voxels(seed, occupancy=0.25, batch=2, channels=3):
+def random_voxels(seed, occupancy=0.25, batch=2, channels=3, device='cpu'):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(batch, GRID, GRID, GRID, generator=gen) < occupancy
     idx = mask.nonzero()
@@ -29,7 +29,7 @@ def random_voxels(seed, occupancy=0.25, batch=2, channels=3):
     perm = torch.randperm(coords.shape[0], generator=gen)  # arbitrary input order
     coords = coords[perm].to(torch.int32)
     feats = torch.randn(coords.shape[0], channels, generator=gen, dtype=torch.float64)
-    return coords, feats
+    return coords.to(device), feats.to(device)
 
 
 def to_dense(coords, feats, stride=1, size=None):
@@ -68,6 +68,7 @@ def check_against_dense(layer, sparse_in, dense_fn, in_stride, out_stride):
     out = layer(x)
     gen = torch.Generator().manual_seed(7)
     upstream = torch.randn(out.features.shape, generator=gen, dtype=torch.float64)
+    upstream = upstream.to(out.features.device)
     (out.features * upstream).sum().backward()
 
     dense_in = to_dense(x.coords, sparse_in.features, in_stride).requires_grad_(True)
@@ -87,27 +88,27 @@ def check_against_dense(layer, sparse_in, dense_fn, in_stride, out_stride):
 
 
 @pytest.mark.parametrize('kernel_size,dilation', [(3, 1), (5, 1), (3, 2), (1, 1)])
-def test_submanifold_conv_matches_dense(kernel_size, dilation):
-    coords, feats = random_voxels(1)
+def test_submanifold_conv_matches_dense(kernel_size, dilation, device):
+    coords, feats = random_voxels(1, device=device)
     x = SparseTensor(feats, coords)
-    layer = SparseConv3d(3, 4, kernel_size, dilation=dilation).double()
+    layer = SparseConv3d(3, 4, kernel_size, dilation=dilation).double().to(device)
     pad = (kernel_size // 2) * dilation
     out = check_against_dense(layer, x, lambda d, w: F.conv3d(d, w, padding=pad,
                                                               dilation=dilation), 1, 1)
     assert torch.equal(out.coords, coords)  # submanifold: same voxels, same order
 
 
-def test_even_kernel_stride_one_uses_forward_offsets():
-    coords, feats = random_voxels(2)
-    layer = SparseConv3d(3, 2, kernel_size=2).double()
+def test_even_kernel_stride_one_uses_forward_offsets(device):
+    coords, feats = random_voxels(2, device=device)
+    layer = SparseConv3d(3, 2, kernel_size=2).double().to(device)
     check_against_dense(layer, SparseTensor(feats, coords),
                         lambda d, w: F.conv3d(F.pad(d, (0, 1, 0, 1, 0, 1)), w), 1, 1)
 
 
 @pytest.mark.parametrize('kernel_size', [2, 3])
-def test_strided_conv_matches_dense(kernel_size):
-    coords, feats = random_voxels(3)
-    layer = SparseConv3d(3, 5, kernel_size, stride=2).double()
+def test_strided_conv_matches_dense(kernel_size, device):
+    coords, feats = random_voxels(3, device=device)
+    layer = SparseConv3d(3, 5, kernel_size, stride=2).double().to(device)
     pad = 1 if kernel_size == 3 else 0
     out = check_against_dense(layer, SparseTensor(feats, coords),
                               lambda d, w: F.conv3d(d, w, stride=2, padding=pad), 1, 2)
@@ -118,24 +119,24 @@ def test_strided_conv_matches_dense(kernel_size):
     assert out.coords.shape[0] == torch.unique(parents, dim=0).shape[0]
 
 
-def test_second_level_conv_uses_stride_units():
-    coords, feats = random_voxels(4, occupancy=0.5)
+def test_second_level_conv_uses_stride_units(device):
+    coords, feats = random_voxels(4, occupancy=0.5, device=device)
     x = SparseTensor(feats, coords)
-    x2 = SparseConv3d(3, 3, 2, stride=2).double()(x)
+    x2 = SparseConv3d(3, 3, 2, stride=2).double().to(device)(x)
     x2 = x2.replace(x2.features.detach())
-    check_against_dense(SparseConv3d(3, 2, 3).double(), x2,
+    check_against_dense(SparseConv3d(3, 2, 3).double().to(device), x2,
                         lambda d, w: F.conv3d(d, w, padding=1), 2, 2)
-    check_against_dense(SparseConv3d(3, 2, 2, stride=2).double(), x2,
+    check_against_dense(SparseConv3d(3, 2, 2, stride=2).double().to(device), x2,
                         lambda d, w: F.conv3d(d, w, stride=2), 2, 4)
 
 
 @pytest.mark.parametrize('kernel_size', [2, 3])
-def test_transposed_conv_matches_dense(kernel_size):
-    coords, feats = random_voxels(5)
+def test_transposed_conv_matches_dense(kernel_size, device):
+    coords, feats = random_voxels(5, device=device)
     x = SparseTensor(feats, coords)
-    coarse = SparseConv3d(3, 3, 2, stride=2).double()(x)
+    coarse = SparseConv3d(3, 3, 2, stride=2).double().to(device)(x)
     coarse = coarse.replace(coarse.features.detach())
-    layer = SparseConv3d(3, 4, kernel_size, stride=2, transposed=True).double()
+    layer = SparseConv3d(3, 4, kernel_size, stride=2, transposed=True).double().to(device)
     if kernel_size == 2:
         def dense(d, w):
             return F.conv_transpose3d(d, w, stride=2)
@@ -146,11 +147,11 @@ def test_transposed_conv_matches_dense(kernel_size):
     assert torch.equal(out.coords, coords)  # back onto the cached finer voxels, same order
 
 
-def test_max_and_avg_pool_match_dense():
-    coords, feats = random_voxels(6)
+def test_max_and_avg_pool_match_dense(device):
+    coords, feats = random_voxels(6, device=device)
     x = SparseTensor(feats.clone().requires_grad_(True), coords)
     dense = to_dense(coords, x.features.detach())
-    occupied = to_dense(coords, torch.ones(coords.shape[0], 1, dtype=torch.float64))
+    occupied = to_dense(coords, feats.new_ones(coords.shape[0], 1))
     out_max = SparsePool('max', 2, 2)(x)
     filled = torch.where(occupied > 0, dense, torch.full_like(dense, -torch.inf))
     ref_max = read_dense(F.max_pool3d(filled, 2), out_max.coords, 2)
@@ -193,25 +194,26 @@ def test_batch_norm_relu_and_cat_keep_coordinates():
         sparse_cat(x, coarse)
 
 
-def test_kernel_maps_are_cached_and_shared():
-    coords, feats = random_voxels(10)
+def test_kernel_maps_are_cached_and_shared(device):
+    coords, feats = random_voxels(10, device=device)
     x = SparseTensor(feats, coords)
     first = x.manager.kernel_map(1, 3)
     assert x.manager.kernel_map(1, 3) is first
     # 1. Pair count equals the dense count of occupied neighbours.
-    occ = to_dense(coords, torch.ones(coords.shape[0], 1, dtype=torch.float64))
-    neighbours = F.conv3d(occ, torch.ones(1, 1, 3, 3, 3, dtype=torch.float64), padding=1)
+    occ = to_dense(coords, feats.new_ones(coords.shape[0], 1))
+    neighbours = F.conv3d(occ, feats.new_ones(1, 1, 3, 3, 3), padding=1)
     assert first.num_pairs == int(read_dense(neighbours, coords).sum())
 
 
 @pytest.mark.parametrize('kernel_size,stride,transposed,relu', [
     (3, 1, False, True), (1, 1, False, False), (2, 2, False, True), (3, 2, False, False),
     (2, 2, True, True)])
-def test_eval_mode_folds_batch_norm_into_the_convolution(kernel_size, stride, transposed, relu):
-    coords, feats = random_voxels(11)
+def test_eval_mode_folds_batch_norm_into_the_convolution(kernel_size, stride, transposed, relu,
+                                                         device):
+    coords, feats = random_voxels(11, device=device)
     x = SparseTensor(feats, coords)
     if transposed:  # start from the coarse voxels an encoder would have made
-        x = SparseConv3d(3, 3, 2, 2).double()(x)
+        x = SparseConv3d(3, 3, 2, 2).double().to(device)(x)
     layer = ConvBN(3, 5, kernel_size, stride, transposed, relu).double()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # non-trivial running statistics and affine parameters
@@ -220,7 +222,7 @@ def test_eval_mode_folds_batch_norm_into_the_convolution(kernel_size, stride, tr
         bn.running_var.copy_(torch.rand(5, generator=gen, dtype=torch.float64) + 0.5)
         bn.weight.copy_(torch.randn(5, generator=gen, dtype=torch.float64))
         bn.bias.copy_(torch.randn(5, generator=gen, dtype=torch.float64))
-    layer.eval()
+    layer.to(device).eval()
     unfolded = x
     for module in layer:  # conv, then batch norm, then ReLU: the training-mode path
         unfolded = module(unfolded)

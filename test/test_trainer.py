@@ -49,10 +49,12 @@ def state_of(path):
 @pytest.mark.parametrize('method,terms', [('fskd', {'feature', 'semantic'}),
                                           ('udakd', {'infonce'}),
                                           ('supervised', {'ce'})])
-def test_methods_return_named_terms_and_write_outputs(tiny, tmp_path, method, terms):
-    config = make_config(tiny, method, tmp_path / method)
+def test_methods_return_named_terms_and_write_outputs(tiny, tmp_path, method, terms, device):
+    """Each method on each device (on CUDA with float16 autocast and grad scaling)."""
+    config = make_config(tiny, method, tmp_path / method, f'device={device}')
     summary = T.train(config)
     assert set(summary['losses']) == terms | {'total'}
+    assert summary['device'] == device and summary['amp'] == (device == 'cuda')
     assert all(np.isfinite(v) for v in summary['losses'].values())
     out = tmp_path / method
     rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
