@@ -233,7 +233,7 @@ def test_self_calibrated_conv_matches_dense_reference(final, mix):
     out = layer(SparseTensor(feats, coords)).features
     ref = _dense_reference_sc(layer, coords, feats)
     assert out.shape == (coords.shape[0], 5)
-    assert float((out.detach() - ref).norm() / ref.norm()) < 1e-10
+    assert float((out.detach() - ref.detach()).norm() / ref.detach().norm()) < 1e-10
 
 
 def test_da_module_maps_to_teacher_dimension_and_trains():
