@@ -9,11 +9,12 @@ newest scan). Reference measured in the same run: the library call the node make
 (:func:`cmkd_ros.nodes.labeling.segment_array`) timed in this process, so the printed ratio
 shows what ROS transport and message conversion add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
 
-Without ``--checkpoint`` a randomly initialised ``small`` student (16 classes; ``--set`` changes
-its StudentConfig) is used: timing does not depend on the weights.
+Without ``--checkpoint`` a randomly initialised CPU real-time student is used (``small``, teacher
+features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its StudentConfig,
+e.g. ``--set voxel_size=0.2`` as the demo trains it): timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 2] [--device cpu] [--no-pipeline]``.
+[--threads 2] [--device cpu] [--precision float32|bfloat16] [--no-pipeline]``.
 """
 from __future__ import annotations
 
@@ -122,8 +123,12 @@ def nuscenes_scan(path: pathlib.Path) -> np.ndarray:
     return arr
 
 
+RANDOM_STUDENT = {'arch': 'small', 'feature_dim': 64, 'da_width': 32, 'voxel_size': 0.1}
+
+
 def make_checkpoint(path: str, overrides: list[str] = ()) -> str:
-    """A randomly initialised student (``small``, 16 classes, then ``key=value`` overrides)."""
+    """A randomly initialised student (:data:`RANDOM_STUDENT`, 16 classes, then ``key=value``
+    overrides)."""
     import torch
 
     from cmkd_ros.classes import NUSCENES_LIDARSEG16
@@ -131,7 +136,7 @@ def make_checkpoint(path: str, overrides: list[str] = ()) -> str:
     from cmkd_ros.models.checkpoint import save_checkpoint
     from cmkd_ros.models.student import StudentConfig, build_student
     torch.manual_seed(0)
-    config = build(StudentConfig, merge({'arch': 'small'}, parse_overrides(list(overrides))))
+    config = build(StudentConfig, merge(RANDOM_STUDENT, parse_overrides(list(overrides))))
     if config.num_classes != 16:
         raise SystemExit('the random student labels the 16 nuScenes classes: keep num_classes')
     student = build_student(config)
@@ -141,15 +146,15 @@ def make_checkpoint(path: str, overrides: list[str] = ()) -> str:
 
 
 def library_reference(checkpoint: str, device: str, threads: int, scan: np.ndarray,
-                      repeats: int) -> list[float]:
+                      repeats: int, precision: str = 'float32') -> list[float]:
     """ms per call of the node's library step (segment_array) in this process.
 
     Run in a worker thread with the node's torch thread count, as the node runs it.
     """
     from cmkd_ros.nodes.labeling import SegmentNodeConfig, segment_array
     from cmkd_ros.nodes.segment_node import load_predictor
-    predict, class_map = load_predictor(checkpoint, device, threads)
-    config = SegmentNodeConfig(checkpoint=checkpoint, device=device)
+    predict, class_map = load_predictor(checkpoint, device, threads, precision)
+    config = SegmentNodeConfig(checkpoint=checkpoint, device=device, precision=precision)
     times: list[float] = []
 
     def work() -> None:
@@ -178,6 +183,9 @@ def main() -> int:
                         'use_da=false or feature_dim=64 (without --checkpoint)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'bfloat16', 'float16'),
+                        help="the node's inference arithmetic (parameter precision)")
     parser.add_argument('--no-pipeline', dest='pipeline', action='store_false',
                         help="the node's single-worker mode (parameter pipeline:=false)")
     parser.add_argument('--scan', default=str(DATA / 'nuscenes_sample' / 'LIDAR_TOP.bin'))
@@ -189,13 +197,18 @@ def main() -> int:
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tmp, 'student_small.pt'),
                                                     args.overrides)
     scan = nuscenes_scan(pathlib.Path(args.scan))
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    student_config = load_checkpoint(checkpoint)[1]['config']
+    print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '
+          f'{student_config.da_width or student_config.feature_dim}, voxel '
+          f'{student_config.voxel_size} m')
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
-          f'{args.device}, {args.threads} threads, '
+          f'{args.device}, {args.precision}, {args.threads} threads, '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     # 1. reference: the library step alone, in this process
     reference = library_reference(checkpoint, args.device, args.threads, scan,
-                                  args.reference_repeats)
+                                  args.reference_repeats, args.precision)
     print(f'library segment_array   {percentiles(reference)}')
     # 2. the node process and this process's publisher/subscriber
     domain = os.getpid() % 90 + 10
@@ -203,7 +216,8 @@ def main() -> int:
     log_path = os.path.join(tmp, 'segment_node.log')
     proc = start_node('cmkd_ros.nodes.segment_node',
                       {'checkpoint': checkpoint, 'device': args.device,
-                       'num_threads': args.threads, 'pipeline': args.pipeline},
+                       'num_threads': args.threads, 'pipeline': args.pipeline,
+                       'precision': args.precision},
                       {'~/input/pointcloud': '/bench/points',
                        '~/output/pointcloud': '/bench/labeled'}, env, log_path)
     from rclpy.qos import qos_profile_sensor_data

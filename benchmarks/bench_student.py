@@ -1,7 +1,8 @@
 """Student forward latency: pure-PyTorch sparse backend vs MinkowskiEngine, same weights.
 
 Runs the small and the standard student on the real nuScenes scan (34,688 points), prints the
-median forward latency after warm-up for each backend in the same run, the ratio ours / ME, the
+median forward latency after warm-up for each backend in the same run (the torch backend in
+float32 and in bfloat16, MinkowskiEngine in float32), the ratio ours / ME, the
 convolution work (GFLOP counted from the kernel maps) and the achieved GFLOP/s against a torch
 sgemm peak measured in the same run. Other processes share this machine: read the ratios.
 
@@ -19,6 +20,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SCAN = REPO.parent / 'shared' / 'data' / 'nuscenes_sample' / 'LIDAR_TOP.bin'
 
+
+PRECISION = {'torch': 'float32', 'torch_bf16': 'bfloat16'}  # torch backend rows
 
 # name -> StudentConfig overrides. small: the CPU real-time student with its DA module (teacher
 # features D = 64, the default teacher); standard: MinkUNet18 with DA, D = 256 (DeepLabV3).
@@ -41,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--students', default='small,standard',
                         help='comma list of: ' + ', '.join(STUDENTS))
-    parser.add_argument('--backends', default='torch,minkowski', help='comma list')
+    parser.add_argument('--backends', default='torch,torch_bf16,minkowski',
+                        help='comma list of: torch, torch_bf16 (bfloat16 arithmetic), minkowski')
     parser.add_argument('--omp-wait', choices=('env', 'passive', 'active'), default='env',
                         help='OpenMP wait policy for both backends: env = leave OMP_WAIT_POLICY '
                         'as set; passive sleeps at barriers (robust when other processes keep '
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
     import torch
     sys.path.insert(0, str(REPO))
     from cmkd_ros.config import build
-    from cmkd_ros.models import StudentConfig, build_student, point_features, voxelize
+    from cmkd_ros.models import (StudentConfig, build_student, point_features,
+                                 precision_context, voxelize)
     from cmkd_ros.sparse import SparseConv3d, SparseTensor, minkowski_available
 
     torch.set_num_threads(args.threads)
@@ -141,52 +146,57 @@ def main(argv=None) -> int:
         # 3. Backends alternate run by run, so that both see the same background load.
         times = {b: [] for b in backends}
         cpu_times = {b: [] for b in backends}
+
+        def forward(backend):
+            student.set_backend('minkowski' if backend == 'minkowski' else 'torch')
+            with precision_context(PRECISION.get(backend, 'float32'), device):
+                student(coords, vfeats)
+
         with torch.no_grad():
             for backend in backends:
-                student.set_backend(backend)
                 for _ in range(args.warmup):
-                    student(coords, vfeats)
+                    forward(backend)
             for _ in range(args.repeats):
                 for backend in backends:
-                    student.set_backend(backend)
                     sync()
                     t, c = time.perf_counter(), time.process_time()
-                    student(coords, vfeats)
+                    forward(backend)
                     sync()
                     times[backend].append(time.perf_counter() - t)
                     cpu_times[backend].append(time.process_time() - c)
         # 4. What a node pays per scan: voxelize on the CPU, copy, forward, labels per point.
-        predict_ms = ''
-        if 'torch' in backends:
-            student.set_backend('torch')
+        predict_ms = {}
+        student.set_backend('torch')
+        for backend in [b for b in backends if b in PRECISION]:
             predict_times = []
             for _ in range(args.warmup + args.repeats):
                 sync()
                 t = time.perf_counter()
-                student.predict(points[:, :3], points[:, 3])
+                student.predict(points[:, :3], points[:, 3], precision=PRECISION[backend])
                 sync()
                 predict_times.append(time.perf_counter() - t)
-            predict_ms = f'{statistics.median(predict_times[args.warmup:]) * 1e3:.1f}'
+            predict_ms[backend] = f'{statistics.median(predict_times[args.warmup:]) * 1e3:.1f}'
         gflop = flops[0] / 1e9
         for backend in backends:
             med = statistics.median(times[backend])
             ratio = ''
-            if backend == 'minkowski' and 'torch' in times:
-                ratio = (f'{statistics.median(times["torch"]) / med:.2f}/'
-                         f'{min(times["torch"]) / min(times[backend]):.2f}')
+            if backend in PRECISION and 'minkowski' in times:
+                ratio = (f'{med / statistics.median(times["minkowski"]):.2f}/'
+                         f'{min(times[backend]) / min(times["minkowski"]):.2f}')
             print(f'{name:<14}{backend:<11}{coords.shape[0]:>8}{med * 1e3:>11.1f}'
                   f'{min(times[backend]) * 1e3:>9.1f}'
                   f'{statistics.median(cpu_times[backend]) * 1e3:>9.1f}'
                   f'{gflop:>8.2f}{gflop / med:>9.1f}{100 * gflop / med / peak:>7.1f}%'
                   f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}'
-                  f'{(predict_ms if backend == "torch" else ""):>11}{ratio:>11}')
+                  f'{predict_ms.get(backend, ""):>11}{ratio:>11}')
     print('median/min ms: wall time per forward; cpu ms: process CPU time per forward (all '
           'threads); maps ms: time to build all coordinate sets and kernel maps of one forward '
           '(torch backend, included in its latency); predict ms: Student.predict on the raw '
           'points (voxelization, forward, a label per point; torch backend); GFLOP/s and % of '
           'the sgemm peak from the '
           'median; ours/ME: ratio of medians / ratio of minima (< 1: the torch backend is '
-          'faster). Backends alternate run by run.')
+          'faster). torch_bf16: the torch backend under bfloat16 autocast (16-bit GEMMs and '
+          'gathers; fast on CPUs with AVX512-BF16 or AMX). Backends alternate run by run.')
     return 0
 
 

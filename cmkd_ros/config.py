@@ -191,7 +191,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
-    """Turn CLI overrides ``a.b=3`` into a nested mapping; values are parsed as YAML scalars."""
+    """Turn CLI overrides ``a.b=3`` into a nested mapping; values are parsed as YAML scalars
+    (``a.b=`` is the empty string, e.g. to clear a path)."""
     out: dict = {}
     for item in items:
         if '=' not in item:
@@ -201,7 +202,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         parts = key.strip().split('.')
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ''
     return out
 
 

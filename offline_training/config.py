@@ -94,6 +94,10 @@ class LossSection:
     semantic_weight: float = setting(1.0, 'weight of the FSKD semantic KL term', ge=0.0)
     ce_weight: float = setting(1.0, 'weight of the 3D cross-entropy (finetune, supervised)',
                                ge=0.0)
+    class_balance: str = setting('inverse_sqrt', 'per-point weights of the semantic KL and the '
+                                 'cross-entropy: none, or inverse_sqrt = 1/sqrt(frequency of '
+                                 "the point's class in the batch; the teacher's label for KL)",
+                                 choices=('none', 'inverse_sqrt'))
 
 
 @dataclass(frozen=True)

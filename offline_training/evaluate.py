@@ -32,18 +32,22 @@ GROUPS = ('all', 'seen', 'unseen')
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | None = None,
                      device: str | torch.device = 'cpu', class_names: Sequence[str] | None = None,
                      batch_size: int = 1, num_workers: int = 0, max_scans: int | None = None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, precision: str = 'float32') -> dict:
     """Per-class IoU, mIoU and accuracy of ``student`` on ``dataset`` (a :class:`ScanDataset`).
 
-    ``voxel_size`` defaults to the student's own. Returns ``{'all'|'seen'|'unseen': summary}``
+    ``voxel_size`` defaults to the student's own; ``precision``: inference arithmetic
+    (:func:`cmkd_ros.models.precision_context`). Returns ``{'all'|'seen'|'unseen': summary}``
     (:meth:`ConfusionMatrix.summary`: miou, accuracy, count, iou and support per class) plus
     ``confusion`` (group -> K x K list, rows ground truth), ``class_names``, ``num_scans``,
     ``num_points``, ``unseen_fraction`` (of labeled points) and ``seconds``.
     """
+    from cmkd_ros.models import precision_context
     from offline_training.datasets import SparseCollate
+    arithmetic = precision_context(precision, device)
     config = getattr(student, 'config', None)
     num_classes = int(config.num_classes) if config is not None else int(
         student.classifier.out_features)
@@ -72,7 +76,8 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
         bar = tqdm(total=len(indices), desc='evaluate', unit='scan')
     try:
         for batch in loader:
-            out = student(batch['coords'].to(device), batch['vfeats'].to(device))
+            with arithmetic:
+                out = student(batch['coords'].to(device), batch['vfeats'].to(device))
             pred = out['logits'].argmax(1).cpu()[batch['inverse']]
             labels = batch['labels']
             seen = batch['visible_any']
@@ -251,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-motion-compensation', action='store_true',
                         help='project points without moving them to the camera stamps')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'bfloat16', 'float16'),
+                        help='inference arithmetic (float16: CUDA only)')
     parser.add_argument('--max-scans', type=int, default=None, help='score only the first N')
     parser.add_argument('--progress', action='store_true', help='show a progress bar')
 
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(args, info['config'].point_features)
         result = evaluate_student(student, dataset, voxel_size=info['voxel_size'],
                                   device=args.device, class_names=info['class_names'],
-                                  max_scans=args.max_scans, progress=args.progress)
+                                  max_scans=args.max_scans, progress=args.progress,
+                                  precision=args.precision)
     except (ValueError, OSError) as exc:          # checkpoint, data and metric errors
         print(f'cmkd evaluate: {exc}', file=sys.stderr)
         return 1

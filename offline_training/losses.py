@@ -9,6 +9,7 @@ only into the student.
 - :func:`fskd_feature_loss`: FSKD's feature term (cosine or L2 of normalised features).
 - :func:`semantic_kl_loss`: FSKD's semantic term ``T^2 KL(softmax(2D / T) || softmax(3D / T))``.
 - :func:`supervised_ce_loss`: cross-entropy on 3D labels with an ignore index.
+- :func:`class_balance_weights`: optional per-point weights against class imbalance.
 """
 from __future__ import annotations
 
@@ -139,14 +140,31 @@ def fskd_feature_loss(pseudo2d_pts: torch.Tensor, teacher_feats: torch.Tensor,
     return (student - teacher).pow(2).sum(dim=1).mean()
 
 
+def class_balance_weights(labels: torch.Tensor, num_classes: int,
+                          ignore_index: int = 255) -> torch.Tensor:
+    """(N,) per-point weights proportional to 1 / sqrt(frequency of the point's class in
+    ``labels``), with mean 1 over the labeled points and 0 for ``ignore_index``."""
+    labels = labels.long()
+    valid = (labels >= 0) & (labels < num_classes)
+    counts = torch.bincount(labels[valid], minlength=num_classes).float()
+    per_class = counts.clamp(min=1).rsqrt()
+    weights = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    weights[valid] = per_class[labels[valid]]
+    if bool(valid.any()):
+        weights[valid] /= weights[valid].mean()
+    return weights
+
+
 def semantic_kl_loss(logits_3d: torch.Tensor, logits_2d: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0,
+                     point_weights: torch.Tensor | None = None) -> torch.Tensor:
     """FSKD semantic term ``T^2 * KL(softmax(2D / T) || softmax(3D / T))``, mean over points.
 
     ``logits_3d`` (M, K) the student's logits at corresponded points (the teacher's classifier
     applied to pseudo-2D features); ``logits_2d`` (M, K) the teacher's logits at their pixels,
     detached (the target). The T^2 factor (Hinton et al., 2015) keeps the gradient magnitude
     independent of T, so the term's weight need not change with the temperature.
+    ``point_weights`` (M,), if given, weights each point's KL (a weighted mean).
     """
     _check_pairs(logits_3d, logits_2d, 'semantic_kl_loss')
     if temperature <= 0:
@@ -155,12 +173,25 @@ def semantic_kl_loss(logits_3d: torch.Tensor, logits_2d: torch.Tensor,
         return zero_loss(logits_3d)
     log_p3d = F.log_softmax(logits_3d.float() / temperature, dim=1)
     log_p2d = F.log_softmax(logits_2d.detach().float() / temperature, dim=1)
-    kl = F.kl_div(log_p3d, log_p2d, reduction='batchmean', log_target=True)
+    if point_weights is None:
+        kl = F.kl_div(log_p3d, log_p2d, reduction='batchmean', log_target=True)
+    else:
+        per_point = F.kl_div(log_p3d, log_p2d, reduction='none', log_target=True).sum(1)
+        kl = _weighted_mean(per_point, point_weights, 'semantic_kl_loss')
     return kl * (temperature * temperature)
 
 
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
+    if weights.shape != values.shape:
+        raise LossInputError(f'{name}: expected ({values.shape[0]},) point weights, got '
+                             f'{tuple(weights.shape)}')
+    weights = weights.detach().to(values)
+    return (values * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 def supervised_ce_loss(logits: torch.Tensor, labels: torch.Tensor,
-                       ignore_index: int = 255) -> torch.Tensor:
+                       ignore_index: int = 255,
+                       point_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of (N, K) logits against (N,) int64 labels; ``ignore_index`` is skipped.
 
     Returns 0 (connected to the graph) when every label is ignored. Labels outside
@@ -177,4 +208,10 @@ def supervised_ce_loss(logits: torch.Tensor, labels: torch.Tensor,
     if bool(bad.any()):
         raise LossInputError(f'label {int(labels[bad][0])} is outside [0, {logits.shape[1]}) '
                              f'and is not the ignore index {ignore_index}')
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    if point_weights is None:
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    if point_weights.shape != labels.shape:
+        raise LossInputError(f'supervised_ce_loss: expected ({labels.shape[0]},) point '
+                             f'weights, got {tuple(point_weights.shape)}')
+    per_point = F.cross_entropy(logits.float()[valid], labels[valid], reduction='none')
+    return _weighted_mean(per_point, point_weights[valid], 'supervised_ce_loss')

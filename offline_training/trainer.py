@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
 from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
-from offline_training.losses import (fskd_feature_loss, infonce_loss, sample_image_features,
-                                     semantic_kl_loss, supervised_ce_loss)
+from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
+                                     sample_image_features, semantic_kl_loss,
+                                     supervised_ce_loss)
 
 CHECKPOINT_FORMAT = 'cmkd_train_state'
 CHECKPOINT_PATTERN = re.compile(r'^step_(\d{8})\.pt$')
@@ -167,15 +168,21 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
         logits_2d = F.linear(teacher, classifier.weight.flatten(1).float(),
                              None if classifier.bias is None else classifier.bias.float())
     loss = ctx.config.loss
+    weights = None
+    if loss.class_balance == 'inverse_sqrt':
+        weights = class_balance_weights(logits_2d.argmax(1), logits_2d.shape[1])
     return {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
             'semantic': semantic_kl_loss(outputs['logits'][rows], logits_2d,
-                                         loss.kl_temperature)}
+                                         loss.kl_temperature, weights)}
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     """Cross-entropy on the (possibly thinned) 3D labels of every point."""
     logits = outputs['logits'][batch['inverse']]
-    return {'ce': supervised_ce_loss(logits, batch['labels'])}
+    weights = None
+    if ctx.config.loss.class_balance == 'inverse_sqrt':
+        weights = class_balance_weights(batch['labels'], logits.shape[1])
+    return {'ce': supervised_ce_loss(logits, batch['labels'], point_weights=weights)}
 
 
 METHOD_LOSSES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {

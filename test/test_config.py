@@ -51,6 +51,11 @@ def test_yaml_then_cli_overrides(tmp_path):
     cfg = load(Outer, str(path), ['inner.widths=[8, 16, 32]', 'mode=udakd'])
     got = (cfg.steps, cfg.inner.size, cfg.inner.widths, cfg.mode)
     assert got == (5, 0.2, (8, 16, 32), 'udakd')
+    # An empty value is the empty string (clearing a path); null is None.
+    cleared = load(Outer, None, ['name=', 'path=null'])
+    assert (cleared.name, cleared.path) == ('', None)
+    with pytest.raises(ConfigError, match='steps'):
+        load(Outer, None, ['steps='])
     with pytest.raises(ConfigError, match='not found'):
         load(Outer, str(tmp_path / 'missing.yaml'))
     (tmp_path / 'bad.yaml').write_text('- a list\n')

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from offline_training import losses
-from offline_training.losses import (LossInputError, fskd_feature_loss, infonce_loss,
-                                     sample_image_features, semantic_kl_loss, supervised_ce_loss)
+from offline_training.losses import (LossInputError, class_balance_weights, fskd_feature_loss,
+                                     infonce_loss, sample_image_features, semantic_kl_loss,
+                                     supervised_ce_loss)
 
 
 def _bilinear_reference(feat: np.ndarray, u: float, v: float, stride: float) -> np.ndarray:
@@ -138,6 +139,35 @@ def test_supervised_ce_ignores_index_and_checks_labels():
     assert supervised_ce_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(LossInputError, match='outside'):
         supervised_ce_loss(logits, torch.tensor([0, 2, 1]))
+
+
+def test_class_balance_weights_and_weighted_losses():
+    # Class 0 four times, class 1 once, one ignored point: weights 1/sqrt(4) and 1/sqrt(1),
+    # normalised to mean 1 over the five labeled points.
+    labels = torch.tensor([0, 0, 0, 0, 1, 255])
+    weights = class_balance_weights(labels, 3)
+    scale = 5 / (4 * 0.5 + 1.0)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0]) * scale)
+    gen = torch.Generator().manual_seed(4)
+    logits_3d, logits_2d = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    # Weighted means of the per-point terms; unit weights give the plain losses.
+    p2d = logits_2d.softmax(1)
+    per_point = (p2d * (p2d.log() - logits_3d.log_softmax(1))).sum(1)
+    expected = float((per_point * weights).sum() / weights.sum())
+    assert semantic_kl_loss(logits_3d, logits_2d, 1.0, weights).item() == pytest.approx(expected)
+    ones = torch.ones(6)
+    assert semantic_kl_loss(logits_3d, logits_2d, 1.0, ones).item() == pytest.approx(
+        semantic_kl_loss(logits_3d, logits_2d, 1.0).item())
+    ce = torch.nn.functional.cross_entropy(logits_3d[:5], labels[:5], reduction='none')
+    expected = float((ce * weights[:5]).sum() / weights[:5].sum())
+    assert supervised_ce_loss(logits_3d, labels, point_weights=weights).item() == \
+        pytest.approx(expected)
+    assert supervised_ce_loss(logits_3d, labels, point_weights=ones).item() == pytest.approx(
+        supervised_ce_loss(logits_3d, labels).item())
+    with pytest.raises(LossInputError, match='point weights'):
+        supervised_ce_loss(logits_3d, labels, point_weights=torch.ones(5))
+    with pytest.raises(LossInputError, match='point weights'):
+        semantic_kl_loss(logits_3d, logits_2d, 1.0, torch.ones(2))
 
 
 def test_empty_inputs_give_connected_zero():

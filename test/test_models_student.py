@@ -136,6 +136,23 @@ def test_forward_and_gradients_on_device_match_a_float64_cpu_reference(scan, dev
     assert cls.shape == (scan.shape[0],) and prob.shape == (scan.shape[0],)
 
 
+def test_bfloat16_and_float16_inference_follow_float32(scan, device):
+    """predict in 16-bit arithmetic: nearly the float32 labels and probabilities; float16 only
+    on CUDA, unknown precisions refused."""
+    student = make_student().to(device)
+    cls, prob = student.predict(scan[:, :3], scan[:, 3])
+    for precision in ('bfloat16',) + (('float16',) if device == 'cuda' else ()):
+        cls16, prob16 = student.predict(scan[:, :3], scan[:, 3], precision=precision)
+        assert cls16.shape == cls.shape and prob16.dtype == torch.float32
+        assert float((cls16 == cls).float().mean()) > 0.97, precision
+        assert float((prob16 - prob).abs().max()) < 0.05, precision
+    if device == 'cpu':
+        with pytest.raises(ValueError, match='float16 needs a CUDA device'):
+            student.predict(scan[:, :3], scan[:, 3], precision='float16')
+    with pytest.raises(ValueError, match='precision must be one of'):
+        student.predict(scan[:, :3], scan[:, 3], precision='int8')
+
+
 def test_prepared_scans_reuse_the_maps_of_the_last_forward_pass(scan):
     student = make_student().eval()
     first = student.prepare(scan[:, :3], scan[:, 3])

@@ -32,8 +32,10 @@ def _diag_values(diags, key):
     return None
 
 
-@pytest.mark.parametrize('pipeline', [True, False], ids=['pipelined', 'one_worker'])
-def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline):
+@pytest.mark.parametrize('pipeline,precision', [(True, 'float32'), (False, 'float32'),
+                                                (True, 'bfloat16')],
+                         ids=['pipelined', 'one_worker', 'bfloat16'])
+def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline, precision):
     from sensor_msgs.msg import PointCloud2
 
     from cmkd_ros.bag import deserialize, read_messages
@@ -47,7 +49,8 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline
     with RosClient(domain) as client, processes() as procs:
         out = client.collect(PointCloud2, '/labeled')
         procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint),
-                                                       'pipeline': pipeline}, REMAPS),
+                                                       'pipeline': pipeline,
+                                                       'precision': precision}, REMAPS),
                                 ros_env(domain), tmp_path / 'node.log'))
         # the node skips inference while it sees no subscriber: let discovery finish first
         wait_for(lambda: client.node.count_publishers('/labeled') > 0, 40, 'segment node',
@@ -78,10 +81,12 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline
         assert ids.max() < SYNTHETIC.num_classes            # all in range: nothing cropped
         assert np.all((labeled['probability'] > 0) & (labeled['probability'] <= 1))
         np.testing.assert_array_equal(unpack_rgb(labeled['rgb']), SYNTHETIC.colorize(ids))
-        # the node's labels are the library's prediction on the same points
+        # the node's labels are the library's float32 prediction on the same points (bfloat16
+        # rounds the activations: near-ties may flip, probabilities move by about 1e-3)
         pred, prob = predict_offline(student, arr)
-        assert np.mean(pred == ids) > 0.99
-        np.testing.assert_allclose(prob, labeled['probability'], atol=1e-4)
+        exact = precision == 'float32'
+        assert np.mean(pred == ids) > (0.99 if exact else 0.97)
+        np.testing.assert_allclose(prob, labeled['probability'], atol=1e-4 if exact else 0.03)
 
 
 def _cloud(points, stamp, msg_types, fields=('x', 'y', 'z', 'intensity')):
@@ -239,3 +244,16 @@ def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
         wait_for(lambda: 'missing_xyz=1' in procs[0].output(), 15, 'logged counters',
                  on_fail=procs[0].output)
     assert 'diagnostic_msgs is not importable' in procs[0].output()
+
+
+def test_precision_parameter_is_validated():
+    from cmkd_ros.config import ConfigError, build
+    from cmkd_ros.nodes.labeling import SegmentNodeConfig
+    base = {'checkpoint': 'student.pt'}
+    assert build(SegmentNodeConfig, {**base, 'precision': 'bfloat16'}).precision == 'bfloat16'
+    assert build(SegmentNodeConfig, {**base, 'precision': 'float16',
+                                     'device': 'cuda'}).precision == 'float16'
+    with pytest.raises(ConfigError, match='float16 needs a CUDA device'):
+        build(SegmentNodeConfig, {**base, 'precision': 'float16'})
+    with pytest.raises(ConfigError, match='precision'):
+        build(SegmentNodeConfig, {**base, 'precision': 'half'})

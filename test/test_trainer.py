@@ -106,6 +106,44 @@ def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
         assert float(pseudo2d.grad[with_pixels].abs().sum()) > 0.0
 
 
+def test_class_balance_weights_the_semantic_and_ce_terms(tiny, tmp_path):
+    """inverse_sqrt (the default) weights each point by its class (the teacher's label for the
+    KL, the 3D label for the cross-entropy); none is the plain mean; the feature term is
+    unweighted either way."""
+    from offline_training.losses import semantic_kl_loss, supervised_ce_loss
+    terms = {}
+    for balance in ('none', 'inverse_sqrt'):
+        for method in ('fskd', 'supervised'):
+            config = make_config(tiny, method, tmp_path / f'{method}_{balance}',
+                                 f'loss.class_balance={balance}')
+            trainer = T.Trainer(config)
+            batch = T.move_to(trainer.collate([trainer.dataset[0], trainer.dataset[1]]),
+                              trainer.device)
+            with torch.no_grad():
+                if trainer.teacher is not None:  # a random teacher labels nearly all alike
+                    trainer.teacher.classifier.weight.mul_(100.0)
+                outputs = trainer.student(batch['coords'], batch['vfeats'])
+                context = T.LossContext(config, trainer.teacher, torch.Generator().manual_seed(0))
+                terms[method, balance] = T.METHOD_LOSSES[method](outputs, batch, context)
+            if method == 'supervised':
+                labels = batch['labels']
+                plain = supervised_ce_loss(outputs['logits'][batch['inverse']], labels)
+                assert len(torch.unique(labels[labels != 255])) > 2
+            else:
+                rows, _, teacher = T.correspondence_features(outputs, batch, context)
+                logits_2d = teacher @ trainer.teacher.classifier.weight.flatten(1).T + \
+                    trainer.teacher.classifier.bias
+                plain = semantic_kl_loss(outputs['logits'][rows], logits_2d)
+                assert len(torch.unique(logits_2d.argmax(1))) > 2
+            key = 'ce' if method == 'supervised' else 'semantic'
+            if balance == 'none':
+                assert terms[method, balance][key].item() == pytest.approx(plain.item(), rel=1e-5)
+            else:
+                assert abs(terms[method, balance][key].item() - plain.item()) > 1e-4
+    assert terms['fskd', 'none']['feature'].item() == pytest.approx(
+        terms['fskd', 'inverse_sqrt']['feature'].item(), rel=1e-6)
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
     full = T.train(make_config(tiny, 'fskd', tmp_path / 'full', 'steps=5'))
     cut = make_config(tiny, 'fskd', tmp_path / 'cut', 'steps=5')

@@ -8,6 +8,7 @@ follow the input.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -23,6 +24,21 @@ from .minkunet import ARCHS, build_minkunet
 from .voxelize import POINT_FEATURE_KINDS, feature_channels, point_features, voxelize
 
 BACKENDS = ('auto', 'torch', 'minkowski')
+PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def precision_context(precision: str, device: torch.device | str = 'cpu'):
+    """Context for inference arithmetic in ``precision`` on ``device``: nothing for float32,
+    else autocast (weights stay float32; convolutions, GEMMs and gathers run in 16 bits).
+    float16 is CUDA only (CPUs have no fast float16 GEMM; bfloat16 is the CPU choice)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {precision!r}')
+    device_type = torch.device(device).type
+    if precision == 'float16' and device_type != 'cuda':
+        raise ValueError('precision float16 needs a CUDA device; use bfloat16 on the CPU')
+    if precision == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=PRECISIONS[precision])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,14 +203,16 @@ class Student(nn.Module):
         self.classifier.requires_grad_(not freeze)
 
     @torch.no_grad()
-    def predict(self, xyz, intensity=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, xyz, intensity=None,
+                precision: str = 'float32') -> tuple[torch.Tensor, torch.Tensor]:
         """Per-point class ``(N,) int64`` and probability ``(N,) float32`` of one scan.
 
         xyz: ``(N, 3) float32`` LiDAR frame (numpy or torch); intensity ``(N,)`` when the
-        configured point features use it. Runs in eval mode on the model's device. An empty
-        scan gives empty outputs; NaN/inf coordinates raise (drop them first).
+        configured point features use it. Runs in eval mode on the model's device, in
+        ``precision`` (:func:`precision_context`). An empty scan gives empty outputs; NaN/inf
+        coordinates raise (drop them first).
         """
-        return self.predict_prepared(self.prepare(xyz, intensity))
+        return self.predict_prepared(self.prepare(xyz, intensity), precision)
 
     @torch.no_grad()
     def prepare(self, xyz, intensity=None) -> PreparedScan:
@@ -219,14 +237,17 @@ class Student(nn.Module):
         return PreparedScan(coords, vfeats, inverse, manager)
 
     @torch.no_grad()
-    def predict_prepared(self, scan: PreparedScan) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_prepared(self, scan: PreparedScan,
+                         precision: str = 'float32') -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict` of a scan from :meth:`prepare`."""
+        context = precision_context(precision, next(self.parameters()).device)
         if scan.coords is None:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
-            out = self(scan.coords, scan.feats, manager=scan.manager)
+            with context:
+                out = self(scan.coords, scan.feats, manager=scan.manager)
             prob, cls = torch.softmax(out['logits'].float(), dim=1).max(dim=1)
             inverse = scan.inverse.to(cls.device)
             return cls[inverse].cpu(), prob[inverse].cpu()

@@ -28,6 +28,10 @@ class SegmentNodeConfig:
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
     num_threads: int = setting(0, 'torch CPU threads for inference (0: torch default)', ge=0)
+    precision: str = setting('float32', 'inference arithmetic: float32; bfloat16 (faster on '
+                             'CPUs with AVX512-BF16 or AMX and on GPUs; labels nearly '
+                             'identical, see docs/nodes.md); float16 (CUDA only)',
+                             choices=('float32', 'bfloat16', 'float16'))
     range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
                                'segmented (class_id 255)', ge=0.0)
     range_max: float = setting(200.0, 'points farther than this from the LiDAR (m) are not '
@@ -53,6 +57,8 @@ class SegmentNodeConfig:
         if not (self.device == 'cpu' or self.device == 'cuda' or
                 (self.device.startswith('cuda:') and self.device[5:].isdigit())):
             raise ConfigError(f'device: {self.device!r} is not cpu, cuda or cuda:N')
+        if self.precision == 'float16' and self.device == 'cpu':
+            raise ConfigError('precision: float16 needs a CUDA device; use bfloat16 on the CPU')
 
 
 def packed_rgb(colors: np.ndarray) -> np.ndarray:

@@ -30,8 +30,9 @@ from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qo
 RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
 
 
-def load_predictor(path: str, device: str, num_threads: int = 0):
-    """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint."""
+def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32'):
+    """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
+    (inference in ``precision``: float32, bfloat16 or float16)."""
     import torch
     from cmkd_ros.models.checkpoint import load_checkpoint
     if num_threads > 0:
@@ -41,15 +42,18 @@ def load_predictor(path: str, device: str, num_threads: int = 0):
     student, info = load_checkpoint(path, map_location=device)
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
 
-    return StudentPredictor(student), class_map
+    return StudentPredictor(student, precision), class_map
 
 
 class StudentPredictor:
     """``predictor(xyz, intensity)`` of a student, split in two for the pipelined worker:
     ``prepare`` (voxels, kernel maps; no model state) then ``infer`` (the network)."""
 
-    def __init__(self, student):
+    def __init__(self, student, precision: str = 'float32'):
+        from cmkd_ros.models import precision_context
+        precision_context(precision, next(student.parameters()).device)  # validates
         self.student = student
+        self.precision = precision
 
     def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
         import torch
@@ -59,7 +63,7 @@ class StudentPredictor:
     def infer(self, prepared):
         import torch
         with torch.inference_mode():
-            return self.student.predict_prepared(prepared)
+            return self.student.predict_prepared(prepared, self.precision)
 
     def __call__(self, xyz: np.ndarray, intensity: np.ndarray):
         return self.infer(self.prepare(xyz, intensity))
@@ -76,7 +80,7 @@ class SegmentNode(Node):
         config = self.params.config
         # 2. core objects: the student and its class map.
         self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
-                                                      config.num_threads)
+                                                      config.num_threads, config.precision)
         class_filter(self.class_map, config.classes)      # unknown class names raise here
         self.get_logger().info(f'loaded {config.checkpoint} on {config.device}: '
                                f'{self.class_map.num_classes} classes')
