@@ -29,7 +29,7 @@ class SegmentNodeConfig:
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
     num_threads: int = setting(0, 'torch CPU threads for inference (0: torch default)', ge=0)
     precision: str = setting('float32', 'inference arithmetic: float32; bfloat16 (faster on '
-                             'CPUs with AVX512-BF16 or AMX and on GPUs; labels nearly '
+                             'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
                              'identical, see docs/nodes.md); float16 (CUDA only)',
                              choices=('float32', 'bfloat16', 'float16'))
     range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
