@@ -45,9 +45,10 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     ``confusion`` (group -> K x K list, rows ground truth), ``class_names``, ``num_scans``,
     ``num_points``, ``unseen_fraction`` (of labeled points) and ``seconds``.
     """
-    from cmkd_ros.models import precision_context
+    from cmkd_ros.models import precision_context, resolve_backend
     from offline_training.datasets import SparseCollate
-    arithmetic = precision_context(precision, device)
+    arithmetic = precision_context(precision, device, resolve_backend(
+        getattr(student, 'backend', 'torch'), device))
     config = getattr(student, 'config', None)
     num_classes = int(config.num_classes) if config is not None else int(
         student.classifier.out_features)

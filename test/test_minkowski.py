@@ -163,3 +163,6 @@ if AVAILABLE:
         assert float(err) < 1e-4
         agree = (predictions['torch'][0] == predictions['minkowski'][0]).float().mean()
         assert float(agree) > 0.999
+        # 16-bit inference is the torch backend's: MinkowskiEngine refuses it with a reason
+        with pytest.raises(ValueError, match='needs the torch backend'):
+            loaded.predict(xyz, intensity, precision='bfloat16')

@@ -27,15 +27,20 @@ BACKENDS = ('auto', 'torch', 'minkowski')
 PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def precision_context(precision: str, device: torch.device | str = 'cpu'):
+def precision_context(precision: str, device: torch.device | str = 'cpu',
+                      backend: str = 'torch'):
     """Context for inference arithmetic in ``precision`` on ``device``: nothing for float32,
     else autocast (weights stay float32; convolutions, GEMMs and gathers run in 16 bits).
-    float16 is CUDA only (CPUs have no fast float16 GEMM; bfloat16 is the CPU choice)."""
+    float16 is CUDA only (CPUs have no fast float16 GEMM; bfloat16 is the CPU choice), and
+    16-bit arithmetic needs the torch backend (``backend`` as resolved for ``device``)."""
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {precision!r}')
     device_type = torch.device(device).type
     if precision == 'float16' and device_type != 'cuda':
         raise ValueError('precision float16 needs a CUDA device; use bfloat16 on the CPU')
+    if precision != 'float32' and backend != 'torch':
+        raise ValueError(f'precision {precision} needs the torch backend; MinkowskiEngine '
+                         'runs float32 only (load the student with backend=torch)')
     if precision == 'float32':
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=PRECISIONS[precision])
@@ -240,7 +245,8 @@ class Student(nn.Module):
     def predict_prepared(self, scan: PreparedScan,
                          precision: str = 'float32') -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict` of a scan from :meth:`prepare`."""
-        context = precision_context(precision, next(self.parameters()).device)
+        device = next(self.parameters()).device
+        context = precision_context(precision, device, resolve_backend(self.backend, device))
         if scan.coords is None:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
         was_training = self.training

@@ -50,8 +50,9 @@ class StudentPredictor:
     ``prepare`` (voxels, kernel maps; no model state) then ``infer`` (the network)."""
 
     def __init__(self, student, precision: str = 'float32'):
-        from cmkd_ros.models import precision_context
-        precision_context(precision, next(student.parameters()).device)  # validates
+        from cmkd_ros.models import precision_context, resolve_backend
+        device = next(student.parameters()).device
+        precision_context(precision, device, resolve_backend(student.backend, device))  # checks
         self.student = student
         self.precision = precision
 
