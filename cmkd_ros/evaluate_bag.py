@@ -115,6 +115,8 @@ def _node_command(args: argparse.Namespace) -> list[str]:
         cmd += ['--params-file', args.params_file]
     cmd += ['-p', f'checkpoint:={os.path.abspath(args.checkpoint)}', '-p',
             f'device:={args.device}']
+    if args.precision:
+        cmd += ['-p', f'precision:={args.precision}']
     for item in args.param:
         cmd += ['-p', item]
     cmd += ['-r', f'~/input/pointcloud:={args.points_topic}',
@@ -325,6 +327,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--checkpoint', required=True, help='student checkpoint (.pt)')
     parser.add_argument('--json', default=None, help='write the report here')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default cpu)')
+    parser.add_argument('--precision', default=None, choices=('float32', 'bfloat16', 'float16'),
+                        help="the node's inference arithmetic (default: the params file's, "
+                             'else float32)')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
     parser.add_argument('--points-topic', default='/lidar/points')
     parser.add_argument('--labels-topic', default='/lidar/labels')
