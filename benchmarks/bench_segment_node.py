@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))                                    # run from a ch
 DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
 
 from cmkd_ros.background_node import BackgroundNode  # noqa: E402
+from cmkd_ros.nodes.labeling import PRECISION_CHOICES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -183,8 +184,7 @@ def main() -> int:
                         'use_da=false or feature_dim=64 (without --checkpoint)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
-    parser.add_argument('--precision', default='float32',
-                        choices=('float32', 'bfloat16', 'float16'),
+    parser.add_argument('--precision', default='float32', choices=PRECISION_CHOICES,
                         help="the node's inference arithmetic (parameter precision)")
     parser.add_argument('--no-pipeline', dest='pipeline', action='store_false',
                         help="the node's single-worker mode (parameter pipeline:=false)")

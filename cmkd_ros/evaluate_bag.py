@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cmkd_ros.nodes.labeling import PRECISION_CHOICES
 from cmkd_ros.replay import ReplayError, open_bag
 
 OUTPUT_TOPIC = '/cmkd_evaluate/labeled'
@@ -327,7 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--checkpoint', required=True, help='student checkpoint (.pt)')
     parser.add_argument('--json', default=None, help='write the report here')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default cpu)')
-    parser.add_argument('--precision', default=None, choices=('float32', 'bfloat16', 'float16'),
+    parser.add_argument('--precision', default=None, choices=PRECISION_CHOICES,
                         help="the node's inference arithmetic (default: the params file's, "
                              'else float32)')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')

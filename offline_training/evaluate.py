@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from cmkd_ros.metrics import ConfusionMatrix
+from cmkd_ros.models.student import PRECISIONS
 
 GROUPS = ('all', 'seen', 'unseen')
 
 
-@torch.no_grad()
 @torch.no_grad()
 def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | None = None,
                      device: str | torch.device = 'cpu', class_names: Sequence[str] | None = None,
@@ -257,8 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-motion-compensation', action='store_true',
                         help='project points without moving them to the camera stamps')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    parser.add_argument('--precision', default='float32',
-                        choices=('float32', 'bfloat16', 'float16'),
+    parser.add_argument('--precision', default='float32', choices=tuple(PRECISIONS),
                         help='inference arithmetic (float16: CUDA only)')
     parser.add_argument('--max-scans', type=int, default=None, help='score only the first N')
     parser.add_argument('--progress', action='store_true', help='show a progress bar')

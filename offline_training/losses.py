@@ -181,11 +181,15 @@ def semantic_kl_loss(logits_3d: torch.Tensor, logits_2d: torch.Tensor,
     return kl * (temperature * temperature)
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, name: str) -> torch.Tensor:
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, name: str,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(w * v) / sum(w)`` over the points (only those where ``keep``, if given)."""
     if weights.shape != values.shape:
         raise LossInputError(f'{name}: expected ({values.shape[0]},) point weights, got '
                              f'{tuple(weights.shape)}')
     weights = weights.detach().to(values)
+    if keep is not None:
+        weights = weights * keep
     return (values * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
@@ -210,8 +214,6 @@ def supervised_ce_loss(logits: torch.Tensor, labels: torch.Tensor,
                              f'and is not the ignore index {ignore_index}')
     if point_weights is None:
         return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
-    if point_weights.shape != labels.shape:
-        raise LossInputError(f'supervised_ce_loss: expected ({labels.shape[0]},) point '
-                             f'weights, got {tuple(point_weights.shape)}')
-    per_point = F.cross_entropy(logits.float()[valid], labels[valid], reduction='none')
-    return _weighted_mean(per_point, point_weights[valid], 'supervised_ce_loss')
+    per_point = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                                reduction='none')
+    return _weighted_mean(per_point, point_weights, 'supervised_ce_loss', keep=valid)

@@ -249,6 +249,9 @@ def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
 def test_precision_parameter_is_validated():
     from cmkd_ros.config import ConfigError, build
     from cmkd_ros.nodes.labeling import SegmentNodeConfig
+    from cmkd_ros.models import PRECISIONS
+    from cmkd_ros.nodes.labeling import PRECISION_CHOICES
+    assert PRECISION_CHOICES == tuple(PRECISIONS)  # the torch-free copy of the names
     base = {'checkpoint': 'student.pt'}
     assert build(SegmentNodeConfig, {**base, 'precision': 'bfloat16'}).precision == 'bfloat16'
     assert build(SegmentNodeConfig, {**base, 'precision': 'float16',

@@ -15,6 +15,9 @@ from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.conversions import xyz_from_cloud
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
+# Inference arithmetic names (cmkd_ros.models.PRECISIONS, spelled out so that no torch import
+# is needed to parse parameters and command lines).
+PRECISION_CHOICES = ('float32', 'bfloat16', 'float16')
 
 # predictor(xyz (N, 3) float32 LiDAR frame, intensity (N,) float32)
 #   -> class_id (N,) integer, probability (N,) float
@@ -31,7 +34,7 @@ class SegmentNodeConfig:
     precision: str = setting('float32', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
                              'identical, see docs/nodes.md); float16 (CUDA only)',
-                             choices=('float32', 'bfloat16', 'float16'))
+                             choices=PRECISION_CHOICES)
     range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
                                'segmented (class_id 255)', ge=0.0)
     range_max: float = setting(200.0, 'points farther than this from the LiDAR (m) are not '
