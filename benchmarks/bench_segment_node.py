@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))                                    # run from a ch
 DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
 
 from cmkd_ros.background_node import BackgroundNode  # noqa: E402
-from cmkd_ros.nodes.labeling import PRECISION_CHOICES  # noqa: E402
+from cmkd_ros.config import PRECISION_CHOICES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+# Arithmetic names of inference and training (cmkd_ros.models.PRECISIONS maps them to torch
+# dtypes; spelled out here so that parameters and command lines parse without torch).
+PRECISION_CHOICES = ('float32', 'bfloat16', 'float16')
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = '', *,  # noqa: A002
             ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, choices: tuple | None = None, length: int | None = None,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cmkd_ros.nodes.labeling import PRECISION_CHOICES
+from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.replay import ReplayError, open_bag
 
 OUTPUT_TOPIC = '/cmkd_evaluate/labeled'

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cmkd_ros.config import (ConfigError, build, describe, load_yaml, merge, parse_overrides,
-                             setting)
+from cmkd_ros.config import (PRECISION_CHOICES, ConfigError, build, describe, load_yaml, merge,
+                             parse_overrides, setting)
 
 # Student-training methods (``cmkd train <method>``); ``teacher`` is separate.
 METHODS = ('udakd', 'fskd', 'finetune', 'supervised')
@@ -174,6 +174,9 @@ class TeacherTrainConfig:
     batch_size: int = setting(8, 'images per batch', ge=1)
     lr: float = setting(1e-3, 'learning rate (AdamW)', gt=0.0)
     device: str = setting('auto', 'auto, cpu or cuda', choices=('auto', 'cpu', 'cuda'))
+    precision: str = setting('float32', 'training arithmetic: float32, bfloat16 autocast (CPUs '
+                             'with bfloat16 instructions, CUDA) or float16 autocast (CUDA)',
+                             choices=PRECISION_CHOICES)
     threads: int = setting(0, 'torch intra-op CPU threads; 0: torch default', ge=0, le=256)
     progress: bool = setting(True, 'tqdm progress bar')
     class_map: str = setting('synthetic', 'built-in class map of the labels')

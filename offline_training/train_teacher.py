@@ -79,19 +79,37 @@ class ImageAugment:
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Wraps a labeled image dataset: augmented (3, h, w) float [0, 1] and (h, w) int64 tensors."""
+    """Wraps a labeled image dataset: augmented (3, h, w) float [0, 1] and (h, w) int64 tensors.
 
-    def __init__(self, dataset, augment: ImageAugment | None, seed: int = 0):
+    Decoded images are kept in memory up to ``cache_mb`` megabytes (0: none), so small data sets
+    are read once instead of at every epoch (each data-loader worker holds its own cache).
+    """
+
+    def __init__(self, dataset, augment: ImageAugment | None, seed: int = 0,
+                 cache_mb: float = 0.0):
         self.dataset = dataset
         self.augment = augment
         self.seed = seed
+        self.cache_bytes = int(cache_mb * 2 ** 20)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i in self._cache:
+            return self._cache[i]
         item = self.dataset[i]
-        image, label = item['image'], item['label']
+        image, label = np.asarray(item['image']), np.asarray(item['label'])
+        size = image.nbytes + label.nbytes
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[i] = (image, label)
+            self._cached_bytes += size
+        return image, label
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self._read(i)
         if self.augment is not None:
             # a fresh stream per draw, reproducible from torch's (per-worker) seed
             rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
@@ -128,6 +146,15 @@ def class_weights(dataset, num_classes: int, kind: str = 'inverse_sqrt',
     weights[~seen] = weights[seen].max()
     weights /= (weights * freq).sum()
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def _autocast(precision: str, device: torch.device):
+    """The autocast context of teacher training in ``precision`` on ``device``."""
+    from cmkd_ros.models.student import precision_context
+    try:
+        return precision_context(precision, device)
+    except ValueError as exc:
+        raise TeacherTrainingError(str(exc)) from None
 
 
 def _device(name: str | torch.device) -> torch.device:
@@ -184,7 +211,8 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                   color_jitter: float = 0.3, device: str = 'auto', seed: int = 0,
                   num_workers: int = 0, class_map: ClassMap | None = None,
                   teacher: Teacher | None = None, val_dataset=None, val_image_scale: float = 1.0,
-                  class_weighting: str = 'none', log_every: int = 10, progress: bool = False,
+                  class_weighting: str = 'none', precision: str = 'float32',
+                  cache_mb: float = 1024.0, log_every: int = 10, progress: bool = False,
                   callback: Callable[[int, float], None] | None = None
                   ) -> tuple[Teacher, dict]:
     """Train a teacher with pixel cross-entropy; returns ``(teacher, history)``.
@@ -194,7 +222,10 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     network instead of building one from ``cfg``. ``history`` holds ``step``/``loss`` lists (one
     entry per ``log_every`` steps, the mean loss since the last one), ``seconds``,
     ``images_per_second`` and, with ``val_dataset``, ``val`` (:func:`evaluate_teacher`).
-    ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`).
+    ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`). ``precision``:
+    ``float32``, or mixed precision with ``bfloat16`` autocast (CPUs with bfloat16 instructions
+    and CUDA) or ``float16`` autocast and loss scaling (CUDA only); the weights stay float32.
+    ``cache_mb``: decoded training images kept in memory (:class:`AugmentedImages`).
     The returned teacher is in eval mode.
     """
     if steps < 1 or batch_size < 1:
@@ -205,6 +236,8 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = _device(device)
+    autocast = _autocast(precision, dev)
+    scaler = torch.amp.GradScaler('cuda', enabled=precision == 'float16')
     if teacher is None:
         teacher = build_teacher(cfg, class_map)
     elif class_map is not None:
@@ -214,7 +247,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     history_weights = weights.tolist()
     augment = ImageAugment(tuple(crop_size) if crop_size is not None else None,
                            tuple(scale_range), flip, color_jitter)
-    data = AugmentedImages(dataset, augment, seed)
+    data = AugmentedImages(dataset, augment, seed, cache_mb)
     generator = torch.Generator().manual_seed(seed)
     # BatchNorm needs more than one value per channel: drop a last batch of one.
     loader = torch.utils.data.DataLoader(
@@ -239,15 +272,17 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                 raise TeacherTrainingError('batch of one image: BatchNorm needs batch_size >= '
                                            '2 and at least 2 training images')
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            logits = teacher(images)
-            loss = F.cross_entropy(logits, labels, weight=weights, ignore_index=IGNORE)
+            with autocast:
+                logits = teacher(images)
+            loss = F.cross_entropy(logits.float(), labels, weight=weights, ignore_index=IGNORE)
             if not torch.isfinite(loss):
                 if (labels == IGNORE).all():
                     continue              # a crop with nothing labeled carries no signal
                 raise TeacherTrainingError(f'loss became {loss.item()} at step {step}')
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             step += 1
             images_seen += images.shape[0]

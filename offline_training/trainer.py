@@ -726,7 +726,7 @@ def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
     teacher, history = train_teacher(
         model, dataset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
         device=config.device, seed=config.seed, class_map=class_map, val_dataset=val,
-        progress=config.progress, **dict(config.options))
+        precision=config.precision, progress=config.progress, **dict(config.options))
     os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, 'teacher.pt')
     save_teacher(teacher, path, class_map)

@@ -250,7 +250,7 @@ def test_precision_parameter_is_validated():
     from cmkd_ros.config import ConfigError, build
     from cmkd_ros.nodes.labeling import SegmentNodeConfig
     from cmkd_ros.models import PRECISIONS
-    from cmkd_ros.nodes.labeling import PRECISION_CHOICES
+    from cmkd_ros.config import PRECISION_CHOICES
     assert PRECISION_CHOICES == tuple(PRECISIONS)  # the torch-free copy of the names
     base = {'checkpoint': 'student.pt'}
     assert build(SegmentNodeConfig, {**base, 'precision': 'bfloat16'}).precision == 'bfloat16'

@@ -214,3 +214,51 @@ def test_class_weights_by_hand():
     assert (class_weights(data, 3, 'none') == 1).all()
     with pytest.raises(TeacherTrainingError, match='unknown class weighting'):
         class_weights(data, 3, 'median')
+
+
+def test_bfloat16_training_reduces_loss_and_float16_needs_cuda(tmp_path):
+    from fixtures.synthetic import write_sim_pairs
+    from offline_training.readers.images import PairImageDataset
+    from offline_training.train_teacher import TeacherTrainingError, train_teacher
+    data = PairImageDataset(write_sim_pairs(tmp_path / 'pairs', frames=2))
+    cfg = {'arch': 'small', 'width': 8, 'feature_dim': 16}
+    teacher, history = train_teacher(
+        cfg, data, steps=24, batch_size=4, crop_size=(64, 96), lr=5e-3, log_every=4,
+        device='cpu', class_map=SYNTHETIC, seed=1, precision='bfloat16')
+    assert history['loss'][-1] < 0.7 * history['loss'][0]
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # autocast, not a cast
+    if not torch.cuda.is_available():
+        with pytest.raises(TeacherTrainingError, match='float16 needs'):
+            train_teacher(cfg, data, steps=1, batch_size=2, device='cpu', precision='float16')
+    with pytest.raises(TeacherTrainingError, match='precision must be one of'):
+        train_teacher(cfg, data, steps=1, batch_size=2, device='cpu', precision='half')
+
+
+def test_augmented_images_read_each_image_once_within_the_cache_budget():
+    from offline_training.train_teacher import AugmentedImages, ImageAugment
+
+    class Counting:
+        reads = 0
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return {'image': np.full((4, 8, 3), i, np.uint8), 'label': np.full((4, 8), i,
+                                                                                 np.uint8)}
+
+    item_bytes = 4 * 8 * 3 + 4 * 8
+    augment = ImageAugment(crop_size=None, scale_range=(1.0, 1.0), flip=False, color_jitter=0.0)
+    cached = AugmentedImages(Counting(), augment, cache_mb=3 * item_bytes / 2 ** 20)
+    for _ in range(4):
+        for i in range(3):
+            image, label = cached[i]
+            assert (label == i).all() and torch.allclose(image, torch.full_like(image, i / 255))
+    assert Counting.reads == 3
+    Counting.reads = 0
+    partly = AugmentedImages(Counting(), augment, cache_mb=2 * item_bytes / 2 ** 20)
+    for _ in range(4):
+        for i in range(3):
+            partly[i]
+    assert Counting.reads == 2 + 4                   # two cached, the third read every time

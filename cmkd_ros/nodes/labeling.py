@@ -11,13 +11,10 @@ from typing import Any, Callable
 import numpy as np
 
 from cmkd_ros.classes import IGNORE_INDEX, ClassMap
-from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.config import PRECISION_CHOICES, ConfigError, setting
 from cmkd_ros.conversions import xyz_from_cloud
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
-# Inference arithmetic names (cmkd_ros.models.PRECISIONS, spelled out so that no torch import
-# is needed to parse parameters and command lines).
-PRECISION_CHOICES = ('float32', 'bfloat16', 'float16')
 
 # predictor(xyz (N, 3) float32 LiDAR frame, intensity (N,) float32)
 #   -> class_id (N,) integer, probability (N,) float
