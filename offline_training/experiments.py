@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cmkd_ros.config import build, load, setting, to_dict
+from cmkd_ros.config import PRECISION_CHOICES, build, load, setting, to_dict
 
 RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
         'fskd_no_occlusion')
@@ -56,6 +56,9 @@ class ExperimentsConfig:
     teacher_steps: int = setting(2000, 'teacher optimizer steps', ge=1)
     teacher_batch_size: int = setting(4, 'teacher images per step', ge=1)
     teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
+    teacher_precision: str = setting('auto', 'teacher training arithmetic (auto: bfloat16 '
+                                     'autocast where the CPU has bfloat16 instructions)',
+                                     choices=PRECISION_CHOICES + ('auto',))
     teacher_model: dict[str, Any] = setting(
         default_factory=lambda: {'arch': 'small', 'feature_dim': 64, 'output_stride': 4,
                                  'width': 24},
@@ -195,6 +198,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
         'out_dir': os.path.join(root, 'teacher'), 'train': train_dir, 'val': test_dir,
         'seed': cfg.seed, 'steps': cfg.teacher_steps, 'batch_size': cfg.teacher_batch_size,
         'lr': cfg.teacher_lr, 'model': dict(cfg.teacher_model), 'device': 'cpu',
+        'precision': cfg.teacher_precision,
         'threads': cfg.threads, 'progress': False, 'options': dict(cfg.teacher_options)})}
     seeds = {}  # job name -> (run name, seed); the first seed keeps the plain run name
     for repeat in range(cfg.repeats):

@@ -150,9 +150,9 @@ def class_weights(dataset, num_classes: int, kind: str = 'inverse_sqrt',
 
 def _autocast(precision: str, device: torch.device):
     """The autocast context of teacher training in ``precision`` on ``device``."""
-    from cmkd_ros.models.student import precision_context
+    from cmkd_ros.models.student import precision_context, resolve_precision
     try:
-        return precision_context(precision, device)
+        return precision_context(resolve_precision(precision, device), device)
     except ValueError as exc:
         raise TeacherTrainingError(str(exc)) from None
 
@@ -225,6 +225,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`). ``precision``:
     ``float32``, or mixed precision with ``bfloat16`` autocast (CPUs with bfloat16 instructions
     and CUDA) or ``float16`` autocast and loss scaling (CUDA only); the weights stay float32.
+    ``auto``: bfloat16 where the device has it in hardware, else float32.
     ``cache_mb``: decoded training images kept in memory (:class:`AugmentedImages`).
     The returned teacher is in eval mode.
     """

@@ -324,3 +324,14 @@ def test_mixed_precision_autocast_trains(scan, device):
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
                for g in grads)
+
+
+def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
+    from cmkd_ros.models import native_bfloat16, resolve_precision
+    assert resolve_precision('float16', 'cuda') == 'float16'       # names pass through
+    assert resolve_precision('auto') == ('bfloat16' if native_bfloat16() else 'float32')
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
+    assert not native_bfloat16('cpu') and resolve_precision('auto', 'cpu') == 'float32'
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True, raising=False)
+    assert resolve_precision('auto', 'cpu') == 'bfloat16'

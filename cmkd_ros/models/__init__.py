@@ -3,8 +3,8 @@ from .augment import Compose, RandomFlip, RandomJitter, RandomRotationZ, RandomS
 from .checkpoint import CheckpointError, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from .da_module import DAModule, SelfCalibratedConv
 from .minkunet import ARCHS, MinkUNet, build_minkunet
-from .student import (PRECISIONS, Student, StudentConfig, build_student,
-                      precision_context, resolve_backend)
+from .student import (PRECISIONS, Student, StudentConfig, build_student, native_bfloat16,
+                      precision_context, resolve_backend, resolve_precision)
 from .voxelize import (POINT_FEATURE_KINDS, VoxelizeError, feature_channels, point_features,
                        sparse_collate, voxelize)
 
@@ -12,6 +12,7 @@ __all__ = [
     'ARCHS', 'CheckpointError', 'Compose', 'DAModule', 'FORMAT_VERSION', 'MinkUNet',
     'POINT_FEATURE_KINDS', 'PRECISIONS', 'RandomFlip', 'RandomJitter', 'RandomRotationZ',
     'RandomScale', 'SelfCalibratedConv', 'Student', 'StudentConfig', 'VoxelizeError',
-    'build_minkunet', 'build_student', 'feature_channels', 'load_checkpoint', 'point_features',
-    'precision_context', 'resolve_backend', 'save_checkpoint', 'sparse_collate', 'voxelize',
+    'build_minkunet', 'build_student', 'feature_channels', 'load_checkpoint', 'native_bfloat16',
+    'point_features', 'precision_context', 'resolve_backend', 'resolve_precision',
+    'save_checkpoint', 'sparse_collate', 'voxelize',
 ]

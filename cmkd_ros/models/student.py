@@ -27,6 +27,25 @@ BACKENDS = ('auto', 'torch', 'minkowski')
 PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
+def native_bfloat16(device: torch.device | str = 'cpu') -> bool:
+    """Whether ``device`` has bfloat16 arithmetic in hardware (CPU: AVX512-BF16 or AMX; CUDA:
+    Ampere and later). Without it, bfloat16 autocast is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported',
+                                                          '_is_amx_tile_supported')]
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_precision(precision: str, device: torch.device | str = 'cpu') -> str:
+    """``auto`` -> ``bfloat16`` where :func:`native_bfloat16`, else ``float32``; other names
+    pass through."""
+    if precision != 'auto':
+        return precision
+    return 'bfloat16' if native_bfloat16(device) else 'float32'
+
+
 def precision_context(precision: str, device: torch.device | str = 'cpu',
                       backend: str = 'torch'):
     """Context for inference arithmetic in ``precision`` on ``device``: nothing for float32,
