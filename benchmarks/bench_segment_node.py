@@ -14,7 +14,7 @@ features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its St
 e.g. ``--set voxel_size=0.2`` as the demo trains it): timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 2] [--device cpu] [--precision float32|bfloat16] [--no-pipeline]``.
+[--threads 2] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline]``.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def main() -> int:
                         'use_da=false or feature_dim=64 (without --checkpoint)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
-    parser.add_argument('--precision', default='float32', choices=PRECISION_CHOICES,
+    parser.add_argument('--precision', default='auto', choices=PRECISION_CHOICES,
                         help="the node's inference arithmetic (parameter precision)")
     parser.add_argument('--no-pipeline', dest='pipeline', action='store_false',
                         help="the node's single-worker mode (parameter pipeline:=false)")
@@ -197,6 +197,7 @@ def main() -> int:
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tmp, 'student_small.pt'),
                                                     args.overrides)
     scan = nuscenes_scan(pathlib.Path(args.scan))
+    from cmkd_ros.models import resolve_precision
     from cmkd_ros.models.checkpoint import load_checkpoint
     student_config = load_checkpoint(checkpoint)[1]['config']
     print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '
@@ -204,7 +205,8 @@ def main() -> int:
           f'{student_config.voxel_size} m')
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
-          f'{args.device}, {args.precision}, {args.threads} threads, '
+          f'{args.device}, {resolve_precision(args.precision, args.device)} (precision '
+          f'{args.precision}), {args.threads} threads, '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     # 1. reference: the library step alone, in this process
     reference = library_reference(checkpoint, args.device, args.threads, scan,

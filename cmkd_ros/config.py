@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 
 # Arithmetic names of inference and training (cmkd_ros.models.PRECISIONS maps them to torch
-# dtypes; spelled out here so that parameters and command lines parse without torch).
-PRECISION_CHOICES = ('float32', 'bfloat16', 'float16')
+# dtypes; spelled out here so that parameters and command lines parse without torch), and auto
+# (cmkd_ros.models.resolve_precision: bfloat16 on CPUs that have it in hardware).
+PRECISION_CHOICES = ('float32', 'bfloat16', 'float16', 'auto')
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = '', *,  # noqa: A002

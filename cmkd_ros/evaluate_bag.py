@@ -330,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default cpu)')
     parser.add_argument('--precision', default=None, choices=PRECISION_CHOICES,
                         help="the node's inference arithmetic (default: the params file's, "
-                             'else float32)')
+                             'else auto: bfloat16 on CPUs that have it in hardware)')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
     parser.add_argument('--points-topic', default='/lidar/points')
     parser.add_argument('--labels-topic', default='/lidar/labels')

@@ -41,9 +41,10 @@ def generate_launch_description():
             default_value=PathJoinSubstitution([share, 'config', 'segment_node.param.yaml'])),
         DeclareLaunchArgument('device', default_value='cpu',
                               description='torch device: cpu, cuda or cuda:N'),
-        DeclareLaunchArgument('precision', default_value='float32',
+        DeclareLaunchArgument('precision', default_value='auto',
                               description='inference arithmetic: float32, bfloat16 (faster on '
-                              'CPUs with AVX512-BF16/AMX) or float16 (CUDA)'),
+                              'CPUs with AVX512-BF16/AMX), float16 (CUDA) or auto (bfloat16 '
+                              'where the CPU has it, else float32)'),
         DeclareLaunchArgument('rate', default_value='1.0', description='playback speed factor'),
         DeclareLaunchArgument('use_sim_time', default_value='true',
                               description='segment node follows the replayed /clock'),

@@ -177,7 +177,7 @@ class TeacherTrainConfig:
     precision: str = setting('float32', 'training arithmetic: float32, bfloat16 autocast (CPUs '
                              'with bfloat16 instructions, CUDA), float16 autocast (CUDA) or auto '
                              '(bfloat16 where the hardware has it, else float32)',
-                             choices=PRECISION_CHOICES + ('auto',))
+                             choices=PRECISION_CHOICES)
     threads: int = setting(0, 'torch intra-op CPU threads; 0: torch default', ge=0, le=256)
     progress: bool = setting(True, 'tqdm progress bar')
     class_map: str = setting('synthetic', 'built-in class map of the labels')

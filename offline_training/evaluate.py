@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
-from cmkd_ros.models.student import PRECISIONS
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -257,8 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-motion-compensation', action='store_true',
                         help='project points without moving them to the camera stamps')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    parser.add_argument('--precision', default='float32', choices=tuple(PRECISIONS),
-                        help='inference arithmetic (float16: CUDA only)')
+    parser.add_argument('--precision', default='float32', choices=PRECISION_CHOICES,
+                        help='inference arithmetic (float16: CUDA only; auto: bfloat16 on CPUs '
+                        'with bfloat16 instructions)')
     parser.add_argument('--max-scans', type=int, default=None, help='score only the first N')
     parser.add_argument('--progress', action='store_true', help='show a progress bar')
 

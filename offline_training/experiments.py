@@ -58,7 +58,7 @@ class ExperimentsConfig:
     teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
     teacher_precision: str = setting('auto', 'teacher training arithmetic (auto: bfloat16 '
                                      'autocast where the CPU has bfloat16 instructions)',
-                                     choices=PRECISION_CHOICES + ('auto',))
+                                     choices=PRECISION_CHOICES)
     teacher_model: dict[str, Any] = setting(
         default_factory=lambda: {'arch': 'small', 'feature_dim': 64, 'output_stride': 4,
                                  'width': 24},

@@ -251,7 +251,7 @@ def test_precision_parameter_is_validated():
     from cmkd_ros.nodes.labeling import SegmentNodeConfig
     from cmkd_ros.models import PRECISIONS
     from cmkd_ros.config import PRECISION_CHOICES
-    assert PRECISION_CHOICES == tuple(PRECISIONS)  # the torch-free copy of the names
+    assert PRECISION_CHOICES == tuple(PRECISIONS) + ('auto',)  # the torch-free copy
     base = {'checkpoint': 'student.pt'}
     assert build(SegmentNodeConfig, {**base, 'precision': 'bfloat16'}).precision == 'bfloat16'
     assert build(SegmentNodeConfig, {**base, 'precision': 'float16',
@@ -260,3 +260,21 @@ def test_precision_parameter_is_validated():
         build(SegmentNodeConfig, {**base, 'precision': 'float16'})
     with pytest.raises(ConfigError, match='precision'):
         build(SegmentNodeConfig, {**base, 'precision': 'half'})
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, monkeypatch):
+    import torch
+    from cmkd_ros.config import build
+    from cmkd_ros.models import native_bfloat16
+    from cmkd_ros.nodes.labeling import SegmentNodeConfig
+    from cmkd_ros.nodes.segment_node import load_predictor
+    assert build(SegmentNodeConfig, {'checkpoint': 'student.pt'}).precision == 'auto'
+    predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')
+    assert predictor.precision == ('bfloat16' if native_bfloat16('cpu') else 'float32')
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')
+    assert predictor.precision == 'float32'
+    ids, prob = predictor(np.random.default_rng(0).uniform(-20, 20, (500, 3)).astype(np.float32),
+                          np.zeros(500, np.float32))
+    assert len(ids) == 500 and np.all((np.asarray(prob) > 0) & (np.asarray(prob) <= 1))

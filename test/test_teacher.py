@@ -245,8 +245,8 @@ def test_augmented_images_read_each_image_once_within_the_cache_budget():
 
         def __getitem__(self, i):
             Counting.reads += 1
-            return {'image': np.full((4, 8, 3), i, np.uint8), 'label': np.full((4, 8), i,
-                                                                                 np.uint8)}
+            return {'image': np.full((4, 8, 3), i, np.uint8),
+                    'label': np.full((4, 8), i, np.uint8)}
 
     item_bytes = 4 * 8 * 3 + 4 * 8
     augment = ImageAugment(crop_size=None, scale_range=(1.0, 1.0), flip=False, color_jitter=0.0)

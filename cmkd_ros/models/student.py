@@ -38,12 +38,15 @@ def native_bfloat16(device: torch.device | str = 'cpu') -> bool:
     return any(check is not None and check() for check in checks)
 
 
-def resolve_precision(precision: str, device: torch.device | str = 'cpu') -> str:
-    """``auto`` -> ``bfloat16`` where :func:`native_bfloat16`, else ``float32``; other names
-    pass through."""
+def resolve_precision(precision: str, device: torch.device | str = 'cpu',
+                      backend: str = 'torch') -> str:
+    """``auto`` -> ``bfloat16`` on a CPU with bfloat16 instructions (:func:`native_bfloat16`)
+    and the torch backend, else ``float32`` (on GPUs the sparse student measured no gain from
+    16 bits: kernel launches and maps dominate); other names pass through."""
     if precision != 'auto':
         return precision
-    return 'bfloat16' if native_bfloat16(device) else 'float32'
+    native = torch.device(device).type == 'cpu' and native_bfloat16('cpu')
+    return 'bfloat16' if native and backend == 'torch' else 'float32'
 
 
 def precision_context(precision: str, device: torch.device | str = 'cpu',
@@ -51,9 +54,12 @@ def precision_context(precision: str, device: torch.device | str = 'cpu',
     """Context for inference arithmetic in ``precision`` on ``device``: nothing for float32,
     else autocast (weights stay float32; convolutions, GEMMs and gathers run in 16 bits).
     float16 is CUDA only (CPUs have no fast float16 GEMM; bfloat16 is the CPU choice), and
-    16-bit arithmetic needs the torch backend (``backend`` as resolved for ``device``)."""
+    16-bit arithmetic needs the torch backend (``backend`` as resolved for ``device``).
+    ``auto``: :func:`resolve_precision`."""
+    precision = resolve_precision(precision, device, backend)
     if precision not in PRECISIONS:
-        raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {precision!r}')
+        raise ValueError(f'precision must be one of {sorted(PRECISIONS) + ["auto"]}, got '
+                         f'{precision!r}')
     device_type = torch.device(device).type
     if precision == 'float16' and device_type != 'cuda':
         raise ValueError('precision float16 needs a CUDA device; use bfloat16 on the CPU')

@@ -28,9 +28,10 @@ class SegmentNodeConfig:
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
     num_threads: int = setting(0, 'torch CPU threads for inference (0: torch default)', ge=0)
-    precision: str = setting('float32', 'inference arithmetic: float32; bfloat16 (faster on '
+    precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
-                             'identical, see docs/nodes.md); float16 (CUDA only)',
+                             'identical, see docs/nodes.md); float16 (CUDA only); auto: '
+                             'bfloat16 on CPUs that have it in hardware, else float32',
                              choices=PRECISION_CHOICES)
     range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
                                'segmented (class_id 255)', ge=0.0)

@@ -32,7 +32,7 @@ RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'a
 
 def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32'):
     """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
-    (inference in ``precision``: float32, bfloat16 or float16)."""
+    (inference in ``precision``: float32, bfloat16, float16 or auto)."""
     import torch
     from cmkd_ros.models.checkpoint import load_checkpoint
     if num_threads > 0:
@@ -50,9 +50,11 @@ class StudentPredictor:
     ``prepare`` (voxels, kernel maps; no model state) then ``infer`` (the network)."""
 
     def __init__(self, student, precision: str = 'float32'):
-        from cmkd_ros.models import precision_context, resolve_backend
+        from cmkd_ros.models import precision_context, resolve_backend, resolve_precision
         device = next(student.parameters()).device
-        precision_context(precision, device, resolve_backend(student.backend, device))  # checks
+        backend = resolve_backend(student.backend, device)
+        precision = resolve_precision(precision, device, backend)  # auto -> what this CPU has
+        precision_context(precision, device, backend)  # checks
         self.student = student
         self.precision = precision
 
@@ -83,8 +85,10 @@ class SegmentNode(Node):
         self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
                                                       config.num_threads, config.precision)
         class_filter(self.class_map, config.classes)      # unknown class names raise here
-        self.get_logger().info(f'loaded {config.checkpoint} on {config.device}: '
-                               f'{self.class_map.num_classes} classes')
+        self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
+                               f'({getattr(self.predict, "precision", config.precision)}): '
+                               f'{self.class_map.num_classes} '
+                               'classes')
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'segmentation', config.diagnostics_period_s)
         self.slot = LatestSlot()
