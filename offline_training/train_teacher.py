@@ -41,8 +41,9 @@ class ImageAugment:
     flip: bool = True
     color_jitter: float = 0.3
 
-    def __call__(self, image: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 focus: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``focus``: a class id; the crop is centred on a random pixel of it (where present)."""
         import cv2
         # 1. Random scale (bilinear image, nearest label).
         lo, hi = self.scale_range
@@ -60,6 +61,11 @@ class ImageAugment:
                 label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
             y0 = int(rng.integers(0, image.shape[0] - ch + 1))
             x0 = int(rng.integers(0, image.shape[1] - cw + 1))
+            ys, xs = np.nonzero(label == focus) if focus is not None else ((), ())
+            if len(ys):
+                k = int(rng.integers(0, len(ys)))
+                y0 = min(max(int(ys[k]) - ch // 2, 0), image.shape[0] - ch)
+                x0 = min(max(int(xs[k]) - cw // 2, 0), image.shape[1] - cw)
             image = image[y0:y0 + ch, x0:x0 + cw]
             label = label[y0:y0 + ch, x0:x0 + cw]
         # 3. Horizontal flip.
@@ -83,16 +89,33 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     Decoded images are kept in memory up to ``cache_mb`` megabytes (0: none), so small data sets
     are read once instead of at every epoch (each data-loader worker holds its own cache).
+
+    Rare-class sampling (``rare_class_sampling`` = probability p > 0, needs ``num_classes``):
+    a draw is replaced with probability p by one that picks a class c with probability
+    proportional to ``1 / sqrt(pixel frequency of c)``, then an image showing c, and centres the
+    crop on a pixel of c. Tiny, rare objects (signs, poles) are otherwise seen in a few crops
+    only. The label histogram is read once at construction.
     """
 
     def __init__(self, dataset, augment: ImageAugment | None, seed: int = 0,
-                 cache_mb: float = 0.0):
+                 cache_mb: float = 0.0, rare_class_sampling: float = 0.0,
+                 num_classes: int = 0):
         self.dataset = dataset
         self.augment = augment
         self.seed = seed
         self.cache_bytes = int(cache_mb * 2 ** 20)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cached_bytes = 0
+        if not 0.0 <= rare_class_sampling <= 1.0:
+            raise TeacherTrainingError(f'rare_class_sampling must lie in [0, 1], got '
+                                       f'{rare_class_sampling}')
+        self.rare_class_sampling = rare_class_sampling
+        self._class_images: list[np.ndarray] = []
+        self._class_probability = np.zeros(0)
+        if rare_class_sampling > 0:
+            if num_classes < 1:
+                raise TeacherTrainingError('rare_class_sampling needs num_classes')
+            self._index_classes(num_classes)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -108,12 +131,32 @@ class AugmentedImages(torch.utils.data.Dataset):
             self._cached_bytes += size
         return image, label
 
+    def _index_classes(self, num_classes: int) -> None:
+        """Images showing each class, and the class draw probabilities (1 / sqrt frequency)."""
+        counts = np.zeros((len(self.dataset), num_classes), dtype=np.int64)
+        for i in range(len(self.dataset)):
+            label = self._read(i)[1].ravel()
+            counts[i] = np.bincount(label[label < num_classes], minlength=num_classes)
+        total = counts.sum(0)
+        seen = total > 0
+        if not seen.any():
+            raise TeacherTrainingError('rare_class_sampling: no labeled pixel in the dataset')
+        weight = np.zeros(num_classes)
+        weight[seen] = 1.0 / np.sqrt(total[seen] / total.sum())
+        self._class_probability = weight / weight.sum()
+        self._class_images = [np.nonzero(counts[:, c])[0] for c in range(num_classes)]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self._read(i)
+        focus = None
         if self.augment is not None:
             # a fresh stream per draw, reproducible from torch's (per-worker) seed
             rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
-            image, label = self.augment(image, label, rng)
+            if self.rare_class_sampling > 0 and rng.random() < self.rare_class_sampling:
+                focus = int(rng.choice(len(self._class_probability), p=self._class_probability))
+                i = int(rng.choice(self._class_images[focus]))
+        image, label = self._read(i)
+        if self.augment is not None:
+            image, label = self.augment(image, label, rng, focus)
         return (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0,
                 torch.from_numpy(label.astype(np.int64)))
 
@@ -211,8 +254,9 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                   color_jitter: float = 0.3, device: str = 'auto', seed: int = 0,
                   num_workers: int = 0, class_map: ClassMap | None = None,
                   teacher: Teacher | None = None, val_dataset=None, val_image_scale: float = 1.0,
-                  class_weighting: str = 'none', precision: str = 'float32',
-                  cache_mb: float = 1024.0, log_every: int = 10, progress: bool = False,
+                  class_weighting: str = 'none', rare_class_sampling: float = 0.0,
+                  precision: str = 'float32', cache_mb: float = 1024.0, log_every: int = 10,
+                  progress: bool = False,
                   callback: Callable[[int, float], None] | None = None
                   ) -> tuple[Teacher, dict]:
     """Train a teacher with pixel cross-entropy; returns ``(teacher, history)``.
@@ -222,10 +266,12 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     network instead of building one from ``cfg``. ``history`` holds ``step``/``loss`` lists (one
     entry per ``log_every`` steps, the mean loss since the last one), ``seconds``,
     ``images_per_second`` and, with ``val_dataset``, ``val`` (:func:`evaluate_teacher`).
-    ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`). ``precision``:
-    ``float32``, or mixed precision with ``bfloat16`` autocast (CPUs with bfloat16 instructions
-    and CUDA) or ``float16`` autocast and loss scaling (CUDA only); the weights stay float32.
-    ``auto``: bfloat16 where the device has it in hardware, else float32.
+    ``class_weighting``: ``none`` or ``inverse_sqrt`` (:func:`class_weights`);
+    ``rare_class_sampling``: probability of a rare-class draw (:class:`AugmentedImages`).
+    ``precision``: ``float32``, or mixed precision with ``bfloat16`` autocast (CPUs with
+    bfloat16 instructions and CUDA) or ``float16`` autocast and loss scaling (CUDA only); the
+    weights stay float32.
+    ``auto``: :func:`cmkd_ros.models.resolve_precision` (bfloat16 on CPUs that have it).
     ``cache_mb``: decoded training images kept in memory (:class:`AugmentedImages`).
     The returned teacher is in eval mode.
     """
@@ -248,7 +294,8 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
     history_weights = weights.tolist()
     augment = ImageAugment(tuple(crop_size) if crop_size is not None else None,
                            tuple(scale_range), flip, color_jitter)
-    data = AugmentedImages(dataset, augment, seed, cache_mb)
+    data = AugmentedImages(dataset, augment, seed, cache_mb, rare_class_sampling,
+                           teacher.num_classes)
     generator = torch.Generator().manual_seed(seed)
     # BatchNorm needs more than one value per channel: drop a last batch of one.
     loader = torch.utils.data.DataLoader(
