@@ -174,9 +174,9 @@ class TeacherTrainConfig:
     batch_size: int = setting(8, 'images per batch', ge=1)
     lr: float = setting(1e-3, 'learning rate (AdamW)', gt=0.0)
     device: str = setting('auto', 'auto, cpu or cuda', choices=('auto', 'cpu', 'cuda'))
-    precision: str = setting('float32', 'training arithmetic: float32, bfloat16 autocast (CPUs '
+    precision: str = setting('auto', 'training arithmetic: float32, bfloat16 autocast (CPUs '
                              'with bfloat16 instructions, CUDA), float16 autocast (CUDA) or auto '
-                             '(bfloat16 where the hardware has it, else float32)',
+                             '(bfloat16 on CPUs that have it in hardware, else float32)',
                              choices=PRECISION_CHOICES)
     threads: int = setting(0, 'torch intra-op CPU threads; 0: torch default', ge=0, le=256)
     progress: bool = setting(True, 'tqdm progress bar')

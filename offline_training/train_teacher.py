@@ -255,7 +255,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
                   num_workers: int = 0, class_map: ClassMap | None = None,
                   teacher: Teacher | None = None, val_dataset=None, val_image_scale: float = 1.0,
                   class_weighting: str = 'none', rare_class_sampling: float = 0.0,
-                  precision: str = 'float32', cache_mb: float = 1024.0, log_every: int = 10,
+                  precision: str = 'auto', cache_mb: float = 1024.0, log_every: int = 10,
                   progress: bool = False,
                   callback: Callable[[int, float], None] | None = None
                   ) -> tuple[Teacher, dict]:

@@ -160,7 +160,8 @@ def test_tiny_training_reduces_loss_and_beats_chance(tmp_path):
     data = PairImageDataset(root)
     teacher, history = train_teacher(
         {'arch': 'small', 'width': 8, 'feature_dim': 16}, data, steps=24, batch_size=4,
-        crop_size=(64, 96), lr=5e-3, log_every=4, device='cpu', class_map=SYNTHETIC, seed=1)
+        crop_size=(64, 96), lr=5e-3, log_every=4, device='cpu', class_map=SYNTHETIC, seed=1,
+        precision='float32')
     assert len(history['loss']) == 6 and history['step'][-1] == 24
     assert history['loss'][-1] < 0.7 * history['loss'][0]
     assert not teacher.training
@@ -262,3 +263,31 @@ def test_augmented_images_read_each_image_once_within_the_cache_budget():
         for i in range(3):
             partly[i]
     assert Counting.reads == 2 + 4                   # two cached, the third read every time
+
+
+def test_rare_class_sampling_centres_crops_on_rare_classes():
+    from offline_training.train_teacher import (AugmentedImages, ImageAugment,
+                                                TeacherTrainingError)
+    # four 20x40 images of class 0; the last has a 2x2 patch of class 1 in a corner
+    items = []
+    for i in range(4):
+        label = np.zeros((20, 40), np.uint8)
+        if i == 3:
+            label[17:19, 36:38] = 1
+        items.append({'image': np.zeros((20, 40, 3), np.uint8), 'label': label})
+    augment = ImageAugment(crop_size=(10, 10), scale_range=(1.0, 1.0), flip=False,
+                           color_jitter=0.0)
+    torch.manual_seed(0)
+    plain = AugmentedImages(items, augment)
+    rare = AugmentedImages(items, augment, rare_class_sampling=1.0, num_classes=2)
+    # class 1 is drawn with probability w1 / (w0 + w1), w = 1 / sqrt(pixel frequency)
+    f1 = 4 / (4 * 800)
+    w0, w1 = 1 / np.sqrt(1 - f1), 1 / np.sqrt(f1)
+    np.testing.assert_allclose(rare._class_probability, [w0 / (w0 + w1), w1 / (w0 + w1)])
+    hits_plain = sum(bool((plain[i % 4][1] == 1).any()) for i in range(60))
+    hits_rare = sum(bool((rare[i % 4][1] == 1).any()) for i in range(60))
+    assert hits_plain <= 6 and hits_rare >= 50, (hits_plain, hits_rare)
+    with pytest.raises(TeacherTrainingError, match='needs num_classes'):
+        AugmentedImages(items, augment, rare_class_sampling=0.5)
+    with pytest.raises(TeacherTrainingError, match=r'must lie in \[0, 1\]'):
+        AugmentedImages(items, augment, rare_class_sampling=1.5, num_classes=2)
