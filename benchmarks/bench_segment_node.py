@@ -14,7 +14,7 @@ features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its St
 e.g. ``--set voxel_size=0.2`` as the demo trains it): timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 2] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline]``.
+[--threads 0] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline]``.
 """
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def library_reference(checkpoint: str, device: str, threads: int, scan: np.ndarr
 
     def work() -> None:
         import torch
-        torch.set_num_threads(threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         for i in range(repeats + 2):
             start = time.perf_counter()
             segment_array(scan, predict, class_map, config)
@@ -183,7 +184,8 @@ def main() -> int:
                         metavar='KEY=VALUE', help='StudentConfig of the random student, e.g. '
                         'use_da=false or feature_dim=64 (without --checkpoint)')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--threads', type=int, default=2, help='torch threads in the node')
+    parser.add_argument('--threads', type=int, default=0,
+                        help="the node's network threads (parameter num_threads; 0: its auto)")
     parser.add_argument('--precision', default='auto', choices=PRECISION_CHOICES,
                         help="the node's inference arithmetic (parameter precision)")
     parser.add_argument('--no-pipeline', dest='pipeline', action='store_false',
@@ -199,6 +201,8 @@ def main() -> int:
     scan = nuscenes_scan(pathlib.Path(args.scan))
     from cmkd_ros.models import resolve_precision
     from cmkd_ros.models.checkpoint import load_checkpoint
+    from cmkd_ros.nodes.labeling import network_threads
+    threads = network_threads(args.threads, args.pipeline)  # what the node will use
     student_config = load_checkpoint(checkpoint)[1]['config']
     print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '
           f'{student_config.da_width or student_config.feature_dim}, voxel '
@@ -206,10 +210,11 @@ def main() -> int:
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
           f'{args.device}, {resolve_precision(args.precision, args.device)} (precision '
-          f'{args.precision}), {args.threads} threads, '
+          f'{args.precision}), {threads or "default"} network threads (num_threads '
+          f'{args.threads}), '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     # 1. reference: the library step alone, in this process
-    reference = library_reference(checkpoint, args.device, args.threads, scan,
+    reference = library_reference(checkpoint, args.device, threads, scan,
                                   args.reference_repeats, args.precision)
     print(f'library segment_array   {percentiles(reference)}')
     # 2. the node process and this process's publisher/subscriber

@@ -278,3 +278,16 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, mon
     ids, prob = predictor(np.random.default_rng(0).uniform(-20, 20, (500, 3)).astype(np.float32),
                           np.zeros(500, np.float32))
     assert len(ids) == 500 and np.all((np.asarray(prob) > 0) & (np.asarray(prob) <= 1))
+
+
+def test_network_threads_leave_a_core_to_the_preparing_thread(monkeypatch):
+    import os
+    from cmkd_ros.nodes.labeling import network_threads
+    assert network_threads(3, True) == 3 and network_threads(3, False) == 3   # as asked
+    assert network_threads(0, False) == 0                                      # torch's default
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    assert network_threads(0, True) == 1
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
+    assert network_threads(0, True) == 7
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+    assert network_threads(0, True) == 1

@@ -27,7 +27,9 @@ class SegmentNodeConfig:
 
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
-    num_threads: int = setting(0, 'torch CPU threads for inference (0: torch default)', ge=0)
+    num_threads: int = setting(0, 'torch CPU threads of the network (0: auto, the available '
+                               'cores minus the one preparing the next scan when pipelined, '
+                               "else torch's default)", ge=0)
     precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
                              'identical, see docs/nodes.md); float16 (CUDA only); auto: '
@@ -60,6 +62,17 @@ class SegmentNodeConfig:
             raise ConfigError(f'device: {self.device!r} is not cpu, cuda or cuda:N')
         if self.precision == 'float16' and self.device == 'cpu':
             raise ConfigError('precision: float16 needs a CUDA device; use bfloat16 on the CPU')
+
+
+def network_threads(num_threads: int, pipeline: bool) -> int:
+    """Torch threads of the network: ``num_threads``, or for 0 the cores this process may use
+    minus the one the pipelined preparing thread keeps busy (0 = torch's default when not
+    pipelined). Two stages with all cores each oversubscribe the CPU."""
+    if num_threads > 0 or not pipeline:
+        return num_threads
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def packed_rgb(colors: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.labeling import (SegmentNodeConfig, class_filter, label_points,
-                                     select_points)
+                                     network_threads, select_points)
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
                                    run_node, sensor_qos)
 
@@ -82,13 +82,14 @@ class SegmentNode(Node):
                                        on_change=self._on_config)
         config = self.params.config
         # 2. core objects: the student and its class map.
+        self.threads = network_threads(config.num_threads, config.pipeline)
         self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
-                                                      config.num_threads, config.precision)
+                                                      self.threads, config.precision)
         class_filter(self.class_map, config.classes)      # unknown class names raise here
         self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
-                               f'({getattr(self.predict, "precision", config.precision)}): '
-                               f'{self.class_map.num_classes} '
-                               'classes')
+                               f'({getattr(self.predict, "precision", config.precision)}, '
+                               f'{self.threads or "default"} network threads): '
+                               f'{self.class_map.num_classes} classes')
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'segmentation', config.diagnostics_period_s)
         self.slot = LatestSlot()
@@ -168,7 +169,7 @@ class SegmentNode(Node):
 
     def _work(self) -> None:
         """Single worker: prepare and infer each scan in turn."""
-        self._set_threads(self.params.config.num_threads)
+        self._set_threads(self.threads)
         for item in self._prepared_scans():
             self._finish(*item)
 
@@ -181,7 +182,7 @@ class SegmentNode(Node):
 
     def _infer_loop(self) -> None:
         """Pipeline stage 2: the network, labels, publish."""
-        self._set_threads(self.params.config.num_threads)
+        self._set_threads(self.threads)
         while not self.ready.closed:
             item = self.ready.take(timeout=0.2)
             if item is not None:
