@@ -53,7 +53,7 @@ class ExperimentsConfig:
         help='SimConfig overrides (cmkd_ros.sim.config) shared by train and test worlds')
     threads: int = setting(1, 'torch intra-op threads per training process', ge=1)
     parallel: int = setting(2, 'trainings run at the same time (one process each)', ge=1)
-    teacher_steps: int = setting(2000, 'teacher optimizer steps', ge=1)
+    teacher_steps: int = setting(4000, 'teacher optimizer steps', ge=1)
     teacher_batch_size: int = setting(4, 'teacher images per step', ge=1)
     teacher_lr: float = setting(2e-3, 'teacher learning rate', gt=0)
     teacher_precision: str = setting('auto', 'teacher training arithmetic (auto: bfloat16 '
