@@ -193,9 +193,9 @@ def class_weights(dataset, num_classes: int, kind: str = 'inverse_sqrt',
 
 def _autocast(precision: str, device: torch.device):
     """The autocast context of teacher training in ``precision`` on ``device``."""
-    from cmkd_ros.models.student import precision_context, resolve_precision
+    from cmkd_ros.models.student import precision_context
     try:
-        return precision_context(resolve_precision(precision, device), device)
+        return precision_context(precision, device)  # resolves auto
     except ValueError as exc:
         raise TeacherTrainingError(str(exc)) from None
 
