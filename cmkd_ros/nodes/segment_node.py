@@ -87,7 +87,7 @@ class SegmentNode(Node):
                                                       self.threads, config.precision)
         class_filter(self.class_map, config.classes)      # unknown class names raise here
         self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
-                               f'({getattr(self.predict, "precision", config.precision)}, '
+                               f'({self.predict.precision}, '
                                f'{self.threads or "default"} network threads): '
                                f'{self.class_map.num_classes} classes')
         self.msg_types = rclpy_types()
