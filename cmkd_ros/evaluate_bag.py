@@ -114,8 +114,9 @@ def _node_command(args: argparse.Namespace) -> list[str]:
            '-r', f'__node:={NODE_NAME}']
     if args.params_file:
         cmd += ['--params-file', args.params_file]
-    cmd += ['-p', f'checkpoint:={os.path.abspath(args.checkpoint)}', '-p',
-            f'device:={args.device}']
+    cmd += ['-p', f'checkpoint:={os.path.abspath(args.checkpoint)}']
+    if args.device:
+        cmd += ['-p', f'device:={args.device}']
     if args.precision:
         cmd += ['-p', f'precision:={args.precision}']
     for item in args.param:
@@ -253,6 +254,7 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
                 raise EvaluationError(f'segment node not ready after {args.startup_timeout} s:'
                                       f'\n{_tail(log)}')
             time.sleep(0.5)                        # let discovery settle both ways
+            settings = node_parameters(node, NODE_NAME, ('device', 'precision'))
             # 2. replay, 3. wait for outputs still in flight.
             stats = replayer.play()
         finally:
@@ -268,7 +270,9 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
         client.close()
     report = score(collector, labels, class_names)
     report.update(bag=os.path.abspath(args.bag), checkpoint=os.path.abspath(args.checkpoint),
-                  device=args.device, rate=args.rate, class_names=class_names,
+                  device=settings.get('device', args.device),
+                  precision=settings.get('precision', args.precision), rate=args.rate,
+                  class_names=class_names,
                   frames_in_bag=len(point_counts), replay_wall_s=stats.wall_s,
                   replay_max_lag_ms=stats.max_lag_ms)
     log.close()
@@ -305,7 +309,8 @@ def format_table(report: dict) -> str:
     def ms(v):
         return '    n/a' if v is None else f'{v:7.1f}'
 
-    lines = [f'bag {report["bag"]}', f'checkpoint {report["checkpoint"]} ({report["device"]})',
+    lines = [f'bag {report["bag"]}', f'checkpoint {report["checkpoint"]} '
+             f'({report["device"]}, {report.get("precision")})',
              '', f'{"class":<20} {"IoU %":>6}']
     for name in report['class_names']:
         lines.append(f'{name:<20} {pct((report.get("iou") or {}).get(name))}')
@@ -323,14 +328,46 @@ def format_table(report: dict) -> str:
     return '\n'.join(lines)
 
 
+def node_parameters(node, node_name: str, names, timeout: float = 5.0) -> dict:
+    """Current values of parameters ``names`` of the running node ``node_name``, through its
+    get_parameters service from ``node`` (spun elsewhere); {} if it does not answer in time."""
+    from rcl_interfaces.srv import GetParameters
+    from rclpy.parameter import parameter_value_to_python
+    client = node.create_client(GetParameters, f'/{node_name}/get_parameters')
+    try:
+        if not client.wait_for_service(timeout_sec=timeout):
+            return {}
+        future = client.call_async(GetParameters.Request(names=list(names)))
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout) or future.result() is None:
+            return {}
+        return {name: parameter_value_to_python(value)
+                for name, value in zip(names, future.result().values)}
+    finally:
+        node.destroy_client(client)
+
+
+def _optional_precision(text: str) -> str | None:
+    """--precision: one of PRECISION_CHOICES, or '' for the params file's value."""
+    if not text.strip():
+        return None
+    if text not in PRECISION_CHOICES:
+        raise argparse.ArgumentTypeError(f'{text!r} is not one of {", ".join(PRECISION_CHOICES)}')
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('bag', help='rosbag2 folder or file with LiDAR and ground-truth labels')
     parser.add_argument('--checkpoint', required=True, help='student checkpoint (.pt)')
     parser.add_argument('--json', default=None, help='write the report here')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default cpu)')
-    parser.add_argument('--precision', default=None, choices=PRECISION_CHOICES,
-                        help="the node's inference arithmetic (default: the params file's, "
-                             'else auto: bfloat16 on CPUs that have it in hardware)')
+    parser.add_argument('--device', default=None, type=lambda text: text.strip() or None,
+                        help="cpu, cuda or cuda:N (default or '': the params file's, else "
+                             'cpu)')
+    parser.add_argument('--precision', default=None, type=_optional_precision,
+                        metavar='{' + ','.join(PRECISION_CHOICES) + '}',
+                        help="the node's inference arithmetic (default or '': the params "
+                             "file's, else auto: bfloat16 on CPUs that have it in hardware)")
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
     parser.add_argument('--points-topic', default='/lidar/points')
     parser.add_argument('--labels-topic', default='/lidar/labels')

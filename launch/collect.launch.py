@@ -3,24 +3,32 @@
     ros2 launch cmkd_ros collect.launch.py calibration_file:=/path/rig.yaml \
         output_dir:=/data/pairs record:=true input_pointcloud:=/lidar/points
 """
-import os
-
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
+from cmkd_ros.launch_support import fastdds_profile, optional_parameters
 
-def _fastdds_profile(context):
-    """Point Fast DDS (2.x reads FASTRTPS_..., 3.x FASTDDS_...) at the chosen profile."""
-    profile = LaunchConfiguration('fastdds_profile').perform(context)
-    if not profile:
-        return []
-    old = os.environ.get('ROS_DISTRO', '') in ('humble', 'iron')
-    var = 'FASTRTPS_DEFAULT_PROFILES_FILE' if old else 'FASTDDS_DEFAULT_PROFILES_FILE'
-    return [SetEnvironmentVariable(var, profile)]
+# Launch arguments passed to the node only when given: empty keeps the params file's value.
+OPTIONAL_PARAMETERS = {'record': ('record.enabled', bool),
+                       'output_dir': ('record.output_dir', str)}
+
+
+def _collect_node(context):
+    return [Node(
+        package='cmkd_ros', executable='collect_node', name='collect_node', output='screen',
+        parameters=[LaunchConfiguration('params_file'), {
+            'calibration_file': ParameterValue(LaunchConfiguration('calibration_file'),
+                                               value_type=str),
+            'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
+                                           value_type=bool),
+        }, optional_parameters(context, OPTIONAL_PARAMETERS)],
+        remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
+                    ('~/input/odom', LaunchConfiguration('input_odom')),
+                    ('~/output/overlay', LaunchConfiguration('output_overlay'))])]
 
 
 def generate_launch_description():
@@ -32,11 +40,13 @@ def generate_launch_description():
             'params_file', description='collect node parameters (ros__parameters YAML; '
             'cameras, topic templates, sync, record, ...)',
             default_value=PathJoinSubstitution([share, 'config', 'collect_node.param.yaml'])),
-        DeclareLaunchArgument('record', default_value='false',
-                              description='write pairs (switchable at runtime: '
+        DeclareLaunchArgument('record', default_value='',
+                              description="write pairs: true or false ('': the params "
+                              "file's, default false; switchable at runtime: "
                               'ros2 param set /collect_node record.enabled true)'),
-        DeclareLaunchArgument('output_dir', default_value='pairs',
-                              description='pair dataset folder'),
+        DeclareLaunchArgument('output_dir', default_value='',
+                              description="pair dataset folder ('': the params file's, "
+                              'default pairs)'),
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='use /clock (true when replaying a bag)'),
         DeclareLaunchArgument('input_pointcloud', default_value='/lidar/points',
@@ -51,18 +61,5 @@ def generate_launch_description():
             "large clouds and images ('' keeps the environment's)",
             default_value=PathJoinSubstitution([share, 'config', 'fastdds_shm.xml'])),
     ]
-    node = Node(
-        package='cmkd_ros', executable='collect_node', name='collect_node', output='screen',
-        parameters=[LaunchConfiguration('params_file'), {
-            'calibration_file': ParameterValue(LaunchConfiguration('calibration_file'),
-                                               value_type=str),
-            'record.enabled': ParameterValue(LaunchConfiguration('record'), value_type=bool),
-            'record.output_dir': ParameterValue(LaunchConfiguration('output_dir'),
-                                                value_type=str),
-            'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
-                                           value_type=bool),
-        }],
-        remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
-                    ('~/input/odom', LaunchConfiguration('input_odom')),
-                    ('~/output/overlay', LaunchConfiguration('output_overlay'))])
-    return LaunchDescription(arguments + [OpaqueFunction(function=_fastdds_profile), node])
+    return LaunchDescription(arguments + [OpaqueFunction(function=fastdds_profile),
+                                          OpaqueFunction(function=_collect_node)])

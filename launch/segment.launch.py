@@ -3,24 +3,29 @@
     ros2 launch cmkd_ros segment.launch.py checkpoint:=/path/student.pt \
         input_pointcloud:=/lidar/points output_pointcloud:=/lidar/points_labeled
 """
-import os
-
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
+from cmkd_ros.launch_support import fastdds_profile, optional_parameters
 
-def _fastdds_profile(context):
-    """Point Fast DDS (2.x reads FASTRTPS_..., 3.x FASTDDS_...) at the chosen profile."""
-    profile = LaunchConfiguration('fastdds_profile').perform(context)
-    if not profile:
-        return []
-    old = os.environ.get('ROS_DISTRO', '') in ('humble', 'iron')
-    var = 'FASTRTPS_DEFAULT_PROFILES_FILE' if old else 'FASTDDS_DEFAULT_PROFILES_FILE'
-    return [SetEnvironmentVariable(var, profile)]
+# Launch arguments passed to the node only when given: empty keeps the params file's value.
+OPTIONAL_PARAMETERS = {'device': ('device', str), 'precision': ('precision', str)}
+
+
+def _segment_node(context):
+    return [Node(
+        package='cmkd_ros', executable='segment_node', name='segment_node', output='screen',
+        parameters=[LaunchConfiguration('params_file'), {
+            'checkpoint': ParameterValue(LaunchConfiguration('checkpoint'), value_type=str),
+            'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
+                                           value_type=bool),
+        }, optional_parameters(context, OPTIONAL_PARAMETERS)],
+        remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
+                    ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])]
 
 
 def generate_launch_description():
@@ -30,12 +35,14 @@ def generate_launch_description():
         DeclareLaunchArgument(
             'params_file', description='segment node parameters (ros__parameters YAML)',
             default_value=PathJoinSubstitution([share, 'config', 'segment_node.param.yaml'])),
-        DeclareLaunchArgument('device', default_value='cpu',
-                              description='torch device: cpu, cuda or cuda:N'),
-        DeclareLaunchArgument('precision', default_value='auto',
+        DeclareLaunchArgument('device', default_value='',
+                              description="torch device: cpu, cuda or cuda:N ('': the "
+                              "params file's, default cpu)"),
+        DeclareLaunchArgument('precision', default_value='',
                               description='inference arithmetic: float32, bfloat16 (faster on '
                               'CPUs with AVX512-BF16/AMX), float16 (CUDA) or auto (bfloat16 '
-                              'where the CPU has it, else float32)'),
+                              "where the CPU has it, else float32); '': the params file's, "
+                              'default auto'),
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='use /clock (true when replaying a bag)'),
         DeclareLaunchArgument('input_pointcloud', default_value='/lidar/points',
@@ -47,15 +54,5 @@ def generate_launch_description():
             "clouds ('' keeps the environment's)",
             default_value=PathJoinSubstitution([share, 'config', 'fastdds_shm.xml'])),
     ]
-    node = Node(
-        package='cmkd_ros', executable='segment_node', name='segment_node', output='screen',
-        parameters=[LaunchConfiguration('params_file'), {
-            'checkpoint': ParameterValue(LaunchConfiguration('checkpoint'), value_type=str),
-            'device': ParameterValue(LaunchConfiguration('device'), value_type=str),
-            'precision': ParameterValue(LaunchConfiguration('precision'), value_type=str),
-            'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
-                                           value_type=bool),
-        }],
-        remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
-                    ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])
-    return LaunchDescription(arguments + [OpaqueFunction(function=_fastdds_profile), node])
+    return LaunchDescription(arguments + [OpaqueFunction(function=fastdds_profile),
+                                          OpaqueFunction(function=_segment_node)])

@@ -33,14 +33,19 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
     from cmkd_ros.models.checkpoint import load_checkpoint
     bag, checkpoint = bag_and_checkpoint
     report_path = tmp_path / 'report.json'
+    params = tmp_path / 'params.yaml'
+    params.write_text('/**:\n  ros__parameters:\n    precision: float32\n')
+    # empty --device / --precision (what the launch file passes by default): the file's value
     proc = RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'evaluate-bag', str(bag),
                        '--checkpoint', str(checkpoint), '--json', str(report_path),
+                       '--params-file', str(params), '--device=', '--precision=',
                        '--rate', '0.1'], ros_env(unique_domain_id()), tmp_path / 'eval.log')
     try:
         assert proc.wait(timeout=90) == 0, proc.output()
     finally:
         proc.stop()
     report = json.loads(report_path.read_text())
+    assert (report['device'], report['precision']) == ('cpu', 'float32')  # asked the node
     assert report['frames_in_bag'] == report['frames_published'] == 3
     assert report['frames_received'] + report['drops'] == 3
     assert report['frames_received'] >= 2 and report['frames_scored'] == report['frames_received']
@@ -65,6 +70,25 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
     assert 0 <= report['miou'] <= 1
     printed = proc.output()
     assert 'mIoU' in printed and 'latency' in printed and 'dropped' in printed
+
+
+def test_evaluate_bag_passes_device_and_precision_only_when_given():
+    import argparse
+
+    from cmkd_ros.evaluate_bag import _node_command, add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def params(*argv):
+        cmd = _node_command(parser.parse_args(['bag', '--checkpoint', 'ck.pt', *argv]))
+        return [cmd[i + 1] for i, word in enumerate(cmd) if word == '-p']
+
+    for argv in ((), ('--device=', '--precision='), ('--device', ' ')):
+        assert [p.split(':=')[0] for p in params(*argv)] == ['checkpoint'], argv
+    assert params('--device', 'cuda:1', '--precision', 'float16')[1:] == [
+        'device:=cuda:1', 'precision:=float16']
+    with pytest.raises(SystemExit):
+        parser.parse_args(['bag', '--checkpoint', 'ck.pt', '--precision', 'half'])
 
 
 def test_evaluate_bag_names_a_missing_ground_truth_topic(tmp_path, bag_and_checkpoint):

@@ -84,6 +84,19 @@ def check_launch_file(path: pathlib.Path) -> dict:
     declared = [_first_str(c) for c in _calls(tree, 'DeclareLaunchArgument')]
     assert len(declared) == len(set(declared)), f'{path.name}: argument declared twice'
     used = {_first_str(c) for c in _calls(tree, 'LaunchConfiguration')}
+    # OPTIONAL_PARAMETERS = {argument: (parameter, type)}: passed only when given
+    optional = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, 'id', '') == 'OPTIONAL_PARAMETERS'
+                                                for t in node.targets):
+            optional = {ast.literal_eval(k): (ast.literal_eval(v.elts[0]), v.elts[1].id)
+                        for k, v in zip(node.value.keys, node.value.values)}
+    assert all(kind in ('bool', 'str') for _, kind in optional.values()), optional
+    used |= set(optional)
+    # cmkd_ros.launch_support.fastdds_profile reads the fastdds_profile argument
+    if any(getattr(_kwarg(c, 'function'), 'id', '') == 'fastdds_profile'
+           for c in _calls(tree, 'OpaqueFunction')):
+        used.add('fastdds_profile')
     assert used <= set(declared), f'{path.name}: undeclared {sorted(used - set(declared))}'
     assert set(declared) <= used, f'{path.name}: unused {sorted(set(declared) - used)}'
     # files named as string constants (PathJoinSubstitution([share, 'config', 'x.yaml']))
@@ -103,25 +116,51 @@ def check_launch_file(path: pathlib.Path) -> dict:
         executables.append(executable)
         # parameters: every key of the inline dict is a node parameter
         known = _param_names(executable) | ROS_BUILTIN_PARAMETERS
+        passes_optional = False
         for item in _kwarg(call, 'parameters').elts:
             if isinstance(item, ast.Dict):
                 keys = {ast.literal_eval(k) for k in item.keys}
                 assert keys <= known, f'{path.name}: unknown parameters {sorted(keys - known)}'
+            passes_optional |= (isinstance(item, ast.Call)
+                                and _call_name(item) == 'optional_parameters'
+                                and getattr(item.args[1], 'id', '') == 'OPTIONAL_PARAMETERS')
+        if optional:
+            assert passes_optional, f'{path.name}: OPTIONAL_PARAMETERS not passed to the node'
+            keys = {parameter for parameter, _ in optional.values()}
+            assert keys <= known, f'{path.name}: unknown parameters {sorted(keys - known)}'
         # remappings: private topics the node really uses
         source = (REPO / (module.replace('.', '/') + '.py')).read_text()
         for pair in _kwarg(call, 'remappings').elts:
             topic = ast.literal_eval(pair.elts[0])
             assert f"'{topic}'" in source, f'{path.name}: {executable} has no topic {topic}'
+    # IncludeLaunchDescription(... [share, 'launch', 'x.launch.py'] ..., launch_arguments=
+    # {...}.items()): the file exists and declares every argument passed to it
+    included = []
+    for call in _calls(tree, 'IncludeLaunchDescription'):
+        names = [n.value for n in ast.walk(call) if isinstance(n, ast.Constant)
+                 and isinstance(n.value, str) and n.value.endswith('.launch.py')]
+        assert len(names) == 1 and (REPO / 'launch' / names[0]).is_file(), \
+            f'{path.name}: included launch file {names} missing'
+        target = check_launch_file(REPO / 'launch' / names[0])
+        passed = {ast.literal_eval(k) for k in _kwarg(call, 'launch_arguments').func.value.keys}
+        unknown = passed - set(target['declared'])
+        assert not unknown, f'{path.name}: {names[0]} declares no {sorted(unknown)}'
+        included.append(names[0])
+        executables += target['executables']
     # ExecuteProcess(cmd=[python, '-m', 'cmkd_ros.cli', SUB, '--opt', ...]): all exist
     for call in _calls(tree, 'ExecuteProcess'):
         cmd = _kwarg(call, 'cmd').elts
-        words = [c.value if isinstance(c, ast.Constant) else None for c in cmd]
+        # a word is a constant, a substitution, or a list joined into one word ('--x=', value)
+        words = [c.value if isinstance(c, ast.Constant) else
+                 c.elts[0].value.split('=')[0] if isinstance(c, ast.List) else None
+                 for c in cmd]
         assert words[1:3] == ['-m', 'cmkd_ros.cli'] and words[3] in cli.SUBCOMMANDS, words[:4]
         options = _subcommand_options(words[3])
         for word in words[4:]:
             if isinstance(word, str) and word.startswith('--'):
                 assert word in options, f'{path.name}: cmkd {words[3]} has no option {word}'
-    return {'declared': declared, 'executables': executables, 'files': files}
+    return {'declared': declared, 'executables': executables, 'files': files,
+            'optional': optional, 'included': included}
 
 
 def test_static_check_of_every_launch_file():
@@ -135,27 +174,36 @@ def test_static_check_of_every_launch_file():
     assert found['segment.launch.py']['executables'] == ['segment_node']
     assert found['collect.launch.py']['executables'] == ['collect_node']
     assert 'checkpoint' in found['replay_evaluate.launch.py']['declared']
+    assert found['replay_evaluate.launch.py']['included'] == ['segment.launch.py']
 
 
-def test_static_check_catches_a_missing_executable_and_an_undeclared_argument(tmp_path):
-    good = (REPO / 'launch' / 'segment.launch.py').read_text()
-    bad = tmp_path / 'bad_exe.launch.py'
-    bad.write_text(good.replace("executable='segment_node'", "executable='no_such_node'"))
-    with pytest.raises(AssertionError, match='no_such_node is not a console script'):
-        check_launch_file(bad)
-    bad.write_text(good.replace("LaunchConfiguration('device')",
-                                "LaunchConfiguration('devise')"))
-    with pytest.raises(AssertionError, match='undeclared'):
-        check_launch_file(bad)
-    bad.write_text(good.replace("'segment_node.param.yaml'", "'missing.param.yaml'"))
-    with pytest.raises(AssertionError, match='missing.param.yaml missing'):
-        check_launch_file(bad)
-    bad.write_text(good.replace("'device': ParameterValue", "'devise': ParameterValue"))
-    with pytest.raises(AssertionError, match='unknown parameters'):
-        check_launch_file(bad)
-    replay = (REPO / 'launch' / 'replay_evaluate.launch.py').read_text()
-    bad.write_text(replay.replace("'--clock'", "'--clok'"))
-    with pytest.raises(AssertionError, match='has no option --clok'):
+BREAKAGES = [  # (launch file, text, replaced by, expected complaint)
+    ('segment', "executable='segment_node'", "executable='no_such_node'",
+     'no_such_node is not a console script'),
+    ('segment', "LaunchConfiguration('checkpoint')", "LaunchConfiguration('checkpont')",
+     'undeclared'),
+    ('segment', "'segment_node.param.yaml'", "'missing.param.yaml'",
+     'missing.param.yaml missing'),
+    ('segment', "'checkpoint': ParameterValue", "'checkpont': ParameterValue",
+     'unknown parameters'),
+    ('segment', "'precision': ('precision', str)", "'precision': ('precission', str)",
+     r"unknown parameters \['precission'\]"),
+    ('segment', ', optional_parameters(context, OPTIONAL_PARAMETERS)]', ']',
+     'OPTIONAL_PARAMETERS not passed'),
+    ('replay_evaluate', "'--clock'", "'--clok'", 'has no option --clok'),
+    ('replay_evaluate', "['--device=',", "['--devise=',", 'has no option --devise'),
+    ('replay_evaluate', "'output_pointcloud': LaunchConfiguration",
+     "'output_cloud': LaunchConfiguration", r"segment.launch.py declares no \['output_cloud'\]"),
+]
+
+
+@pytest.mark.parametrize('name, text, replacement, complaint', BREAKAGES)
+def test_static_check_catches_a_broken_launch_file(tmp_path, name, text, replacement, complaint):
+    good = (REPO / 'launch' / f'{name}.launch.py').read_text()
+    assert text in good
+    bad = tmp_path / f'bad_{name}.launch.py'
+    bad.write_text(good.replace(text, replacement))
+    with pytest.raises(AssertionError, match=complaint):
         check_launch_file(bad)
 
 
@@ -239,3 +287,40 @@ def test_node_docs_list_every_parameter_and_topic():
                   '~/output/overlay', '~/input/odom', '/diagnostics'):
         assert f'`{topic}`' in text
     assert 'FASTDDS_DEFAULT_PROFILES_FILE' in text and 'fastdds_shm.xml' in text
+
+
+def test_launch_arguments_left_empty_keep_the_params_file_values():
+    from cmkd_ros.launch_support import given_parameters, profile_variables
+    optional = {'record': ('record.enabled', bool), 'output_dir': ('record.output_dir', str),
+                'device': ('device', str)}
+    assert given_parameters({'record': '', 'output_dir': ' ', 'device': ''}, optional) == {}
+    assert given_parameters({'record': 'True', 'output_dir': '/data/p'}, optional) == {
+        'record.enabled': True, 'record.output_dir': '/data/p'}
+    assert given_parameters({'record': 'false', 'device': 'cuda:0'}, optional) == {
+        'record.enabled': False, 'device': 'cuda:0'}
+    with pytest.raises(ValueError, match='record: expected true or false'):
+        given_parameters({'record': 'maybe'}, optional)
+    assert profile_variables('humble') == ('FASTRTPS_DEFAULT_PROFILES_FILE',)
+    assert profile_variables('kilted') == profile_variables(None) == (
+        'FASTDDS_DEFAULT_PROFILES_FILE',)
+
+
+@pytest.mark.parametrize('executable', sorted(NODE_CONFIGS))
+def test_optional_launch_arguments_are_typed_like_the_node_parameters(executable):
+    """OPTIONAL_PARAMETERS' types match the config schema (a bool passed as a string would be
+    rejected by the node)."""
+    from rcl_interfaces.msg import ParameterType
+
+    from cmkd_ros.nodes.ros_io import param_fields
+    module, cls, _ = NODE_CONFIGS[executable]
+    fields = {f.name: f for f in param_fields(getattr(importlib.import_module(module), cls))}
+    ros_types = {'bool': ParameterType.PARAMETER_BOOL, 'str': ParameterType.PARAMETER_STRING}
+    checked = 0
+    for path in LAUNCH_FILES:
+        info = check_launch_file(path)
+        if executable not in info['executables']:
+            continue
+        for parameter, kind in info['optional'].values():
+            assert fields[parameter].ros_type == ros_types[kind], (path.name, parameter)
+            checked += 1
+    assert checked >= 2

@@ -24,6 +24,7 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 
 from cmkd_ros import config as cfg
+from cmkd_ros.launch_support import PROFILE_VARIABLES, profile_variables
 
 
 def sensor_qos(depth: int = 5) -> QoSProfile:
@@ -366,10 +367,6 @@ def spin_until_shutdown(node: Node, executor: Any = None) -> None:
 
 # ----------------------------------------------------------------------------- Fast DDS profile
 
-PROFILE_VARIABLES = ('FASTRTPS_DEFAULT_PROFILES_FILE', 'FASTDDS_DEFAULT_PROFILES_FILE')
-OLD_FASTDDS_DISTROS = ('humble', 'iron')     # Fast DDS 2.x
-
-
 def fastdds_profile_path() -> str:
     """Path of config/fastdds_shm.xml: the installed share folder, else the source tree."""
     import os
@@ -399,12 +396,8 @@ def ensure_fastdds_profile(env: dict | None = None) -> dict:
     rmw = env.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
     if not rmw.startswith('rmw_fastrtps'):
         return env
-    # Fast DDS 2 (Humble) reads FASTRTPS_..., Fast DDS 3 (Jazzy+) FASTDDS_... and warns that
-    # FASTRTPS_... is deprecated: set the one this distribution reads.
     path = next((env[v] for v in PROFILE_VARIABLES if env.get(v)), None) or fastdds_profile_path()
-    wanted = PROFILE_VARIABLES[:1] if env.get('ROS_DISTRO') in OLD_FASTDDS_DISTROS else \
-        PROFILE_VARIABLES[1:]
-    for var in wanted:
+    for var in profile_variables(env.get('ROS_DISTRO')):
         if not env.get(var):
             env[var] = path
     return env

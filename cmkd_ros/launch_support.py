@@ -1,0 +1,63 @@
+"""What the launch files in ``launch/`` share.
+
+The ROS 2 ``launch`` package is imported only inside the functions that build launch actions,
+so this module (and its pure parts, which the tests exercise) imports without ROS.
+"""
+from __future__ import annotations
+
+import os
+
+PROFILE_VARIABLES = ('FASTRTPS_DEFAULT_PROFILES_FILE', 'FASTDDS_DEFAULT_PROFILES_FILE')
+OLD_FASTDDS_DISTROS = ('humble', 'iron')  # Fast DDS 2.x reads FASTRTPS_..., 3.x FASTDDS_...
+
+_TRUE = ('true', 'yes', 'on', '1')
+_FALSE = ('false', 'no', 'off', '0')
+
+
+def profile_variables(distro: str | None) -> tuple[str, ...]:
+    """The Fast DDS profile variable(s) the ROS distribution ``distro`` reads (Fast DDS 3 warns
+    that FASTRTPS_... is deprecated, so only the one in use is set)."""
+    return PROFILE_VARIABLES[:1] if distro in OLD_FASTDDS_DISTROS else PROFILE_VARIABLES[1:]
+
+
+def given_parameters(values: dict[str, str], optional: dict[str, tuple[str, type]]) -> dict:
+    """Node parameter overrides from launch argument values, for the arguments that were given.
+
+    ``optional`` maps a launch argument to ``(parameter name, bool | str)``. An argument left
+    empty is not passed, so the params file's value (or the node's default) stays: launch
+    arguments with a default would otherwise always override the params file.
+    """
+    overrides = {}
+    for argument, (parameter, kind) in optional.items():
+        text = values.get(argument, '').strip()
+        if not text:
+            continue
+        if kind is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError(f'launch argument {argument}: expected true or false, got '
+                                 f'{text!r}')
+            overrides[parameter] = text.lower() in _TRUE
+        elif kind is str:
+            overrides[parameter] = text
+        else:
+            raise TypeError(f'{argument}: unsupported parameter type {kind!r}')
+    return overrides
+
+
+def optional_parameters(context, optional: dict[str, tuple[str, type]]) -> dict:
+    """:func:`given_parameters` of the launch arguments' values in a launch ``context``."""
+    from launch.substitutions import LaunchConfiguration
+    return given_parameters({a: LaunchConfiguration(a).perform(context) for a in optional},
+                            optional)
+
+
+def fastdds_profile(context) -> list:
+    """Actions pointing Fast DDS at the ``fastdds_profile`` launch argument ('' = leave the
+    environment as it is); for ``OpaqueFunction(function=fastdds_profile)``."""
+    from launch.actions import SetEnvironmentVariable
+    from launch.substitutions import LaunchConfiguration
+    profile = LaunchConfiguration('fastdds_profile').perform(context)
+    if not profile:
+        return []
+    return [SetEnvironmentVariable(var, profile)
+            for var in profile_variables(os.environ.get('ROS_DISTRO'))]
