@@ -331,8 +331,9 @@ def format_table(report: dict) -> str:
 def node_parameters(node, node_name: str, names, timeout: float = 5.0) -> dict:
     """Current values of parameters ``names`` of the running node ``node_name``, through its
     get_parameters service from ``node`` (spun elsewhere); {} if it does not answer in time."""
+    from rcl_interfaces.msg import Parameter as ParameterMsg
     from rcl_interfaces.srv import GetParameters
-    from rclpy.parameter import parameter_value_to_python
+    from rclpy.parameter import Parameter
     client = node.create_client(GetParameters, f'/{node_name}/get_parameters')
     try:
         if not client.wait_for_service(timeout_sec=timeout):
@@ -342,7 +343,7 @@ def node_parameters(node, node_name: str, names, timeout: float = 5.0) -> dict:
         future.add_done_callback(lambda _: done.set())
         if not done.wait(timeout) or future.result() is None:
             return {}
-        return {name: parameter_value_to_python(value)
+        return {name: Parameter.from_parameter_msg(ParameterMsg(name=name, value=value)).value
                 for name, value in zip(names, future.result().values)}
     finally:
         node.destroy_client(client)
