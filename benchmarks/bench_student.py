@@ -28,6 +28,8 @@ PRECISION = {'torch': 'float32', 'torch_bf16': 'bfloat16'}  # torch backend rows
 STUDENTS = {
     'small': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=True, da_width=32),
     'small_noda': dict(arch='small', voxel_size=0.1, feature_dim=64, use_da=False),
+    # the student of the distillation experiments (docs/experiments.md): 0.2 m voxels
+    'small_0.2m': dict(arch='small', voxel_size=0.2, feature_dim=64, use_da=True, da_width=32),
     'minkunet14': dict(arch='minkunet14', voxel_size=0.1, feature_dim=256, use_da=False),
     'standard': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=True),
     'standard_noda': dict(arch='minkunet18', voxel_size=0.1, feature_dim=256, use_da=False),

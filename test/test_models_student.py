@@ -174,6 +174,39 @@ def test_prepared_scans_reuse_the_maps_of_the_last_forward_pass(scan):
     assert cls_a.shape == (scan.shape[0],) and cls_b.shape == (other.shape[0],)
 
 
+def test_maps_built_in_a_second_thread_give_the_same_outputs(scan, monkeypatch):
+    """With 2+ torch threads at inference, forward builds the recorded kernel maps in a second
+    thread while the network runs; the outputs are those of the one-thread pass."""
+    from cmkd_ros.sparse import CoordinateManager
+    coords, feats, _ = voxel_input(scan, voxel_size=0.1)
+    student = make_student().eval()
+    started = []
+    prebuild = CoordinateManager.prebuild_in_background
+
+    def record(self, requests, *args, **kwargs):
+        started.append(len(requests))
+        return prebuild(self, requests, *args, **kwargs)
+    monkeypatch.setattr(CoordinateManager, 'prebuild_in_background', record)
+    with torch.no_grad():
+        torch.set_num_threads(2)
+        student(coords, feats)                        # nothing recorded yet: built as it goes
+        assert not started
+        torch.set_num_threads(1)
+        ref = student(coords, feats)                  # one thread: no second one
+        assert not started
+        torch.set_num_threads(2)
+        for _ in range(3):
+            out = student(coords, feats)
+            assert torch.get_num_threads() == 2       # the network's threads restored
+            for key in ref:
+                torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+    assert started == [len(student.__dict__['_map_requests'])] * 3 and started[0] > 10
+    # training (gradients on) builds the maps as it goes
+    student.train()
+    student(coords, feats)['logits'].sum().backward()
+    assert len(started) == 3
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match='widths'):
         build(StudentConfig, {'widths': [8, 8]})

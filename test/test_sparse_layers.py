@@ -312,6 +312,78 @@ def test_two_threads_give_the_single_thread_result(data_dir):
         assert torch.allclose(single, double, rtol=1e-5, atol=1e-5)
 
 
+def _network_map_requests(coords):
+    """The maps a small U-Net asks for, in its order, from a lazily built manager."""
+    manager = CoordinateManager(coords)
+    wanted = [(1, 3, 1, 1), (1, 2, 2, 1), (2, 3, 1, 1), (2, 2, 2, 1), (4, 3, 1, 1),
+              (2, 2, 2, 1, True), (1, 2, 2, 1, True), (1, 1, 1, 1)]
+    for key in wanted:
+        manager.kernel_map(*key[:4], transposed=len(key) > 4)
+    return manager, [(key, ('_blocked',)) for key in wanted]
+
+
+def test_maps_built_by_two_threads_match_and_each_is_built_once(monkeypatch):
+    coords, _ = random_voxels(3, occupancy=0.3, batch=2)
+    reference, requests = _network_map_requests(coords)
+    builds = []
+    submanifold = CoordinateManager._submanifold_map
+
+    def counted(self, *args):
+        builds.append(args)
+        return submanifold(self, *args)
+    monkeypatch.setattr(CoordinateManager, '_submanifold_map', counted)
+    for _ in range(5):
+        builds.clear()
+        manager = CoordinateManager(coords)
+        builder = manager.prebuild_in_background(requests)
+        for key, _ in requests:  # the "network" asks in the same order meanwhile
+            got = manager.kernel_map(*key[:4], transposed=len(key) > 4)
+            want = reference.kernel_map(*key[:4], transposed=len(key) > 4)
+            assert torch.equal(got.in_rows, want.in_rows) and torch.equal(got.out_rows,
+                                                                          want.out_rows)
+            assert (got.bounds, got.kernel_index, got.identity) == (
+                want.bounds, want.kernel_index, want.identity)
+        builder.join(timeout=30)
+        assert not builder.is_alive()
+        assert sorted(builds) == sorted(set(builds)) and len(builds) == 4  # strides 1, 2, 4; 1x1
+    # built by prebuild alone, every map comes with the products asked for
+    manager = CoordinateManager(coords)
+    manager.prebuild(requests)
+    assert all('_blocked' in manager.kernel_map(*k[:4], transposed=len(k) > 4).__dict__
+               for k, _ in requests)
+
+
+@pytest.mark.parametrize('early', [True, False])
+def test_a_thread_lent_to_the_map_builder_comes_back(early):
+    coords, _ = random_voxels(5)
+    _, requests = _network_map_requests(coords)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        manager = CoordinateManager(coords)
+        builder = manager.prebuild_in_background(requests, lend_thread=True,
+                                                 give_back_early=early)
+        assert torch.get_num_threads() == 2             # lent while the maps are built
+        builder.join(timeout=30)
+        manager.kernel_map(1, 3)                        # the network's next step
+        assert torch.get_num_threads() == (3 if early else 2)
+        manager.join_background()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failing_background_build_leaves_the_error_to_the_caller():
+    coords, _ = random_voxels(4)
+    manager = CoordinateManager(coords)
+    builder = manager.prebuild_in_background([((8, 3, 1, 1), ())])  # stride 8 never made
+    builder.join(timeout=30)
+    assert not builder.is_alive()
+    with pytest.raises(SparseError, match='no coordinates at tensor stride 8'):
+        manager.kernel_map(8, 3)
+    assert manager.kernel_map(1, 3).num_out == coords.shape[0]  # the manager still works
+
+
 def test_coordinate_lookup_finds_present_and_rejects_absent_voxels():
     coords, _ = random_voxels(11, occupancy=0.6)
     manager = CoordinateManager(coords)

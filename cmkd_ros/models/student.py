@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from cmkd_ros.config import ConfigError, setting
-from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseTensor,
+from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseConv3d, SparseTensor,
                              import_minkowski, minkowski_available)
+from cmkd_ros.sparse.functional import autocast_dtype
 from cmkd_ros.sparse.minkowski import rows_in_order
 
 from .da_module import DAModule
@@ -142,6 +143,11 @@ def resolve_backend(backend: str, device: torch.device | str = 'cpu') -> str:
     return 'torch'
 
 
+# Convolution weights from which a network takes every thread back once its kernel maps are
+# built (the small preset has 1.0 M, MinkUNet14 11.6 M, MinkUNet18 with DA 25.8 M).
+WIDE_NETWORK_CONV_WEIGHTS = 4_000_000
+
+
 class Student(nn.Module):
     """MinkUNet + (DA module | linear projection) + shared linear classifier."""
 
@@ -186,13 +192,47 @@ class Student(nn.Module):
                              f'{self.config.input_channels} ({self.config.point_features!r})')
         backend = resolve_backend(self.backend, feats.device)
         coords = coords.to(device=feats.device, dtype=torch.int32)
+        maps_ahead = contextlib.nullcontext()
         if backend == 'minkowski':
             x = MinkowskiTensor(feats, coords)
         elif manager is not None:
             x = SparseTensor(feats, manager=manager)
         else:
-            x = SparseTensor(feats, coords)
-        inputs = x
+            manager = CoordinateManager(coords)
+            maps_ahead = self._maps_in_background(manager, feats)
+            x = SparseTensor(feats, manager=manager)
+        with maps_ahead:
+            out = self._heads(x, coords, backend)
+        if backend == 'torch':  # what prepare() builds ahead for the next scan
+            self.__dict__['_map_requests'] = x.manager.map_requests()
+        return out
+
+    @contextlib.contextmanager
+    def _maps_in_background(self, manager: CoordinateManager, feats: torch.Tensor):
+        """On a CPU with 2+ torch threads, at inference, once a forward pass has shown which
+        kernel maps the network uses: a second thread builds them while the network runs in
+        this one, which lends it one of its torch threads. Networks with many convolution
+        weights take it back once the maps are done (their wide GEMMs gain from every
+        thread); narrow ones keep one thread fewer to the end (their small gathers, scatters
+        and GEMMs ran faster on fewer threads: docs/sparse_backends.md)."""
+        requests = self.__dict__.get('_map_requests')
+        if (not requests or torch.get_num_threads() < 2 or feats.device.type != 'cpu'
+                or torch.is_grad_enabled()):
+            yield
+            return
+        if '_conv_weights' not in self.__dict__:
+            self.__dict__['_conv_weights'] = sum(
+                m.weight.numel() for m in self.modules() if isinstance(m, SparseConv3d))
+        manager.prebuild_in_background(
+            requests, autocast_dtype('cpu') or feats.dtype, lend_thread=True,
+            give_back_early=self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS)
+        try:
+            yield
+        finally:
+            manager.join_background()
+
+    def _heads(self, x, coords: torch.Tensor, backend: str) -> dict:
+        """Backbone, projection and classifier on the input sparse tensor ``x``."""
         x = self.backbone(x)
 
         def in_input_order(t) -> torch.Tensor:
@@ -207,8 +247,6 @@ class Student(nn.Module):
                 pseudo2d = pseudo2d + self.shortcut(backbone)
         else:
             pseudo2d = self.projection(backbone)
-        if backend == 'torch':  # what prepare() builds ahead for the next scan
-            self.__dict__['_map_requests'] = inputs.manager.map_requests()
         return {'backbone': backbone, 'pseudo2d': pseudo2d, 'logits': self.classifier(pseudo2d)}
 
     def load_classifier(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -242,13 +280,14 @@ class Student(nn.Module):
         ``precision`` (:func:`precision_context`). An empty scan gives empty outputs; NaN/inf
         coordinates raise (drop them first).
         """
-        return self.predict_prepared(self.prepare(xyz, intensity), precision)
+        # the forward pass builds the kernel maps (in a second thread where it can)
+        return self.predict_prepared(self.prepare(xyz, intensity, maps=False), precision)
 
     @torch.no_grad()
-    def prepare(self, xyz, intensity=None) -> PreparedScan:
+    def prepare(self, xyz, intensity=None, maps: bool = True) -> PreparedScan:
         """The network-independent half of :meth:`predict`: point features, voxels and (torch
-        backend) the kernel maps the last forward pass used. Touches no module state, so a
-        second thread can prepare the next scan while this one runs the network."""
+        backend, with ``maps``) the kernel maps the last forward pass used. Touches no module
+        state, so a second thread can prepare the next scan while this one runs the network."""
         device = next(self.parameters()).device
         pts = torch.as_tensor(xyz, dtype=torch.float32)
         if pts.ndim == 2 and pts.shape[0] == 0:  # an empty scan has empty labels
@@ -261,7 +300,7 @@ class Student(nn.Module):
         vfeats = vfeats.to(device)
         manager = None
         requests = self.__dict__.get('_map_requests')
-        if requests and resolve_backend(self.backend, device) == 'torch':
+        if maps and requests and resolve_backend(self.backend, device) == 'torch':
             manager = CoordinateManager(coords)
             manager.prebuild(requests, vfeats.dtype)
         return PreparedScan(coords, vfeats, inverse, manager)

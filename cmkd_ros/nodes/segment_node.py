@@ -30,9 +30,11 @@ from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qo
 RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
 
 
-def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32'):
+def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32',
+                   pipelined: bool = True):
     """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
-    (inference in ``precision``: float32, bfloat16, float16 or auto)."""
+    (inference in ``precision``: float32, bfloat16, float16 or auto; ``pipelined``: see
+    :class:`StudentPredictor`)."""
     import torch
     from cmkd_ros.models.checkpoint import load_checkpoint
     if num_threads > 0:
@@ -42,14 +44,16 @@ def load_predictor(path: str, device: str, num_threads: int = 0, precision: str 
     student, info = load_checkpoint(path, map_location=device)
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
 
-    return StudentPredictor(student, precision), class_map
+    return StudentPredictor(student, precision, pipelined), class_map
 
 
 class StudentPredictor:
     """``predictor(xyz, intensity)`` of a student, split in two for the pipelined worker:
-    ``prepare`` (voxels, kernel maps; no model state) then ``infer`` (the network)."""
+    ``prepare`` (voxels, and kernel maps when ``pipelined``; no model state) then ``infer``
+    (the network; it builds the maps itself when not pipelined, in a second thread where it
+    can)."""
 
-    def __init__(self, student, precision: str = 'float32'):
+    def __init__(self, student, precision: str = 'float32', pipelined: bool = True):
         from cmkd_ros.models import precision_context, resolve_backend, resolve_precision
         device = next(student.parameters()).device
         backend = resolve_backend(student.backend, device)
@@ -57,11 +61,12 @@ class StudentPredictor:
         precision_context(precision, device, backend)  # checks
         self.student = student
         self.precision = precision
+        self.pipelined = pipelined
 
     def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
         import torch
         with torch.inference_mode():
-            return self.student.prepare(xyz, intensity)
+            return self.student.prepare(xyz, intensity, maps=self.pipelined)
 
     def infer(self, prepared):
         import torch
@@ -84,7 +89,8 @@ class SegmentNode(Node):
         # 2. core objects: the student and its class map.
         self.threads = network_threads(config.num_threads, config.pipeline)
         self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
-                                                      self.threads, config.precision)
+                                                      self.threads, config.precision,
+                                                      config.pipeline)
         class_filter(self.class_map, config.classes)      # unknown class names raise here
         self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
                                f'({self.predict.precision}, '

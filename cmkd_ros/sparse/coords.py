@@ -10,12 +10,16 @@ coordinate adds a constant to its key and sorted keys are lexicographic ``(batch
 Submanifold maps of odd kernels search whole (x, y) columns in the sorted keys; other neighbour
 lookups probe a hash table of the keys of the target stride (:class:`_HashIndex`).
 Every coordinate set and kernel map is built once per ``CoordinateManager`` (one per input
-batch) and reused by all layers that need it.
+batch) and reused by all layers that need it. A second thread may build the maps a network will
+ask for (:meth:`CoordinateManager.prebuild_in_background`) while the network runs: each map is
+claimed by the first thread that needs it, and the other waits for it instead of building it
+again.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 
 import torch
 
@@ -147,11 +151,12 @@ class _HashIndex:
 class _CoordinateSet:
     """Coordinates at one tensor stride with their keys and a hash index (built on demand)."""
 
-    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool = False):
+    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool = False,
+                 ordered: tuple | None = None):
         self.coords = coords
         self.keys = keys
         self._index = None
-        self._sorted = (keys, None) if is_sorted else None
+        self._sorted = (keys, None) if is_sorted else ordered
 
     def sorted(self) -> tuple:
         """(sorted keys, row of each sorted key or None when the rows are already sorted)."""
@@ -202,10 +207,23 @@ class CoordinateManager:
         self._sets: dict[int, _CoordinateSet] = {}
         self._parents: dict[tuple, tuple] = {}
         self._maps: dict[tuple, KernelMap] = {}
+        self._claims: dict[tuple, threading.Event] = {}  # set when the claimed map is done
+        self._claim_lock = threading.Lock()
+        self._queued: list = []  # (key, transposed, product builders) that prebuild will make
+        self._asked: dict[tuple, None] = {}  # kernel_map keys in the order first asked for
+        self._background = None  # prebuild_in_background's thread
+        self._prebuilt = threading.Event()  # set when that thread is done
+        self._lent = None  # (thread id, its torch threads, give back early) while lent
         keys = self.pack(coords)
-        if torch.unique(keys).numel() != keys.numel():
-            raise SparseError('coords contain duplicate voxels; voxelize first')
-        self._sets[1] = _CoordinateSet(coords, keys)
+        # 1. Sorted keys (kept for the kernel maps) show duplicates as equal neighbours;
+        #    voxelize() output is already in key order.
+        if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
+            ordered = (keys, None)
+        else:
+            ordered = torch.sort(keys)
+            if bool((ordered[0][1:] == ordered[0][:-1]).any()):
+                raise SparseError('coords contain duplicate voxels; voxelize first')
+        self._sets[1] = _CoordinateSet(coords, keys, ordered=ordered)
 
     # -- keys -------------------------------------------------------------------------------
     def pack(self, coords: torch.Tensor) -> torch.Tensor:
@@ -281,20 +299,87 @@ class CoordinateManager:
     # -- kernel maps ------------------------------------------------------------------------
     def map_requests(self) -> list:
         """What this manager built: ``(kernel_map key, names of the cached products)``, for
-        :meth:`prebuild` on the next batch (a network asks for the same maps every time)."""
-        return [(key, tuple(sorted(k for k in kmap.__dict__ if k in _PRODUCTS)))
-                for key, kmap in self._maps.items()]
+        :meth:`prebuild` on the next batch (a network asks for the same maps every time), in
+        the order :meth:`kernel_map` was first asked for them."""
+        order = list(self._asked) + [key for key in self._maps if key not in self._asked]
+        return [(key, tuple(sorted(k for k in self._maps[key].__dict__ if k in _PRODUCTS)))
+                for key in order if key in self._maps]
 
     def prebuild(self, requests: list, dtype: torch.dtype = torch.float32) -> None:
-        """Build the maps (and their GEMM blocks and scatter matrices) of ``requests`` now,
-        e.g. in a thread that runs ahead of the network."""
+        """Build the maps (and their GEMM blocks and scatter matrices for ``dtype``) of
+        ``requests``, in their order (the order a network asked for them)."""
         from .functional import average_matrix, blocked_pairs, scatter_matrix
         build = {'_blocked': blocked_pairs, '_scatter': lambda m: scatter_matrix(m, dtype),
                  '_average': lambda m: average_matrix(m, dtype)}
-        for key, products in sorted(requests, key=lambda r: r[0][0]):
-            kmap = self.kernel_map(*key[:4], transposed=len(key) > 4)
-            for name in products:
-                build[name](kmap)
+        with self._claim_lock:
+            self._queued.extend((key[:4], len(key) > 4, [build[name] for name in products])
+                                for key, products in requests)
+        while self._queued:
+            if not self._build_queued():
+                self._wait_for_any_claim()
+
+    def prebuild_in_background(self, requests: list, dtype: torch.dtype = torch.float32,
+                               lend_thread: bool = False,
+                               give_back_early: bool = True) -> threading.Thread:
+        """:meth:`prebuild` in a started daemon thread (one torch thread) while the caller runs
+        the network on this manager; end with :meth:`join_background`. A thread that needs a
+        map another one is building helps with the queued ones meanwhile. Errors are left to
+        the thread that needs the map (it builds it again and raises).
+
+        ``lend_thread``: the calling thread runs one torch thread fewer while the maps are
+        built and, with ``give_back_early``, gets it back at its first :meth:`kernel_map` call
+        after they are done, else at :meth:`join_background`.
+        """
+        if lend_thread and torch.get_num_threads() > 1:
+            self._lent = (threading.get_ident(), torch.get_num_threads(), give_back_early)
+            torch.set_num_threads(self._lent[1] - 1)
+
+        def run():
+            torch.set_num_threads(1)
+            try:
+                self.prebuild(requests, dtype)
+            except Exception:  # noqa: BLE001 - the network's thread rebuilds the map and raises
+                with self._claim_lock:
+                    self._queued.clear()
+            finally:
+                self._prebuilt.set()
+        thread = threading.Thread(target=run, name='cmkd_kernel_maps', daemon=True)
+        thread.start()
+        self._background = thread
+        return thread
+
+    def join_background(self) -> None:
+        """Wait for :meth:`prebuild_in_background` and give back a lent thread."""
+        if self._background is not None:
+            self._background.join()
+        self._give_back_thread()
+
+    def _give_back_thread(self) -> None:
+        lent = self._lent
+        if lent is not None and lent[0] == threading.get_ident():
+            self._lent = None
+            torch.set_num_threads(lent[1])
+
+    def _build_queued(self) -> bool:
+        """Build the first queued map whose input coordinates exist; False if none can start
+        (those that remain wait for a coarser coordinate set that a map in progress makes)."""
+        with self._claim_lock:
+            for i, (key, _, _) in enumerate(self._queued):
+                if key[0] in self._sets:
+                    key, transposed, products = self._queued.pop(i)
+                    break
+            else:
+                return False
+        self._kernel_map(key, transposed, products)
+        return True
+
+    def _wait_for_any_claim(self) -> None:
+        with self._claim_lock:
+            pending = [event for event in self._claims.values() if not event.is_set()]
+        if pending:
+            pending[0].wait()
+        elif self._queued:  # nothing in progress can make the missing coordinates
+            raise SparseError('queued kernel maps need coordinates no map creates')
 
     def kernel_map(self, in_stride: int, kernel_size: int, stride: int = 1,
                    dilation: int = 1, transposed: bool = False) -> KernelMap:
@@ -303,18 +388,49 @@ class CoordinateManager:
         ``transposed``: the same pairs the other way round, ``in_stride * stride -> in_stride``.
         """
         key = (in_stride, kernel_size, stride, dilation)
+        self._asked.setdefault(key + (True,) if transposed else key, None)
+        if self._lent is not None and self._lent[2] and self._prebuilt.is_set():
+            self._give_back_thread()
+        return self._kernel_map(key, transposed, ())
+
+    def _kernel_map(self, key: tuple, transposed: bool, products) -> KernelMap:
+        """The map of ``key``, with ``products`` (builders of its cached GEMM blocks etc.) run
+        before other threads see it."""
         if transposed:  # recorded under its own key (map_requests) but made by the map
-            self._maps[key + (True,)] = self.kernel_map(*key).transposed()
-            return self._maps[key + (True,)]
-        if key not in self._maps:
+            kmap = self._kernel_map(key, False, ()).transposed()
+            for build in products:
+                build(kmap)
+            self._maps[key + (True,)] = kmap
+            return kmap
+        kmap = self._maps.get(key)
+        if kmap is not None:
+            return kmap
+        with self._claim_lock:
+            done = self._claims.get(key)
+            claimed = done is None
+            if claimed:
+                done = self._claims[key] = threading.Event()
+        if not claimed:  # another thread builds it: help with queued maps, then wait
+            while not done.is_set() and self._build_queued():
+                pass
+            done.wait()
+            kmap = self._maps.get(key)
+            if kmap is not None:
+                return kmap
+        try:
+            in_stride, kernel_size, stride, dilation = key
             if stride == 1:
                 kmap = self._submanifold_map(in_stride, kernel_size, dilation)
             elif kernel_size == stride and kernel_size % 2 == 0 and dilation == 1:
                 kmap = self._parent_map(in_stride, stride)
             else:
                 kmap = self._strided_map(in_stride, kernel_size, stride, dilation)
+            for build in products:
+                build(kmap)
             self._maps[key] = kmap
-        return self._maps[key]
+        finally:
+            done.set()
+        return kmap
 
     def _split(self, rows: torch.Tensor) -> tuple:
         """Found rows ``(K, n)`` (-1 = absent) -> (offset idx, input rows, output rows, counts)."""

@@ -173,7 +173,7 @@ def _row_csr(rows: torch.Tensor, columns: torch.Tensor, num_rows: int, num_colum
                                        size=(num_rows, num_columns), check_invariants=False)
 
 
-def _autocast_dtype(device_type: str):
+def autocast_dtype(device_type: str):
     """The autocast dtype active for ``device_type``, or None."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
@@ -203,7 +203,7 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     if feats.shape[0] != kmap.num_in:
         raise ValueError(f'{feats.shape[0]} feature rows for {kmap.num_in} input coordinates')
     device_type = feats.device.type
-    dtype = _autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return sparse_conv(feats.to(dtype), weight.to(dtype), kmap,
