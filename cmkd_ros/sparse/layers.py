@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .coords import SparseError
+from .functional import autocast_dtype
 from .tensor import POOL_KINDS
 
 
@@ -142,27 +143,32 @@ class ConvBN(nn.Sequential):
             layers.append(SparseReLU())
         super().__init__(*layers)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the convolution with the eval-mode batch norm folded in.
+    def folded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the convolution with the eval-mode batch norm folded in (in
+        float32 arithmetic, then cast to ``dtype`` when given).
 
-        Without gradients the result is cached until a parameter changes (version counters) or
-        the layer runs in training mode, so inference does not refold every layer per scan.
+        Without gradients the result is cached per dtype until a parameter changes (version
+        counters) or the layer runs in training mode, so inference does not refold (or recast)
+        every layer per scan.
         """
         conv, bn = self[0], self[1]
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = None
         if not torch.is_grad_enabled():
             key = tuple((id(t), t._version, t.device, t.dtype) for t in sources if t is not None)
-            cached = self.__dict__.get('_folded')
+            cached = self.__dict__.get('_folded', {}).get(dtype)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
-        if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        result = (conv.weight * scale, shift)
+        if dtype is not None:
+            result = tuple(t.to(dtype) for t in self.folded())
+        else:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+            result = (conv.weight * scale, shift)
         if key is not None:
-            self.__dict__['_folded'] = (key, result)
+            self.__dict__.setdefault('_folded', {})[dtype] = (key, result)
         return result
 
     def forward(self, x):
@@ -172,7 +178,7 @@ class ConvBN(nn.Sequential):
             # counters: drop the folded cache.
             self.__dict__.pop('_folded', None)
             return super().forward(x)
-        weight, bias = self.folded()
+        weight, bias = self.folded(autocast_dtype(x.features.device.type))
         out = x.conv(weight, conv.kernel_size, conv.stride, conv.dilation, conv.transposed,
                      bias=bias)
         if len(self) < 3:
