@@ -165,6 +165,10 @@ def test_max_and_avg_pool_match_dense(device):
     parent = x.manager.parents(1, 2)[0]
     expected = (1.0 / count)[parent].unsqueeze(1).expand(-1, 3)
     assert rel_err(x.features.grad, expected) < 1e-12
+    # 2. 16-bit features (bfloat16 inference): averaged in float32, one rounding at the end
+    half = SparsePool('avg', 2, 2)(x.replace(feats.to(torch.bfloat16)))
+    assert half.features.dtype == torch.bfloat16
+    assert rel_err(half.features.double(), ref_avg) < 4e-3
 
 
 def test_upsample_nearest_copies_parent():

@@ -140,7 +140,9 @@ def scatter_matrix(kmap: KernelMap, dtype: torch.dtype):
 
 def average_matrix(kmap: KernelMap, dtype: torch.dtype):
     """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached per
-    dtype); None for dtypes the CPU sparse product does not support."""
+    dtype). In ``dtype`` where the CPU sparse product supports it, else in float32 (cast the
+    16-bit features to it: the sum then also accumulates in float32)."""
+    dtype = dtype if dtype in _CSR_DTYPES else torch.float32
     return _cached_csr(kmap, '_average', dtype, lambda: _row_csr(
         kmap.out_rows, kmap.in_rows, kmap.num_out, kmap.num_in, dtype, average=True))
 

@@ -89,11 +89,12 @@ class SparseTensor:
         if kmap.identity >= 0:
             raise SparseError('pooling needs stride > 1 or an even kernel')
         feats = self.features
-        average = (average_matrix(kmap, feats.dtype)
-                   if kind == 'avg' and feats.device.type == 'cpu' else None)
-        if average is not None:  # one row-parallel sparse product, weights 1 / count
-            return SparseTensor(average @ feats, stride=self.stride * stride,
-                                manager=self.manager)
+        if kind == 'avg' and feats.device.type == 'cpu':
+            # one row-parallel sparse product, weights 1 / count (16-bit features in float32)
+            average = average_matrix(kmap, feats.dtype)
+            with torch.autocast('cpu', enabled=False):  # autocast would cast it to 16 bits
+                out = torch.mm(average, feats.to(average.dtype)).to(feats.dtype)
+            return SparseTensor(out, stride=self.stride * stride, manager=self.manager)
         rows = feats.index_select(0, kmap.in_rows)
         index = kmap.out_rows.unsqueeze(1).expand(-1, feats.shape[1])
         out = feats.new_zeros(kmap.num_out, feats.shape[1])
