@@ -281,13 +281,21 @@ class Student(nn.Module):
         coordinates raise (drop them first).
         """
         # the forward pass builds the kernel maps (in a second thread where it can)
-        return self.predict_prepared(self.prepare(xyz, intensity, maps=False), precision)
+        return self.predict_prepared(self.prepare(xyz, intensity, maps='none'), precision)
 
     @torch.no_grad()
-    def prepare(self, xyz, intensity=None, maps: bool = True) -> PreparedScan:
+    def prepare(self, xyz, intensity=None, maps: str = 'build') -> PreparedScan:
         """The network-independent half of :meth:`predict`: point features, voxels and (torch
-        backend, with ``maps``) the kernel maps the last forward pass used. Touches no module
-        state, so a second thread can prepare the next scan while this one runs the network."""
+        backend) the kernel maps the last forward pass used. Touches no module state, so a
+        second thread can prepare the next scan while this one runs the network.
+
+        ``maps``: 'build' them now; 'later': create their coordinate manager only, the caller
+        builds them with :meth:`PreparedScan.build_maps` (e.g. while another thread already
+        runs the network, which waits for each map it reaches); 'none': the forward pass
+        builds them.
+        """
+        if maps not in ('build', 'later', 'none'):
+            raise ValueError(f"maps must be 'build', 'later' or 'none', got {maps!r}")
         device = next(self.parameters()).device
         pts = torch.as_tensor(xyz, dtype=torch.float32)
         if pts.ndim == 2 and pts.shape[0] == 0:  # an empty scan has empty labels
@@ -298,12 +306,13 @@ class Student(nn.Module):
         batch = torch.zeros(coords.shape[0], 1, dtype=torch.int32)
         coords = torch.cat([batch, coords], dim=1).to(device)
         vfeats = vfeats.to(device)
-        manager = None
         requests = self.__dict__.get('_map_requests')
-        if maps and requests and resolve_backend(self.backend, device) == 'torch':
-            manager = CoordinateManager(coords)
-            manager.prebuild(requests, vfeats.dtype)
-        return PreparedScan(coords, vfeats, inverse, manager)
+        if maps == 'none' or not requests or resolve_backend(self.backend, device) != 'torch':
+            return PreparedScan(coords, vfeats, inverse, None)
+        scan = PreparedScan(coords, vfeats, inverse, CoordinateManager(coords), requests)
+        if maps == 'build':
+            scan.build_maps()
+        return scan
 
     @torch.no_grad()
     def predict_prepared(self, scan: PreparedScan,
@@ -328,12 +337,19 @@ class Student(nn.Module):
 @dataclasses.dataclass
 class PreparedScan:
     """A scan ready for the network: voxel coords ``(V, 4)``, features ``(V, F)``, the voxel of
-    every point ``(N,)`` and (torch backend) a coordinate manager with prebuilt kernel maps."""
+    every point ``(N,)`` and (torch backend) a coordinate manager with its kernel maps built or
+    to be built (:meth:`build_maps`)."""
 
     coords: torch.Tensor | None
     feats: torch.Tensor | None
     inverse: torch.Tensor
     manager: CoordinateManager | None
+    map_requests: list = dataclasses.field(default_factory=list)  # what build_maps builds
+
+    def build_maps(self) -> None:
+        """Build the kernel maps (and their GEMM blocks) the network will ask for."""
+        if self.manager is not None and self.map_requests:
+            self.manager.prebuild(self.map_requests, self.feats.dtype)
 
 
 def build_student(config: StudentConfig) -> Student:

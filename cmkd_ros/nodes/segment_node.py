@@ -48,10 +48,10 @@ def load_predictor(path: str, device: str, num_threads: int = 0, precision: str 
 
 
 class StudentPredictor:
-    """``predictor(xyz, intensity)`` of a student, split in two for the pipelined worker:
-    ``prepare`` (voxels, and kernel maps when ``pipelined``; no model state) then ``infer``
-    (the network; it builds the maps itself when not pipelined, in a second thread where it
-    can)."""
+    """``predictor(xyz, intensity)`` of a student, split for the pipelined worker: ``prepare``
+    (voxels; no model state), then ``infer`` (the network) while the preparing thread runs
+    ``build_maps`` (the kernel maps; the network waits for each one it reaches). Not
+    pipelined, the network builds the maps itself, in a second thread where it can."""
 
     def __init__(self, student, precision: str = 'float32', pipelined: bool = True):
         from cmkd_ros.models import precision_context, resolve_backend, resolve_precision
@@ -66,7 +66,13 @@ class StudentPredictor:
     def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
         import torch
         with torch.inference_mode():
-            return self.student.prepare(xyz, intensity, maps=self.pipelined)
+            return self.student.prepare(xyz, intensity,
+                                        maps='later' if self.pipelined else 'none')
+
+    def build_maps(self, prepared) -> None:
+        import torch
+        with torch.inference_mode():
+            prepared.build_maps()
 
     def infer(self, prepared):
         import torch
@@ -74,7 +80,9 @@ class StudentPredictor:
             return self.student.predict_prepared(prepared, self.precision)
 
     def __call__(self, xyz: np.ndarray, intensity: np.ndarray):
-        return self.infer(self.prepare(xyz, intensity))
+        prepared = self.prepare(xyz, intensity)
+        self.build_maps(prepared)
+        return self.infer(prepared)
 
 
 class SegmentNode(Node):
@@ -180,11 +188,15 @@ class SegmentNode(Node):
             self._finish(*item)
 
     def _prepare_loop(self) -> None:
-        """Pipeline stage 1: decode, select points, voxels and kernel maps (one thread)."""
+        """Pipeline stage 1: decode, select points, voxels (one thread); then, while stage 2
+        already runs the network on that scan, its kernel maps."""
         self._set_threads(1)
         for item in self._prepared_scans():
             if self.ready.put(item):
                 self._count_drop()
+            prepared = item[0][3]
+            if prepared is not None:
+                self._guarded(self.predict.build_maps, prepared)
 
     def _infer_loop(self) -> None:
         """Pipeline stage 2: the network, labels, publish."""
