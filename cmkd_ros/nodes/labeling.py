@@ -28,7 +28,7 @@ class SegmentNodeConfig:
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
     num_threads: int = setting(0, 'torch CPU threads of the network (0: auto, the available '
-                               'cores minus the one preparing the next scan when pipelined, '
+                               'cores minus the one preparing the scans when pipelined, '
                                "else torch's default)", ge=0)
     precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
@@ -47,9 +47,9 @@ class SegmentNodeConfig:
     always_process: bool = setting(False, 'segment even when nobody subscribes to the output '
                                    '(benchmarks); normally inference is skipped then')
     diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
-    pipeline: bool = setting(True, 'prepare the next scan (decoding, voxels, kernel maps) in a '
-                             'second thread while the network runs: more scans per second on '
-                             'multi-core CPUs')
+    pipeline: bool = setting(True, 'a second thread decodes and voxelizes each scan, then '
+                             'builds its kernel maps while the network already runs on it: '
+                             'lower latency and more scans per second on multi-core CPUs')
 
     def validate(self) -> None:
         if not self.checkpoint:
