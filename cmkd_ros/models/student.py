@@ -323,7 +323,8 @@ class Student(nn.Module):
         if scan.coords is None:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
         was_training = self.training
-        self.eval()
+        if was_training:  # (eval() visits every module: not on every scan of a deployed model)
+            self.eval()
         try:
             with context:
                 out = self(scan.coords, scan.feats, manager=scan.manager)
@@ -331,7 +332,8 @@ class Student(nn.Module):
             inverse = scan.inverse.to(cls.device)
             return cls[inverse].cpu(), prob[inverse].cpu()
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
 
 @dataclasses.dataclass
