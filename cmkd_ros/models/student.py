@@ -143,8 +143,9 @@ def resolve_backend(backend: str, device: torch.device | str = 'cpu') -> str:
     return 'torch'
 
 
-# Convolution weights from which a network takes every thread back once its kernel maps are
-# built (the small preset has 1.0 M, MinkUNet14 11.6 M, MinkUNet18 with DA 25.8 M).
+# Convolution weights from which a network in 16-bit arithmetic takes every thread back once
+# its kernel maps are built (the small preset has 1.0 M, MinkUNet14 11.6 M, MinkUNet18 with DA
+# 25.8 M).
 WIDE_NETWORK_CONV_WEIGHTS = 4_000_000
 
 
@@ -211,10 +212,9 @@ class Student(nn.Module):
     def _maps_in_background(self, manager: CoordinateManager, feats: torch.Tensor):
         """On a CPU with 2+ torch threads, at inference, once a forward pass has shown which
         kernel maps the network uses: a second thread builds them while the network runs in
-        this one, which lends it one of its torch threads. Networks with many convolution
-        weights take it back once the maps are done (their wide GEMMs gain from every
-        thread); narrow ones keep one thread fewer to the end (their small gathers, scatters
-        and GEMMs ran faster on fewer threads: docs/sparse_backends.md)."""
+        this one, which lends it one of its torch threads. It takes the thread back once the
+        maps are done, except a narrow network in 16-bit arithmetic: its serial scatters and
+        small GEMMs ran faster on one thread fewer (docs/sparse_backends.md)."""
         requests = self.__dict__.get('_map_requests')
         if (not requests or torch.get_num_threads() < 2 or feats.device.type != 'cpu'
                 or torch.is_grad_enabled()):
@@ -223,9 +223,11 @@ class Student(nn.Module):
         if '_conv_weights' not in self.__dict__:
             self.__dict__['_conv_weights'] = sum(
                 m.weight.numel() for m in self.modules() if isinstance(m, SparseConv3d))
+        dtype = autocast_dtype('cpu') or feats.dtype
         manager.prebuild_in_background(
-            requests, autocast_dtype('cpu') or feats.dtype, lend_thread=True,
-            give_back_early=self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS)
+            requests, dtype, lend_thread=True,
+            give_back_early=(dtype in (torch.float32, torch.float64) or
+                             self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS))
         try:
             yield
         finally:
