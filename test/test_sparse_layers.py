@@ -4,6 +4,9 @@ Random voxels on small grids (two scans in a batch, negative coordinates include
 reference runs on the zero-filled grid and is read at the output voxels. Outputs and gradients
 (inputs and weights) must agree to a relative error below 1e-4 (float64).
 """
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -375,6 +378,65 @@ def test_a_thread_lent_to_the_map_builder_comes_back(early):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_thread_building_queued_maps_never_sees_a_false_dead_end():
+    """One thread runs prebuild while another asks for the maps in the network's order and
+    helps with the queue: neither may give up on a map the other is about to make."""
+    coords, _ = random_voxels(6, occupancy=0.3, batch=2)
+    _, requests = _network_map_requests(coords)
+    for _ in range(30):
+        manager = CoordinateManager(coords)
+        errors = []
+
+        def prebuild():
+            try:
+                manager.prebuild(requests)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        builder = threading.Thread(target=prebuild)
+        builder.start()
+        for key, _ in requests:
+            manager.kernel_map(*key[:4], transposed=len(key) > 4)
+        builder.join(timeout=30)
+        assert not errors and not builder.is_alive()
+
+
+def test_a_queued_map_taken_but_not_yet_claimed_is_waited_for(monkeypatch):
+    """The race behind a false dead end, widened with delays: the network thread, waiting for
+    the stride-1 map the builder is making, takes the map that creates stride 2 from the
+    queue and is slow to start it; the builder, left with a stride-2 map only, must wait for
+    it instead of giving up."""
+    coords, _ = random_voxels(7)
+    requests = [((1, 3, 1, 1), ()), ((1, 2, 2, 1), ()), ((2, 3, 1, 1), ())]
+    kernel_map, submanifold = CoordinateManager._kernel_map, CoordinateManager._submanifold_map
+
+    def slow_start(self, key, transposed, products):
+        if key == (1, 2, 2, 1):
+            time.sleep(0.3)  # taken from the queue, not yet claimed
+        return kernel_map(self, key, transposed, products)
+
+    def slow_build(self, stride, *args):
+        if stride == 1:
+            time.sleep(0.1)  # claimed, in progress
+        return submanifold(self, stride, *args)
+    monkeypatch.setattr(CoordinateManager, '_kernel_map', slow_start)
+    monkeypatch.setattr(CoordinateManager, '_submanifold_map', slow_build)
+    manager = CoordinateManager(coords)
+    errors = []
+
+    def prebuild():
+        try:
+            manager.prebuild(requests)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    builder = threading.Thread(target=prebuild)
+    builder.start()
+    time.sleep(0.03)                       # the builder has claimed the stride-1 map
+    manager.kernel_map(1, 3)               # waits for it and helps with the queue
+    builder.join(timeout=30)
+    assert not errors
+    assert manager.kernel_map(2, 3).num_out == manager.coordinates(2).shape[0]
 
 
 def test_a_failing_background_build_leaves_the_error_to_the_caller():

@@ -209,6 +209,8 @@ class CoordinateManager:
         self._maps: dict[tuple, KernelMap] = {}
         self._claims: dict[tuple, threading.Event] = {}  # set when the claimed map is done
         self._claim_lock = threading.Lock()
+        self._progress = threading.Condition(self._claim_lock)  # notified when a map is done
+        self._in_flight = 0  # queued maps taken by a thread and not finished
         self._queued: list = []  # (key, transposed, product builders) that prebuild will make
         self._asked: dict[tuple, None] = {}  # kernel_map keys in the order first asked for
         self._background = None  # prebuild_in_background's thread
@@ -316,7 +318,7 @@ class CoordinateManager:
                                 for key, products in requests)
         while self._queued:
             if not self._build_queued():
-                self._wait_for_any_claim()
+                self._wait_for_progress()
 
     def prebuild_in_background(self, requests: list, dtype: torch.dtype = torch.float32,
                                lend_thread: bool = False,
@@ -367,19 +369,27 @@ class CoordinateManager:
             for i, (key, _, _) in enumerate(self._queued):
                 if key[0] in self._sets:
                     key, transposed, products = self._queued.pop(i)
+                    self._in_flight += 1
                     break
             else:
                 return False
-        self._kernel_map(key, transposed, products)
+        try:
+            self._kernel_map(key, transposed, products)
+        finally:
+            with self._claim_lock:
+                self._in_flight -= 1
+                self._progress.notify_all()
         return True
 
-    def _wait_for_any_claim(self) -> None:
+    def _wait_for_progress(self) -> None:
+        """Wait until a map in progress is done (it may create the coordinates the queued
+        ones need); raise if nothing is in progress, as none can then start."""
         with self._claim_lock:
-            pending = [event for event in self._claims.values() if not event.is_set()]
-        if pending:
-            pending[0].wait()
-        elif self._queued:  # nothing in progress can make the missing coordinates
-            raise SparseError('queued kernel maps need coordinates no map creates')
+            if not self._queued or any(key[0] in self._sets for key, _, _ in self._queued):
+                return
+            if not self._in_flight and all(e.is_set() for e in self._claims.values()):
+                raise SparseError('queued kernel maps need coordinates that no map creates')
+            self._progress.wait(timeout=0.05)
 
     def kernel_map(self, in_stride: int, kernel_size: int, stride: int = 1,
                    dilation: int = 1, transposed: bool = False) -> KernelMap:
@@ -430,6 +440,8 @@ class CoordinateManager:
             self._maps[key] = kmap
         finally:
             done.set()
+            with self._claim_lock:
+                self._progress.notify_all()
         return kmap
 
     def _split(self, rows: torch.Tensor) -> tuple:
