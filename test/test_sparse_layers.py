@@ -380,6 +380,20 @@ def test_a_thread_lent_to_the_map_builder_comes_back(early):
         torch.set_num_threads(threads)
 
 
+def _prebuild_in_thread(manager, requests):
+    """``manager.prebuild(requests)`` in a started thread: (thread, the errors it raised)."""
+    errors = []
+
+    def run():
+        try:
+            manager.prebuild(requests)
+        except Exception as exc:  # noqa: BLE001 - the test asserts there are none
+            errors.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
 def test_a_thread_building_queued_maps_never_sees_a_false_dead_end():
     """One thread runs prebuild while another asks for the maps in the network's order and
     helps with the queue: neither may give up on a map the other is about to make."""
@@ -387,15 +401,7 @@ def test_a_thread_building_queued_maps_never_sees_a_false_dead_end():
     _, requests = _network_map_requests(coords)
     for _ in range(30):
         manager = CoordinateManager(coords)
-        errors = []
-
-        def prebuild():
-            try:
-                manager.prebuild(requests)
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-        builder = threading.Thread(target=prebuild)
-        builder.start()
+        builder, errors = _prebuild_in_thread(manager, requests)
         for key, _ in requests:
             manager.kernel_map(*key[:4], transposed=len(key) > 4)
         builder.join(timeout=30)
@@ -423,15 +429,7 @@ def test_a_queued_map_taken_but_not_yet_claimed_is_waited_for(monkeypatch):
     monkeypatch.setattr(CoordinateManager, '_kernel_map', slow_start)
     monkeypatch.setattr(CoordinateManager, '_submanifold_map', slow_build)
     manager = CoordinateManager(coords)
-    errors = []
-
-    def prebuild():
-        try:
-            manager.prebuild(requests)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    builder = threading.Thread(target=prebuild)
-    builder.start()
+    builder, errors = _prebuild_in_thread(manager, requests)
     time.sleep(0.03)                       # the builder has claimed the stride-1 map
     manager.kernel_map(1, 3)               # waits for it and helps with the queue
     builder.join(timeout=30)
