@@ -214,7 +214,6 @@ class CoordinateManager:
         self._queued: list = []  # (key, transposed, product builders) that prebuild will make
         self._asked: dict[tuple, None] = {}  # kernel_map keys in the order first asked for
         self._background = None  # prebuild_in_background's thread
-        self._prebuilt = threading.Event()  # set when that thread is done
         self._lent = None  # (thread id, its torch threads, give back early) while lent
         keys = self.pack(coords)
         # 1. Sorted keys (kept for the kernel maps) show duplicates as equal neighbours;
@@ -343,8 +342,6 @@ class CoordinateManager:
             except Exception:  # noqa: BLE001 - the network's thread rebuilds the map and raises
                 with self._claim_lock:
                     self._queued.clear()
-            finally:
-                self._prebuilt.set()
         thread = threading.Thread(target=run, name='cmkd_kernel_maps', daemon=True)
         thread.start()
         self._background = thread
@@ -399,7 +396,7 @@ class CoordinateManager:
         """
         key = (in_stride, kernel_size, stride, dilation)
         self._asked.setdefault(key + (True,) if transposed else key, None)
-        if self._lent is not None and self._lent[2] and self._prebuilt.is_set():
+        if self._lent is not None and self._lent[2] and not self._background.is_alive():
             self._give_back_thread()
         return self._kernel_map(key, transposed, ())
 
