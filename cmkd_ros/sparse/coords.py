@@ -151,12 +151,11 @@ class _HashIndex:
 class _CoordinateSet:
     """Coordinates at one tensor stride with their keys and a hash index (built on demand)."""
 
-    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool = False,
-                 ordered: tuple | None = None):
+    def __init__(self, coords: torch.Tensor, keys: torch.Tensor, is_sorted: bool = False):
         self.coords = coords
         self.keys = keys
         self._index = None
-        self._sorted = (keys, None) if is_sorted else ordered
+        self._sorted = (keys, None) if is_sorted else None
 
     def sorted(self) -> tuple:
         """(sorted keys, row of each sorted key or None when the rows are already sorted)."""
@@ -216,15 +215,12 @@ class CoordinateManager:
         self._background = None  # prebuild_in_background's thread
         self._lent = None  # (thread id, its torch threads, give back early) while lent
         keys = self.pack(coords)
-        # 1. Sorted keys (kept for the kernel maps) show duplicates as equal neighbours;
-        #    voxelize() output is already in key order.
-        if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
-            ordered = (keys, None)
-        else:
-            ordered = torch.sort(keys)
-            if bool((ordered[0][1:] == ordered[0][:-1]).any()):
-                raise SparseError('coords contain duplicate voxels; voxelize first')
-        self._sets[1] = _CoordinateSet(coords, keys, ordered=ordered)
+        # Sorted keys (kept for the kernel maps) show duplicates as equal neighbours.
+        fine = _CoordinateSet(coords, keys)
+        ordered = fine.sorted()[0]
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            raise SparseError('coords contain duplicate voxels; voxelize first')
+        self._sets[1] = fine
 
     # -- keys -------------------------------------------------------------------------------
     def pack(self, coords: torch.Tensor) -> torch.Tensor:
