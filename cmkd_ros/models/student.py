@@ -17,7 +17,7 @@ from torch import nn
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseConv3d, SparseTensor,
                              import_minkowski, minkowski_available)
-from cmkd_ros.sparse.functional import autocast_dtype
+from cmkd_ros.sparse.functional import CSR_DTYPES, autocast_dtype
 from cmkd_ros.sparse.minkowski import rows_in_order
 
 from .da_module import DAModule
@@ -226,7 +226,7 @@ class Student(nn.Module):
         dtype = autocast_dtype('cpu') or feats.dtype
         manager.prebuild_in_background(
             requests, dtype, lend_thread=True,
-            give_back_early=(dtype in (torch.float32, torch.float64) or
+            give_back_early=(dtype in CSR_DTYPES or  # row-parallel scatter
                              self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS))
         try:
             yield

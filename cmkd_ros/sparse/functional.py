@@ -122,7 +122,7 @@ def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     return out[:-1]
 
 
-_CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse x dense product supports
+CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse x dense product supports
 
 
 def scatter_matrix(kmap: KernelMap, dtype: torch.dtype):
@@ -142,14 +142,14 @@ def average_matrix(kmap: KernelMap, dtype: torch.dtype):
     """CSR ``(num_out, num_in)``: row o averages the inputs paired with output o (cached per
     dtype). In ``dtype`` where the CPU sparse product supports it, else in float32 (cast the
     16-bit features to it: the sum then also accumulates in float32)."""
-    dtype = dtype if dtype in _CSR_DTYPES else torch.float32
+    dtype = dtype if dtype in CSR_DTYPES else torch.float32
     return _cached_csr(kmap, '_average', dtype, lambda: _row_csr(
         kmap.out_rows, kmap.in_rows, kmap.num_out, kmap.num_in, dtype, average=True))
 
 
 def _cached_csr(kmap: KernelMap, name: str, dtype: torch.dtype, build):
     """``build()`` cached on ``kmap`` under ``name`` per dtype; None for unsupported dtypes."""
-    if dtype not in _CSR_DTYPES:
+    if dtype not in CSR_DTYPES:
         return None
     cache = kmap.__dict__.setdefault(name, {})
     if dtype not in cache:
