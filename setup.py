@@ -10,6 +10,10 @@ import os
 from setuptools import find_packages, setup
 
 PACKAGE = 'cmkd_ros'
+# ROS 2 packages from PyPI: Kilted's wheels are named ros-<name>, Jazzy's ros-jazzy-<name>.
+ROS_WHEELS = ['rclpy', 'sensor-msgs', 'std-msgs', 'geometry-msgs', 'rosgraph-msgs', 'nav-msgs',
+              'diagnostic-msgs', 'rmw-fastrtps-cpp', 'lifecycle-msgs', 'rcl-interfaces',
+              'ament-index-python']
 
 
 def _files(pattern):
@@ -38,11 +42,12 @@ setup(
         'torch>=2.1',
     ],
     extras_require={
-        # ROS 2 (Kilted) from PyPI wheels; a full ROS 2 install provides these through apt.
-        'ros': [
-            'ros-rclpy', 'ros-sensor-msgs', 'ros-std-msgs', 'ros-geometry-msgs',
-            'ros-rosgraph-msgs', 'ros-nav-msgs', 'ros-diagnostic-msgs', 'ros-rmw-fastrtps-cpp',
-        ],
+        # ROS 2 from PyPI wheels (Kilted, or Jazzy); a full ROS 2 install provides them via apt.
+        'ros': ['ros-' + name for name in ROS_WHEELS],
+        'ros-jazzy': ['ros-jazzy-' + name for name in ROS_WHEELS],
+        # What the ros2 launch / ros2cli wheels (not on PyPI, see CMKD_EXTRA_WHEELS in
+        # scripts/install.sh) need from PyPI: they declare no dependencies themselves.
+        'ros2cli': ['psutil', 'lark', 'importlib-metadata', 'packaging', 'pyyaml'],
         'train': ['tensorboard>=2.12'],
         'dev': ['pytest>=7', 'pytest-timeout>=2', 'colcon-common-extensions>=0.3'],
     },

@@ -91,9 +91,13 @@ def run(args: argparse.Namespace) -> int:
             _cmkd('sim', '--format', fmt, '--frames', str(frames), '--seed', str(seed),
                   '--out', paths[key], '--compressed')
 
+    from cmkd_ros.evaluate_bag import collect_pairs_from_bag, launch_system_available
+    launched = launch_system_available()
+    print('  the nodes start ' + ('with ros2 launch cmkd_ros collect.launch.py / '
+                                  'segment.launch.py, as a user starts them' if launched else
+                                  'as processes (ros2 launch is not installed here)'))
     step('collect distillation pairs: replay the training bag through collect_node')
     if not os.path.exists(paths['pairs']):
-        from cmkd_ros.evaluate_bag import collect_pairs_from_bag
         os.environ.update(_ros_env())
         count = collect_pairs_from_bag(paths['drive_train'], paths['pairs'], rate=0.5,
                                        params={'record.fsync': False, 'overlay.enabled': False},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,8 @@ from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.replay import ReplayError, open_bag
 
 OUTPUT_TOPIC = '/cmkd_evaluate/labeled'
-NODE_NAME = 'cmkd_evaluate_segment'
+NODE_NAME = 'cmkd_evaluate_segment'    # when started as a process; launch files name their own
+LAUNCHERS = ('auto', 'launch', 'process')
 
 
 class EvaluationError(ValueError):
@@ -107,6 +109,84 @@ def node_command(module: str, params: dict, remaps: dict) -> list[str]:
     for src, dst in remaps.items():
         cmd += ['-r', f'{src}:={dst}']
     return cmd
+
+
+def launch_system_available() -> bool:
+    """True when ``ros2 launch cmkd_ros <file>`` can run here: the ros2 command, the launch
+    packages and this package's launch files in the ament index."""
+    import importlib.util
+    import shutil
+    if not shutil.which('ros2') or any(importlib.util.find_spec(m) is None
+                                       for m in ('launch_ros', 'ros2launch')):
+        return False
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        share = get_package_share_directory('cmkd_ros')
+    except (ImportError, LookupError, ValueError):
+        return False
+    return os.path.isfile(os.path.join(share, 'launch', 'segment.launch.py'))
+
+
+def use_launch(launcher: str) -> bool:
+    """Whether nodes start through ``ros2 launch`` (``launcher``: auto, launch or process)."""
+    if launcher == 'process':
+        return False
+    available = launch_system_available()
+    if launcher == 'launch' and not available:
+        raise EvaluationError('--launcher launch: ros2 launch or the cmkd_ros launch files are '
+                              'not installed (see README, Installing)')
+    return available
+
+
+def merged_params_file(node: str, params: dict, out_dir: str, base: str | None = None) -> str:
+    """A ros__parameters YAML in ``out_dir``: ``base`` (default: the package's
+    config/<node>.param.yaml) with ``params`` (dotted names) set over it."""
+    import yaml
+
+    from cmkd_ros.nodes.ros_io import package_config_path
+    base = base or package_config_path(f'{node}.param.yaml')
+    with open(base, encoding='utf-8') as fh:
+        data = yaml.safe_load(fh) or {}
+    section = next(iter(data.values()), {}) if data else {}
+    values = section.setdefault('ros__parameters', {})
+    for name, value in params.items():
+        *parents, leaf = name.split('.')
+        level = values
+        for part in parents:
+            level = level.setdefault(part, {})
+        level[leaf] = value
+    path = os.path.join(out_dir, f'{node}.params.yaml')
+    with open(path, 'w', encoding='utf-8') as fh:
+        yaml.safe_dump(data or {'/**': section}, fh, sort_keys=False)
+    return path
+
+
+def launch_command(launch_file: str, arguments: dict) -> list[str]:
+    """``ros2 launch cmkd_ros FILE name:=value ...``; empty values are left out (ros2 launch
+    refuses ``name:=``), so the launch file's default applies."""
+    return ['ros2', 'launch', 'cmkd_ros', launch_file] + [
+        f'{name}:={value}' for name, value in arguments.items() if str(value) != '']
+
+
+def _param_items(items: list[str]) -> dict:
+    """``NAME:=VALUE`` words (``--param``) as a dict, values parsed as YAML like ROS does."""
+    import yaml
+    out = {}
+    for item in items:
+        name, sep, text = item.partition(':=')
+        if not sep or not name:
+            raise EvaluationError(f'--param {item!r}: expected NAME:=VALUE')
+        out[name] = yaml.safe_load(text)
+    return out
+
+
+def _launch_segment_command(args: argparse.Namespace, workdir: str) -> list[str]:
+    params_file = merged_params_file('segment_node', _param_items(args.param), workdir,
+                                     args.params_file)
+    return launch_command('segment.launch.py', {
+        'checkpoint': os.path.abspath(args.checkpoint), 'params_file': params_file,
+        'device': args.device or '', 'precision': args.precision or '',
+        'input_pointcloud': args.points_topic, 'output_pointcloud': OUTPUT_TOPIC})
 
 
 def _node_command(args: argparse.Namespace) -> list[str]:
@@ -227,7 +307,11 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
     env = ensure_fastdds_profile(dict(os.environ))
     ensure_fastdds_profile()
     log = open(args.log, 'wb') if args.log else tempfile.TemporaryFile()
-    proc = subprocess.Popen(_node_command(args), env=env, stdout=log, stderr=subprocess.STDOUT,
+    workdir = tempfile.mkdtemp(prefix='cmkd_evaluate_bag_')
+    launched = use_launch(args.launcher)
+    node_name = 'segment_node' if launched else NODE_NAME
+    command = _launch_segment_command(args, workdir) if launched else _node_command(args)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     client = BackgroundNode('cmkd_evaluate_bag')
     node = client.node
@@ -235,7 +319,7 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
     try:
         node.create_subscription(PointCloud2, OUTPUT_TOPIC, collector.on_output,
                                  qos_profile_sensor_data)
-        node.create_subscription(Float64, f'/{NODE_NAME}/debug/processing_time_ms',
+        node.create_subscription(Float64, f'/{node_name}/debug/processing_time_ms',
                                  collector.on_processing, 100)
         replayer = Replayer(node, args.bag, [args.points_topic], rate=args.rate,
                             on_publish=collector.on_publish)
@@ -254,7 +338,7 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
                 raise EvaluationError(f'segment node not ready after {args.startup_timeout} s:'
                                       f'\n{_tail(log)}')
             time.sleep(0.5)                        # let discovery settle both ways
-            settings = node_parameters(node, NODE_NAME, ('device', 'precision'))
+            settings = node_parameters(node, node_name, ('device', 'precision'))
             # 2. replay, 3. wait for outputs still in flight.
             stats = replayer.play()
         finally:
@@ -268,11 +352,12 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
     finally:
         stop_process(proc)
         client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     report = score(collector, labels, class_names)
     report.update(bag=os.path.abspath(args.bag), checkpoint=os.path.abspath(args.checkpoint),
                   device=settings.get('device', args.device),
                   precision=settings.get('precision', args.precision), rate=args.rate,
-                  class_names=class_names,
+                  class_names=class_names, launcher='ros2 launch' if launched else 'process',
                   frames_in_bag=len(point_counts), replay_wall_s=stats.wall_s,
                   replay_max_lag_ms=stats.max_lag_ms)
     log.close()
@@ -382,6 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--drain-timeout', type=float, default=5.0,
                         help='seconds to wait for outputs after the last input (default 5)')
     parser.add_argument('--log', default=None, help='write the node output to this file')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='auto',
+                        help='start the node with ros2 launch (segment.launch.py) or as a '
+                             'plain process (default auto: ros2 launch where it is installed)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,13 +492,16 @@ def run(args: argparse.Namespace) -> int:
 def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None = None,
                            image_transport: str = 'compressed', rate: float = 1.0,
                            params: dict | None = None, startup_timeout: float = 60.0,
-                           settle_s: float = 2.0, log: str | None = None) -> int:
+                           settle_s: float = 2.0, log: str | None = None,
+                           launcher: str = 'auto') -> int:
     """Replay a synthetic bag (``cmkd sim`` layout) into a real collect node; returns the number
     of pairs in ``out_dir`` afterwards.
 
     The node records with odometry-based motion compensation; ``params`` adds or overrides
-    collect node parameters (e.g. ``{'teacher.checkpoint': 'teacher.pt'}``). Blocks until the
-    replay has finished and no new pair appeared for ``settle_s`` seconds.
+    collect node parameters (e.g. ``{'teacher.checkpoint': 'teacher.pt'}``). The node starts
+    through ``ros2 launch cmkd_ros collect.launch.py`` where the launch system is installed
+    (``launcher``: auto, launch or process). Blocks until the replay has finished and no new
+    pair appeared for ``settle_s`` seconds.
     """
     import rclpy
 
@@ -433,10 +524,18 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     ensure_fastdds_profile()
     log_file = open(log, 'wb') if log else tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        node_command('cmkd_ros.nodes.collect_node', node_params,
-                     {'~/input/pointcloud': '/lidar/points', '~/input/odom': '/odom'}),
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    workdir = tempfile.mkdtemp(prefix='cmkd_collect_bag_')
+    if use_launch(launcher):
+        calibration_file = node_params.pop('calibration_file')
+        command = launch_command('collect.launch.py', {
+            'calibration_file': calibration_file,
+            'params_file': merged_params_file('collect_node', node_params, workdir),
+            'input_pointcloud': '/lidar/points', 'input_odom': '/odom'})
+    else:
+        command = node_command('cmkd_ros.nodes.collect_node', node_params,
+                               {'~/input/pointcloud': '/lidar/points', '~/input/odom': '/odom'})
+    proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node('cmkd_collect_bag', context=context)
@@ -466,6 +565,7 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
                 last, last_change = now, time.monotonic()
     finally:
         stop_process(proc)                      # SIGINT: the node finishes queued pairs
+        shutil.rmtree(workdir, ignore_errors=True)
         node.destroy_node()
         context.try_shutdown()
         log_file.close()

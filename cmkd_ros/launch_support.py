@@ -23,7 +23,8 @@ def profile_variables(distro: str | None) -> tuple[str, ...]:
 def given_parameters(values: dict[str, str], optional: dict[str, tuple[str, type]]) -> dict:
     """Node parameter overrides from launch argument values, for the arguments that were given.
 
-    ``optional`` maps a launch argument to ``(parameter name, bool | str)``. An argument left
+    ``optional`` maps a launch argument to ``(parameter name, bool | str | list)`` (a list of
+    strings is given as ``a,b`` or ``[a, b]``). An argument left
     empty is not passed, so the params file's value (or the node's default) stays: launch
     arguments with a default would otherwise always override the params file.
     """
@@ -39,6 +40,8 @@ def given_parameters(values: dict[str, str], optional: dict[str, tuple[str, type
             overrides[parameter] = text.lower() in _TRUE
         elif kind is str:
             overrides[parameter] = text
+        elif kind is list:  # 'a,b' or '[a, b]' -> ['a', 'b']
+            overrides[parameter] = [w for w in text.strip('[]').replace(',', ' ').split() if w]
         else:
             raise TypeError(f'{argument}: unsupported parameter type {kind!r}')
     return overrides
@@ -61,3 +64,48 @@ def fastdds_profile(context) -> list:
         return []
     return [SetEnvironmentVariable(var, profile)
             for var in profile_variables(os.environ.get('ROS_DISTRO'))]
+
+
+_CHECKED = 'cmkd_launch_arguments_checked'
+
+
+def unknown_arguments(given: list[str], declared: set[str]) -> list[str]:
+    """Names of the ``name:=value`` words in ``given`` that are not in ``declared``."""
+    return sorted({word.split(':=', 1)[0] for word in given if ':=' in word} - set(declared))
+
+
+def reject_unknown_arguments(declared: list[str]):
+    """An action failing the launch when the command line names an argument not in ``declared``
+    (launch ignores unknown ones, so a typo such as ``checkpiont:=`` would go unnoticed).
+
+    Only the launch file given on the command line checks: one that it includes sees the same
+    command line and leaves it alone.
+    """
+    from launch.actions import OpaqueFunction
+
+    def check(context):
+        if context.launch_configurations.get(_CHECKED):
+            return []
+        context.launch_configurations[_CHECKED] = 'true'
+        unknown = unknown_arguments(list(context.argv), set(declared))
+        if unknown:
+            raise RuntimeError(f'unknown launch argument(s) {", ".join(unknown)}; this file '
+                               f'takes {", ".join(sorted(declared))} (see --show-args)')
+        return []
+    return OpaqueFunction(function=check)
+
+
+def fail_launch_if_exits_with_error(action):
+    """An event handler failing the launch (exit status 1) when the process ``action`` exits
+    with an error status: a node that stops at start-up (a bad checkpoint, calibration or
+    parameter) must not leave ``ros2 launch`` reporting success. The node's own log line says
+    why; this adds one line naming the node."""
+    from launch.actions import RegisterEventHandler
+    from launch.event_handlers import OnProcessExit
+
+    def on_exit(event, context):
+        if event.returncode and event.returncode > 0 and not context.is_shutdown:
+            raise RuntimeError(f'{event.action.name} exited with status {event.returncode} '
+                               '(its error is logged above)')
+        return []
+    return RegisterEventHandler(OnProcessExit(target_action=action, on_exit=on_exit))

@@ -1,7 +1,10 @@
 """Collect node: synchronize a LiDAR with cameras and log distillation pairs.
 
     ros2 launch cmkd_ros collect.launch.py calibration_file:=/path/rig.yaml \
-        output_dir:=/data/pairs record:=true input_pointcloud:=/lidar/points
+        output_dir:=/data/pairs input_pointcloud:=/lidar/points
+
+The cameras are those of the calibration file unless ``cameras:=front,left`` (or the params
+file) names some; giving ``output_dir`` turns recording on unless ``record:=false``.
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
@@ -10,25 +13,31 @@ from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from cmkd_ros.launch_support import fastdds_profile, optional_parameters
+from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
+                                     optional_parameters, reject_unknown_arguments)
 
 # Launch arguments passed to the node only when given: empty keeps the params file's value.
 OPTIONAL_PARAMETERS = {'record': ('record.enabled', bool),
-                       'output_dir': ('record.output_dir', str)}
+                       'output_dir': ('record.output_dir', str),
+                       'cameras': ('cameras', list)}
 
 
 def _collect_node(context):
-    return [Node(
+    given = optional_parameters(context, OPTIONAL_PARAMETERS)
+    if 'record.output_dir' in given:   # a folder to record into means: record
+        given.setdefault('record.enabled', True)
+    node = Node(
         package='cmkd_ros', executable='collect_node', name='collect_node', output='screen',
         parameters=[LaunchConfiguration('params_file'), {
             'calibration_file': ParameterValue(LaunchConfiguration('calibration_file'),
                                                value_type=str),
             'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
                                            value_type=bool),
-        }, optional_parameters(context, OPTIONAL_PARAMETERS)],
+        }, given],
         remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
                     ('~/input/odom', LaunchConfiguration('input_odom')),
-                    ('~/output/overlay', LaunchConfiguration('output_overlay'))])]
+                    ('~/output/overlay', LaunchConfiguration('output_overlay'))])
+    return [node, fail_launch_if_exits_with_error(node)]
 
 
 def generate_launch_description():
@@ -40,13 +49,17 @@ def generate_launch_description():
             'params_file', description='collect node parameters (ros__parameters YAML; '
             'cameras, topic templates, sync, record, ...)',
             default_value=PathJoinSubstitution([share, 'config', 'collect_node.param.yaml'])),
-        DeclareLaunchArgument('record', default_value='',
-                              description="write pairs: true or false ('': the params "
-                              "file's, default false; switchable at runtime: "
-                              'ros2 param set /collect_node record.enabled true)'),
         DeclareLaunchArgument('output_dir', default_value='',
-                              description="pair dataset folder ('': the params file's, "
-                              'default pairs)'),
+                              description="pair dataset folder; giving one turns recording "
+                              "on ('': the params file's, where recording is off)"),
+        DeclareLaunchArgument('record', default_value='',
+                              description="write pairs: true or false ('': true when "
+                              "output_dir is given, else the params file's; switchable at "
+                              'runtime: ros2 param set /collect_node record.enabled true)'),
+        DeclareLaunchArgument('cameras', default_value='',
+                              description="cameras to collect, e.g. front,front_left ('': "
+                              "the params file's, default every camera of the calibration "
+                              'file)'),
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='use /clock (true when replaying a bag)'),
         DeclareLaunchArgument('input_pointcloud', default_value='/lidar/points',
@@ -61,5 +74,6 @@ def generate_launch_description():
             "large clouds and images ('' keeps the environment's)",
             default_value=PathJoinSubstitution([share, 'config', 'fastdds_shm.xml'])),
     ]
-    return LaunchDescription(arguments + [OpaqueFunction(function=fastdds_profile),
-                                          OpaqueFunction(function=_collect_node)])
+    return LaunchDescription(arguments + [
+        reject_unknown_arguments([a.name for a in arguments]),
+        OpaqueFunction(function=fastdds_profile), OpaqueFunction(function=_collect_node)])

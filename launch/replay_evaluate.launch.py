@@ -16,7 +16,8 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import FindExecutable, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.substitutions import FindPackageShare
 
-from cmkd_ros.launch_support import fastdds_profile
+from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
+                                     reject_unknown_arguments)
 
 
 def generate_launch_description():
@@ -89,5 +90,8 @@ def generate_launch_description():
     stop_after = [RegisterEventHandler(OnProcessExit(target_action=action,
                                                      on_exit=[EmitEvent(event=Shutdown())]))
                   for action in (replay, score)]
-    return LaunchDescription(arguments + [OpaqueFunction(function=fastdds_profile),
-                                          segment, replay, score] + stop_after)
+    return LaunchDescription(arguments + [
+        reject_unknown_arguments([a.name for a in arguments]),
+        OpaqueFunction(function=fastdds_profile), segment, replay, score,
+        fail_launch_if_exits_with_error(replay), fail_launch_if_exits_with_error(score),
+    ] + stop_after)

@@ -10,14 +10,15 @@ from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from cmkd_ros.launch_support import fastdds_profile, optional_parameters
+from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
+                                     optional_parameters, reject_unknown_arguments)
 
 # Launch arguments passed to the node only when given: empty keeps the params file's value.
 OPTIONAL_PARAMETERS = {'device': ('device', str), 'precision': ('precision', str)}
 
 
 def _segment_node(context):
-    return [Node(
+    node = Node(
         package='cmkd_ros', executable='segment_node', name='segment_node', output='screen',
         parameters=[LaunchConfiguration('params_file'), {
             'checkpoint': ParameterValue(LaunchConfiguration('checkpoint'), value_type=str),
@@ -25,7 +26,8 @@ def _segment_node(context):
                                            value_type=bool),
         }, optional_parameters(context, OPTIONAL_PARAMETERS)],
         remappings=[('~/input/pointcloud', LaunchConfiguration('input_pointcloud')),
-                    ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])]
+                    ('~/output/pointcloud', LaunchConfiguration('output_pointcloud'))])
+    return [node, fail_launch_if_exits_with_error(node)]
 
 
 def generate_launch_description():
@@ -54,5 +56,6 @@ def generate_launch_description():
             "clouds ('' keeps the environment's)",
             default_value=PathJoinSubstitution([share, 'config', 'fastdds_shm.xml'])),
     ]
-    return LaunchDescription(arguments + [OpaqueFunction(function=fastdds_profile),
-                                          OpaqueFunction(function=_segment_node)])
+    return LaunchDescription(arguments + [
+        reject_unknown_arguments([a.name for a in arguments]),
+        OpaqueFunction(function=fastdds_profile), OpaqueFunction(function=_segment_node)])

@@ -3,6 +3,12 @@
 # second run with unchanged dependency files returns in about a second.
 #   CMKD_VENV=DIR            venv location
 #   CMKD_PYTHON=python3.11   interpreter for a new venv (the PyPI ROS 2 wheels target CPython 3.11)
+#   CMKD_ROS_DISTRO=kilted   which ROS 2 wheels from PyPI: kilted (ros-*) or jazzy (ros-jazzy-*);
+#                            one distro per venv
+#   CMKD_EXTRA_WHEELS=DIR    a folder of wheels of the ROS 2 parts that PyPI lacks (launch,
+#                            launch_ros, ros2cli: `ros2 launch|run|topic|node|param`), e.g.
+#                            ../shared/wheels/ros2-cli; installed with the PyPI packages they need,
+#                            unless a full ROS 2 install already provides `launch` (its own wins)
 # MinkowskiEngine (optional backend, needed by the parity tests) is built by
 # scripts/build_minkowski.sh, which scripts/test.sh runs.
 set -euo pipefail
@@ -12,13 +18,40 @@ if [ -z "${CMKD_PYTHON:-}" ]; then
   CMKD_PYTHON=$(command -v python3.11 || command -v python3)
 fi
 
+DISTRO="${CMKD_ROS_DISTRO:-kilted}"
+case "$DISTRO" in
+  kilted) ROS_EXTRA=ros; OTHER_RCLPY=ros-jazzy-rclpy ;;
+  jazzy) ROS_EXTRA=ros-jazzy; OTHER_RCLPY=ros-rclpy ;;
+  *) echo "[install] CMKD_ROS_DISTRO=$DISTRO: expected kilted or jazzy (PyPI has no other)" >&2
+     exit 2 ;;
+esac
+EXTRA_WHEELS=()
+if [ -n "${CMKD_EXTRA_WHEELS:-}" ]; then
+  if [ ! -d "$CMKD_EXTRA_WHEELS" ]; then
+    echo "[install] CMKD_EXTRA_WHEELS=$CMKD_EXTRA_WHEELS is not a folder" >&2; exit 2
+  fi
+  # A full ROS 2 install (sourced: its launch on PYTHONPATH) keeps its own launch and ros2.
+  external=$(cd / && env -u VIRTUAL_ENV python3 -c 'import launch.actions, os; \
+print(os.path.dirname(os.path.dirname(launch.__file__)))' 2>/dev/null || true)
+  if [ -n "$external" ] && [ "${external#"$VENV"}" = "$external" ]; then
+    echo "[install] launch comes from $external (a ROS 2 install): $CMKD_EXTRA_WHEELS not used"
+  else
+    shopt -s nullglob
+    EXTRA_WHEELS=("$CMKD_EXTRA_WHEELS"/*.whl)
+    shopt -u nullglob
+  fi
+fi
+
 stamp_of() {
-  cat "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" "$ROOT/scripts/install.sh" \
-      "$ROOT/scripts/ament_link.sh" 2>/dev/null | sha256sum | cut -c1-16
+  { cat "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" "$ROOT/scripts/install.sh" 2>/dev/null
+    echo "$DISTRO"; for w in "${EXTRA_WHEELS[@]}"; do basename "$w"; done; } \
+    | sha256sum | cut -c1-16
 }
 STAMP="$(stamp_of)"
 if [ -f "$VENV/.cmkd-install-stamp" ] && [ "$(cat "$VENV/.cmkd-install-stamp")" = "$STAMP" ] \
    && [ -x "$VENV/bin/cmkd" ]; then
+  # cheap, and shows launch or config files added since
+  bash "$ROOT/scripts/ament_link.sh" "$VENV" "$ROOT"
   echo "[install] $VENV is up to date"
   exit 0
 fi
@@ -35,7 +68,17 @@ if "$VENV/bin/python" -m pip show launch >/dev/null 2>&1 && \
    ! "$VENV/bin/python" -c 'import launch.actions' >/dev/null 2>&1; then
   echo "[install] removing PyPI 'launch' (not ROS 2 launch)"; "${PIP[@]}" uninstall -y -q launch
 fi
-quiet "${PIP[@]}" install -q -c "$ROOT/scripts/constraints.txt" -e "$ROOT[ros,train,dev]"
+if "$VENV/bin/python" -m pip show "$OTHER_RCLPY" >/dev/null 2>&1; then
+  echo "[install] $VENV holds $OTHER_RCLPY, another distro's wheels: choose another CMKD_VENV" >&2
+  exit 2
+fi
+EXTRAS="$ROS_EXTRA,train,dev"
+if [ ${#EXTRA_WHEELS[@]} -gt 0 ]; then EXTRAS="$EXTRAS,ros2cli"; fi
+quiet "${PIP[@]}" install -q -c "$ROOT/scripts/constraints.txt" -e "$ROOT[$EXTRAS]"
+if [ ${#EXTRA_WHEELS[@]} -gt 0 ]; then
+  echo "[install] ROS 2 launch and command line from $CMKD_EXTRA_WHEELS"
+  quiet "${PIP[@]}" install -q --no-deps --no-index "${EXTRA_WHEELS[@]}"
+fi
 
 # An editable install does not install data files: expose the package to ament/ros2 from the
 # source tree (share/cmkd_ros -> launch, config, package.xml; lib/cmkd_ros -> node executables).

@@ -2,6 +2,11 @@
 # Install everything (idempotent) and run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The real ROS 2 launch system and command line, as wheels beside the checkout when there
+# (PyPI lacks them; a full ROS 2 install's own wins, see install.sh).
+if [ -z "${CMKD_EXTRA_WHEELS+set}" ] && [ -d "$ROOT/../shared/wheels/ros2-cli" ]; then
+  export CMKD_EXTRA_WHEELS="$ROOT/../shared/wheels/ros2-cli"
+fi
 bash "$ROOT/scripts/install.sh"
 # MinkowskiEngine for the backend parity tests: built once (about 7 minutes on 2 cores) and cached
 # by torch version; skipped when it already imports.

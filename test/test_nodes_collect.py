@@ -322,7 +322,7 @@ def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monk
 
 
 @pytest.mark.parametrize('params,message', [
-    ({}, 'cameras: list at least one camera name'),
+    ({'overlay.camera': 'back'}, "overlay.camera: 'back' is not one of ['front', 'front_left']"),
     ({'cameras': ['back']}, "no camera named 'back'"),
     ({'cameras': ['front'], 'sync.slop_ms': -3.0}, 'sync.slop_ms: -3.0 must be > 0.0'),
     ({'cameras': ['front'], 'record.enabled': True}, 'record.output_dir: required'),

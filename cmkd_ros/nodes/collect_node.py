@@ -65,6 +65,9 @@ class CollectNode(Node):
         config = self.params.config
         # 2. core objects: calibration, synchronizer, writer, teacher.
         rig = RigCalibration.load(config.calibration_file)
+        if not config.cameras:
+            self.params.resolve('cameras', list(rig.names))
+            config = self.params.config
         self.file_calibration = {name: rig.camera(name) for name in config.cameras}
         self.lidar_frame = rig.lidar_frame
         self.calibration: dict[str, CameraCalibration | None] = {

@@ -60,7 +60,7 @@ class CollectNodeConfig:
                                     'extrinsics T_cam_lidar, and intrinsics unless '
                                     'use_camera_info (required)')
     cameras: tuple[str, ...] = setting(default_factory=tuple, help='camera names to collect, as '
-                                       'named in the calibration file (required)')
+                                       'named in the calibration file (empty: all of them)')
     image_transport: str = setting('compressed', 'compressed: sensor_msgs/CompressedImage '
                                    '(jpeg/png, stored as received); raw: sensor_msgs/Image',
                                    choices=IMAGE_TRANSPORTS)
@@ -94,8 +94,6 @@ class CollectNodeConfig:
     def validate(self) -> None:
         if not self.calibration_file:
             raise ConfigError('calibration_file: a rig calibration YAML is required')
-        if not self.cameras:
-            raise ConfigError('cameras: list at least one camera name')
         if len(set(self.cameras)) != len(self.cameras):
             raise ConfigError(f'cameras: names must be unique, got {list(self.cameras)}')
         if '{camera}' not in self.image_topic and len(self.cameras) > 1:
@@ -105,7 +103,7 @@ class CollectNodeConfig:
             raise ConfigError('camera_info_topic: must contain {camera} for several cameras')
         if self.record.enabled and not self.record.output_dir:
             raise ConfigError('record.output_dir: required when record.enabled')
-        if self.overlay.camera and self.overlay.camera not in self.cameras:
+        if self.overlay.camera and self.cameras and self.overlay.camera not in self.cameras:
             raise ConfigError(f'overlay.camera: {self.overlay.camera!r} is not one of '
                               f'{list(self.cameras)}')
 

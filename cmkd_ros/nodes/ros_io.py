@@ -193,6 +193,14 @@ class ConfigParameters:
         param = self.node.declare_parameter(f.name, f.default, descriptor)
         return _from_ros(param.value)
 
+    def resolve(self, name: str, value: Any) -> None:
+        """Give parameter ``name``, left at its empty default, the value derived at start-up
+        (e.g. from a calibration file) and rebuild the config; later changes keep it."""
+        path = tuple(name.split('.'))
+        values = {**self._values, path: value}
+        self.config = self._build(values)
+        self._values = values
+
     def _build(self, values: dict[tuple[str, ...], Any]) -> Any:
         return cfg.build(self.cls, _nested(values))
 
@@ -345,7 +353,15 @@ class LatestSlot:
 
 
 def spin_until_shutdown(node: Node, executor: Any = None) -> None:
-    """Spin ``node`` until Ctrl-C / SIGTERM or context shutdown, then destroy it cleanly."""
+    """Spin ``node`` until Ctrl-C / SIGTERM or context shutdown, then destroy it cleanly.
+
+    Further SIGINTs are ignored while the node closes (its waits are bounded): a Ctrl-C in a
+    terminal reaches the node twice, from the terminal and forwarded by ``ros2 launch``, and the
+    second one would otherwise break the clean-up with a traceback.
+    """
+    import signal
+    import threading
+
     import rclpy
     from rclpy.executors import ExternalShutdownException
     try:
@@ -357,6 +373,8 @@ def spin_until_shutdown(node: Node, executor: Any = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         close = getattr(node, 'close', None)
         if callable(close):
             close()
@@ -367,22 +385,26 @@ def spin_until_shutdown(node: Node, executor: Any = None) -> None:
 
 # ----------------------------------------------------------------------------- Fast DDS profile
 
-def fastdds_profile_path() -> str:
-    """Path of config/fastdds_shm.xml: the installed share folder, else the source tree."""
+def package_config_path(name: str) -> str:
+    """Path of config/``name``: the installed share folder, else the source tree."""
     import os
     try:
         from ament_index_python.packages import get_package_share_directory
-        path = os.path.join(get_package_share_directory('cmkd_ros'), 'config',
-                            'fastdds_shm.xml')
+        path = os.path.join(get_package_share_directory('cmkd_ros'), 'config', name)
         if os.path.isfile(path):
             return path
     except (ImportError, LookupError, ValueError):
         pass
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), 'config', 'fastdds_shm.xml')
+        os.path.abspath(__file__)))), 'config', name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'Fast DDS profile not found (looked for {path})')
+        raise FileNotFoundError(f'config/{name} not found (looked for {path})')
     return path
+
+
+def fastdds_profile_path() -> str:
+    """Path of config/fastdds_shm.xml (installed, else the source tree's)."""
+    return package_config_path('fastdds_shm.xml')
 
 
 def ensure_fastdds_profile(env: dict | None = None) -> dict:
