@@ -6,18 +6,43 @@ so this module (and its pure parts, which the tests exercise) imports without RO
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 PROFILE_VARIABLES = ('FASTRTPS_DEFAULT_PROFILES_FILE', 'FASTDDS_DEFAULT_PROFILES_FILE')
-OLD_FASTDDS_DISTROS = ('humble', 'iron')  # Fast DDS 2.x reads FASTRTPS_..., 3.x FASTDDS_...
+# Distributions shipping Fast DDS 2.x, which reads only FASTRTPS_...; Fast DDS 3 (Kilted on)
+# reads FASTDDS_... and warns that FASTRTPS_... is deprecated.
+FASTDDS2_DISTROS = ('humble', 'iron', 'jazzy')
 
 _TRUE = ('true', 'yes', 'on', '1')
 _FALSE = ('false', 'no', 'off', '0')
 
 
-def profile_variables(distro: str | None) -> tuple[str, ...]:
-    """The Fast DDS profile variable(s) the ROS distribution ``distro`` reads (Fast DDS 3 warns
-    that FASTRTPS_... is deprecated, so only the one in use is set)."""
-    return PROFILE_VARIABLES[:1] if distro in OLD_FASTDDS_DISTROS else PROFILE_VARIABLES[1:]
+def fastdds_major_version(env: Mapping[str, str] | None = None) -> int | None:
+    """Major version of the Fast DDS library under the ament prefixes (``AMENT_PREFIX_PATH``,
+    the same for PyPI wheels in a venv and for /opt/ros): 3 for libfastdds.so.3, 2 for
+    libfastrtps.so.2; None when neither is found there."""
+    env = os.environ if env is None else env
+    for prefix in filter(None, env.get('AMENT_PREFIX_PATH', '').split(os.pathsep)):
+        try:
+            names = os.listdir(os.path.join(prefix, 'lib'))
+        except OSError:
+            continue
+        if any(n.startswith('libfastdds.so.3') for n in names):
+            return 3
+        if any(n.startswith('libfastrtps.so.2') for n in names):
+            return 2
+    return None
+
+
+def profile_variables(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The Fast DDS profile variable that the installed Fast DDS reads: found from its library
+    (:func:`fastdds_major_version`), else from ``ROS_DISTRO``. Only that one is set: each
+    version ignores the other's name."""
+    env = os.environ if env is None else env
+    major = fastdds_major_version(env)
+    if major is None:
+        major = 2 if env.get('ROS_DISTRO') in FASTDDS2_DISTROS else 3
+    return PROFILE_VARIABLES[:1] if major == 2 else PROFILE_VARIABLES[1:]
 
 
 def given_parameters(values: dict[str, str], optional: dict[str, tuple[str, type]]) -> dict:
@@ -63,7 +88,7 @@ def fastdds_profile(context) -> list:
     if not profile:
         return []
     return [SetEnvironmentVariable(var, profile)
-            for var in profile_variables(os.environ.get('ROS_DISTRO'))]
+            for var in profile_variables()]
 
 
 _CHECKED = 'cmkd_launch_arguments_checked'

@@ -13,11 +13,16 @@ case ":${AMENT_PREFIX_PATH:-}:" in
 esac
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Large clouds and images over best-effort QoS need a bigger Fast DDS shared-memory segment.
-# Humble and Iron read FASTRTPS_DEFAULT_PROFILES_FILE; later distros FASTDDS_DEFAULT_PROFILES_FILE.
-case "${ROS_DISTRO:-}" in
-  humble|iron) export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}" ;;
-  *) export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}" ;;
-esac
+# Fast DDS 2.x (Humble, Iron, Jazzy) reads only FASTRTPS_DEFAULT_PROFILES_FILE, Fast DDS 3
+# (Kilted) only FASTDDS_DEFAULT_PROFILES_FILE: the name is chosen from the library installed.
+_cmkd_var=$(PYTHONPATH="$_cmkd_root${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
+  'from cmkd_ros.launch_support import profile_variables; print(profile_variables()[0])' \
+  2>/dev/null || echo FASTDDS_DEFAULT_PROFILES_FILE)
+eval "_cmkd_set=\${$_cmkd_var:-}"
+if [ -z "$_cmkd_set" ]; then
+  export "$_cmkd_var=${FASTDDS_DEFAULT_PROFILES_FILE:-${FASTRTPS_DEFAULT_PROFILES_FILE:-$_cmkd_root/config/fastdds_shm.xml}}"
+fi
+unset _cmkd_var _cmkd_set
 # `ros2 run cmkd_ros <node>` looks in <prefix>/lib/cmkd_ros; pip puts console scripts in bin/.
 for _cmkd_exe in collect_node segment_node; do
   if [ -x "$_cmkd_venv/bin/$_cmkd_exe" ] && [ ! -e "$_cmkd_venv/lib/cmkd_ros/$_cmkd_exe" ]; then

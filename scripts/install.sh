@@ -6,9 +6,10 @@
 #   CMKD_ROS_DISTRO=kilted   which ROS 2 wheels from PyPI: kilted (ros-*) or jazzy (ros-jazzy-*);
 #                            one distro per venv
 #   CMKD_EXTRA_WHEELS=DIR    a folder of wheels of the ROS 2 parts that PyPI lacks (launch,
-#                            launch_ros, ros2cli: `ros2 launch|run|topic|node|param`), e.g.
-#                            ../shared/wheels/ros2-cli; installed with the PyPI packages they need,
-#                            unless a full ROS 2 install already provides `launch` (its own wins)
+#                            launch_ros, ros2cli: `ros2 launch|run|topic|node|param`); default
+#                            ../shared/wheels/ros2-cli beside the checkout when it exists, '' for
+#                            none; installed with the PyPI packages they need, unless a full ROS 2
+#                            install already provides `launch` (its own wins)
 # MinkowskiEngine (optional backend, needed by the parity tests) is built by
 # scripts/build_minkowski.sh, which scripts/test.sh runs.
 set -euo pipefail
@@ -20,12 +21,15 @@ fi
 
 DISTRO="${CMKD_ROS_DISTRO:-kilted}"
 case "$DISTRO" in
-  kilted) ROS_EXTRA=ros; OTHER_RCLPY=ros-jazzy-rclpy ;;
-  jazzy) ROS_EXTRA=ros-jazzy; OTHER_RCLPY=ros-rclpy ;;
+  kilted) ROS_EXTRA=ros ;;
+  jazzy) ROS_EXTRA=ros-jazzy ;;
   *) echo "[install] CMKD_ROS_DISTRO=$DISTRO: expected kilted or jazzy (PyPI has no other)" >&2
      exit 2 ;;
 esac
 EXTRA_WHEELS=()
+if [ -z "${CMKD_EXTRA_WHEELS+set}" ] && [ -d "$ROOT/../shared/wheels/ros2-cli" ]; then
+  CMKD_EXTRA_WHEELS="$(cd "$ROOT/../shared/wheels/ros2-cli" && pwd)"
+fi
 if [ -n "${CMKD_EXTRA_WHEELS:-}" ]; then
   if [ ! -d "$CMKD_EXTRA_WHEELS" ]; then
     echo "[install] CMKD_EXTRA_WHEELS=$CMKD_EXTRA_WHEELS is not a folder" >&2; exit 2
@@ -68,8 +72,11 @@ if "$VENV/bin/python" -m pip show launch >/dev/null 2>&1 && \
    ! "$VENV/bin/python" -c 'import launch.actions' >/dev/null 2>&1; then
   echo "[install] removing PyPI 'launch' (not ROS 2 launch)"; "${PIP[@]}" uninstall -y -q launch
 fi
-if "$VENV/bin/python" -m pip show "$OTHER_RCLPY" >/dev/null 2>&1; then
-  echo "[install] $VENV holds $OTHER_RCLPY, another distro's wheels: choose another CMKD_VENV" >&2
+# One distro per venv (the Jazzy wheels also install ros-rclpy, at Jazzy's version).
+has() { "$VENV/bin/python" -m pip show "$1" >/dev/null 2>&1; }
+if { [ "$DISTRO" = kilted ] && has ros-jazzy-rclpy; } || \
+   { [ "$DISTRO" = jazzy ] && has ros-rclpy && ! has ros-jazzy-rclpy; }; then
+  echo "[install] $VENV holds another distro's ROS 2 wheels: choose another CMKD_VENV" >&2
   exit 2
 fi
 EXTRAS="$ROS_EXTRA,train,dev"

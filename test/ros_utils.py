@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from cmkd_ros.background_node import BackgroundNode
+from cmkd_ros.launch_support import profile_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROFILE = REPO / 'config' / 'fastdds_shm.xml'
@@ -26,9 +27,9 @@ BASE_ENV = {
     'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp',
     'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
     'ROS_LOCALHOST_ONLY': '',
-    # Fast DDS 3 (Jazzy, Kilted); Humble's Fast DDS 2 reads FASTRTPS_DEFAULT_PROFILES_FILE.
-    ('FASTRTPS_DEFAULT_PROFILES_FILE' if os.environ.get('ROS_DISTRO') in ('humble', 'iron')
-     else 'FASTDDS_DEFAULT_PROFILES_FILE'): str(PROFILE),
+    # the variable that the installed Fast DDS reads (2.x: FASTRTPS_..., 3: FASTDDS_...)
+    profile_variables({**os.environ, 'AMENT_PREFIX_PATH': os.environ.get('AMENT_PREFIX_PATH')
+                       or sys.prefix})[0]: str(PROFILE),
     'PYTHONUNBUFFERED': '1',
     'OMP_WAIT_POLICY': 'PASSIVE',
 }

@@ -1,9 +1,13 @@
 """BackgroundNode: a spun rclpy node in its own context, as the tools and tests use it."""
 import time
 
+import pytest
+
 from ros_utils import setup_test_process_env, unique_domain_id, wait_for
 
 from cmkd_ros.background_node import BackgroundNode
+
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
 
 
 def test_background_nodes_exchange_messages_and_close_cleanly():

@@ -10,6 +10,8 @@ from cmkd_ros import bag
 from cmkd_ros.conversions import cloud_to_array, image_to_array
 from cmkd_ros.sim import SimWorld
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 RCLPY_CLASSES = {bag.POINTCLOUD2: PointCloud2, bag.IMAGE: Image,
                  bag.COMPRESSED_IMAGE: CompressedImage, bag.CAMERA_INFO: CameraInfo,
                  bag.ODOMETRY: Odometry}

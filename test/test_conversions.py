@@ -15,6 +15,8 @@ import pytest
 from cmkd_ros import conversions as cv
 from cmkd_ros.calibration import CameraCalibration, calibration_from_camera_info
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 BACKENDS = cv.available_backends()       # 'own' everywhere, 'ros' on full ROS 2 installs
 READERS = ['auto', 'own']                 # 'auto' picks sensor_msgs_py/cv_bridge where usable
 KINDS = ['rclpy', 'rosbags']

@@ -11,6 +11,8 @@ from cmkd_ros.evaluate_bag import _Collector, cdr_header_stamp_ns, score
 from ros_utils import (RosProcess, make_sim_bag, make_student_checkpoint, predict_offline,
                        ros_env, unique_domain_id)
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 
 @pytest.fixture(scope='module')
 def bag_and_checkpoint(tmp_path_factory):

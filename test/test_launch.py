@@ -17,6 +17,8 @@ import pytest
 from cmkd_ros import cli
 from cmkd_ros.config import ConfigError, build
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))
 NODE_CONFIGS = {
@@ -254,7 +256,7 @@ def test_node_docs_list_every_parameter_and_topic():
 
 
 def test_launch_arguments_left_empty_keep_the_params_file_values():
-    from cmkd_ros.launch_support import given_parameters, profile_variables
+    from cmkd_ros.launch_support import given_parameters
     optional = {'record': ('record.enabled', bool), 'output_dir': ('record.output_dir', str),
                 'device': ('device', str)}
     assert given_parameters({'record': '', 'output_dir': ' ', 'device': ''}, optional) == {}
@@ -267,9 +269,6 @@ def test_launch_arguments_left_empty_keep_the_params_file_values():
         {'cameras': '[front, back_left]'}, cameras) == {'cameras': ['front', 'back_left']}
     with pytest.raises(ValueError, match='record: expected true or false'):
         given_parameters({'record': 'maybe'}, optional)
-    assert profile_variables('humble') == ('FASTRTPS_DEFAULT_PROFILES_FILE',)
-    assert profile_variables('kilted') == profile_variables(None) == (
-        'FASTDDS_DEFAULT_PROFILES_FILE',)
 
 
 @pytest.mark.parametrize('executable', sorted(NODE_CONFIGS))

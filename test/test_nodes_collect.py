@@ -12,6 +12,8 @@ from cmkd_ros.pairs import PairReader
 from ros_utils import (RosClient, RosProcess, make_sim_bag, node_command, processes, ros_env,
                        unique_domain_id, wait_for)
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 COLLECT = 'cmkd_ros.nodes.collect_node'
 CAMERAS = ['front', 'front_left']
 

@@ -12,6 +12,8 @@ from ros_utils import (RosClient, RosProcess, make_sim_bag, make_student_checkpo
                        predict_offline, processes, ros_env, set_parameters, unique_domain_id,
                        wait_for)
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 SEGMENT = 'cmkd_ros.nodes.segment_node'
 REMAPS = {'~/input/pointcloud': '/lidar/points', '~/output/pointcloud': '/labeled'}
 

@@ -9,6 +9,8 @@ from cmkd_ros.conversions import cloud_to_array, stamp_ns
 from ros_utils import (RosClient, RosProcess, processes, ros_env, unique_domain_id, wait_for,
                        write_cloud_bag)
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 
 def _replay_cmd(bag, *extra):
     return [sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), *extra]

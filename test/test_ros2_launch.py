@@ -20,6 +20,8 @@ import yaml
 from ros_utils import (REPO, RosClient, RosProcess, make_sim_bag, make_student_checkpoint,
                        processes, ros_env, unique_domain_id, wait_for, write_cloud_bag)
 
+pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
+
 LAUNCH_FILES = ('segment.launch.py', 'collect.launch.py', 'replay_evaluate.launch.py')
 
 

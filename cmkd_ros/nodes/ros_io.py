@@ -419,7 +419,7 @@ def ensure_fastdds_profile(env: dict | None = None) -> dict:
     if not rmw.startswith('rmw_fastrtps'):
         return env
     path = next((env[v] for v in PROFILE_VARIABLES if env.get(v)), None) or fastdds_profile_path()
-    for var in profile_variables(env.get('ROS_DISTRO')):
+    for var in profile_variables(env):
         if not env.get(var):
             env[var] = path
     return env
