@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     _cmkd('overlay', paths['heldout_pairs'], '--out', os.path.join(out, 'overlay'),
           '--max-frames', '1', '--color', 'label')
     _cmkd('evaluate', '--checkpoint', student_ckpt, '--data', paths['heldout_pairs'],
-          '--out', paths['evaluation'])
+          '--out', paths['evaluation'], '--pictures', '1')
     _summary(out, report_path, paths)
     return 0
 
@@ -157,5 +157,9 @@ def _summary(out: str, report_path: str, paths: dict) -> None:
     print(f'segment_node latency p50 {p50:.1f} ms, p95 {p95:.1f} ms; '
           f'{report["frames_published"]} scans '
           f'published, {report["drops"]} dropped')
+    pictures = sorted(f for f in os.listdir(paths['evaluation']) if f.startswith('scan0_'))
+    print('pictures: ' + ', '.join(os.path.join(paths['evaluation'], f) for f in pictures) +
+          " (bird's-eye view of a held-out scan, student beside ground truth; a camera image "
+          "with the student's labels)")
     print(f'outputs in {out}: evaluate_bag.json, evaluation/ (confusion matrix, IoU bars), '
           'overlay/ (projected points)')

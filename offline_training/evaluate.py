@@ -28,6 +28,7 @@ import torch
 
 from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
+from cmkd_ros.progress import progress_bar
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -71,10 +72,7 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     student.eval()
     start = time.perf_counter()
     scans = points = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(indices), desc='evaluate', unit='scan')
+    bar = progress_bar(len(indices), 'evaluate', 'scan') if progress else None
     try:
         for batch in loader:
             with arithmetic:
@@ -238,6 +236,36 @@ def format_table(result: dict) -> str:
 # cmkd evaluate
 
 
+def write_pictures(student: torch.nn.Module, dataset, out_dir: str, count: int, *,
+                   class_names: Sequence[str], class_colors: Sequence[Sequence[int]],
+                   precision: str = 'float32') -> list[str]:
+    """For the first ``count`` scans: ``scan<i>_bev.png`` (ground truth beside the student's
+    labels, points no camera sees pale) and ``scan<i>_<camera>.png`` (the camera that sees the
+    most points, with the student's labels drawn at their pixels)."""
+    from cmkd_ros.viz import save_bev_comparison, save_camera_labels
+    os.makedirs(out_dir, exist_ok=True)
+    colors = np.asarray(class_colors, np.uint8)
+    paths = []
+    for i in range(min(count, len(dataset))):
+        data = dataset.get_data(i)
+        pred, _ = student.predict(data['xyz'], data['intensity'], precision=precision)
+        pred = pred.cpu().numpy()
+        bev = os.path.join(out_dir, f'scan{i}_bev.png')
+        save_bev_comparison(bev, data['xyz'], data['labels'], pred, data['visible_any'],
+                            class_names, colors, title=f'{os.path.basename(str(data["name"]))}: bird\'s-eye view')
+        paths.append(bev)
+        if len(data['corr_camera']):
+            cam = int(np.bincount(data['corr_camera']).argmax())
+            name = dataset.get_frame(i).rig.names[cam]
+            sel = data['corr_camera'] == cam
+            points = data['corr_point'][sel]
+            image = os.path.join(out_dir, f'scan{i}_{name}.png')
+            save_camera_labels(image, data['images'][cam], data['corr_uv'][sel], pred[points],
+                               np.linalg.norm(data['xyz'][points], axis=1), colors)
+            paths.append(image)
+    return paths
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--checkpoint', required=True, help='student checkpoint (student.pt)')
     parser.add_argument('--data', required=True,
@@ -262,6 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         'with bfloat16 instructions)')
     parser.add_argument('--max-scans', type=int, default=None, help='score only the first N')
     parser.add_argument('--progress', action='store_true', help='show a progress bar')
+    parser.add_argument('--pictures', type=int, default=0, metavar='N',
+                        help='with --out: bird\'s-eye and camera pictures of the first N scans')
 
 
 def build_eval_dataset(args: argparse.Namespace, feature_kind: str):
@@ -296,6 +326,16 @@ def run(args: argparse.Namespace) -> int:
           f'{100 * (result["unseen_fraction"] or 0):.1f}% of labeled points unseen by any '
           f'camera, {result["seconds"]:.1f} s')
     if args.out:
-        for path in write_report(result, args.out):
+        paths = write_report(result, args.out)
+        if args.pictures > 0:
+            try:
+                paths += write_pictures(student, dataset, args.out, args.pictures,
+                                        class_names=info['class_names'],
+                                        class_colors=info['class_colors'],
+                                        precision=args.precision)
+            except (ValueError, OSError) as exc:
+                print(f'cmkd evaluate: pictures: {exc}', file=sys.stderr)
+                return 1
+        for path in paths:
             print(f'wrote {path}')
     return 0

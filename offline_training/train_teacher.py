@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from cmkd_ros.classes import ClassMap
 from cmkd_ros.metrics import ConfusionMatrix
+from cmkd_ros.progress import progress_bar
 from cmkd_ros.models.teacher import Teacher, TeacherConfig, build_teacher
 
 IGNORE = 255
@@ -307,10 +308,7 @@ def train_teacher(cfg: TeacherConfig | Mapping[str, Any] | None, dataset, *,
         optimizer, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history: dict[str, Any] = {'step': [], 'loss': [], 'lr': [],
                                'class_weights': history_weights}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc='teacher', unit='step')
+    bar = progress_bar(steps, 'teacher') if progress else None
     step, images_seen, running, running_n = 0, 0, 0.0, 0
     start = time.perf_counter()
     while step < steps:

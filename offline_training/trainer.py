@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
+from cmkd_ros.progress import progress_bar
 from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
                                      sample_image_features, semantic_kl_loss,
@@ -632,9 +633,7 @@ class Trainer:
             metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a',
                                 encoding='utf-8')
             if cfg.progress:
-                from tqdm import tqdm
-                progress = tqdm(total=cfg.steps, initial=self.step, desc=cfg.method,
-                                dynamic_ncols=True)
+                progress = progress_bar(cfg.steps, cfg.method, initial=self.step)
         try:
             batches = self.batches()
             while self.step < cfg.steps:

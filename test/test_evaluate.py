@@ -113,3 +113,29 @@ def test_cli_reports_bad_inputs(pairs, tmp_path, capsys):
     # the synthetic labels go up to 11: a 3-class student cannot be scored on them
     assert cmkd_main(['evaluate', '--checkpoint', str(ckpt), '--data', pairs]) == 1
     assert 'outside [0, 3)' in capsys.readouterr().err
+
+
+def test_pictures_show_the_students_labels_in_bev_and_in_a_camera(pairs, tmp_path):
+    """A constant 'road' student: the right half of the bird's-eye view is road-colored and the
+    camera picture shows road-colored dots where the camera sees points, nowhere else."""
+    import cv2
+
+    from offline_training.evaluate import write_pictures
+    road = SYNTHETIC.index('road')
+    dataset = PairDataset(pairs)
+    paths = write_pictures(constant_student(road), dataset, str(tmp_path), 1,
+                           class_names=SYNTHETIC.names, class_colors=SYNTHETIC.colors)
+    names = [p.rsplit('/', 1)[1] for p in paths]
+    assert names[0] == 'scan0_bev.png' and names[1].startswith('scan0_') and len(names) == 2
+    bev = cv2.cvtColor(cv2.imread(paths[0]), cv2.COLOR_BGR2RGB)
+    right = bev[:, bev.shape[1] // 2:].reshape(-1, 3).astype(int)
+    road_rgb = np.array(SYNTHETIC.colors[road])
+    assert (np.abs(right - road_rgb).sum(1) < 30).sum() > 500       # the student panel is road
+    data = dataset.get_data(0)
+    cam = int(np.bincount(data['corr_camera']).argmax())
+    picture = cv2.cvtColor(cv2.imread(paths[1]), cv2.COLOR_BGR2RGB)
+    assert picture.shape == data['images'][cam].shape
+    changed = np.any(picture != data['images'][cam], axis=2)
+    assert np.all(picture[changed] == road_rgb)
+    uv = np.rint(data['corr_uv'][data['corr_camera'] == cam]).astype(int)
+    assert changed[uv[:, 1], uv[:, 0]].all()

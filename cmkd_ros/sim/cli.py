@@ -63,13 +63,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format != 'frames' and os.path.exists(args.out):
         print(f'cmkd sim: {args.out} already exists; a bag needs a new folder', file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
+    from cmkd_ros.progress import progress_bar
     from cmkd_ros.sim.export import export_bag, export_pairs
     from cmkd_ros.sim.simulator import SimWorld
     world = SimWorld(config)
-    bar = tqdm(total=args.frames, unit='frame', desc=f'cmkd sim -> {args.format}',
-               disable=args.no_progress, file=sys.stderr)
+    bar = progress_bar(args.frames, f'cmkd sim -> {args.format}', 'frame',
+                       enabled=not args.no_progress)
     try:
         if args.format == 'frames':
             summary = export_pairs(world, args.out, args.frames,
