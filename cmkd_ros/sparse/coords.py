@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from .functional import average_matrix, blocked_pairs, scatter_matrix
+
 AXIS_BITS = 18
 BATCH_BITS = 63 - 3 * AXIS_BITS  # 9 bits: up to 512 scans per batch
 MARGIN = 1 << (AXIS_BITS - 2)  # room for kernel offsets and floor rounding below the minimum
@@ -305,7 +307,6 @@ class CoordinateManager:
     def prebuild(self, requests: list, dtype: torch.dtype = torch.float32) -> None:
         """Build the maps (and their GEMM blocks and scatter matrices for ``dtype``) of
         ``requests``, in their order (the order a network asked for them)."""
-        from .functional import average_matrix, blocked_pairs, scatter_matrix
         build = {'_blocked': blocked_pairs, '_scatter': lambda m: scatter_matrix(m, dtype),
                  '_average': lambda m: average_matrix(m, dtype)}
         with self._claim_lock:

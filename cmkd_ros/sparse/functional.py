@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
-from .coords import KernelMap
+if TYPE_CHECKING:                      # annotations only: coords imports this module
+    from .coords import KernelMap
 
 
 class SparseConvFunction(torch.autograd.Function):
