@@ -39,6 +39,7 @@ class BagRig:
     rig: RigCalibration
     tree: TransformTree
     info_topics: dict[str, str]        # camera name -> CameraInfo topic
+    warnings: tuple[str, ...] = ()
 
 
 def camera_name(topic: str) -> str:
@@ -148,7 +149,7 @@ def rig_from_bag(bag: str | os.PathLike, lidar_frame: str | None = None,
     tree = tree_from_bag(bag)
     lidar = lidar_frame or cloud_frame(bag, topics)
     first = _first_messages(bag, list(infos.values()))
-    out = []
+    out, warnings = [], []
     for name, topic in infos.items():
         if topic not in first:
             raise RigError(f'{bag}: camera {name!r}: no message on {topic}')
@@ -161,7 +162,12 @@ def rig_from_bag(bag: str | os.PathLike, lidar_frame: str | None = None,
             out.append(calibration_from_camera_info(msg, tree.lookup(optical, lidar), name))
         except (TfError, CalibrationError) as exc:
             raise RigError(f'{bag}: camera {name!r} ({topic}): {exc}') from None
-    return BagRig(RigCalibration(tuple(out), lidar), tree, infos)
+        optical_children = [c for c in tree.children(optical) if 'optical' in c]
+        if optical_children:
+            warnings.append(f'camera {name!r}: CameraInfo names the frame {optical!r}, whose '
+                            f'child {optical_children[0]!r} looks like the optical frame '
+                            '(REP 103: z forward, x right, y down) that CameraInfo should name')
+    return BagRig(RigCalibration(tuple(out), lidar), tree, infos, tuple(warnings))
 
 
 def resolve_rig(calibration: str | None = None, tf_bag: str | None = None, *,
@@ -219,5 +225,7 @@ def run(args: argparse.Namespace) -> int:
               f'{rig.lidar_frame}')
     for moving in found.tree.moving.values():
         print(f'not used: {moving.describe()}')
+    for warning in found.warnings:
+        print(f'cmkd rig: warning: {warning}', file=sys.stderr)
     print(f'wrote {args.out} ({len(rig)} camera(s), LiDAR frame {rig.lidar_frame})')
     return 0

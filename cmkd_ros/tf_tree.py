@@ -86,7 +86,9 @@ class TransformTree:
 
     # ---------------------------------------------------------------- building
     def add(self, parent: str, child: str, T_parent_child: np.ndarray) -> None:
-        """Add or replace the edge ``parent -> child``."""
+        """Add or replace the edge ``parent -> child`` (a leading ``/`` is dropped, as tf2
+        does)."""
+        parent, child = parent.lstrip('/'), child.lstrip('/')
         if not parent or not child or parent == child:
             raise TfError(f'a transform needs two different, non-empty frame ids, got '
                           f'{parent!r} -> {child!r}')
@@ -118,8 +120,12 @@ class TransformTree:
 
     def parent(self, frame: str) -> str | None:
         """The parent of ``frame``, or None for a root."""
-        edge = self._parent.get(frame)
+        edge = self._parent.get(frame.lstrip('/'))
         return None if edge is None else edge[0]
+
+    def children(self, frame: str) -> list[str]:
+        """The frames whose parent is ``frame``, sorted."""
+        return sorted(c for c, (p, _) in self._parent.items() if p == frame.lstrip('/'))
 
     def _ancestors(self, frame: str) -> list[str]:
         """``frame``, its parent, ..., its root."""
@@ -147,6 +153,7 @@ class TransformTree:
         return invert(self._to_ancestor(up_target)) @ self._to_ancestor(up_source)
 
     def _common_path(self, target: str, source: str) -> tuple[list[str], list[str]]:
+        target, source = target.lstrip('/'), source.lstrip('/')
         for frame in (source, target):
             if frame not in self:
                 raise TfError(f'frame {frame!r} is not in the TF tree (frames: '

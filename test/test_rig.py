@@ -1,4 +1,6 @@
 """``cmkd rig``: the rig from a bag's /tf_static and CameraInfo equals the simulator's rig."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -141,6 +143,15 @@ def test_cmkd_rig_wrong_use(tmp_path, world, capsys, sim_bags):
     assert "the PointCloud2 topics have several frames" in _fails(capsys, str(two), '--out',
                                                                   out)
     assert cli.main(['rig', str(two), '--lidar-frame', 'lidar', '--out', out]) == 0
+    # CameraInfo naming the camera's body frame instead of its optical frame: a warning
+    body = RigCalibration(tuple(dataclasses.replace(c, frame_id=f'{c.name}_camera_link')
+                                for c in world.calibration.cameras), 'lidar')
+    _info_bag(tmp_path / 'body', body, world.static_transforms(), [('/lidar/points', 'lidar')])
+    capsys.readouterr()
+    assert cli.main(['rig', str(tmp_path / 'body'), '--out', out]) == 0
+    assert ("cmkd rig: warning: camera 'front': CameraInfo names the frame 'front_camera_link', "
+            "whose child 'front_camera_optical_frame' looks like the optical frame") in \
+        capsys.readouterr().err
 
 
 def test_overlay_takes_the_rig_from_a_bag_tf(tmp_path, world, capsys):

@@ -39,6 +39,8 @@ def test_lookup_walks_chains_up_and_down_and_inverts():
     np.testing.assert_allclose(tree.lookup('lidar', 'base_link'), invert(T_base_lidar),
                                atol=1e-12)
     np.testing.assert_array_equal(tree.lookup('lidar', 'lidar'), np.eye(4))
+    np.testing.assert_array_equal(tree.lookup('/lidar', 'base_link'), tree.lookup('lidar',
+                                                                                  'base_link'))
     # a point seen by the LiDAR lands where the chain of poses says
     p_lidar = np.array([10.0, -2.0, 0.5, 1.0])
     np.testing.assert_allclose(tree.lookup('cam_optical_frame', 'lidar') @ p_lidar,
