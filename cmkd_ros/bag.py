@@ -13,6 +13,8 @@ Synthetic bag layout (:func:`write_sim_frame`, see docs/architecture.md)::
     /cameras/<name>/image_raw/compressed   sensor_msgs/CompressedImage  jpeg
     /cameras/<name>/camera_info            sensor_msgs/CameraInfo   K, D, plumb_bob
     /odom                                  nav_msgs/Odometry        T_world_lidar
+    /tf_static                             tf2_msgs/TFMessage       base_link -> lidar,
+                                           base_link -> <name>_camera_link -> <frame_id>
     calibration.yaml                       RigCalibration YAML in the bag folder
 """
 from __future__ import annotations
@@ -37,6 +39,9 @@ IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
 CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
 ODOMETRY = 'nav_msgs/msg/Odometry'
+TF_MESSAGE = 'tf2_msgs/msg/TFMessage'
+TF_STATIC_TOPIC = '/tf_static'
+TF_TOPIC = '/tf'
 
 # /lidar/points layout: aligned like a Velodyne/Ouster driver (point_step 24).
 POINT_DTYPE = np.dtype([('x', np.float32), ('y', np.float32), ('z', np.float32),
@@ -228,6 +233,23 @@ def odometry_msg(typestore, stamp_ns: int, T_world_lidar: np.ndarray,
     return t[ODOMETRY](header=header, child_frame_id=child_frame, pose=pose, twist=twist)
 
 
+def tf_message(typestore, stamp_ns: int, edges):
+    """rosbags ``tf2_msgs/TFMessage`` of ``(parent, child, T_parent_child)`` edges."""
+    t = typestore.types
+    Vec, Quat = t['geometry_msgs/msg/Vector3'], t['geometry_msgs/msg/Quaternion']
+    stamp = t['builtin_interfaces/msg/Time'](sec=int(stamp_ns) // 10 ** 9,
+                                             nanosec=int(stamp_ns) % 10 ** 9)
+    transforms = []
+    for parent, child, T in edges:
+        q, p = rotation_to_quaternion(T[:3, :3]), T[:3, 3]
+        transforms.append(t['geometry_msgs/msg/TransformStamped'](
+            header=t['std_msgs/msg/Header'](stamp=stamp, frame_id=parent), child_frame_id=child,
+            transform=t['geometry_msgs/msg/Transform'](
+                translation=Vec(x=float(p[0]), y=float(p[1]), z=float(p[2])),
+                rotation=Quat(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))))
+    return t[TF_MESSAGE](transforms=transforms)
+
+
 def points_array(xyz, intensity, ring, point_time_ns, stamp_ns: int) -> np.ndarray:
     """Structured (N,) array of :data:`POINT_DTYPE`; ``time`` is seconds since ``stamp_ns``."""
     n = len(xyz)
@@ -243,11 +265,13 @@ class SimBagWriter:
     """Writes :class:`~cmkd_ros.sim.SimFrame` objects in the synthetic topic layout.
 
     ``images``: 'raw' (rgb8 Image), 'compressed' (jpeg CompressedImage) or 'both'. Odometry is
-    written for every ego pose of each frame, strictly increasing in time.
+    written for every ego pose of each frame, strictly increasing in time. ``static_transforms``
+    (``(parent, child, T_parent_child)``, e.g. ``SimWorld.static_transforms()``) go to
+    ``/tf_static`` once, before the first frame.
     """
 
     def __init__(self, path: str | os.PathLike, calibration, storage: str = 'mcap',
-                 images: str = 'raw', jpeg_quality: int = 90):
+                 images: str = 'raw', jpeg_quality: int = 90, static_transforms=()):
         if images not in ('raw', 'compressed', 'both'):
             raise BagError(f'images must be raw, compressed or both, got {images!r}')
         self.bag = BagWriter(path, storage)
@@ -256,6 +280,7 @@ class SimBagWriter:
         self.calibration = calibration
         self.types = self.bag.msg_types()
         self._last_odom_ns = -1
+        self._static_transforms = list(static_transforms)
         calibration.save(str(Path(path) / CALIBRATION_FILE))
 
     @property
@@ -267,8 +292,14 @@ class SimBagWriter:
         t = self.types
         lidar_frame = self.calibration.lidar_frame
         stamp = int(frame.lidar_stamp_ns)
-        # 1. ego odometry (dense), before the sensor data that it covers.
         poses, stamps = frame.ego_poses, np.asarray(frame.ego_stamps_ns, np.int64)
+        # 0. the rig's static transforms, once, at the bag's first stamp.
+        if self._static_transforms:
+            first = min(stamp, int(stamps.min(initial=stamp)))
+            self.bag.write(TF_STATIC_TOPIC, tf_message(t.typestore, first,
+                                                       self._static_transforms), first)
+            self._static_transforms = []
+        # 1. ego odometry (dense), before the sensor data that it covers.
         for i in np.nonzero(stamps > self._last_odom_ns)[0]:
             j0, j1 = max(i - 1, 0), min(i + 1, len(stamps) - 1)
             dt = (stamps[j1] - stamps[j0]) * 1e-9

@@ -12,7 +12,7 @@ YAML schema::
     lidar_frame: lidar
     cameras:
       - name: front               # unique; also the key used in datasets
-        frame_id: front_optical
+        frame_id: front_camera_optical_frame
         width: 640
         height: 360
         K: [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]

@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     'sim': ('cmkd_ros.sim.cli', 'render a synthetic drive to a rosbag2 or a pair dataset'),
+    'rig': ('cmkd_ros.rig', 'rig calibration YAML from a bag\'s /tf_static and CameraInfo'),
     'overlay': ('cmkd_ros.overlay', 'draw projected LiDAR points over camera images (PNG)'),
     'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
     'evaluate': ('offline_training.evaluate', 'score a student checkpoint on a pair dataset'),

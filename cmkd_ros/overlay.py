@@ -208,6 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--index', type=int, action='append', default=None,
                         help='pair index to draw (repeatable; overrides --max-frames)')
     parser.add_argument('--radius', type=int, default=2, help='point radius in pixels')
+    parser.add_argument('--tf-bag', default=None, metavar='BAG',
+                        help="the rig from this bag's /tf_static and CameraInfo (as cmkd rig) "
+                             "instead of the source's calibration")
     parser.add_argument('--max-depth', type=float, default=60.0,
                         help='depth (m) at the far end of the color scale')
     parser.add_argument('--show-hidden', action='store_true',
@@ -233,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise OverlayError(f'{source}: not a pair dataset (dataset.yaml) nor a sample '
                                'folder (calibration.json)')
+        if args.tf_bag:                          # extrinsics from TF, intrinsics CameraInfo
+            from cmkd_ros.rig import resolve_rig
+            for frame in frames:
+                frame.rig = resolve_rig(tf_bag=args.tf_bag, cameras=frame.rig.names)
         os.makedirs(args.out, exist_ok=True)
         for frame in frames:
             for name, image, count in render_overlays(

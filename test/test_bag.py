@@ -7,8 +7,9 @@ from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from cmkd_ros import bag
-from cmkd_ros.conversions import cloud_to_array, image_to_array
+from cmkd_ros.conversions import cloud_to_array, image_to_array, stamp_ns
 from cmkd_ros.sim import SimWorld
+from cmkd_ros.tf_tree import message_matrix
 
 pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
 
@@ -29,7 +30,8 @@ def drive():
 def test_bag_round_trip_through_rclpy(tmp_path, drive, storage):
     world, frames = drive
     path = tmp_path / f'drive_{storage}'
-    with bag.SimBagWriter(path, world.calibration, storage, images='both') as writer:
+    with bag.SimBagWriter(path, world.calibration, storage, images='both',
+                          static_transforms=world.static_transforms()) as writer:
         for f in frames:
             writer.write_frame(f)
     assert bag.load_calibration(path).to_dict() == world.calibration.to_dict()
@@ -39,7 +41,18 @@ def test_bag_round_trip_through_rclpy(tmp_path, drive, storage):
     by_stamp = {f.lidar_stamp_ns: f for f in frames}
     seen = {}
     odom_stamps = []
-    for topic, msgtype, stamp, raw in bag.read_messages(path):
+    # /tf_static (tf2_msgs is not an rclpy package here: read with rosbags): once, first.
+    (_, msgtype, tf_stamp, raw), = bag.read_messages(path, [bag.TF_STATIC_TOPIC])
+    first_odom, *_ = bag.read_messages(path, [bag.ODOM_TOPIC])
+    assert tf_stamp == first_odom[2] and msgtype == bag.TF_MESSAGE
+    sent = bag.deserialize(raw, msgtype).transforms
+    assert [(tf.header.frame_id, tf.child_frame_id) for tf in sent] == [
+        (parent, child) for parent, child, _ in world.static_transforms()]
+    for tf, (_, _, T) in zip(sent, world.static_transforms()):
+        assert stamp_ns(tf) == tf_stamp
+        np.testing.assert_allclose(message_matrix(tf.transform), T, atol=1e-12)
+    del topics[bag.TF_STATIC_TOPIC]
+    for topic, msgtype, stamp, raw in bag.read_messages(path, list(topics)):
         msg = deserialize_message(raw, RCLPY_CLASSES[msgtype])
         header_ns = msg.header.stamp.sec * 10 ** 9 + msg.header.stamp.nanosec
         assert header_ns == stamp

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cmkd_ros.bag import deserialize, read_messages
+from cmkd_ros.calibration import RigCalibration
 from cmkd_ros.conversions import cloud_to_array, stamp_ns
 from cmkd_ros.pairs import PairReader
 from ros_utils import (RosClient, RosProcess, make_sim_bag, node_command, processes, ros_env,
@@ -326,6 +327,12 @@ def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monk
 @pytest.mark.parametrize('params,message', [
     ({'overlay.camera': 'back'}, "overlay.camera: 'back' is not one of ['front', 'front_left']"),
     ({'cameras': ['back']}, "no camera named 'back'"),
+    ({'calibration_file': '', 'tf.bag': '/no/such/bag'}, '/no/such/bag is not a rosbag2 folder'),
+    ({'calibration_file': ''}, 'calibration_file: a rig calibration YAML is required, unless '
+                               'tf.bag names a bag'),
+    ({'calibration_file': '', 'cameras': ['front'], 'use_camera_info': False},
+     'calibration_file: a rig calibration YAML is required'),
+    ({'tf.max_angle_deg': 0.0}, 'tf.max_angle_deg: 0.0 must be > 0.0'),
     ({'cameras': ['front'], 'sync.slop_ms': -3.0}, 'sync.slop_ms: -3.0 must be > 0.0'),
     ({'cameras': ['front'], 'record.enabled': True}, 'record.output_dir: required'),
 ])
@@ -365,3 +372,68 @@ def test_collect_node_recording_switched_on_at_runtime(tmp_path, sim_bag):
         replay.stop()
         wait_for(lambda: out_dir.exists() and len(PairReader(str(out_dir))) == 4, 20,
                  '4 pairs after switching recording on', on_fail=procs[0].output)
+
+
+def test_collect_node_takes_the_extrinsics_from_a_bag_tf(tmp_path, sim_bag):
+    """No calibration file: the rig is the bag's /tf_static and CameraInfo (cameras: all)."""
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    params = _params(sim_bag, out_dir, calibration_file='', **{'tf.bag': str(sim_bag)})
+    del params['cameras']
+    with RosClient(domain), processes() as procs:
+        procs.append(RosProcess(node_command(COLLECT, params,
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        procs.append(_replay(sim_bag, domain, tmp_path / 'replay.log', '--rate', '0.5'))
+        assert procs[1].wait(timeout=60) == 0, procs[1].output()
+        wait_for(lambda: out_dir.exists() and len(PairReader(str(out_dir))) == 4, 20, '4 pairs',
+                 on_fail=procs[0].output)
+    simulated = RigCalibration.load(str(sim_bag / 'calibration.yaml'))
+    for pair in PairReader(str(out_dir)):
+        assert pair.camera_names == CAMERAS
+        for name in CAMERAS:
+            cam, ref = pair.calibration.camera(name), simulated.camera(name)
+            assert np.abs(cam.T_cam_lidar - ref.T_cam_lidar).max() < 1e-9
+            assert cam.frame_id == ref.frame_id == f'{name}_camera_optical_frame'
+
+
+def test_collect_node_warns_once_per_camera_when_file_and_tf_disagree(tmp_path, sim_bag):
+    import dataclasses
+    rig = RigCalibration.load(str(sim_bag / 'calibration.yaml'))
+    moved = np.eye(4)                                     # 2 deg about the camera's y axis,
+    moved[[0, 0, 2, 2], [0, 2, 0, 2]] = [np.cos(0.0349066), np.sin(0.0349066),
+                                         -np.sin(0.0349066), np.cos(0.0349066)]
+    moved[:3, 3] = [0.03, 0.0, 0.04]                      # 5 cm elsewhere
+    front = rig.camera('front')
+    shifted = dataclasses.replace(front, T_cam_lidar=moved @ front.T_cam_lidar)
+    RigCalibration((shifted, rig.camera('front_left')), rig.lidar_frame).save(
+        str(tmp_path / 'rig.yaml'))
+    proc = RosProcess(node_command(COLLECT, {'calibration_file': str(tmp_path / 'rig.yaml'),
+                                             'tf.bag': str(sim_bag)}),
+                      ros_env(unique_domain_id()), tmp_path / 'node.log')
+    try:
+        wait_for(lambda: 'collecting 2 camera(s)' in proc.output(), 30, 'the node started',
+                 on_fail=proc.output)
+    finally:
+        proc.stop()
+    lines = [line for line in proc.output().splitlines() if 'disagree' in line]
+    assert len(lines) == 1, proc.output()
+    assert lines[0].startswith('[WARN]')
+    assert (f"camera 'front': calibration_file and the TF of {sim_bag} disagree by 2.00 deg and "
+            '5.0 cm (T_cam_lidar); using calibration_file') in lines[0]
+
+
+def test_collect_node_without_file_or_bag_needs_tf2_ros_for_the_live_tf(tmp_path):
+    """The live /tf_static path needs tf2_ros (not on PyPI): the node says so and exits."""
+    import importlib.util
+    proc = RosProcess(node_command(COLLECT, {'cameras': ['front']}),
+                      ros_env(unique_domain_id()), tmp_path / 'node.log')
+    try:
+        if importlib.util.find_spec('tf2_ros') is None:
+            assert proc.wait(timeout=30) == 2
+            assert ('calibration_file and tf.bag are empty, so the extrinsics would come from '
+                    'the live TF, but the live TF needs tf2_ros and tf2_msgs') in proc.output()
+        else:                                             # a full ROS 2 install: it waits for TF
+            wait_for(lambda: 'collecting 1 camera(s)' in proc.output(), 30, 'the node started')
+    finally:
+        proc.stop()

@@ -2,8 +2,10 @@
 
 Subscribes ``~/input/pointcloud`` (PointCloud2), per camera an image topic (CompressedImage or
 Image) and its CameraInfo (topics from templates over the ``cameras`` parameter), and optionally
-``~/input/odom`` (nav_msgs/Odometry, ``T_world_lidar``) for motion compensation. Every input uses
-sensor-data QoS. Synchronized sets go through a bounded queue to a worker thread, which computes
+``~/input/odom`` (nav_msgs/Odometry, ``T_world_lidar``) for motion compensation. Extrinsics come
+from ``calibration_file``, else from TF: a bag's ``/tf_static`` (``tf.bag``) or the live one
+through tf2_ros. Every input uses sensor-data QoS. Synchronized sets go through a bounded queue
+to a worker thread, which computes
 correspondences with :func:`cmkd_ros.projection.compute_correspondences` (the function training
 uses) and, when ``record.enabled``, writes a pair with :class:`cmkd_ros.pairs.PairWriter`
 (atomic, quota), JPEGs kept as received. Publishes ``~/output/overlay`` (throttled, only with
@@ -32,9 +34,10 @@ from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
-                                       point_times_ns, teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, run_node,
-                                   sensor_qos)
+                                       extrinsics_disagreement, point_times_ns, startup_rig,
+                                       teacher_outputs)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, qos_overrides,
+                                   run_node, sensor_qos)
 from cmkd_ros.pairs import Pair, PairWriter
 from cmkd_ros.projection import compute_correspondences
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
@@ -63,13 +66,19 @@ class CollectNode(Node):
         self.params = ConfigParameters(self, CollectNodeConfig, runtime=RUNTIME_PARAMETERS,
                                        on_change=self._on_config)
         config = self.params.config
-        # 2. core objects: calibration, synchronizer, writer, teacher.
-        rig = RigCalibration.load(config.calibration_file)
+        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer,
+        # teacher. Without a rig the extrinsics come from the live TF with each CameraInfo.
+        rig, tf_warnings = startup_rig(config)
         if not config.cameras:
             self.params.resolve('cameras', list(rig.names))
             config = self.params.config
-        self.file_calibration = {name: rig.camera(name) for name in config.cameras}
-        self.lidar_frame = rig.lidar_frame
+        self.file_calibration = {name: rig.camera(name) for name in config.cameras} if rig \
+            else {}
+        self.lidar_frame = config.tf.lidar_frame or (rig.lidar_frame if rig else None)
+        self.live_tf = self._live_transforms(config, rig is None)
+        self._tf_compared: set[str] = set()
+        for line in tf_warnings:
+            self.get_logger().warning(line)
         self.calibration: dict[str, CameraCalibration | None] = {
             name: None if config.use_camera_info else self.file_calibration[name]
             for name in config.cameras}
@@ -79,7 +88,7 @@ class CollectNode(Node):
             config.sync, LIDAR_KEY, list(config.cameras),
             time_offsets_ns={LIDAR_KEY: int(config.lidar_sync_offset_ms * 1e6),
                              **{n: self.file_calibration[n].time_offset_ns
-                                for n in config.cameras}})
+                                for n in self.file_calibration}})
         self.writer: PairWriter | None = None
         self.quota_reached = False
         if config.record.enabled:
@@ -125,6 +134,34 @@ class CollectNode(Node):
             f'{"on -> " + config.record.output_dir if config.record.enabled else "off"}')
 
     # ------------------------------------------------------------------ configuration
+    def _live_transforms(self, config: CollectNodeConfig, needed: bool) -> Any:
+        """tf2_ros on the live TF: the extrinsics when ``needed``, else a check of the file."""
+        if not config.tf.live or (config.tf.bag and not needed):
+            return None
+        try:
+            return LiveTransforms(self)
+        except ImportError as exc:
+            if needed:
+                raise ImportError(f'calibration_file and tf.bag are empty, so the extrinsics '
+                                  f'would come from the live TF, but {exc}; set '
+                                  'calibration_file (cmkd rig BAG --out rig.yaml) or tf.bag'
+                                  ) from None
+            self.get_logger().info(f'calibration_file not compared with the live TF: {exc}')
+            return None
+
+    def _tf_extrinsics(self, name: str, optical_frame: str) -> Any:
+        """``T_cam_lidar`` of camera ``name`` from the live TF, or None (warned) until known."""
+        if not self.lidar_frame or not optical_frame:
+            self.diag.warn('no_tf', f'camera {name}: waiting for ' + (
+                'a PointCloud2 (its frame_id is the LiDAR frame)' if not self.lidar_frame
+                else 'a CameraInfo with a frame_id (the optical frame)'))
+            return None
+        T = self.live_tf.lookup(optical_frame, self.lidar_frame)
+        if T is None:
+            self.diag.warn('no_tf', f'camera {name}: no TF from {self.lidar_frame} to '
+                           f'{optical_frame} yet: {self.live_tf.last_error}')
+        return T
+
     def _open_writer(self, config: CollectNodeConfig) -> None:
         quota = int(config.record.max_megabytes * 1e6) or None
         self.writer = PairWriter(config.record.output_dir, max_bytes=quota,
@@ -148,11 +185,20 @@ class CollectNode(Node):
                msg.distortion_model)
         if self._camera_info_key.get(name) == key:
             return
-        base = self.file_calibration[name]
+        base = self.file_calibration.get(name)
+        if base is None:                                   # extrinsics from the live TF
+            T_cam_lidar = self._tf_extrinsics(name, msg.header.frame_id)
+            if T_cam_lidar is None:
+                return                                     # the next CameraInfo tries again
+            frame_id, time_offset_ns = msg.header.frame_id, 0
+        else:
+            T_cam_lidar, frame_id, time_offset_ns = (base.T_cam_lidar, base.frame_id,
+                                                     base.time_offset_ns)
+            if self.live_tf is not None and name not in self._tf_compared:
+                self._compare_live_tf(name, base)
         try:
-            cal = calibration_from_camera_info(msg, base.T_cam_lidar, name,
-                                               frame_id=base.frame_id,
-                                               time_offset_ns=base.time_offset_ns)
+            cal = calibration_from_camera_info(msg, T_cam_lidar, name, frame_id=frame_id,
+                                               time_offset_ns=time_offset_ns)
         except (CalibrationError, ValueError) as exc:
             self.diag.warn('bad_camera_info', f'camera {name}: CameraInfo rejected: {exc}')
             return
@@ -162,6 +208,15 @@ class CollectNode(Node):
         pending = self._pending_image.pop(name, None)
         if pending is not None:
             self._on_image(name, pending)
+
+    def _compare_live_tf(self, name: str, base: CameraCalibration) -> None:
+        T = self.live_tf.lookup(base.frame_id, self.lidar_frame)
+        if T is not None:
+            self._tf_compared.add(name)
+            line = extrinsics_disagreement(name, base.T_cam_lidar, T, self.params.config.tf,
+                                           'the live TF')
+            if line:
+                self.get_logger().warning(line)
 
     def _on_image(self, name: str, msg: Any) -> None:
         stamp = msg_stamp_ns(msg)
@@ -222,6 +277,7 @@ class CollectNode(Node):
             self.odometry.extend(kept)
             self.rate_limiter.last_ns = None
         self._last_lidar_ns = stamp
+        self.lidar_frame = self.lidar_frame or msg.header.frame_id
         self._emit(self.sync.add(LIDAR_KEY, stamp, msg))
 
     def _on_odom(self, msg: Any) -> None:

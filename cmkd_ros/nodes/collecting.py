@@ -53,14 +53,36 @@ class OverlaySettings:
 
 
 @dataclass(frozen=True)
+class TfSettings:
+    """Extrinsics from TF (REP 105 /tf_static) instead of, or checked against, the file."""
+
+    bag: str = setting('', 'rosbag2 folder whose /tf_static (and static-looking /tf) and '
+                       'CameraInfo give the rig when calibration_file is empty (as cmkd rig); '
+                       'with calibration_file, compared with it at start')
+    lidar_frame: str = setting('', 'LiDAR frame of the TF lookups (empty: the lidar_frame of '
+                               'calibration_file, else the frame_id of the PointCloud2 '
+                               'messages)')
+    live: bool = setting(True, 'read the live /tf_static and /tf with tf2_ros where installed: '
+                         'the extrinsics when calibration_file and tf.bag are empty, else '
+                         'compared with calibration_file once per camera')
+    max_angle_deg: float = setting(0.1, 'calibration_file and TF differing by more rotation '
+                                   'than this (deg) are reported (one warning per camera)',
+                                   gt=0.0)
+    max_offset_cm: float = setting(1.0, 'calibration_file and TF placing a camera farther '
+                                   'apart than this (cm) are reported', gt=0.0)
+
+
+@dataclass(frozen=True)
 class CollectNodeConfig:
     """Parameters of the collect node (ROS parameters of the same dotted names)."""
 
     calibration_file: str = setting('', 'rig calibration YAML (RigCalibration schema): '
                                     'extrinsics T_cam_lidar, and intrinsics unless '
-                                    'use_camera_info (required)')
+                                    'use_camera_info (required unless the extrinsics come from '
+                                    'TF: tf.bag, tf.live)')
     cameras: tuple[str, ...] = setting(default_factory=tuple, help='camera names to collect, as '
-                                       'named in the calibration file (empty: all of them)')
+                                       'named in the calibration file or tf.bag (empty: all of '
+                                       'them)')
     image_transport: str = setting('compressed', 'compressed: sensor_msgs/CompressedImage '
                                    '(jpeg/png, stored as received); raw: sensor_msgs/Image',
                                    choices=IMAGE_TRANSPORTS)
@@ -90,10 +112,14 @@ class CollectNodeConfig:
     record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
     teacher: TeacherSettings = setting(default_factory=TeacherSettings, help='teacher outputs')
     overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
+    tf: TfSettings = setting(default_factory=TfSettings, help='extrinsics from TF')
 
     def validate(self) -> None:
-        if not self.calibration_file:
-            raise ConfigError('calibration_file: a rig calibration YAML is required')
+        if not self.calibration_file and not self.tf.bag and not (
+                self.tf.live and self.cameras and self.use_camera_info):
+            raise ConfigError('calibration_file: a rig calibration YAML is required, unless '
+                              'tf.bag names a bag with TF and CameraInfo, or the extrinsics '
+                              'come from the live TF (tf.live, cameras named, use_camera_info)')
         if len(set(self.cameras)) != len(self.cameras):
             raise ConfigError(f'cameras: names must be unique, got {list(self.cameras)}')
         if '{camera}' not in self.image_topic and len(self.cameras) > 1:
@@ -109,6 +135,45 @@ class CollectNodeConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def extrinsics_disagreement(name: str, T_file: np.ndarray, T_tf: np.ndarray, tf: TfSettings,
+                            source: str) -> str | None:
+    """The warning line when calibration_file and TF place camera ``name`` differently by
+    more than ``tf.max_angle_deg`` or ``tf.max_offset_cm``; None when they agree."""
+    from cmkd_ros.rig import extrinsics_difference
+    degrees, centimetres = extrinsics_difference(T_file, T_tf)
+    if degrees <= tf.max_angle_deg and centimetres <= tf.max_offset_cm:
+        return None
+    return (f'camera {name!r}: calibration_file and {source} disagree by {degrees:.2f} deg and '
+            f'{centimetres:.1f} cm (T_cam_lidar); using calibration_file')
+
+
+def startup_rig(config: CollectNodeConfig) -> tuple[Any, list[str]]:
+    """``(rig, warnings)``: the rig of calibration_file, else of tf.bag's TF and CameraInfo
+    (None when both are empty: the extrinsics come from the live TF), and a line per camera on
+    which calibration_file and tf.bag disagree."""
+    from cmkd_ros.rig import resolve_rig, rig_from_bag
+    if not config.calibration_file and not config.tf.bag:
+        return None, []
+    template = config.camera_info_topic
+    cameras = list(config.cameras) if '{camera}' in template else [
+        f'{name}={template}' for name in config.cameras]
+    template = template if '{camera}' in template else None
+    rig = resolve_rig(config.calibration_file, config.tf.bag, cameras=cameras,
+                      lidar_frame=config.tf.lidar_frame or None, camera_info_topic=template)
+    if not (config.calibration_file and config.tf.bag):
+        return rig, []
+    source = f'the TF of {config.tf.bag}'
+    try:
+        tf_rig = rig_from_bag(config.tf.bag, config.tf.lidar_frame or rig.lidar_frame,
+                              cameras or rig.names, template).rig
+    except ValueError as exc:
+        return rig, [f'calibration_file not compared with {source}: {exc}']
+    lines = [extrinsics_disagreement(cam.name, rig.camera(cam.name).T_cam_lidar,
+                                     cam.T_cam_lidar, config.tf, source)
+             for cam in tf_rig.cameras if cam.name in rig.names]
+    return rig, [line for line in lines if line]
+
 
 @dataclass
 class RateLimiter:

@@ -352,6 +352,38 @@ class LatestSlot:
         return self._closed
 
 
+class LiveTransforms:
+    """The live ``/tf_static`` and ``/tf`` through a tf2_ros buffer (full ROS 2 installs).
+
+    tf2_ros and tf2_msgs are not on PyPI: without them the constructor raises ImportError
+    naming what is missing. Lookups take the latest transforms.
+    """
+
+    def __init__(self, node: Node):
+        try:
+            import tf2_msgs.msg  # noqa: F401  (the listener's message type)
+            import tf2_ros
+        except ImportError as exc:
+            raise ImportError(f'the live TF needs tf2_ros and tf2_msgs, ROS 2 packages that '
+                              f'PyPI does not have ({exc})') from None
+        self._errors = tf2_ros.TransformException
+        self.buffer = tf2_ros.Buffer()
+        self.listener = tf2_ros.TransformListener(self.buffer, node)
+        self.last_error = ''
+
+    def lookup(self, target: str, source: str) -> Any:
+        """(4, 4) ``T_target_source`` known now, or None (``last_error`` says why)."""
+        from rclpy.time import Time
+
+        from cmkd_ros.tf_tree import message_matrix
+        try:
+            msg = self.buffer.lookup_transform(target, source, Time())
+        except self._errors as exc:
+            self.last_error = str(exc)
+            return None
+        return message_matrix(msg.transform)
+
+
 def spin_until_shutdown(node: Node, executor: Any = None) -> None:
     """Spin ``node`` until Ctrl-C / SIGTERM or context shutdown, then destroy it cleanly.
 

@@ -449,7 +449,8 @@ def nuscenes_like_rig(count: int, width: int, height: int, hfov_deg: float,
                       mount_forward: float = 1.2, mount_side: float = 0.6,
                       mount_below: float = 0.35, pitch_deg: float = 2.0,
                       rng: np.random.Generator | None = None) -> list[CameraCalibration]:
-    """Cameras around the car on an ellipse, looking outwards (nuScenes layout for six)."""
+    """Cameras around the car on an ellipse, looking outwards (nuScenes layout for six); each
+    camera's ``frame_id`` is its REP 103 optical frame ``<name>_camera_optical_frame``."""
     rng = rng or np.random.default_rng(0)
     layout = [('front', 0.0), ('front_left', 55.0), ('front_right', -55.0),
               ('back_left', 110.0), ('back_right', -110.0), ('back', 180.0)]
@@ -481,5 +482,5 @@ def nuscenes_like_rig(count: int, width: int, height: int, hfov_deg: float,
         cams.append(CameraCalibration(name=name, width=width, height=height, K=K,
                                       T_cam_lidar=np.linalg.inv(T_lidar_cam),
                                       distortion_model='plumb_bob', D=D,
-                                      frame_id=f'{name}_optical'))
+                                      frame_id=f'{name}_camera_optical_frame'))
     return cams

@@ -41,11 +41,12 @@ class _Summary:
 def export_bag(world: SimWorld, path: str, frames: int, storage: str = 'mcap',
                images: str = 'raw', start: int = 0,
                on_frame: Callable[[SimFrame], None] | None = None) -> dict:
-    """Render ``frames`` frames into a rosbag2 at ``path`` (plus calibration.yaml); a summary."""
+    """Render ``frames`` frames into a rosbag2 at ``path`` (plus calibration.yaml, and the rig
+    on /tf_static); a summary."""
     from cmkd_ros.bag import SimBagWriter
     summary = _Summary(path, storage)
     with SimBagWriter(path, world.calibration, storage, images,
-                      world.config.cameras.jpeg_quality) as writer:
+                      world.config.cameras.jpeg_quality, world.static_transforms()) as writer:
         for frame in world.frames(frames, start):
             writer.write_frame(frame)
             summary.add(frame)

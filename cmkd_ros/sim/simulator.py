@@ -181,6 +181,15 @@ class SimWorld:
     def _pool(self):
         return _shared_pool(self.workers)
 
+    def static_transforms(self) -> list[tuple[str, str, np.ndarray]]:
+        """The rig as a robot's ``/tf_static`` (``cmkd_ros.tf_tree.rig_edges``): ``base_link``
+        on the road under the LiDAR (``lidar.height_m`` below it), the camera links and their
+        optical frames."""
+        from cmkd_ros.tf_tree import rig_edges
+        T_base_lidar = np.eye(4)
+        T_base_lidar[2, 3] = self.config.lidar.height_m
+        return rig_edges(self.calibration, T_base_lidar)
+
     def close(self) -> None:
         """Release resources (the camera threads are a process-wide pool; nothing to stop)."""
 
