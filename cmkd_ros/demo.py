@@ -24,8 +24,14 @@ import sys
 import time
 
 TEACHER_SEEDS = (11, 12, 13, 14, 15, 16)
-# (teacher image frames, training drive frames, held-out frames, teacher steps, student steps)
-SIZES = {'small': (24, 24, 8, 300, 300), 'full': (60, 60, 20, 1200, 1500)}
+TRAIN_SEEDS = (21, 22, 23, 24)          # training drives, one bag each
+HELDOUT_SEED = 31
+# The sensor setup of the experiments (docs/experiments.md): what 2 cores train well quickly.
+SIM = ('lidar.beams=16', 'lidar.horizontal_resolution_deg=1.0', 'cameras.width=256',
+       'cameras.height=144')
+# (teacher frames per street, frames per training drive, held-out frames, teacher steps,
+#  student steps)
+SIZES = {'small': (4, 8, 8, 1500, 1200), 'full': (8, 12, 16, 4000, 2000)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +60,12 @@ def _cmkd(*args: str, env=None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def _cmkd_start(*args: str) -> subprocess.Popen:
+    """``cmkd ARGS`` started in the background (two trainings share the two cores)."""
+    print('  $ cmkd ' + ' '.join(args) + '  &', flush=True)
+    return subprocess.Popen([sys.executable, '-m', 'cmkd_ros.cli', *args])
+
+
 def _ros_env() -> dict:
     """An isolated ROS 2 graph for the demo's processes (own domain, localhost discovery)."""
     env = dict(os.environ)
@@ -69,60 +81,82 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(out) and not args.keep:
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    n_teacher, n_train, n_test, teacher_steps, student_steps = SIZES[args.size]
+    per_street, n_train, n_test, teacher_steps, student_steps = SIZES[args.size]
     step = Step(6)
-    names = ('teacher_images', 'drive_train', 'drive_heldout', 'heldout_pairs', 'pairs',
-             'teacher', 'student', 'evaluation')
+    names = ('teacher_images', 'drive_heldout', 'heldout_pairs', 'pairs', 'teacher',
+             'student', 'supervised', 'evaluation', 'evaluation_supervised')
     paths = {k: os.path.join(out, k) for k in names}
+    train_bags = [os.path.join(out, f'drive_train_{seed}') for seed in TRAIN_SEEDS]
+    sim_set = [word for item in SIM for word in ('--set', item)]
 
-    step('render synthetic drives (LiDAR 32 beams, six 640x360 cameras, ground truth)')
+    step(f'render synthetic drives ({len(TRAIN_SEEDS)} training streets as bags, labeled '
+         'images of 6 more streets for the teacher, a held-out street; LiDAR 16 beams, six '
+         '256x144 cameras, ground truth)')
     if not os.path.exists(paths['teacher_images']):
-        # Labeled images for the teacher, spread over several streets (consecutive frames of
-        # one street teach a 2D network little).
-        per_seed = max(1, n_teacher // len(TEACHER_SEEDS))
+        # Labeled frames spread over several streets (consecutive frames of one street teach
+        # little); they also train the reference student that uses every 3D label.
         for seed in TEACHER_SEEDS:
-            _cmkd('sim', '--format', 'frames', '--frames', str(per_seed), '--stride', '8',
+            _cmkd('sim', '--format', 'frames', '--frames', str(per_street), '--stride', '8',
                   '--seed', str(seed), '--out', paths['teacher_images'], '--compressed',
-                  '--no-progress')
-    for key, fmt, seed, frames in (('drive_train', 'mcap', 21, n_train),
-                                   ('drive_heldout', 'sqlite3', 31, n_test),
-                                   ('heldout_pairs', 'frames', 31, n_test)):
-        if not os.path.exists(paths[key]):
+                  '--no-progress', *sim_set)
+    for path, fmt, seed, frames in ([(b, 'mcap', s, n_train)
+                                     for b, s in zip(train_bags, TRAIN_SEEDS)] +
+                                    [(paths['drive_heldout'], 'sqlite3', HELDOUT_SEED, n_test),
+                                     (paths['heldout_pairs'], 'frames', HELDOUT_SEED, n_test)]):
+        if not os.path.exists(path):
             _cmkd('sim', '--format', fmt, '--frames', str(frames), '--seed', str(seed),
-                  '--out', paths[key], '--compressed')
+                  '--out', path, '--compressed', '--no-progress', *sim_set)
 
     from cmkd_ros.evaluate_bag import collect_pairs_from_bag, launch_system_available
     launched = launch_system_available()
     print('  the nodes start ' + ('with ros2 launch cmkd_ros collect.launch.py / '
                                   'segment.launch.py, as a user starts them' if launched else
                                   'as processes (ros2 launch is not installed here)'))
-    step('collect distillation pairs: replay the training bag through collect_node')
+    step('collect distillation pairs: replay each training bag through collect_node')
     if not os.path.exists(paths['pairs']):
         os.environ.update(_ros_env())
-        count = collect_pairs_from_bag(paths['drive_train'], paths['pairs'], rate=0.5,
-                                       params={'record.fsync': False, 'overlay.enabled': False},
-                                       log=os.path.join(out, 'collect_node.log'))
-        print(f'  collect_node wrote {count} pairs of {n_train} sweeps to {paths["pairs"]}')
+        for bag in train_bags:          # the node appends to the same pair dataset
+            count = collect_pairs_from_bag(bag, paths['pairs'], rate=0.5,
+                                           params={'record.fsync': False,
+                                                   'overlay.enabled': False},
+                                           log=os.path.join(out, 'collect_node.log'))
+        print(f'  collect_node wrote {count} pairs of {n_train * len(train_bags)} sweeps to '
+              f'{paths["pairs"]}')
         if count == 0:
             print(f'  no pairs were written; see {out}/collect_node.log', file=sys.stderr)
             return 1
 
-    step('train the 2D teacher on labeled camera images')
+    # The settings of the experiments (docs/experiments.md), with fewer steps.
+    student = ['student.arch=small', 'student.da_width=32',
+               'student.point_features=intensity_height', 'data.voxel_size=0.2',
+               'data.batch_size=1', 'optim.lr=0.004', f'steps={student_steps}',
+               f'checkpoint_every={student_steps}', 'threads=1']
+    step('train the 2D teacher on labeled camera images and, beside it, a reference student '
+         'with every 3D label')
     teacher_ckpt = os.path.join(paths['teacher'], 'teacher.pt')
+    supervised_ckpt = os.path.join(paths['supervised'], 'student.pt')
+    jobs = []
     if not os.path.exists(teacher_ckpt):
-        _cmkd('train', 'teacher', '--config', 'config/teacher.yaml', '--out', paths['teacher'],
-              f'train={paths["teacher_images"]}', f'val={paths["heldout_pairs"]}',
-              f'steps={teacher_steps}', 'batch_size=4', 'lr=0.002',
-              'options.class_weighting=inverse_sqrt', 'options.val_image_scale=0.5')
+        jobs.append(_cmkd_start(
+            'train', 'teacher', '--config', 'config/teacher.yaml', '--out', paths['teacher'],
+            f'train={paths["teacher_images"]}', f'val={paths["heldout_pairs"]}',
+            f'steps={teacher_steps}', 'batch_size=4', 'lr=0.002', 'threads=1',
+            'model.width=24', 'options.crop_size=[128,224]',
+            'options.class_weighting=inverse_sqrt'))
+    if not os.path.exists(supervised_ckpt):
+        jobs.append(_cmkd_start(
+            'train', 'supervised', '--config', 'config/supervised.yaml',
+            '--out', paths['supervised'], f'data.train={paths["teacher_images"]}', *student))
+    for job in jobs:
+        if job.wait() != 0:
+            raise subprocess.CalledProcessError(job.returncode, job.args)
 
     step('train the 3D student with FSKD on the collected pairs (no 3D labels)')
     student_ckpt = os.path.join(paths['student'], 'student.pt')
     if not os.path.exists(student_ckpt):
         _cmkd('train', 'fskd', '--config', 'config/fskd.yaml', '--out', paths['student'],
               f'data.train={paths["pairs"]}', f'teacher.checkpoint={teacher_ckpt}',
-              f'steps={student_steps}', 'student.arch=small', 'student.da_width=32',
-              'data.voxel_size=0.2', 'data.batch_size=1',
-              'data.image_scale=0.5', f'checkpoint_every={student_steps}')
+              *student[:-1], 'threads=2')
 
     step('segment the held-out bag through segment_node and score it')
     report_path = os.path.join(out, 'evaluate_bag.json')
@@ -137,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
           '--max-frames', '1', '--color', 'label')
     _cmkd('evaluate', '--checkpoint', student_ckpt, '--data', paths['heldout_pairs'],
           '--out', paths['evaluation'], '--pictures', '1')
+    _cmkd('evaluate', '--checkpoint', supervised_ckpt, '--data', paths['heldout_pairs'],
+          '--out', paths['evaluation_supervised'])
     _summary(out, report_path, paths)
     return 0
 
@@ -151,7 +187,19 @@ def _summary(out: str, report_path: str, paths: dict) -> None:
             teacher_eval = json.load(fh).get('eval') or {}
         if 'miou' in teacher_eval:
             print(f'2D teacher mIoU on the held-out images: {teacher_eval["miou"]:.3f}')
-    print(f'3D student (FSKD, zero-shot) mIoU on the held-out bag: {report["miou"]:.3f}')
+    print(f'3D student (FSKD, zero-shot: no 3D label) mIoU on the held-out bag, through '
+          f'segment_node: {report["miou"]:.3f}')
+    scores = {}
+    for key in ('evaluation', 'evaluation_supervised'):
+        path = os.path.join(paths[key], 'eval.json')
+        if os.path.exists(path):
+            with open(path, encoding='utf-8') as fh:
+                scores[key] = json.load(fh)['all']['miou']
+    if len(scores) == 2:
+        fskd, supervised = scores['evaluation'], scores['evaluation_supervised']
+        print(f'the same held-out scans scored offline (cmkd evaluate): FSKD {fskd:.3f}, the '
+              f'same student trained with every 3D label {supervised:.3f} '
+              f'({fskd / max(supervised, 1e-9):.0%} of it)')
     lat = report.get('latency_ms', {})
     p50, p95 = (lat.get(k) or float('nan') for k in ('p50', 'p95'))
     print(f'segment_node latency p50 {p50:.1f} ms, p95 {p95:.1f} ms; '

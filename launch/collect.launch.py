@@ -2,6 +2,7 @@
 
     ros2 launch cmkd_ros collect.launch.py calibration_file:=/path/rig.yaml \
         output_dir:=/data/pairs input_pointcloud:=/lidar/points
+    ros2 launch cmkd_ros collect.launch.py tf_bag:=/data/drive output_dir:=/data/pairs
 
 The cameras are those of the calibration file unless ``cameras:=front,left`` (or the params
 file) names some; giving ``output_dir`` turns recording on unless ``record:=false``.
@@ -17,7 +18,9 @@ from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_pr
                                      optional_parameters, reject_unknown_arguments)
 
 # Launch arguments passed to the node only when given: empty keeps the params file's value.
-OPTIONAL_PARAMETERS = {'record': ('record.enabled', bool),
+OPTIONAL_PARAMETERS = {'calibration_file': ('calibration_file', str),
+                       'tf_bag': ('tf.bag', str),
+                       'record': ('record.enabled', bool),
                        'output_dir': ('record.output_dir', str),
                        'cameras': ('cameras', list)}
 
@@ -29,8 +32,6 @@ def _collect_node(context):
     node = Node(
         package='cmkd_ros', executable='collect_node', name='collect_node', output='screen',
         parameters=[LaunchConfiguration('params_file'), {
-            'calibration_file': ParameterValue(LaunchConfiguration('calibration_file'),
-                                               value_type=str),
             'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'),
                                            value_type=bool),
         }, given],
@@ -43,8 +44,12 @@ def _collect_node(context):
 def generate_launch_description():
     share = FindPackageShare('cmkd_ros')
     arguments = [
-        DeclareLaunchArgument('calibration_file',
-                              description='rig calibration YAML (RigCalibration schema)'),
+        DeclareLaunchArgument('calibration_file', default_value='',
+                              description="rig calibration YAML (RigCalibration schema); '': "
+                              'extrinsics from TF (tf_bag, else the live /tf_static)'),
+        DeclareLaunchArgument('tf_bag', default_value='',
+                              description='rosbag2 whose /tf_static and CameraInfo give the '
+                              "rig when calibration_file is '' (as cmkd rig does)"),
         DeclareLaunchArgument(
             'params_file', description='collect node parameters (ros__parameters YAML; '
             'cameras, topic templates, sync, record, ...)',

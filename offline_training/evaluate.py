@@ -251,8 +251,9 @@ def write_pictures(student: torch.nn.Module, dataset, out_dir: str, count: int, 
         pred, _ = student.predict(data['xyz'], data['intensity'], precision=precision)
         pred = pred.cpu().numpy()
         bev = os.path.join(out_dir, f'scan{i}_bev.png')
+        name = os.path.basename(str(data['name']))
         save_bev_comparison(bev, data['xyz'], data['labels'], pred, data['visible_any'],
-                            class_names, colors, title=f'{os.path.basename(str(data["name"]))}: bird\'s-eye view')
+                            class_names, colors, title=f"{name}: bird's-eye view")
         paths.append(bev)
         if len(data['corr_camera']):
             cam = int(np.bincount(data['corr_camera']).argmax())

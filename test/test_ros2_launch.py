@@ -204,9 +204,12 @@ def _pairs_cameras(out_dir) -> tuple[int, list[str]]:
     return len(reader), sorted(reader[0].camera_names) if len(reader) else []
 
 
-@pytest.mark.parametrize('cameras,storage', [(6, 'mcap'), (3, 'sqlite3')])
+@pytest.mark.parametrize('cameras,storage,rig', [(6, 'mcap', 'calibration_file'),
+                                                 (3, 'sqlite3', 'calibration_file'),
+                                                 (2, 'mcap', 'tf_bag')])
 def test_collect_launch_records_every_camera_of_the_calibration(ros2, tmp_path, cameras,
-                                                                storage):
+                                                                storage, rig):
+    """The rig from a calibration YAML, or from a bag's /tf_static and CameraInfo."""
     from cmkd_ros.calibration import RigCalibration
     bag = make_sim_bag(tmp_path / 'drive', frames=4, storage=storage, cameras=cameras)
     names = RigCalibration.load(str(bag / 'calibration.yaml')).names
@@ -215,8 +218,9 @@ def test_collect_launch_records_every_camera_of_the_calibration(ros2, tmp_path, 
     domain = unique_domain_id()
     topics = ['/lidar/points'] + [f'/cameras/{n}/image_raw/compressed' for n in names]
     with processes() as procs:
-        launch = _launch(['collect.launch.py', f'calibration_file:={bag}/calibration.yaml',
-                          f'output_dir:={out_dir}'], domain, tmp_path / 'launch.log')
+        source = f'{bag}/calibration.yaml' if rig == 'calibration_file' else str(bag)
+        launch = _launch(['collect.launch.py', f'{rig}:={source}', f'output_dir:={out_dir}'],
+                         domain, tmp_path / 'launch.log')
         procs.append(launch)
         replay = _replay(bag, domain, tmp_path / 'replay.log', *topics, rate='0.5')
         procs.append(replay)
