@@ -36,6 +36,7 @@ setup(
         'tqdm>=4.60',
         'matplotlib>=3.7',
         'torch>=2.1',
+        'pypcd4>=1.5',          # PCD files for cmkd overlay (ascii, binary, binary_compressed)
     ],
     extras_require={
         # ROS 2 (Kilted) from PyPI wheels; a full ROS 2 install provides these through apt.
