@@ -14,7 +14,7 @@ renders' exact visibility (``SimFrame.gt_visible`` / ``gt_occluded``, from ray c
 * hidden: in-image points removed.
 
 Usage: ``python benchmarks/measure_occlusion.py [--seeds 10,11,12] [--presets ...]
-[--baselines 0.3,0.5,1.0,1.5] [--json out.json]``. The default settings were chosen on seeds
+[--baselines 0.3,0.5,1.0,1.5] [--no-ring] [--set key=value] [--json out.json]``. The default settings were chosen on seeds
 0, 1, 2; the docs table uses seeds 10, 11, 12.
 """
 from __future__ import annotations
@@ -97,13 +97,15 @@ def render(preset: str, baseline: float, seed: int, count: int = 4, width: int =
     return frame, occluder_seen(world, frame)
 
 
-def score(rendered, config: CorrespondenceConfig = CorrespondenceConfig()) -> dict:
-    """Pooled kept / removed / removed-seen / hidden fractions over ``(frame, seen)`` pairs."""
+def score(rendered, config: CorrespondenceConfig = CorrespondenceConfig(),
+          use_ring: bool = True) -> dict:
+    """Pooled kept / removed / removed-seen / hidden fractions over ``(frame, seen)`` pairs
+    (``use_ring`` False: the scan pattern from elevation statistics)."""
     n = dict(n_visible=0, n_kept=0, n_occluded=0, n_removed=0, n_seen=0, n_removed_seen=0,
              n_valid=0, n_hidden=0)
     for frame, seen in rendered:
         args = dict(point_time_ns=frame.point_time_ns, camera_stamp_ns=frame.camera_stamp_ns,
-                    trajectory=frame.trajectory(), ring=frame.ring)
+                    trajectory=frame.trajectory(), ring=frame.ring if use_ring else None)
         every = compute_correspondences(frame.xyz, frame.calibration, **args,
                                         config=dataclasses.replace(config, occlusion=False))
         kept = compute_correspondences(frame.xyz, frame.calibration, **args, config=config)
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='camera-LiDAR distances (m)')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='KEY=VALUE', help='CorrespondenceConfig override')
+    parser.add_argument('--no-ring', action='store_true',
+                        help='ignore the ring field (scan pattern from elevation statistics)')
     parser.add_argument('--json', default=None, help='write the table as JSON')
     args = parser.parse_args(argv)
     from cmkd_ros.config import build, parse_overrides, to_dict
@@ -144,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(',')]
     rows = []
     start = time.perf_counter()
-    print(f'seeds {seeds}, settings {to_dict(config)}')
+    print(f'seeds {seeds}, {"no ring field, " if args.no_ring else ""}settings '
+          f'{to_dict(config)}')
     print(f'{"preset":<10}{"baseline":>9}{"kept %":>9}{"removed %":>11}{"seen %":>9}'
           f'{"rem. seen %":>13}{"hidden %":>10}{"occluded %":>12}  goals')
     for preset in args.presets.split(','):
         for baseline in (float(b) for b in args.baselines.split(',')):
-            s = score([render(preset, baseline, seed) for seed in seeds], config)
+            s = score([render(preset, baseline, seed) for seed in seeds], config,
+                      not args.no_ring)
             met = s['kept'] >= GOAL_KEPT and s['removed_seen'] >= GOAL_REMOVED
             rows.append({'preset': preset, 'baseline_m': baseline, **s})
             print(f'{preset:<10}{baseline:>9.1f}{100 * s["kept"]:>9.2f}'

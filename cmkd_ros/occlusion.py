@@ -442,11 +442,13 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     alpha, beta, rho = _camera_angles(d, fwd)
     a_lo = np.zeros(M, np.float32)
     a_hi, b_lo, b_hi = a_lo.copy(), a_lo.copy(), a_lo.copy()
+    dx, dy = d[:, 0], d[:, 1]
     for k in range(4):
-        va, vb, _ = _camera_angles(d + offsets[k][pair_point], fwd)
-        da = np.remainder(va - alpha + np.float32(np.pi), np.float32(2 * np.pi)) - np.float32(
-            np.pi)
-        db = vb - beta
+        v = d + offsets[k][pair_point]
+        vx, vy = v[:, 0], v[:, 1]
+        # azimuth turn from the point to the edge, and the edge's elevation over the point's
+        da = np.arctan2(dx * vy - dy * vx, dx * vx + dy * vy)
+        db = np.arctan2(v[:, 2], np.hypot(vx, vy)) - beta
         np.minimum(a_lo, da, out=a_lo)
         np.maximum(a_hi, da, out=a_hi)
         np.minimum(b_lo, db, out=b_lo)
