@@ -14,8 +14,8 @@ renders' exact visibility (``SimFrame.gt_visible`` / ``gt_occluded``, from ray c
 * hidden: in-image points removed.
 
 Usage: ``python benchmarks/measure_occlusion.py [--seeds 10,11,12] [--presets ...]
-[--baselines 0.3,0.5,1.0,1.5] [--no-ring] [--set key=value] [--json out.json]``. The default settings were chosen on seeds
-0, 1, 2; the docs table uses seeds 10, 11, 12.
+[--baselines 0.3,0.5,1.0,1.5] [--no-ring] [--set key=value] [--json out.json]``. The default
+settings were chosen on seeds 0, 1, 2; the table in docs/occlusion.md uses seeds 10, 11, 12.
 """
 from __future__ import annotations
 
