@@ -263,24 +263,32 @@ def load_bag_frames(bag: str, options: BagOptions, indices: list[int] | None = N
         odom = bagmod.ODOM_TOPIC
     if odom and odom not in topics:
         raise OverlayError(f'{bag}: no Odometry topic {odom}')
-    # 1. every message of the wanted topics (images stay encoded until chosen).
-    clouds, images, odometry, infos = [], {n: [] for n in rig.names}, [], {}
+    # 1. first pass: the chosen sweeps, every image's header stamp, CameraInfo, odometry.
+    cloud_count, clouds, odometry, infos = 0, {}, [], {}
+    stamps = {n: [] for n in rig.names}
     by_topic = {t: n for n, t in image_topics.items()}
     wanted = [cloud_topic, *image_topics.values(), *info_topics, *([odom] if odom else [])]
+    chosen = list(indices) if indices else list(range(max(max_frames, 0)))
     try:
         for topic, msgtype, _, raw in bagmod.read_messages(bag, wanted):
             if topic == cloud_topic:
-                clouds.append((msgtype, raw))
+                if cloud_count in chosen:
+                    clouds[cloud_count] = bagmod.deserialize(raw, msgtype)
+                cloud_count += 1
             elif topic in by_topic:
-                images[by_topic[topic]].append((msgtype, raw))
+                stamps[by_topic[topic]].append(cdr_header_stamp_ns(raw))
             elif topic in info_topics and info_topics[topic] not in infos:
                 infos[info_topics[topic]] = bagmod.deserialize(raw, msgtype)
             elif topic == odom:
                 odometry.append(bagmod.deserialize(raw, msgtype))
     except bagmod.BagError as exc:
         raise OverlayError(str(exc)) from None
-    if not clouds:
+    if cloud_count == 0:
         raise OverlayError(f'{bag}: no message on {cloud_topic}')
+    chosen = chosen if indices else chosen[:cloud_count]
+    for i in chosen:
+        if not 0 <= i < cloud_count:
+            raise OverlayError(f'sweep index {i} out of range (the bag has {cloud_count})')
     if info_topics:
         lacking = [n for n in rig.names if n not in infos]
         if lacking:
@@ -292,37 +300,43 @@ def load_bag_frames(bag: str, options: BagOptions, indices: list[int] | None = N
     if odometry:
         from cmkd_ros.motion import PoseTrajectory
         trajectory = PoseTrajectory.from_odometry(odometry)
-    header_stamps = {n: [cdr_header_stamp_ns(raw) for _, raw in msgs]
-                     for n, msgs in images.items()}
-    chosen = indices if indices else list(range(min(max_frames, len(clouds))))
-    frames = []
+    # 2. per sweep and camera, the image nearest to the sweep's middle.
+    picks = {}
     for i in chosen:
-        if not 0 <= i < len(clouds):
-            raise OverlayError(f'sweep index {i} out of range (the bag has {len(clouds)})')
-        try:
-            msg = bagmod.deserialize(clouds[i][1], clouds[i][0])
-            points = cloud_to_array(msg)
-        except ConversionError as exc:
-            raise OverlayError(f'{bag} sweep {i}: {exc}') from None
-        stamp = stamp_ns(msg)
-        fields = _struct_fields(points, f'{bag} sweep {i}')
-        target = stamp + int(options.lidar_offset_ms * 1e6)
-        pictures, cam_stamps = [], []
+        target = stamp_ns(clouds[i]) + int(options.lidar_offset_ms * 1e6)
         for n in rig.names:
-            stamps = np.asarray(header_stamps[n], np.int64)
-            if stamps.size == 0:
+            have = np.asarray(stamps[n], np.int64)
+            if have.size == 0:
                 raise OverlayError(f'{bag}: no image of camera {n!r}')
-            k = int(np.argmin(np.abs(stamps - target)))
-            if abs(int(stamps[k]) - target) > options.slop_ms * 1e6:
+            best = int(have[np.argmin(np.abs(have - target))])
+            if abs(best - target) > options.slop_ms * 1e6:
                 raise OverlayError(f'{bag} sweep {i}: camera {n!r} has no image within '
                                    f'{options.slop_ms} ms')
-            image = image_to_array(bagmod.deserialize(images[n][k][1], images[n][k][0]))
-            pictures.append(image if image.ndim == 3 else np.repeat(image[..., None], 3, 2))
-            cam_stamps.append(int(stamps[k]))
+            picks[(i, n)] = best
+    # 3. second pass: decode only the images picked.
+    wanted_images = {(n, st) for (_, n), st in picks.items()}
+    decoded = {}
+    for topic, msgtype, _, raw in bagmod.read_messages(bag, list(image_topics.values())):
+        key = (by_topic[topic], cdr_header_stamp_ns(raw))
+        if key in wanted_images and key not in decoded:
+            try:
+                image = image_to_array(bagmod.deserialize(raw, msgtype))
+            except ConversionError as exc:
+                raise OverlayError(f'{bag}: camera {key[0]!r}: {exc}') from None
+            decoded[key] = image if image.ndim == 3 else np.repeat(image[..., None], 3, 2)
+    frames = []
+    for i in chosen:
+        try:
+            points = cloud_to_array(clouds[i])
+        except ConversionError as exc:
+            raise OverlayError(f'{bag} sweep {i}: {exc}') from None
+        stamp = stamp_ns(clouds[i])
+        fields = _struct_fields(points, f'{bag} sweep {i}')
         times = point_times_ns(points[fields['rows']], stamp, options.time_field)
         frames.append(OverlayFrame(
-            f'sweep{i:06d}', fields['xyz'], pictures, rig, intensity=fields['intensity'],
-            ring=fields['ring'], camera_stamp_ns=np.array(cam_stamps, np.int64),
+            f'sweep{i:06d}', fields['xyz'], [decoded[(n, picks[(i, n)])] for n in rig.names],
+            rig, intensity=fields['intensity'], ring=fields['ring'],
+            camera_stamp_ns=np.array([picks[(i, n)] for n in rig.names], np.int64),
             point_time_ns=times if times is not None else np.full(len(fields['xyz']), stamp),
             trajectory=trajectory))
     return frames
