@@ -99,6 +99,10 @@ class ScanPattern:
     def describe(self) -> str:
         """One line for logs: source, beams, elevation span, spacing and azimuth step."""
         s = self.to_dict()
+        if self.source == 'configuration':
+            return (f'fixed scan pattern from the configuration: beam spacing '
+                    f'{s["beam_spacing_deg"][0]:.2f} deg, azimuth step '
+                    f'{s["azimuth_step_deg"]:.3f} deg')
         return (f'scan pattern from the {s["source"]}: {s["beams"]} beams over '
                 f'{s["elevation_deg"][0]:+.1f}..{s["elevation_deg"][1]:+.1f} deg, beam spacing '
                 f'{s["beam_spacing_deg"][0]:.2f}..{s["beam_spacing_deg"][1]:.2f} deg, azimuth '

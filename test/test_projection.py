@@ -294,7 +294,9 @@ def test_config_and_input_errors():
         compute_correspondences(few, rig)
     fixed = build(CorrespondenceConfig, {'occlusion_azimuth_step_deg': 0.2,
                                          'occlusion_beam_spacing_deg': 1.0})
-    assert len(compute_correspondences(few, rig, config=fixed)) == 5
+    fixed_corr = compute_correspondences(few, rig, config=fixed)
+    assert len(fixed_corr) == 5 and fixed_corr.scan_pattern.describe() == (
+        'fixed scan pattern from the configuration: beam spacing 1.00 deg, azimuth step 0.200 deg')
     with pytest.raises(ProjectionError, match='ring'):
         compute_correspondences(few, rig, ring=np.zeros(3), config=fixed)
     with pytest.raises(ProjectionError, match='point_time_ns'):
