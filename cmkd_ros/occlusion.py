@@ -125,27 +125,18 @@ class ScanPattern:
         known = self.ring_ids[order][pos] == ring
         return order[pos], known
 
-    def point_spacing(self, xyz: np.ndarray, ring: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """(N,) float32 beam spacing above and below each point (radians).
+    def beams_at(self, elevation: np.ndarray, ring: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per point of ``elevation`` (N,) rad and ``ring`` (N,): the beam spacing above and
+        below (float32 rad) and the beam row counted from the lowest (int64).
 
-        A point's ring picks its table row when the pattern came from the ring field;
-        otherwise (or for a ring the table lacks) its elevation interpolates the profile.
+        A ring known to the table picks its row; otherwise the elevation interpolates the
+        profile (the row: beam spacings above the lowest elevation, rounded).
         """
-        el_deg = np.degrees(_elevation(xyz))
-        up = np.interp(el_deg, self.elevation_deg, self.spacing_up_deg)
-        down = np.interp(el_deg, self.elevation_deg, self.spacing_down_deg)
-        if ring is not None and self.ring_ids.size:
-            row, known = self._rows(ring)
-            up[known] = self.spacing_up_deg[row[known]]
-            down[known] = self.spacing_down_deg[row[known]]
-        return np.radians(up).astype(np.float32), np.radians(down).astype(np.float32)
-
-    def beam_rows(self, xyz: np.ndarray, ring: np.ndarray | None = None) -> np.ndarray:
-        """(N,) int64 beam of each point counted from the lowest: the ring's table row, or the
-        number of beam spacings above the lowest elevation, rounded."""
-        el = np.degrees(_elevation(xyz))
+        el = np.degrees(np.asarray(elevation, dtype=np.float64))
         knots, w = self.elevation_deg, self._beam_coordinate()
+        up = np.interp(el, knots, self.spacing_up_deg)
+        down = np.interp(el, knots, self.spacing_down_deg)
         coord = np.interp(el, knots, w)
         coord = np.where(el < knots[0], (el - knots[0]) / max(self.spacing_down_deg[0], 1e-3),
                          coord)
@@ -154,8 +145,16 @@ class ScanPattern:
         rows = np.rint(coord).astype(np.int64)
         if ring is not None and self.ring_ids.size:
             row, known = self._rows(ring)
-            rows[known] = np.rint(w[row[known]]).astype(np.int64) if knots.size > 1 else 0
-        return rows
+            up[known] = self.spacing_up_deg[row[known]]
+            down[known] = self.spacing_down_deg[row[known]]
+            rows[known] = np.rint(w[row[known]]).astype(np.int64)
+        return np.radians(up).astype(np.float32), np.radians(down).astype(np.float32), rows
+
+    def point_spacing(self, xyz: np.ndarray, ring: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) float32 beam spacing above and below each point of ``xyz`` (N, 3) (rad)."""
+        up, down, _ = self.beams_at(_elevation(xyz), ring)
+        return up, down
 
 
 def _elevation(xyz: np.ndarray) -> np.ndarray:
@@ -288,40 +287,34 @@ class OcclusionSettings:
     rel_tolerance: float = 0.1
 
 
-def edge_inverse_ranges(xyz: np.ndarray, pattern: ScanPattern, ring: np.ndarray | None,
-                        points: np.ndarray, spacing: tuple[np.ndarray, np.ndarray],
+def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
+                        points: np.ndarray, up: np.ndarray, down: np.ndarray, step: float,
                         fraction: float) -> np.ndarray:
     """(4, K) float32 inverse ranges (1/m) of the footprint edges (left, right, below, above)
-    of ``points`` (K,) indices into the sweep ``xyz`` (N, 3); ``spacing`` their (up, down).
+    of ``points`` (K,) of a sweep given per point (N,): ``azimuth`` (rad), beam ``row`` and
+    inverse range ``inv`` (NaN: no return); ``up``, ``down`` (K,) the wanted points' beam
+    spacing (rad); ``step`` the azimuth step (rad).
 
     The sweep becomes a range image (beam rows, azimuth-step columns). Along each direction an
     edge lies ``fraction`` of the way to the neighbouring sample when both lie on one surface,
     else it continues the surface from the opposite neighbour, else it stays at the point's
     own range; it never moves beyond half or twice that range.
     """
-    xyz = np.asarray(xyz, dtype=np.float32)
-    r = np.sqrt(np.einsum('ij,ij->i', xyz, xyz))
-    ok = np.isfinite(r) & (r > MIN_RANGE_M)
-    inv = np.where(ok, 1.0 / np.where(ok, r, 1.0), np.nan).astype(np.float32)
-    step = math.radians(pattern.azimuth_step_deg)
     cols = max(1, int(round(2 * np.pi / step)))
-    # 1. range image of the sweep: row = beam from the lowest, column = azimuth step.
-    az = np.arctan2(xyz[:, 1], xyz[:, 0])
-    col = np.rint(np.mod(az, 2 * np.pi) / (2 * np.pi) * cols).astype(np.int64) % cols
-    row = pattern.beam_rows(xyz, ring)
-    low = int(row[ok].min()) if ok.any() else 0
-    row = np.where(ok, row - low + 1, 0)          # row 0 and the last row stay empty
+    col = np.rint(np.mod(azimuth, 2 * np.pi) * (cols / (2 * np.pi))).astype(np.int64) % cols
+    # 1. range image of the returns, with a margin row below and above the beams.
+    ok = np.isfinite(inv)
+    row = np.where(ok, row - (row[ok].min() if ok.any() else 0) + 1, 0)
     image = np.full((int(row.max()) + 2, cols), -1, dtype=np.int64)
     image[row[ok], col[ok]] = np.flatnonzero(ok)
     # 2. the four neighbours of every wanted point; slopes of inverse range per radian.
-    up, down = spacing
     p_row, p_col, p_inv = row[points], col[points], inv[points]
     shifts = ((0, -1, step), (0, 1, step), (-1, 0, down), (1, 0, up))
     nb_inv, near, slope = [], [], []
     with np.errstate(invalid='ignore'):
         for dr, dc, angle in shifts:
-            nb = image[np.clip(p_row + dr, 0, image.shape[0] - 1), (p_col + dc) % cols]
-            v = np.where(nb >= 0, inv[np.maximum(nb, 0)], np.nan)
+            nb = image[p_row + dr, (p_col + dc) % cols]
+            v = np.where(nb >= 0, inv[nb], np.nan)
             nb_inv.append(v)
             near.append(np.abs(v - p_inv) < _CONTINUITY * angle)
             slope.append((v - p_inv) / angle)
@@ -339,27 +332,28 @@ def edge_inverse_ranges(xyz: np.ndarray, pattern: ScanPattern, ring: np.ndarray 
     return out
 
 
-def _footprint_offsets(raw: np.ndarray, azimuth_step: float, up: np.ndarray, down: np.ndarray,
-                       fraction: float, edge_inv: np.ndarray) -> np.ndarray:
-    """(4, K, 3) float32 offsets (LiDAR frame) from each point to its footprint edges: left,
-    right, below, above, ``fraction`` of the sampling step away at the edges' ranges."""
-    p = raw.astype(np.float32)
+def _footprint_offsets(p: np.ndarray, horiz: np.ndarray, inv_r: np.ndarray,
+                       azimuth_step: float, up: np.ndarray, down: np.ndarray, fraction: float,
+                       edge_inv: np.ndarray) -> np.ndarray:
+    """(4, K, 3) float32 offsets (LiDAR frame) from points ``p`` (K, 3) to their footprint
+    edges: left, right, below, above, ``fraction`` of the sampling step away at the edges'
+    inverse ranges ``edge_inv`` (4, K); ``horiz`` and ``inv_r`` the points' horizontal
+    distance and inverse range."""
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
-    horiz = np.maximum(np.hypot(x, y), np.float32(1e-6))
-    inv_r = np.float32(1.0) / np.sqrt(horiz * horiz + z * z)
+    horiz = np.maximum(horiz, np.float32(1e-6))
     out = np.empty((4,) + p.shape, np.float32)
     # 1. left and right: the point turned about z by one fraction of the azimuth step.
     turn = fraction * azimuth_step
     c, s = np.float32(math.cos(turn)), np.float32(math.sin(turn))
     for i, sign in ((0, -1), (1, 1)):
-        k = edge_inv[i] ** -1 * inv_r
+        k = inv_r / edge_inv[i]
         out[i, :, 0] = (c * x - sign * s * y) * k - x
         out[i, :, 1] = (sign * s * x + c * y) * k - y
         out[i, :, 2] = z * k - z
     # 2. below and above: turned in its vertical plane by a fraction of the beam spacing.
     for i, angle in ((2, -fraction * down), (3, fraction * up)):
         c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-        k = edge_inv[i] ** -1 * inv_r
+        k = inv_r / edge_inv[i]
         h = (horiz * c - z * s) / horiz
         out[i, :, 0] = x * h * k - x
         out[i, :, 1] = y * h * k - y
@@ -432,14 +426,22 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     hidden = np.zeros(M, dtype=bool)
     if M == 0:
         return hidden
-    xyz = np.asarray(xyz, dtype=np.float32)
     step = math.radians(pattern.azimuth_step_deg)
-    # 1. per point: beam spacing and footprint edges (LiDAR frame).
+    # 1. per point of the sweep (LiDAR frame): inverse range, beam row; for those seen by
+    #    some camera also the beam spacing, the range-image neighbours and footprint edges.
+    xyz = np.asarray(xyz, dtype=np.float32)
+    horiz = np.hypot(xyz[:, 0], xyz[:, 1])
+    rng = np.hypot(horiz, xyz[:, 2])
+    with np.errstate(divide='ignore', invalid='ignore'):
+        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+    up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
     points, pair_point = np.unique(point, return_inverse=True)
-    raw = xyz[points]
-    up, down = pattern.point_spacing(raw, None if ring is None else np.asarray(ring)[points])
-    edges = edge_inverse_ranges(xyz, pattern, ring, points, (up, down), settings.footprint)
-    offsets = _footprint_offsets(raw, step, up, down, settings.footprint, edges)
+    up, down = up[points], down[points]
+    edges = _edge_inverse_ranges(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, points, up,
+                                 down, step, settings.footprint)
+    inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
+    offsets = _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down,
+                                 settings.footprint, edges)
     # 2. per pair, seen from the camera: angles of the point and of its footprint edges.
     d = np.asarray(direction, dtype=np.float32)
     fwd = np.asarray(forward_azimuth, dtype=np.float32)[cam_idx]
