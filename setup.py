@@ -40,6 +40,7 @@ setup(
         'tqdm>=4.60',
         'matplotlib>=3.7',
         'torch>=2.1',
+        'pypcd4>=1.5',          # PCD files for cmkd overlay (ascii, binary, binary_compressed)
     ],
     extras_require={
         # ROS 2 from PyPI wheels (Kilted, or Jazzy); a full ROS 2 install provides them via apt.

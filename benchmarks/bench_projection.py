@@ -1,5 +1,8 @@
 """Speed of ``compute_correspondences`` on the nuScenes sample (six cameras, occlusion on).
 
+The occlusion test runs as in the collect node (scan pattern read once, passed in) and as in
+the datasets (read from each sweep's ring field).
+
 Prints the median wall time and process CPU time (less sensitive to a shared machine) of the
 whole correspondence call and, measured in the same run with interleaved repetitions, of a
 per-camera ``cv2.projectPoints`` loop producing the same dense outputs without the occlusion test
@@ -53,12 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     folder = pathlib.Path(args.data) / 'nuscenes_sample'
     rig = load_nuscenes_calibration(str(folder / 'calibration.json'))
-    pts = np.fromfile(folder / 'LIDAR_TOP.bin', np.float32).reshape(-1, 5)[:, :3].copy()
+    raw = np.fromfile(folder / 'LIDAR_TOP.bin', np.float32).reshape(-1, 5)
+    pts, ring = raw[:, :3].copy(), raw[:, 4].astype(np.int64)
     config = CorrespondenceConfig()                      # occlusion on
     prepare_rig(rig)                                     # cached after the first call
+    pattern = compute_correspondences(pts, rig, ring=ring).scan_pattern
     jobs = {
         'compute_correspondences (occlusion on)':
-            lambda: compute_correspondences(pts, rig, config=config),
+            lambda: compute_correspondences(pts, rig, ring=ring, scan_pattern=pattern,
+                                            config=config),
+        '  + scan pattern read per sweep':
+            lambda: compute_correspondences(pts, rig, ring=ring, config=config),
         'project_points (no occlusion)': lambda: project_points(pts, rig),
         'cv2.projectPoints loop (no occlusion)': lambda: opencv_loop(pts, rig),
     }
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    corr = compute_correspondences(pts, rig, config=config)
+    corr = compute_correspondences(pts, rig, ring=ring, scan_pattern=pattern, config=config)
     print(f'nuScenes sample: {pts.shape[0]} points, {len(rig)} cameras, {cores} cores, '
           f'{args.repeats} repeats; {len(corr)} visible pairs')
     ref = float(np.median(times['cv2.projectPoints loop (no occlusion)'])) * 1e3

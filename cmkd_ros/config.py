@@ -132,11 +132,21 @@ def _check_bounds(value: Any, meta: Mapping, where: str) -> None:
 
 
 def build(cls: type, data: Mapping[str, Any] | None = None, where: str = '') -> Any:
-    """Build the frozen dataclass ``cls`` from ``data``; unknown or invalid keys raise."""
+    """Build the frozen dataclass ``cls`` from ``data``; unknown or invalid keys raise.
+
+    A class may define ``expand_settings(data) -> data`` (a classmethod) that fills in keys
+    before the checks, e.g. a preset's values under the keys the mapping leaves out.
+    """
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f'{where or cls.__name__}: expected a mapping, got '
                           f'{type(data).__name__}')
+    expand = getattr(cls, 'expand_settings', None)
+    if callable(expand):
+        try:
+            data = expand(data)
+        except ConfigError as exc:
+            raise ConfigError(f'{where}.{exc}' if where else str(exc)) from None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

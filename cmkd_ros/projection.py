@@ -10,14 +10,14 @@ datasets both call it. It chains
    pass; a point is valid when its depth exceeds ``min_depth``, it lies inside the region where
    the camera's distortion function is monotonic (so far-off-axis points never fold back into the
    image) and it lands inside the image,
-3. :func:`occlusion_mask`: a depth test against the projected cloud itself removes points
-   hidden behind nearer surfaces (a coarse per-camera z-buffer; a point is hidden when nearer
-   points cover its cell, or lie on both sides of it within a point's reach, by more than a
-   tolerance growing with depth).
+3. the occlusion test (:mod:`cmkd_ros.occlusion`): points hidden from a camera behind nearer
+   points of the same sweep are removed; it reads the LiDAR's azimuth step and beam spacing
+   from the sweep (ring field or elevation statistics) and the baseline from the calibration,
+   so no setting depends on the sensor.
 
-Measured on the synthetic world (``benchmarks/measure_correspondence.py``): the occlusion test
-raises the precision of the visible mask from about 0.955 to 0.982 at a recall of 0.995, and
-motion compensation lowers the mean pixel error from about 5 px to 0.02 px.
+Measured on the synthetic world (``benchmarks/measure_occlusion.py``, every LiDAR preset,
+baselines 0.3 to 1.5 m): docs/occlusion.md; motion compensation lowers the mean pixel error
+from about 5 px to 0.02 px (``benchmarks/measure_correspondence.py``).
 
 Pixel convention (OpenCV): x right, y down, pixel centres at integers, so the image covers
 ``[-0.5, W - 0.5) x [-0.5, H - 0.5)`` and ``round(uv)`` indexes the pixel.
@@ -33,6 +33,8 @@ import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.occlusion import (OcclusionSettings, ScanPattern, ScanPatternError, hidden_pairs,
+                                infer_scan_pattern, with_overrides)
 
 
 # Points per projection chunk and per matrix product (see _project_chunks).
@@ -53,25 +55,26 @@ class CorrespondenceConfig:
     max_ray_angle_deg: float = setting(
         89.0, 'largest angle (deg) between a ray and the optical axis that may be valid; the '
         'monotonic region of the distortion model limits it further', gt=0.0, lt=90.0)
-    occlusion: bool = setting(True, 'drop points hidden behind nearer points (z-buffer test)')
-    occlusion_mode: str = setting(
-        'sandwich', 'sandwich: hidden when nearer points cover the own cell or both sides of '
-        'it (left and right, or above and below) within the splat; splat: hidden when any '
-        'nearer point is within the splat', choices=('sandwich', 'splat'))
-    occlusion_cell_deg: float = setting(
-        0.4, 'z-buffer cell size (deg; at least one pixel)', gt=0.0, le=5.0)
-    occlusion_splat_h_deg: float = setting(
-        0.4, 'horizontal reach (deg) of a point over the z-buffer; about the LiDAR horizontal '
-        'resolution or one cell', ge=0.0, le=10.0)
-    occlusion_splat_v_deg: float = setting(
-        1.3, 'vertical reach (deg) of a point over the z-buffer; about the LiDAR beam spacing '
-        '(1.3 for 32 beams over 41 deg)', ge=0.0, le=10.0)
+    occlusion: bool = setting(True, 'drop points hidden behind nearer points of the sweep '
+                              '(a z-buffer test that reads the LiDAR scan pattern from the sweep)')
+    occlusion_footprint: float = setting(
+        0.65, 'fraction of the sampling step (azimuth step, beam spacing there) that each point '
+        'covers on every side in the occlusion z-buffer; larger hides more', gt=0.0, le=2.0)
+    occlusion_reach: float = setting(
+        0.75, 'a point with nearer footprints on both sides within this fraction of its '
+        'sampling step is hidden too (holes left by lost returns)', ge=0.0, le=4.0)
+    occlusion_azimuth_step_deg: float = setting(
+        0.0, 'expert override: the LiDAR azimuth step (deg); 0 = measured on each sweep',
+        ge=0.0, le=10.0)
+    occlusion_beam_spacing_deg: float = setting(
+        0.0, 'expert override: one beam spacing (deg) for every beam; 0 = from the ring field, '
+        'else from the sweep\'s elevation statistics', ge=0.0, le=10.0)
     occlusion_abs_tolerance: float = setting(
-        0.5, 'a point is hidden when it is this much (m) plus the relative part behind the '
-        'nearer points', ge=0.0)
+        0.5, 'a point is hidden when it is this much (m) plus the relative part farther from '
+        'the camera than the nearer points', ge=0.0)
     occlusion_rel_tolerance: float = setting(
-        0.1, 'depth-proportional part of the occlusion tolerance (fraction of the depth)',
-        ge=0.0, le=1.0)
+        0.1, 'distance-proportional part of the occlusion tolerance (fraction of the camera '
+        'distance)', ge=0.0, le=1.0)
     motion_compensation: bool = setting(
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
         'stamps are given')
@@ -83,7 +86,7 @@ class CorrespondenceConfig:
         if self.occlusion_abs_tolerance == 0 and self.occlusion_rel_tolerance == 0 and \
                 self.occlusion:
             raise ConfigError('occlusion tolerances are both 0: every point behind another '
-                              'one within the splat would be hidden')
+                              'one within a footprint would be hidden')
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Correspondences:
 
     ``point`` (M,) int64 index into the input cloud, ``camera`` (M,) int64 index into the rig,
     ``uv`` (M, 2) float32 pixels (OpenCV convention), ``depth`` (M,) float32 metres along the
-    camera's optical axis.
+    camera's optical axis; ``scan_pattern`` the LiDAR scan pattern the occlusion test used.
     """
 
     point: np.ndarray
@@ -101,6 +104,7 @@ class Correspondences:
     depth: np.ndarray
     num_points: int
     camera_names: tuple[str, ...]
+    scan_pattern: ScanPattern | None = None
 
     def __len__(self) -> int:
         return int(self.point.shape[0])
@@ -110,7 +114,7 @@ class Correspondences:
         c = self.camera_names.index(camera) if isinstance(camera, str) else int(camera)
         sel = self.camera == c
         return Correspondences(self.point[sel], self.camera[sel], self.uv[sel], self.depth[sel],
-                               self.num_points, self.camera_names)
+                               self.num_points, self.camera_names, self.scan_pattern)
 
     def point_mask(self) -> np.ndarray:
         """(N,) bool: the point has at least one camera."""
@@ -395,102 +399,6 @@ def _project_valid(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
     return cam[order], point[order], u[order], v[order], d[order]
 
 
-# ----------------------------------------------------------------------------- occlusion
-
-
-def _window_min(image: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    """``out[i] = min(image[i + lo .. i + hi])`` along ``axis`` (inf beyond the border).
-
-    A few shifted ``np.minimum`` passes: the windows are a handful of cells, and numpy stays
-    single-threaded (OpenCV's threaded filters stall for whole scheduler slices on a busy CPU).
-    """
-    n = image.shape[axis]
-    out = np.full(image.shape, np.inf, dtype=image.dtype)
-    for k in range(lo, hi + 1):
-        if abs(k) >= n:
-            continue
-        src = [slice(None)] * image.ndim
-        dst = [slice(None)] * image.ndim
-        src[axis] = slice(max(k, 0), n + min(k, 0))
-        dst[axis] = slice(max(-k, 0), n - max(k, 0))
-        np.minimum(out[tuple(dst)], image[tuple(src)], out=out[tuple(dst)])
-    return out
-
-
-def occlusion_mask(uv: np.ndarray, depth: np.ndarray, valid: np.ndarray,
-                   rig: RigCalibration | PreparedRig,
-                   config: CorrespondenceConfig = CorrespondenceConfig()) -> np.ndarray:
-    """(C, N) bool: the valid points not hidden by nearer points of the same cloud.
-
-    1. every valid point writes its depth into its camera's z-buffer of square cells
-       (``occlusion_cell_deg``; minimum depth per cell);
-    2. minimum filters over the reach of a point (``occlusion_splat_*_deg``, converted to cells
-       with each camera's focal lengths) fill the gaps between scan lines;
-    3. a point is hidden when its depth exceeds a nearer depth by more than
-       ``abs_tolerance + rel_tolerance * depth``: in ``splat`` mode any nearer point within
-       reach hides it; in ``sandwich`` mode a nearer point in its own cell does, or nearer
-       points on both sides (left and right in its row, or above and below). The edge of a
-       nearer surface (the next scan line of the road) lies on one side only and hides nothing.
-    """
-    prep = rig if isinstance(rig, PreparedRig) else prepare_rig(rig, config.max_ray_angle_deg)
-    flat_idx = np.flatnonzero(valid)                  # camera-major order
-    pix = uv.reshape(-1, 2)[flat_idx]
-    hidden = _hidden(flat_idx // valid.shape[1], pix[:, 0], pix[:, 1],
-                     depth.reshape(-1)[flat_idx], prep, config)
-    visible = np.zeros(valid.shape, dtype=bool)
-    visible.reshape(-1)[flat_idx[~hidden]] = True
-    return visible
-
-
-def _hidden(cam_idx: np.ndarray, u: np.ndarray, v: np.ndarray, d: np.ndarray,
-            prep: PreparedRig, config: CorrespondenceConfig) -> np.ndarray:
-    """(M,) bool occlusion test of valid pairs sorted by camera (see :func:`occlusion_mask`)."""
-    C = len(prep.names)
-    hidden = np.zeros(d.shape, dtype=bool)
-    if d.size == 0:
-        return hidden
-    cell = np.maximum(1.0, prep.K[:, 0] * math.tan(math.radians(config.occlusion_cell_deg)))
-    grid_w = (np.ceil(prep.size[:, 0] / cell) + 1).astype(np.int64)
-    grid_h = (np.ceil(prep.size[:, 1] / cell) + 1).astype(np.int64)
-    offset = np.concatenate([[0], np.cumsum(grid_w * grid_h)])
-    rx = np.rint(prep.K[:, 0] * math.tan(math.radians(config.occlusion_splat_h_deg)) / cell)
-    ry = np.rint(prep.K[:, 1] * math.tan(math.radians(config.occlusion_splat_v_deg)) / cell)
-    # 1. z-buffers of all cameras in one flat array: minimum depth per (camera, cell).
-    inv_cell = (1.0 / cell).astype(np.float32)[cam_idx]
-    cu = ((u + 0.5) * inv_cell).astype(np.int64)
-    cv_ = ((v + 0.5) * inv_cell).astype(np.int64)
-    local = cv_ * grid_w[cam_idx] + cu
-    zbuf = np.full(int(offset[-1]), np.inf, dtype=np.float32)
-    np.minimum.at(zbuf, offset[cam_idx] + local, d)
-    tol = np.float32(config.occlusion_abs_tolerance) + \
-        np.float32(config.occlusion_rel_tolerance) * d
-    bounds = np.searchsorted(cam_idx, np.arange(C + 1))
-    for c in range(C):
-        lo, hi = bounds[c], bounds[c + 1]
-        if lo == hi:
-            continue
-        image = zbuf[offset[c]:offset[c + 1]].reshape(int(grid_h[c]), int(grid_w[c]))
-        at, dc, tc = local[lo:hi], d[lo:hi], tol[lo:hi]
-        x, y = int(rx[c]), int(ry[c])
-
-        def nearer(buffer: np.ndarray) -> np.ndarray:
-            return dc - buffer.reshape(-1)[at] > tc
-
-        # 2.-3. minimum filters (rows: axis 0, columns: axis 1) and depth tests
-        row_min = _window_min(image, 1, -x, x) if x > 0 else image
-        if config.occlusion_mode == 'splat':
-            hidden[lo:hi] = nearer(_window_min(row_min, 0, -y, y) if y > 0 else row_min)
-            continue
-        out = nearer(image)
-        if x > 0:
-            out |= nearer(_window_min(image, 1, -x, -1)) & nearer(_window_min(image, 1, 1, x))
-        if y > 0:
-            out |= (nearer(_window_min(row_min, 0, -y, -1)) &
-                    nearer(_window_min(row_min, 0, 1, y)))
-        hidden[lo:hi] = out
-    return hidden
-
-
 # ----------------------------------------------------------------------------- the contract
 
 
@@ -506,21 +414,27 @@ def camera_capture_ns(rig: RigCalibration, camera_stamp_ns: np.ndarray) -> np.nd
 def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
                             point_time_ns: np.ndarray | int | None = None,
                             camera_stamp_ns: np.ndarray | None = None,
-                            trajectory=None,
+                            trajectory=None, ring: np.ndarray | None = None,
+                            scan_pattern: ScanPattern | None = None,
                             config: CorrespondenceConfig = CorrespondenceConfig()
                             ) -> Correspondences:
     """Valid, visible (point, camera) pairs of a LiDAR sweep and a camera rig.
 
-    ``xyz`` (N, 3) LiDAR frame (non-finite rows are never valid). With ``trajectory`` (a
-    :class:`cmkd_ros.motion.PoseTrajectory` of ``T_world_lidar``), ``point_time_ns`` ((N,) int64
-    absolute capture times, or one int for the whole sweep) and ``camera_stamp_ns`` ((C,) header
-    stamps; each camera's ``time_offset_ns`` is added) and ``config.motion_compensation``, every
-    point is first moved to the LiDAR frame at its camera's capture time.
+    ``xyz`` (N, 3) LiDAR frame as measured (non-finite rows are never valid). With
+    ``trajectory`` (a :class:`cmkd_ros.motion.PoseTrajectory` of ``T_world_lidar``),
+    ``point_time_ns`` ((N,) int64 absolute capture times, or one int for the whole sweep) and
+    ``camera_stamp_ns`` ((C,) header stamps; each camera's ``time_offset_ns`` is added) and
+    ``config.motion_compensation``, every point is first moved to the LiDAR frame at its
+    camera's capture time. The occlusion test reads the LiDAR's scan pattern from the sweep
+    (``ring`` (N,), the driver's beam index, makes it exact) unless ``scan_pattern`` is given
+    (see :func:`resolve_scan_pattern`); the result carries the pattern it used.
     """
     prep = prepare_rig(rig, config.max_ray_angle_deg)
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ProjectionError(f'xyz must be (N, 3), got {xyz.shape}')
+    if ring is not None and np.asarray(ring).shape != (xyz.shape[0],):
+        raise ProjectionError(f'ring must be ({xyz.shape[0]},), got {np.asarray(ring).shape}')
     pts = xyz.astype(np.float32, copy=False)
     T_extra = None
     if trajectory is not None and config.motion_compensation:
@@ -533,13 +447,52 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
                                                time_resolution_ns=config.time_resolution_ns)
     cam_idx, point, u_sel, v_sel, d_sel = _project_valid(pts, prep, config.min_depth, T_extra)
     N = xyz.shape[0]
-    if config.occlusion:
-        keep = ~_hidden(cam_idx, u_sel, v_sel, d_sel, prep, config)
+    pattern = None
+    if config.occlusion and point.size:
+        pattern = resolve_scan_pattern(xyz, ring, scan_pattern, config)
+        keep = ~_occluded(xyz, pts, T_extra, cam_idx, point, prep, ring, pattern, config)
         cam_idx, point, u_sel, v_sel, d_sel = (cam_idx[keep], point[keep], u_sel[keep],
                                                v_sel[keep], d_sel[keep])
     uv = np.empty((point.size, 2), dtype=np.float32)
     uv[:, 0] = u_sel
     uv[:, 1] = v_sel
     return Correspondences(point=point.astype(np.int64), camera=cam_idx.astype(np.int64),
-                           uv=uv, depth=d_sel,
-                           num_points=int(N), camera_names=prep.names)
+                           uv=uv, depth=d_sel, num_points=int(N), camera_names=prep.names,
+                           scan_pattern=pattern)
+
+
+def resolve_scan_pattern(xyz: np.ndarray, ring: np.ndarray | None = None,
+                         scan_pattern: ScanPattern | None = None,
+                         config: CorrespondenceConfig = CorrespondenceConfig()) -> ScanPattern:
+    """The scan pattern the occlusion test uses: ``scan_pattern`` when given (e.g. inferred
+    once by a node), else read from the sweep ``xyz`` (N, 3) and ``ring`` (N,) (see
+    :func:`cmkd_ros.occlusion.infer_scan_pattern`); the config's expert overrides replace the
+    azimuth step and the beam spacing when set."""
+    step, spacing = config.occlusion_azimuth_step_deg, config.occlusion_beam_spacing_deg
+    try:
+        if scan_pattern is None and not (step > 0 and spacing > 0):
+            scan_pattern = infer_scan_pattern(xyz, ring)
+        return with_overrides(scan_pattern, step, spacing)
+    except ScanPatternError as exc:
+        raise ProjectionError(f'occlusion test: {exc}; set occlusion_azimuth_step_deg and '
+                              'occlusion_beam_spacing_deg, or occlusion=false') from None
+
+
+def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
+              cam_idx: np.ndarray, point: np.ndarray, prep: PreparedRig,
+              ring: np.ndarray | None, pattern: ScanPattern,
+              config: CorrespondenceConfig) -> np.ndarray:
+    """(M,) bool occlusion test of the valid pairs (see :mod:`cmkd_ros.occlusion`)."""
+    # 1. the points where the cameras see them: reference frame -> LiDAR frame at each
+    #    camera's capture time (motion compensation), minus the camera centres.
+    p = pts[point]
+    if T_extra is not None:
+        Tx = np.asarray(T_extra, np.float32)
+        p = np.einsum('mij,mj->mi', Tx[cam_idx, :3, :3], p) + Tx[cam_idx, :3, 3]
+    centre = -np.einsum('cji,cj->ci', prep.R, prep.t).astype(np.float32)    # LiDAR frame
+    direction = p - centre[cam_idx]
+    # 2. optical axes in the LiDAR frame: third row of R (camera from LiDAR rotation).
+    forward = np.arctan2(prep.R[:, 2, 1], prep.R[:, 2, 0])
+    settings = OcclusionSettings(config.occlusion_footprint, config.occlusion_reach,
+                                 config.occlusion_abs_tolerance, config.occlusion_rel_tolerance)
+    return hidden_pairs(cam_idx, point, xyz, direction, forward, pattern, ring, settings)

@@ -162,12 +162,15 @@ class ScanDataset(torch.utils.data.Dataset):
         intensity = (np.zeros(n, dtype=np.float32) if frame.intensity is None
                      else np.asarray(frame.intensity, dtype=np.float32))
         point_time = frame.point_time_ns
+        ring = frame.extras.get('ring')
         # 1. Points with non-finite coordinates cannot be projected or voxelized: drop them.
         finite = np.isfinite(xyz).all(axis=1)
         if not finite.all():
             xyz, labels, intensity = xyz[finite], labels[finite], intensity[finite]
             if point_time is not None:
                 point_time = np.asarray(point_time)[finite]
+            if ring is not None:
+                ring = np.asarray(ring)[finite]
         # 2. Correspondences (motion compensation when the frame has ego poses).
         trajectory = self.trajectory(frame) if self.correspondence.motion_compensation else None
         if point_time is None:
@@ -175,7 +178,7 @@ class ScanDataset(torch.utils.data.Dataset):
         corr = compute_correspondences(
             xyz, frame.rig, point_time_ns=point_time,
             camera_stamp_ns=np.asarray(frame.camera_stamp_ns, dtype=np.int64),
-            trajectory=trajectory, config=self.correspondence)
+            trajectory=trajectory, ring=ring, config=self.correspondence)
         uv = corr.uv.astype(np.float32)
         images = list(frame.images)
         label_images = frame.label_images
@@ -283,7 +286,8 @@ def frame_from_pair(pair, cameras: Sequence[str] | None = None, name: str = '',
                  images=[pair.image(c) for c in names], lidar_stamp_ns=int(pair.lidar_stamp_ns),
                  camera_stamp_ns=stamps, intensity=pair.intensity, labels=labels,
                  label_images=lab_imgs, point_time_ns=pair.point_time_ns,
-                 ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses)
+                 ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses,
+                 extras={} if pair.ring is None else {'ring': pair.ring})
 
 
 class PairDataset(ScanDataset):

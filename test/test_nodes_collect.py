@@ -82,6 +82,10 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
                  '4 pairs', on_fail=lambda: procs[0].output()[-3000:])
         wait_for(lambda: overlays, 5, 'an overlay image')
         time.sleep(1.2)                                  # one more diagnostics period
+        # the LiDAR's scan pattern is read from the first sweep and logged once
+        log = procs[0].output()
+        assert log.count('occlusion test: scan pattern from the ring field: 16 beams') == 1, log
+        assert 'camera-LiDAR baselines front 1.25 m, front_left' in log
     bag = _bag_contents(sim_bag)
     reader = PairReader(str(out_dir))
     assert len(reader) == 4
@@ -112,7 +116,7 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
         corr = compute_correspondences(pair.xyz, pair.calibration,
                                        point_time_ns=pair.point_time_ns,
                                        camera_stamp_ns=pair.camera_stamp_ns,
-                                       trajectory=trajectory)
+                                       trajectory=trajectory, ring=pair.ring)
         assert len(corr) > 100
         # teacher outputs: (K, H/4, W/4) float16 logits of the image as stored
         teacher = load_teacher(str(teacher_path))

@@ -275,12 +275,12 @@ def test_config_and_input_errors():
     assert cfg.min_depth == 0.5 and not cfg.occlusion
     with pytest.raises(ConfigError, match='min_depth'):
         build(CorrespondenceConfig, {'min_depth': -1.0})
-    with pytest.raises(ConfigError, match='occlusion_cell_deg'):
-        build(CorrespondenceConfig, {'occlusion_cell_deg': 0.0})
-    with pytest.raises(ConfigError, match='occlusion_mode'):
-        build(CorrespondenceConfig, {'occlusion_mode': 'raycast'})
-    with pytest.raises(ConfigError, match='unknown'):
-        build(CorrespondenceConfig, {'occlusion_radius': 3})
+    with pytest.raises(ConfigError, match='occlusion_footprint'):
+        build(CorrespondenceConfig, {'occlusion_footprint': 0.0})
+    with pytest.raises(ConfigError, match='occlusion_beam_spacing_deg'):
+        build(CorrespondenceConfig, {'occlusion_beam_spacing_deg': -1.0})
+    with pytest.raises(ConfigError, match='unknown'):          # the per-sensor knob is gone
+        build(CorrespondenceConfig, {'occlusion_splat_v_deg': 1.3})
     rig = RigCalibration((make_cam('a', 'none'),))
     with pytest.raises(ProjectionError, match=r'\(N, 3\)'):
         compute_correspondences(np.zeros((4, 2), np.float32), rig)
@@ -288,6 +288,17 @@ def test_config_and_input_errors():
         compute_correspondences(np.zeros((4, 3), np.float32), RigCalibration(()))
     empty = compute_correspondences(np.zeros((0, 3), np.float32), rig)
     assert len(empty) == 0 and empty.uv.shape == (0, 2) and empty.num_points == 0
+    # a handful of points in view carry no scan pattern: say so, or take the experts' numbers
+    few = np.array([[5.0, 0.1 * i, 0.0] for i in range(5)], np.float32)
+    with pytest.raises(ProjectionError, match='occlusion test.*too few'):
+        compute_correspondences(few, rig)
+    fixed = build(CorrespondenceConfig, {'occlusion_azimuth_step_deg': 0.2,
+                                         'occlusion_beam_spacing_deg': 1.0})
+    fixed_corr = compute_correspondences(few, rig, config=fixed)
+    assert len(fixed_corr) == 5 and fixed_corr.scan_pattern.describe() == (
+        'fixed scan pattern from the configuration: beam spacing 1.00 deg, azimuth step 0.200 deg')
+    with pytest.raises(ProjectionError, match='ring'):
+        compute_correspondences(few, rig, ring=np.zeros(3), config=fixed)
     with pytest.raises(ProjectionError, match='point_time_ns'):
         from cmkd_ros.motion import constant_velocity
         compute_correspondences(np.zeros((4, 3), np.float32), rig,

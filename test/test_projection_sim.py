@@ -37,12 +37,17 @@ def test_occlusion_test_improves_precision(frames):
     assert with_test['recall'] > 0.98
 
 
-def test_splat_mode_also_improves_precision(frames):
-    base = CorrespondenceConfig(occlusion_mode='splat', occlusion_splat_v_deg=0.5)
-    without = visibility_scores(frames, dataclasses.replace(base, occlusion=False))
-    splat = visibility_scores(frames, base)
-    assert splat['precision'] > without['precision'] + 0.005
-    assert splat['recall'] > 0.97
+def test_expert_overrides_replace_the_inferred_scan_pattern(frames):
+    # the default sensor's own numbers (1.33 deg beams, 0.35 deg azimuth) behave like the
+    # inferred pattern; a beam spacing four times too coarse hides visible points
+    base = CorrespondenceConfig()
+    inferred = visibility_scores(frames, base)
+    exact = visibility_scores(frames, dataclasses.replace(
+        base, occlusion_beam_spacing_deg=41.34 / 31, occlusion_azimuth_step_deg=0.35))
+    coarse = visibility_scores(frames, dataclasses.replace(base, occlusion_beam_spacing_deg=5.3))
+    assert abs(exact['recall'] - inferred['recall']) < 0.002
+    assert abs(exact['precision'] - inferred['precision']) < 0.002
+    assert coarse['recall'] < inferred['recall'] - 0.01
 
 
 def test_motion_compensation_reduces_pixel_error(frames):

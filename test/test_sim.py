@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cmkd_ros.config import ConfigError, build
+from cmkd_ros.config import ConfigError, build, to_dict
 from cmkd_ros.pairs import PairReader, PairWriter
 from cmkd_ros.sim import SimConfig, SimWorld
 from cmkd_ros.sim.camera import distort_plumb_bob, undistort_plumb_bob
@@ -223,12 +223,37 @@ def test_frame_to_pair_round_trips_through_the_pair_dataset(tmp_path, frame):
     ({'ego': {'pose_step_ms': 10.0}}, 'ego.pose_step_ms'),
     ({'seed': -3}, 'seed'),
     ({'lidar': {'beems': 32}}, 'lidar.beems'),
+    ({'lidar': {'preset': 'hdl-99'}}, 'lidar.preset'),
+    ({'lidar': {'preset': 'hdl64e', 'beams': 32}}, 'lidar.elevation_angles_deg'),
 ])
 def test_invalid_config_names_the_field(mapping, field):
     with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
         build(SimConfig, mapping)
     with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
         SimWorld(mapping)
+
+
+@pytest.mark.parametrize('name,beams,fov,finest,coarsest,step', [
+    ('default', 32, (-30.67, 10.67), 1.333, 1.334, 0.35),
+    ('hdl32e', 32, (-30.67, 10.67), 1.333, 1.334, 0.16),
+    ('vlp32c', 32, (-25.0, 15.0), 0.333, 9.361, 0.2),
+    ('hdl64e', 64, (-24.333, 2.0), 0.333, 0.5, 0.17),
+    ('pandar64', 64, (-24.897, 14.882), 0.166, 6.008, 0.2),
+    ('os1-128', 128, (-22.5, 22.5), 0.354, 0.355, 0.3516),
+])
+def test_lidar_presets_follow_their_spec_sheets(name, beams, fov, finest, coarsest, step):
+    from cmkd_ros.sim.lidar import LidarModel
+    cfg = build(SimConfig, {'lidar': {'preset': name}}).lidar
+    elev = np.sort(np.degrees(LidarModel(cfg).elevation))
+    gaps = np.diff(elev)
+    assert cfg.preset == name and len(elev) == beams
+    np.testing.assert_allclose([elev[0], elev[-1]], fov, atol=1e-3)
+    assert abs(gaps.min() - finest) < 2e-3 and abs(gaps.max() - coarsest) < 2e-3
+    assert abs(cfg.horizontal_resolution_deg - step) < 1e-3
+    # a setting given next to the preset wins; the preset survives a round trip
+    assert build(SimConfig, {'lidar': {'preset': name, 'max_range_m': 50.0}}).lidar \
+        .max_range_m == 50.0
+    assert build(SimConfig, to_dict(build(SimConfig, {'lidar': {'preset': name}}))).lidar == cfg
 
 
 def test_every_setting_has_help_text():

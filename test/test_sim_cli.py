@@ -65,3 +65,21 @@ def test_cmkd_sim_stride_spreads_frames_over_the_drive(tmp_path):
     res = _cmkd('--frames', '2', '--stride', '5', '--out', str(tmp_path / 'b'), '--format',
                 'mcap')
     assert res.returncode == 2 and '--stride' in res.stderr
+
+
+def test_cmkd_sim_lidar_preset_sets_the_beam_table(tmp_path):
+    # Pandar64: 64 rings, 0.167 deg apart from -6 to +2 deg, coarser above and below
+    res = _cmkd('--frames', '1', '--out', str(tmp_path / 'p'), '--format', 'frames',
+                '--cameras', '1', '--lidar', 'pandar64', '--set', 'cameras.width=96',
+                '--set', 'cameras.height=64', '--set', 'lidar.horizontal_resolution_deg=2.0')
+    assert res.returncode == 0, res.stderr
+    pair = PairReader(str(tmp_path / 'p'))[0]
+    xyz, ring = pair.xyz, pair.ring.astype(int)
+    assert ring.max() == 63 and len(np.unique(ring)) > 40
+    elev = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
+    table = np.array([np.median(elev[ring == r]) for r in np.unique(ring)])
+    gaps = np.abs(np.diff(np.sort(table)))
+    assert 0.15 < gaps.min() < 0.18 and gaps.max() > 3.0
+    assert table.max() < 15.5 and table.min() > -25.5
+    res = _cmkd('--frames', '1', '--out', str(tmp_path / 'x'), '--lidar', 'hdl-99')
+    assert res.returncode == 2 and 'hdl-99' in res.stderr

@@ -39,7 +39,8 @@ from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimi
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, qos_overrides,
                                    run_node, sensor_qos)
 from cmkd_ros.pairs import Pair, PairWriter
-from cmkd_ros.projection import compute_correspondences
+from cmkd_ros.occlusion import camera_baselines
+from cmkd_ros.projection import ProjectionError, compute_correspondences, resolve_scan_pattern
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
@@ -102,6 +103,7 @@ class CollectNode(Node):
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'collection', config.diagnostics_period_s)
         self.odometry: collections.deque = collections.deque()
+        self.scan_pattern = None              # read from the first sweep (occlusion test)
         self._last_lidar_ns: int | None = None
         self._last_overlay = 0.0
         self.pairs_written = 0
@@ -348,9 +350,13 @@ class CollectNode(Node):
         cam_stamps = np.array([samples[n].stamp_ns for n in names], dtype=np.int64)
         times = point_times_ns(points, stamp, config.point_time_field)
         trajectory = self._trajectory(odometry)
+        ring = points['ring'] if 'ring' in points.dtype.names else None
+        if self.scan_pattern is None and config.correspondence.occlusion:
+            self._infer_scan_pattern(xyz, ring, config)
         corr = compute_correspondences(
             xyz, rig, point_time_ns=times if times is not None else stamp,
-            camera_stamp_ns=cam_stamps, trajectory=trajectory, config=config.correspondence)
+            camera_stamp_ns=cam_stamps, trajectory=trajectory, ring=ring,
+            scan_pattern=self.scan_pattern, config=config.correspondence)
         self.diag.set('last_correspondences', len(corr))
         self._publish_overlay(config, names, samples, corr)
         if config.record.enabled and self.writer is not None and not self.quota_reached:
@@ -360,6 +366,19 @@ class CollectNode(Node):
                 self._write(config, stamp, points, xyz, times, names, samples, cam_stamps, rig,
                             corr, trajectory)
         self.diag.set('last_processing_ms', round((time.monotonic() - start) * 1e3, 1))
+
+    def _infer_scan_pattern(self, xyz, ring, config: CollectNodeConfig) -> None:
+        """Read the LiDAR scan pattern from the first usable sweep; log it once."""
+        try:
+            self.scan_pattern = resolve_scan_pattern(xyz, ring, None, config.correspondence)
+        except ProjectionError as exc:
+            self.diag.warn('scan_pattern', f'{exc} (tried again on the next sweep)')
+            return
+        baselines = ', '.join(f'{n} {d:.2f} m' for n, d in
+                              camera_baselines(RigCalibration(
+                                  tuple(self.file_calibration.values()))).items())
+        self.get_logger().info(f'occlusion test: {self.scan_pattern.describe()}; camera-LiDAR '
+                               f'baselines {baselines}')
 
     def _trajectory(self, odometry: list):
         if not odometry:

@@ -448,9 +448,11 @@ def nuscenes_like_rig(count: int, width: int, height: int, hfov_deg: float,
                       yaw_deg: tuple = (), distortion=(0, 0, 0, 0, 0), k1_jitter: float = 0.0,
                       mount_forward: float = 1.2, mount_side: float = 0.6,
                       mount_below: float = 0.35, pitch_deg: float = 2.0,
-                      rng: np.random.Generator | None = None) -> list[CameraCalibration]:
-    """Cameras around the car on an ellipse, looking outwards (nuScenes layout for six); each
-    camera's ``frame_id`` is its REP 103 optical frame ``<name>_camera_optical_frame``."""
+                      rng: np.random.Generator | None = None,
+                      mount_right: float = 0.0) -> list[CameraCalibration]:
+    """Cameras around the car on an ellipse, looking outwards (nuScenes layout for six), each
+    moved ``mount_right`` metres to its own right; each camera's ``frame_id`` is its REP 103
+    optical frame ``<name>_camera_optical_frame``."""
     rng = rng or np.random.default_rng(0)
     layout = [('front', 0.0), ('front_left', 55.0), ('front_right', -55.0),
               ('back_left', 110.0), ('back_right', -110.0), ('back', 180.0)]
@@ -472,8 +474,9 @@ def nuscenes_like_rig(count: int, width: int, height: int, hfov_deg: float,
         y_axis = np.cross(z_axis, x_axis)
         T_lidar_cam = np.eye(4)
         T_lidar_cam[:3, :3] = np.stack([x_axis, y_axis, z_axis], 1)
-        T_lidar_cam[:3, 3] = (mount_forward * math.cos(psi), mount_side * math.sin(psi),
-                              -mount_below)
+        T_lidar_cam[:3, 3] = np.array([mount_forward * math.cos(psi),
+                                       mount_side * math.sin(psi), -mount_below]) \
+            + mount_right * x_axis
         K = np.array([[f * rng.uniform(0.99, 1.01), 0, (width - 1) / 2 + rng.uniform(-3, 3)],
                       [0, 0, (height - 1) / 2 + rng.uniform(-3, 3)], [0, 0, 1]])
         K[1, 1] = K[0, 0] * rng.uniform(0.995, 1.005)

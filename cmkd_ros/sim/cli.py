@@ -1,13 +1,16 @@
 """``cmkd sim``: render a synthetic drive to a rosbag2 (MCAP / sqlite3) or a pair dataset.
 
-Settings: SimConfig defaults, then ``--config`` YAML, then ``--seed`` / ``--cameras``, then
-``--set key=value`` overrides (e.g. ``--set lidar.beams=64``).
+Settings: SimConfig defaults, then ``--config`` YAML, then ``--seed`` / ``--cameras`` /
+``--lidar`` (a preset: ``cmkd_ros.sim.config.LIDAR_PRESETS``), then ``--set key=value``
+overrides (e.g. ``--set lidar.horizontal_resolution_deg=0.4``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from cmkd_ros.sim.config import LIDAR_PRESETS
 
 FORMATS = ('mcap', 'sqlite3', 'frames')
 
@@ -20,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed', type=int, default=None, help='world seed (overrides config)')
     parser.add_argument('--cameras', type=int, default=None,
                         help='number of cameras (overrides config)')
+    parser.add_argument('--lidar', default=None, choices=sorted(LIDAR_PRESETS),
+                        help='LiDAR preset from public spec sheets (beam table, azimuth step, '
+                             'range; overrides config)')
     parser.add_argument('--config', default=None, help='SimConfig YAML file')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='KEY=VALUE', help='override a setting, e.g. lidar.beams=64')
@@ -42,6 +48,9 @@ def build_config(args: argparse.Namespace):
         data = merge(data, {'seed': args.seed})
     if args.cameras is not None:
         data = merge(data, {'cameras': {'count': args.cameras}})
+    if args.lidar is not None:
+        # the preset fills in the LiDAR settings that the config file and --set leave out
+        data = merge(data, {'lidar': {'preset': args.lidar}})
     data = merge(data, parse_overrides(args.overrides))
     return build(SimConfig, data)
 

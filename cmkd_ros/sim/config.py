@@ -6,14 +6,54 @@ every field carries a help text and bounds, and bad values raise ``ConfigError``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from cmkd_ros.config import ConfigError, setting
+
+
+def _steps(start: float, step: float, count: int) -> tuple[float, ...]:
+    return tuple(round(start + step * i, 3) for i in range(count))
+
+
+# Sensor presets from the manufacturers' public spec sheets (10 Hz modes). Ring order follows
+# the usual ROS drivers: Velodyne rings count up from the lowest beam, Ouster and Hesai channels
+# down from the highest. 'default' is the project's original sensor (HDL-32E geometry, 0.35 deg).
+LIDAR_PRESETS: dict[str, dict] = {
+    'default': {},
+    # Velodyne HDL-32E: 32 beams evenly over +10.67..-30.67 deg (1.33 deg), 0.16 deg at 10 Hz
+    'hdl32e': {'beams': 32, 'elevation_min_deg': -30.67, 'elevation_max_deg': 10.67,
+               'horizontal_resolution_deg': 0.16, 'max_range_m': 100.0},
+    # Velodyne VLP-32C (Ultra Puck): 32 beams over +15..-25 deg, 0.33 deg apart near the
+    # horizon and up to 9.4 deg at the bottom; 0.2 deg at 10 Hz
+    'vlp32c': {'beams': 32, 'elevation_angles_deg': (
+        -25.0, -15.639, -11.31, -8.843, -7.254, -6.148, -5.333, -4.667, -4.0, -3.667, -3.333,
+        -3.0, -2.667, -2.333, -2.0, -1.667, -1.333, -1.0, -0.667, -0.333, 0.0, 0.333, 0.667,
+        1.0, 1.333, 1.667, 2.333, 3.333, 4.667, 7.0, 10.333, 15.0),
+        'horizontal_resolution_deg': 0.2, 'max_range_m': 200.0},
+    # Velodyne HDL-64E: upper block 32 beams +2..-8.33 deg (1/3 deg), lower block 32 beams
+    # -8.83..-24.33 deg (1/2 deg); 0.17 deg at 10 Hz
+    'hdl64e': {'beams': 64, 'elevation_angles_deg': _steps(-24.333, 0.5, 32)
+               + _steps(-8.333, 1 / 3, 32), 'horizontal_resolution_deg': 0.17,
+               'max_range_m': 120.0},
+    # Hesai Pandar64: 64 channels over +15..-25 deg, 0.167 deg from +2 to -6 deg, 1 to 6 deg
+    # apart above and below; 0.2 deg at 10 Hz
+    'pandar64': {'beams': 64, 'elevation_angles_deg': (14.882, 11.032, 8.059, 5.057, 3.04)
+                 + _steps(2.0, -1 / 6, 49) + (-7.063, -8.059, -9.06, -10.06, -11.032, -12.006,
+                                               -12.974, -13.93, -18.889, -24.897),
+                 'horizontal_resolution_deg': 0.2, 'max_range_m': 200.0},
+    # Ouster OS1-128: 128 beams evenly over +22.5..-22.5 deg (0.35 deg), 1024 columns at 10 Hz
+    'os1-128': {'beams': 128, 'elevation_angles_deg': _steps(22.5, -45.0 / 127, 128),
+                'horizontal_resolution_deg': 360.0 / 1024, 'max_range_m': 120.0},
+}
 
 
 @dataclass(frozen=True)
 class LidarConfig:
     """Spinning multi-beam LiDAR (the LiDAR frame is the ego frame)."""
 
+    preset: str = setting('default', 'sensor whose beam table, azimuth step and range fill in '
+                          'the settings not given (LIDAR_PRESETS)',
+                          choices=tuple(LIDAR_PRESETS))
     beams: int = setting(32, 'number of laser beams (rings), evenly spread in elevation unless '
                          'elevation_angles_deg is given', ge=1, le=256)
     elevation_min_deg: float = setting(-30.67, 'lowest beam elevation, degrees', ge=-89.0,
@@ -38,6 +78,14 @@ class LidarConfig:
                                          ge=0.0, lt=1.0)
     intensity_noise_std: float = setting(0.03, 'Gaussian intensity noise (intensity is 0..1)',
                                          ge=0.0, le=1.0)
+
+    @classmethod
+    def expand_settings(cls, data: Mapping) -> dict:
+        """The preset's values under the keys ``data`` does not set."""
+        name = data.get('preset', 'default')
+        if name not in LIDAR_PRESETS:
+            raise ConfigError(f'preset: {name!r} is not one of {list(LIDAR_PRESETS)}')
+        return {**LIDAR_PRESETS[name], **data}
 
     def validate(self) -> None:
         if self.elevation_max_deg <= self.elevation_min_deg and not self.elevation_angles_deg:
@@ -76,6 +124,9 @@ class CamerasConfig:
                                   le=3.0)
     mount_below_lidar_m: float = setting(0.35, 'how far below the LiDAR the cameras sit',
                                          ge=-2.0, le=2.0)
+    mount_right_m: float = setting(0.0, 'sideways offset of every camera to its own right '
+                                   '(across its view, so that the LiDAR-camera baseline has a '
+                                   'parallax part)', ge=-2.0, le=2.0)
     pitch_deg: float = setting(2.0, 'downward pitch of every camera, degrees', ge=-30.0,
                                le=30.0)
     stamp_jitter_ms: float = setting(3.0, 'random change of each camera stamp (uniform +-), '

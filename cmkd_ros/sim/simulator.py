@@ -165,7 +165,8 @@ class SimWorld:
         rig = nuscenes_like_rig(
             cams.count, cams.width, cams.height, cams.horizontal_fov_deg, cams.yaw_deg,
             cams.distortion, cams.distortion_jitter, cams.mount_forward_m, cams.mount_side_m,
-            cams.mount_below_lidar_m, cams.pitch_deg, rng=np.random.default_rng([config.seed, 5]))
+            cams.mount_below_lidar_m, cams.pitch_deg, rng=np.random.default_rng([config.seed, 5]),
+            mount_right=cams.mount_right_m)
         self.calibration = RigCalibration(tuple(rig), lidar_frame='lidar')
         try:
             self.cameras = [CameraModel(c) for c in rig]

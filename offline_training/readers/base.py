@@ -21,7 +21,8 @@ class Frame:
     the order of ``rig.cameras``; ``label_images`` C (H, W) uint8 or None; ``lidar_stamp_ns`` and
     ``camera_stamp_ns`` (C,) int64 header stamps; ``point_time_ns`` (N,) int64 absolute capture
     times or None; ``ego_stamps_ns`` (P,) and ``ego_poses`` (P, 4, 4) ``T_world_lidar`` for motion
-    compensation, or None.
+    compensation, or None; ``extras`` further per-point arrays of the source, e.g. ``ring`` (N,)
+    (the beam index, which the occlusion test uses).
     """
 
     name: str
