@@ -41,7 +41,7 @@ def save_bev_comparison(path: str, xyz: np.ndarray, truth: np.ndarray, predicted
         rgb[~seen] = 0.55 * rgb[~seen] + 0.45     # pale: no camera sees them
         order = np.argsort(seen, kind='stable')   # seen points on top
         # plot -y on the horizontal axis so that left is left as seen from above
-        ax.scatter(-y[order], x[order], c=rgb[order], s=1.5, linewidths=0)
+        ax.scatter(-y[order], x[order], c=rgb[order], s=3, linewidths=0)
         ax.set_title(name)
         ax.set_aspect('equal')
         ax.set_xlim(-extent_m, extent_m)
