@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
+from cmkd_ros.models.checkpoint import atomic_torch_save
 from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
                                      sample_image_features, semantic_kl_loss,
@@ -348,16 +349,6 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
         if match:
             found.append((int(match.group(1)), os.path.join(folder, name)))
     return sorted(found)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
