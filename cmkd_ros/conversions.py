@@ -44,6 +44,10 @@ class UnsupportedEncodingError(ConversionError):
     """An image encoding or compressed format this module does not handle."""
 
 
+class MissingFieldsError(ConversionError):
+    """A point cloud lacks a field it needs (x, y or z)."""
+
+
 # ----------------------------------------------------------------------------- message types
 
 
@@ -309,21 +313,41 @@ def array_to_cloud(arr: np.ndarray, stamp_ns: int, frame_id: str,
                          data=_bytes_field(t, le.tobytes()), is_dense=bool(dense))
 
 
+def check_xyz_fields(dtype: np.dtype) -> str | None:
+    """Check the x, y, z fields of a decoded cloud's dtype.
+
+    Raises :class:`MissingFieldsError` when one is missing and :class:`ConversionError` when one
+    has a count other than 1; returns a warning when they are not floating point (their values
+    are then used as metres as they are), else None.
+    """
+    names = dtype.names or ()
+    missing = [c for c in 'xyz' if c not in names]
+    if missing:
+        raise MissingFieldsError(f'no field(s) {missing}; fields are {list(names)}')
+    subs = [dtype.fields[c][0] for c in 'xyz']
+    for c, sub in zip('xyz', subs):
+        if sub.shape:
+            raise ConversionError(f'field {c!r} has count {int(np.prod(sub.shape))}: x, y and z '
+                                  'must each have count 1')
+    if any(sub.kind != 'f' for sub in subs):
+        types = ', '.join(f'{c} {sub.base.name}' for c, sub in zip('xyz', subs))
+        return (f'coordinates are not floating point ({types}): values used as metres, '
+                'without fractions')
+    return None
+
+
 def xyz_from_cloud(arr: np.ndarray, drop_invalid: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(N, 3) float32`` x, y, z of a structured array and the ``(N,) int64`` rows kept.
 
-    With ``drop_invalid`` rows with a non-finite coordinate are dropped.
+    Float64 values beyond the float32 range become inf (non-finite). With ``drop_invalid`` rows
+    with a non-finite coordinate are dropped. Raises as :func:`check_xyz_fields`.
     """
-    names = arr.dtype.names or ()
-    missing = [c for c in 'xyz' if c not in names]
-    if missing:
-        raise ConversionError(f'point cloud has no field(s) {missing}; fields are {list(names)}')
+    check_xyz_fields(arr.dtype)
     flat = arr.reshape(-1)
     xyz = np.empty((flat.shape[0], 3), dtype=np.float32)
-    for i, c in enumerate('xyz'):
-        if flat.dtype.fields[c][0].shape:
-            raise ConversionError(f'field {c!r} must have count 1')
-        xyz[:, i] = flat[c]
+    with np.errstate(over='ignore'):
+        for i, c in enumerate('xyz'):
+            xyz[:, i] = flat[c]
     if not drop_invalid:
         return xyz, np.arange(xyz.shape[0], dtype=np.int64)
     keep = np.flatnonzero(np.isfinite(xyz).all(axis=1)).astype(np.int64)

@@ -216,7 +216,7 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     domain = unique_domain_id()
     params = {'calibration_file': str(sim_bag / 'calibration.yaml'), 'cameras': ['front'],
               'image_transport': 'raw', 'image_topic': '/cameras/{camera}/image_raw',
-              'lidar_sync_offset_ms': 0.0, 'point_time_field': '',
+              'lidar_sync_offset_ms': 0.0, 'point_time_field': '', 'max_points': 2000,
               'record.enabled': True, 'record.output_dir': str(out_dir)}
     with RosClient(domain) as client, processes() as procs:
         diags = client.collect(DiagnosticArray, '/diagnostics')
@@ -279,11 +279,29 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
         base += 1_000_000_000
         send(base, points=cloud(xyz[:0], base))
         n = good_set_after(base, n)
+        # i. more points than max_points: dropped unread, before the synchronizer
+        base += 1_000_000_000
+        send(base, points=np.concatenate([xyz, xyz[:1]]))
+        n = good_set_after(base, n)
+        # j. x with count 3 (skipped); k. uint8 coordinates (a pair, with a warning)
+        base += 1_000_000_000
+        wide = cloud(xyz, base)
+        wide.fields[0].count = 3
+        send(base, points=wide)
+        n = good_set_after(base, n)
+        base += 1_000_000_000
+        uint8 = np.zeros(len(xyz), dtype=[(c, 'u1') for c in 'xyz'])
+        for i, c in enumerate('xyz'):
+            uint8[c] = np.clip(xyz[:, i] + 4, 0, 255)
+        send(base, points=array_to_cloud(uint8, base, 'lidar', t))
+        wait_for(lambda: pairs() > n, 15, 'the pair with uint8 coordinates')
+        n = pairs()
         # h. stamps jump backwards (a bag loop): reset, and later sets pair again
         base -= 100_000_000_000
         n = good_set_after(base, n)
         keys = ('bad_camera_info', 'bad_encoding', 'image_size_mismatch', 'missing_xyz',
-                'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
+                'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards', 'too_many_points',
+                'integer_xyz')
 
         def diag_values():
             return {kv.key: kv.value for _, msg in diags for s in msg.status
@@ -292,9 +310,11 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
                  on_fail=lambda: str(diag_values()))
         assert procs[0].returncode is None
     values = diag_values()
-    assert all(values[k] == '1' for k in keys), values
+    assert all(values[k] == ('2' if k == 'bad_layout' else '1') for k in keys), values
     reader = PairReader(str(out_dir))
-    assert len(reader) == 10       # 8 good sets, the set with a bad CameraInfo, the NaN one
+    # 10 good sets, the sets with a bad CameraInfo, with NaNs and with uint8 coordinates
+    assert len(reader) == 13
+    assert sorted(p.xyz.shape[0] for p in reader)[-1] == 2000       # none above max_points
     nan_pair = [p for p in reader if p.xyz.shape[0] == 1900]
     assert len(nan_pair) == 1 and np.isfinite(nan_pair[0].xyz).all()
     first = reader[0]                                   # raw images are stored as lossless PNG
@@ -302,7 +322,9 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     np.testing.assert_array_equal(first.image('front'), rgb)
     log = procs[0].output()
     for text in ("'yuv422_yuy2' is not supported", 'image is 160x90 but the calibration says '
-                 '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive'):
+                 '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive',
+                 'cloud of 2001 points (2001 x 1) skipped unread: more than max_points (2000)',
+                 'coordinates are not floating point (x uint8, y uint8, z uint8)'):
         assert text in log, text
 
 

@@ -26,22 +26,21 @@ from cmkd_ros.calibration import (CalibrationError, CameraCalibration, RigCalibr
                                   calibration_from_camera_info)
 from cmkd_ros.config import ConfigError, to_dict
 from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
-                                  UnsupportedEncodingError, array_to_image, cloud_to_array,
-                                  compressed_format, image_to_array, rclpy_types,
-                                  xyz_from_cloud)
+                                  UnsupportedEncodingError, array_to_image, compressed_format,
+                                  image_to_array, rclpy_types, xyz_from_cloud)
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
                                        point_times_ns, teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, run_node,
-                                   sensor_qos)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, decode_cloud,
+                                   oversized_cloud, qos_overrides, run_node, sensor_qos)
 from cmkd_ros.pairs import Pair, PairWriter
 from cmkd_ros.projection import compute_correspondences
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
 RUNTIME_PARAMETERS = ('record.enabled', 'record.min_interval_s', 'record.min_correspondences',
-                      'overlay.enabled', 'overlay.max_rate_hz')
+                      'overlay.enabled', 'overlay.max_rate_hz', 'max_points')
 
 
 def encoded_size(data: bytes) -> tuple[int, int] | None:
@@ -206,6 +205,10 @@ class CollectNode(Node):
         return sample
 
     def _on_cloud(self, msg: PointCloud2) -> None:
+        too_many = oversized_cloud(msg, self.params.config.max_points)
+        if too_many is not None:                 # never buffered by the synchronizer
+            self.diag.warn('too_many_points', too_many)
+            return
         stamp = msg_stamp_ns(msg)
         if self._last_lidar_ns is not None and stamp < self._last_lidar_ns:
             self.diag.warn('stamp_backwards', f'LiDAR stamp jumped back by '
@@ -264,15 +267,8 @@ class CollectNode(Node):
         samples: dict[str, CameraSample] = {
             k: v for k, v in item.messages.items() if k != LIDAR_KEY}
         stamp = msg_stamp_ns(lidar_msg)
-        try:
-            points = cloud_to_array(lidar_msg)
-        except ConversionError as exc:
-            self.diag.warn('bad_layout', f'set skipped: {exc}')
-            return
-        missing = [c for c in 'xyz' if c not in (points.dtype.names or ())]
-        if missing:
-            self.diag.warn('missing_xyz', f'set skipped: cloud has no field(s) {missing}; '
-                           f'fields are {list(points.dtype.names or ())}')
+        points = decode_cloud(lidar_msg, self.diag, 'set skipped')
+        if points is None:
             return
         if points.shape[0] == 0:
             self.diag.warn('empty_cloud', 'empty LiDAR cloud: set skipped')

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.nodes.labeling import MAX_POINTS
 from cmkd_ros.projection import CorrespondenceConfig
 from cmkd_ros.sync import SyncConfig
 
@@ -81,6 +82,10 @@ class CollectNodeConfig:
         ge=-1000.0, le=1000.0)
     point_time_field: str = setting('time', 'per-point time field: float seconds since the '
                                     'header stamp; empty: all points at the header stamp')
+    max_points: int = setting(MAX_POINTS, 'clouds with more points are skipped unread '
+                              '(warning too_many_points): bounds the time and memory one '
+                              'message can cost; the default admits a 128-beam LiDAR '
+                              '(about 262,000 points) (0: no limit)', ge=0)
     processing_queue: int = setting(4, 'synchronized sets waiting for the worker; more are '
                                     'dropped (counted)', ge=1, le=100)
     diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)

@@ -24,6 +24,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 
 from cmkd_ros import config as cfg
+from cmkd_ros.conversions import (ConversionError, MissingFieldsError, check_xyz_fields,
+                                  cloud_to_array)
 from cmkd_ros.launch_support import PROFILE_VARIABLES, profile_variables
 
 
@@ -303,6 +305,36 @@ class Diagnostics:
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self._pub.publish(msg)
+
+
+# ----------------------------------------------------------------------------- LiDAR input
+
+def oversized_cloud(msg: Any, max_points: int) -> str | None:
+    """Why a PointCloud2 with more than ``max_points`` points (0: no limit) is skipped, or
+    None. Reads only width and height: the check costs the same for any cloud size."""
+    count = int(msg.width) * int(msg.height)
+    if not max_points or count <= max_points:
+        return None
+    return (f'cloud of {count} points ({int(msg.width)} x {int(msg.height)}) skipped unread: '
+            f'more than max_points ({max_points})')
+
+
+def decode_cloud(msg: Any, diag: Diagnostics, skipped: str) -> Any:
+    """The decoded points of a LiDAR cloud, or None after a throttled warning ``bad_layout``
+    or ``missing_xyz`` (``skipped`` starts its text); warns ``integer_xyz`` when x, y, z are
+    not floating point (the cloud is still used)."""
+    try:
+        points = cloud_to_array(msg)
+        note = check_xyz_fields(points.dtype)
+    except MissingFieldsError as exc:
+        diag.warn('missing_xyz', f'{skipped}: {exc}')
+        return None
+    except ConversionError as exc:
+        diag.warn('bad_layout', f'{skipped}: {exc}')
+        return None
+    if note is not None:
+        diag.warn('integer_xyz', note)
+    return points
 
 
 # ----------------------------------------------------------------------------- latest slot
