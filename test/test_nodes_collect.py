@@ -186,6 +186,50 @@ def test_collect_node_quota_and_rate_limit(tmp_path, sim_bag, setting, value, ex
         assert 'quota' in procs[0].output()
 
 
+def test_collect_node_pauses_recording_while_writes_fail_and_resumes(tmp_path, sim_bag):
+    import resource
+
+    from diagnostic_msgs.msg import DiagnosticArray
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        procs.append(RosProcess(node_command(COLLECT, _params(sim_bag, out_dir),
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: client.node.count_publishers('/collect_node/output/overlay') > 0, 30,
+                 'collect node', on_fail=procs[0].output)
+        # The file system refuses pair files part-way, as a full disk does (here the node's
+        # file size limit: 50 kB for pairs of about 220 kB; Python ignores SIGXFSZ).
+        pid = procs[0].proc.pid
+        hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (50_000, hard))
+
+        def statuses():
+            return [s for _, msg in diags for s in msg.status if 'collect_node' in s.name]
+        replay = _replay(sim_bag, domain, tmp_path / 'replay1.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        wait_for(lambda: any(s.level == b'\x02' and 'File too large' in s.message
+                             for s in statuses()), 15, 'an ERROR status naming the cause',
+                 on_fail=lambda: procs[0].output()[-2000:])
+        assert os.listdir(out_dir / 'pairs') == []       # no partial or temporary files
+        assert len(PairReader(str(out_dir))) == 0 and procs[0].returncode is None
+        # Space is back: the next sets are written, the status returns to OK.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        replay = _replay(sim_bag, domain, tmp_path / 'replay2.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        wait_for(lambda: len(PairReader(str(out_dir))) == 4, 20, '4 pairs after space is back',
+                 on_fail=lambda: procs[0].output()[-2000:])
+        errors = len(statuses())
+        wait_for(lambda: len(statuses()) > errors and statuses()[-1].level == b'\x00', 15,
+                 'an OK status')
+    log = procs[0].output()
+    assert 'recording paused: cannot write' in log and 'recording resumed in' in log
+    assert sorted(os.listdir(out_dir / 'pairs')) == [f'{i:09d}.npz' for i in range(4)]
+
+
 def _set_publishers(client):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     return (client.node.create_publisher(PointCloud2, '/lidar/points', 10),

@@ -34,7 +34,7 @@ from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimi
                                        point_times_ns, teacher_outputs)
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, decode_cloud,
                                    oversized_cloud, qos_overrides, run_node, sensor_qos)
-from cmkd_ros.pairs import Pair, PairWriter
+from cmkd_ros.pairs import Pair, PairWriteError, PairWriter
 from cmkd_ros.projection import compute_correspondences
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
@@ -125,6 +125,7 @@ class CollectNode(Node):
         quota = int(config.record.max_megabytes * 1e6) or None
         self.writer = PairWriter(config.record.output_dir, max_bytes=quota,
                                  fsync=config.record.fsync,
+                                 min_free_bytes=int(config.record.min_free_megabytes * 1e6),
                                  metadata={'source': 'cmkd_ros collect_node',
                                            'cameras': list(config.cameras),
                                            'collect_config': to_dict(config)})
@@ -328,7 +329,14 @@ class CollectNode(Node):
             correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
                              'depth': corr.depth} if config.record.store_correspondences
             else None)
-        path = self.writer.write(pair)
+        try:
+            path = self.writer.write(pair)
+        except PairWriteError as exc:       # disk full: nothing left behind; retried next set
+            self.diag.fail('write_failed', f'recording paused: {exc}')
+            return
+        if self.diag.recover('write_failed'):
+            self.get_logger().info(f'recording resumed in {config.record.output_dir} after '
+                                   f'{self.diag.counters["write_failed"]} failed write(s)')
         if path is None:
             self.quota_reached = True
             self.diag.warn('quota_reached', f'disk quota of {config.record.max_megabytes} MB '

@@ -26,6 +26,10 @@ class RecordSettings:
     output_dir: str = setting('', 'pair dataset folder (created; appended to if it exists)')
     max_megabytes: float = setting(0.0, 'disk quota of the pair files in MB (0: none); '
                                    'recording stops when reached', ge=0.0)
+    min_free_megabytes: float = setting(100.0, 'free disk space (MB) recording leaves: below '
+                                        'it, or when a write fails, recording pauses (ERROR '
+                                        'diagnostic write_failed) and resumes once a pair can be '
+                                        'written again', ge=0.0)
     min_interval_s: float = setting(0.0, 'rate limit: at most one pair per this many seconds '
                                     'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
     min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)

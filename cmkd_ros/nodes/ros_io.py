@@ -226,8 +226,10 @@ class Diagnostics:
     """Counters, throttled warnings and a periodic ``/diagnostics`` status for one node.
 
     ``warn(key, text)`` logs at most once per ``throttle_s`` per key and turns the status to
-    WARN for ``warn_hold_s``; ``count(key)`` increments a counter; ``set(key, value)`` sets a
-    value shown in the status. Without diagnostic_msgs the status is logged instead.
+    WARN for ``warn_hold_s``; ``fail(key, text)`` does the same at ERROR level and keeps the
+    status ERROR until ``recover(key)``; ``count(key)`` increments a counter; ``set(key,
+    value)`` sets a value shown in the status. Without diagnostic_msgs the status is logged
+    instead.
     """
 
     OK, WARN, ERROR = 0, 1, 2
@@ -242,6 +244,7 @@ class Diagnostics:
         self.values: dict[str, Any] = {}
         self._last_log: dict[str, float] = {}
         self._last_warn: tuple[float, str] | None = None
+        self.faults: dict[str, str] = {}
         self._last_text, self._last_text_time = '', -float('inf')
         self._lock = threading.Lock()
         try:
@@ -266,6 +269,21 @@ class Diagnostics:
 
     def warn(self, key: str, text: str) -> None:
         """Count ``key``, log ``text`` (throttled per key) and raise the status to WARN."""
+        self._report(key, text, self.node.get_logger().warn)
+
+    def fail(self, key: str, text: str) -> None:
+        """Count ``key``, log ``text`` as an error (throttled per key) and hold the status at
+        ERROR with ``text`` until :meth:`recover`."""
+        with self._lock:
+            self.faults[key] = text
+        self._report(key, text, self.node.get_logger().error)
+
+    def recover(self, key: str) -> bool:
+        """End the fault ``key``; True when it was active."""
+        with self._lock:
+            return self.faults.pop(key, None) is not None
+
+    def _report(self, key: str, text: str, log_fn: Callable[[str], Any]) -> None:
         now = time.monotonic()
         with self._lock:
             self.counters[key] = self.counters.get(key, 0) + 1
@@ -275,7 +293,7 @@ class Diagnostics:
             if log:
                 self._last_log[key] = now
         if log:
-            self.node.get_logger().warn(f'{text} [{key}, {self.counters[key]} so far]')
+            log_fn(f'{text} [{key}, {self.counters[key]} so far]')
 
     def status(self) -> tuple[int, str, dict[str, str]]:
         """(level, message, key/values) of the current state."""
@@ -283,6 +301,9 @@ class Diagnostics:
             items = {k: str(v) for k, v in sorted(self.counters.items())}
             items.update({k: str(v) for k, v in sorted(self.values.items())})
             last = self._last_warn
+            faults = '; '.join(f'{k}: {v}' for k, v in sorted(self.faults.items()))
+        if faults:
+            return self.ERROR, faults, items
         if last is not None and time.monotonic() - last[0] < self.warn_hold_s:
             return self.WARN, last[1], items
         return self.OK, 'ok', items
