@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     step('train the 3D student with FSKD on the collected pairs (no 3D labels)')
     student_ckpt = os.path.join(paths['student'], 'student.pt')
     if not os.path.exists(student_ckpt):
-        _cmkd('train', 'fskd', '--config', 'config/fskd.yaml', '--out', paths['student'],
+        _cmkd('train', 'fskd', '--resume', '--config', 'config/fskd.yaml', '--out',
+              paths['student'],
               f'data.train={paths["pairs"]}', f'teacher.checkpoint={teacher_ckpt}',
               f'steps={student_steps}', 'student.arch=small', 'student.da_width=32',
               'data.voxel_size=0.2', 'data.batch_size=1',
