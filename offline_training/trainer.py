@@ -16,6 +16,11 @@ Reproducibility and resume:
   (falling back past a truncated one, with a warning), skipping the batches of the current
   epoch already used, so the result matches an uninterrupted run; ``metrics.jsonl`` keeps the
   steps up to it;
+- on the CPU a run is bit-for-bit repeatable for a given number of torch threads (1 and 2
+  threads round differently, each repeatably): losses gather point rows with
+  ``index_select``, whose backward is a serial ``index_add_``, not with advanced indexing,
+  whose CPU backward adds in parallel with atomics (two 2-thread runs differed). CUDA runs
+  are not bit-identical (atomic scatters, float16 autocast);
 - an ``out_dir`` holding an earlier run is refused unless ``resume=True`` (continue it) or
   ``overwrite=True`` (delete it, with a warning, and start over): no run is thrown away
   silently.
@@ -159,7 +164,7 @@ def correspondence_features(outputs: Mapping[str, torch.Tensor], batch: Mapping[
     with torch.no_grad():
         target = sample_image_features(features(images), batch['corr_image'],
                                        batch['corr_uv'], tuple(images.shape[-2:]))
-    return rows, outputs['pseudo2d'][rows], target.float()
+    return rows, outputs['pseudo2d'].index_select(0, rows), target.float()
 
 
 def udakd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
@@ -182,13 +187,13 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     if loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(logits_2d.argmax(1), logits_2d.shape[1])
     return {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
-            'semantic': semantic_kl_loss(outputs['logits'][rows], logits_2d,
+            'semantic': semantic_kl_loss(outputs['logits'].index_select(0, rows), logits_2d,
                                          loss.kl_temperature, weights)}
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     """Cross-entropy on the (possibly thinned) 3D labels of every point."""
-    logits = outputs['logits'][batch['inverse']]
+    logits = outputs['logits'].index_select(0, batch['inverse'])
     weights = None
     if ctx.config.loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(batch['labels'], logits.shape[1])

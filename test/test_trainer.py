@@ -106,6 +106,38 @@ def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
         assert float(pseudo2d.grad[with_pixels].abs().sum()) > 0.0
 
 
+@pytest.mark.parametrize('method', ['fskd', 'udakd', 'supervised'])
+def test_loss_gradients_are_bitwise_reproducible_with_two_threads(tiny, method):
+    """Gathering point rows by advanced indexing had a parallel, atomic backward on CPU: two
+    runs with 2 threads differed (the default on 2 cores); index_select's backward does not."""
+    gen = torch.Generator().manual_seed(1)
+    voxels, points, pairs = 3000, 40000, 30000          # above torch's parallel grain size
+    batch = {'inverse': torch.randint(0, voxels, (points,), generator=gen),
+             'labels': torch.randint(0, 12, (points,), generator=gen),
+             'corr_point': torch.randint(0, points, (pairs,), generator=gen),
+             'corr_image': torch.randint(0, 2, (pairs,), generator=gen),
+             'corr_uv': torch.rand(pairs, 2, generator=gen) * torch.tensor([63.0, 47.0]),
+             'images': torch.randint(0, 255, (2, 3, 48, 64), dtype=torch.uint8, generator=gen)}
+    config = make_config(tiny, method, 'unused')
+    teacher = load_teacher(tiny['teacher']).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    grads = []
+    try:
+        for _ in range(5):
+            outputs = {'pseudo2d': torch.randn(voxels, 16, generator=torch.Generator(
+                ).manual_seed(2)).requires_grad_(True), 'logits': torch.randn(
+                    voxels, 12, generator=torch.Generator().manual_seed(3)).requires_grad_(True)}
+            context = T.LossContext(config, teacher, torch.Generator().manual_seed(0))
+            sum(T.METHOD_LOSSES[method](outputs, batch, context).values()).backward()
+            grads.append([v.grad for v in outputs.values() if v.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0] and all(float(g.abs().sum()) > 0 for g in grads[0])
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
 def test_class_balance_weights_the_semantic_and_ce_terms(tiny, tmp_path):
     """inverse_sqrt (the default) weights each point by its class (the teacher's label for the
     KL, the 3D label for the cross-entropy); none is the plain mean; the feature term is
