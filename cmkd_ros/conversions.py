@@ -215,6 +215,8 @@ def cloud_to_array(msg: Any, backend: str = 'auto') -> np.ndarray:
     n = height * width
     if n == 0:
         return np.zeros(0, dtype=out_dtype)
+    if point_step <= 0:
+        raise ConversionError(f'PointCloud2 point_step is {point_step} for {n} points')
     if row_step < width * point_step:
         raise ConversionError(f'PointCloud2 row_step {row_step} < width {width} * point_step '
                               f'{point_step}')
@@ -336,16 +338,29 @@ def check_xyz_fields(dtype: np.dtype) -> str | None:
     return None
 
 
+def scalar_field(points: np.ndarray, name: str, dtype: Any = None) -> np.ndarray | None:
+    """Field ``name`` of a decoded cloud, cast to ``dtype`` when given (without numpy
+    warnings: NaN or out-of-range values become what the cast makes of them), or None when the
+    cloud has no such field or it holds more than one value per point (count != 1)."""
+    if name not in (points.dtype.names or ()) or points.dtype.fields[name][0].shape:
+        return None
+    if dtype is None:
+        return points[name]
+    with np.errstate(all='ignore'):
+        return points[name].astype(dtype)
+
+
 def xyz_from_cloud(arr: np.ndarray, drop_invalid: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(N, 3) float32`` x, y, z of a structured array and the ``(N,) int64`` rows kept.
 
-    Float64 values beyond the float32 range become inf (non-finite). With ``drop_invalid`` rows
-    with a non-finite coordinate are dropped. Raises as :func:`check_xyz_fields`.
+    Float64 values beyond the float32 range become inf (non-finite), NaNs of any kind stay NaN,
+    without numpy warnings. With ``drop_invalid`` rows with a non-finite coordinate are
+    dropped. Raises as :func:`check_xyz_fields`.
     """
     check_xyz_fields(arr.dtype)
     flat = arr.reshape(-1)
     xyz = np.empty((flat.shape[0], 3), dtype=np.float32)
-    with np.errstate(over='ignore'):
+    with np.errstate(over='ignore', invalid='ignore'):
         for i, c in enumerate('xyz'):
             xyz[:, i] = flat[c]
     if not drop_invalid:

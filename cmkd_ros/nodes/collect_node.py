@@ -27,7 +27,7 @@ from cmkd_ros.calibration import (CalibrationError, CameraCalibration, RigCalibr
 from cmkd_ros.config import ConfigError, to_dict
 from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
                                   UnsupportedEncodingError, array_to_image, compressed_format,
-                                  image_to_array, rclpy_types, xyz_from_cloud)
+                                  image_to_array, rclpy_types, scalar_field, xyz_from_cloud)
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
@@ -317,12 +317,11 @@ class CollectNode(Node):
             if self.teacher is not None:
                 teacher[n] = teacher_outputs(self.teacher, decoded_rgb(samples[n]),
                                              config.teacher.device)
-        fields = points.dtype.names
         pair = Pair(
             lidar_stamp_ns=stamp, xyz=xyz, camera_names=names, camera_stamp_ns=cam_stamps,
             images=images, image_formats=formats, calibration=rig,
-            intensity=points['intensity'].astype(np.float32) if 'intensity' in fields else None,
-            ring=points['ring'].astype(np.uint16) if 'ring' in fields else None,
+            intensity=scalar_field(points, 'intensity', np.float32),
+            ring=scalar_field(points, 'ring', np.uint16),
             point_time_ns=times, teacher=teacher,
             ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
             ego_poses=None if trajectory is None else trajectory.T_world_lidar,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.conversions import scalar_field
 from cmkd_ros.nodes.labeling import MAX_POINTS
 from cmkd_ros.projection import CorrespondenceConfig
 from cmkd_ros.sync import SyncConfig
@@ -138,16 +139,19 @@ class RateLimiter:
 
 
 def point_times_ns(points: np.ndarray, stamp_ns: int, time_field: str) -> np.ndarray | None:
-    """(N,) int64 absolute capture time of each point, or None without a time field.
+    """(N,) int64 absolute capture time of each point, or None without a time field (or one
+    with a count other than 1).
 
-    ``time_field`` holds seconds relative to the header stamp (float) or nanoseconds (integer).
+    ``time_field`` holds seconds relative to the header stamp (float; non-finite values count
+    as 0, values are clipped to +-1e9 s) or nanoseconds (integer).
     """
-    if not time_field or time_field not in (points.dtype.names or ()):
+    rel = scalar_field(points, time_field) if time_field else None
+    if rel is None:
         return None
-    rel = points[time_field]
     if rel.dtype.kind == 'f':
-        rel_ns = np.nan_to_num(rel.astype(np.float64) * 1e9, nan=0.0)
-        return stamp_ns + np.round(rel_ns).astype(np.int64)
+        rel_s = np.nan_to_num(scalar_field(points, time_field, np.float64), nan=0.0,
+                              posinf=0.0, neginf=0.0)
+        return stamp_ns + np.round(np.clip(rel_s, -1e9, 1e9) * 1e9).astype(np.int64)
     return stamp_ns + rel.astype(np.int64)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from cmkd_ros.classes import IGNORE_INDEX, ClassMap
 from cmkd_ros.config import PRECISION_CHOICES, ConfigError, setting
-from cmkd_ros.conversions import xyz_from_cloud
+from cmkd_ros.conversions import scalar_field, xyz_from_cloud
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
 # Largest cloud a node takes by default (parameter max_points): above a 128-beam LiDAR's scan
@@ -135,18 +135,19 @@ def segment_array(points: np.ndarray, predictor: Predictor, class_map: ClassMap,
 
 def select_points(points: np.ndarray, config: SegmentNodeConfig) -> tuple:
     """The points to segment: ``(xyz (M, 3) float32, rows (M,) into points, intensity (M,))``,
-    finite and within [range_min, range_max] (intensity 0 when the cloud has none)."""
+    finite and within [range_min, range_max] (intensity 0 when the cloud has none, or not one
+    value per point, or a non-finite one)."""
     # 1. finite points (LiDAR frame), 2. range crop.
     xyz, rows = xyz_from_cloud(points, drop_invalid=True)
     if rows.size:
         dist = np.linalg.norm(xyz.astype(np.float64), axis=1)    # float32 squares overflow
         in_range = (dist >= config.range_min) & (dist <= config.range_max)
         xyz, rows = xyz[in_range], rows[in_range]
-    if 'intensity' in (points.dtype.names or ()):
-        intensity = np.asarray(points['intensity'][rows], dtype=np.float32).reshape(-1)
-        intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
-    else:
+    intensity = scalar_field(points, 'intensity', np.float32)
+    if intensity is None:
         intensity = np.zeros(rows.size, dtype=np.float32)
+    else:
+        intensity = np.nan_to_num(intensity[rows], nan=0.0, posinf=0.0, neginf=0.0)
     return np.ascontiguousarray(xyz), rows, intensity
 
 
