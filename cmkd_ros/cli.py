@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so ``cmkd --help``
-stays fast and a missing optional dependency only affects the subcommand that needs it.
+stays fast and a missing optional dependency only affects the subcommand that needs it. An
+OSError out of a subcommand (a bad path, a full disk) is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f'cmkd {name}', description=text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as exc:    # a path the user gave: missing, not writable, disk full
+        print(f'cmkd {name}: {exc}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -44,6 +44,10 @@ class UnsupportedEncodingError(ConversionError):
     """An image encoding or compressed format this module does not handle."""
 
 
+class MissingFieldsError(ConversionError):
+    """A point cloud lacks a field it needs (x, y or z)."""
+
+
 # ----------------------------------------------------------------------------- message types
 
 
@@ -211,6 +215,8 @@ def cloud_to_array(msg: Any, backend: str = 'auto') -> np.ndarray:
     n = height * width
     if n == 0:
         return np.zeros(0, dtype=out_dtype)
+    if point_step <= 0:
+        raise ConversionError(f'PointCloud2 point_step is {point_step} for {n} points')
     if row_step < width * point_step:
         raise ConversionError(f'PointCloud2 row_step {row_step} < width {width} * point_step '
                               f'{point_step}')
@@ -309,21 +315,54 @@ def array_to_cloud(arr: np.ndarray, stamp_ns: int, frame_id: str,
                          data=_bytes_field(t, le.tobytes()), is_dense=bool(dense))
 
 
+def check_xyz_fields(dtype: np.dtype) -> str | None:
+    """Check the x, y, z fields of a decoded cloud's dtype.
+
+    Raises :class:`MissingFieldsError` when one is missing and :class:`ConversionError` when one
+    has a count other than 1; returns a warning when they are not floating point (their values
+    are then used as metres as they are), else None.
+    """
+    names = dtype.names or ()
+    missing = [c for c in 'xyz' if c not in names]
+    if missing:
+        raise MissingFieldsError(f'no field(s) {missing}; fields are {list(names)}')
+    subs = [dtype.fields[c][0] for c in 'xyz']
+    for c, sub in zip('xyz', subs):
+        if sub.shape:
+            raise ConversionError(f'field {c!r} has count {int(np.prod(sub.shape))}: x, y and z '
+                                  'must each have count 1')
+    if any(sub.kind != 'f' for sub in subs):
+        types = ', '.join(f'{c} {sub.base.name}' for c, sub in zip('xyz', subs))
+        return (f'coordinates are not floating point ({types}): values used as metres, '
+                'without fractions')
+    return None
+
+
+def scalar_field(points: np.ndarray, name: str, dtype: Any = None) -> np.ndarray | None:
+    """Field ``name`` of a decoded cloud, cast to ``dtype`` when given (without numpy
+    warnings: NaN or out-of-range values become what the cast makes of them), or None when the
+    cloud has no such field or it holds more than one value per point (count != 1)."""
+    if name not in (points.dtype.names or ()) or points.dtype.fields[name][0].shape:
+        return None
+    if dtype is None:
+        return points[name]
+    with np.errstate(all='ignore'):
+        return points[name].astype(dtype)
+
+
 def xyz_from_cloud(arr: np.ndarray, drop_invalid: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(N, 3) float32`` x, y, z of a structured array and the ``(N,) int64`` rows kept.
 
-    With ``drop_invalid`` rows with a non-finite coordinate are dropped.
+    Float64 values beyond the float32 range become inf (non-finite), NaNs of any kind stay NaN,
+    without numpy warnings. With ``drop_invalid`` rows with a non-finite coordinate are
+    dropped. Raises as :func:`check_xyz_fields`.
     """
-    names = arr.dtype.names or ()
-    missing = [c for c in 'xyz' if c not in names]
-    if missing:
-        raise ConversionError(f'point cloud has no field(s) {missing}; fields are {list(names)}')
+    check_xyz_fields(arr.dtype)
     flat = arr.reshape(-1)
     xyz = np.empty((flat.shape[0], 3), dtype=np.float32)
-    for i, c in enumerate('xyz'):
-        if flat.dtype.fields[c][0].shape:
-            raise ConversionError(f'field {c!r} must have count 1')
-        xyz[:, i] = flat[c]
+    with np.errstate(over='ignore', invalid='ignore'):
+        for i, c in enumerate('xyz'):
+            xyz[:, i] = flat[c]
     if not drop_invalid:
         return xyz, np.arange(xyz.shape[0], dtype=np.int64)
     keep = np.flatnonzero(np.isfinite(xyz).all(axis=1)).astype(np.int64)

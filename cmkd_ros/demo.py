@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             'options.class_weighting=inverse_sqrt'))
     if not os.path.exists(supervised_ckpt):
         jobs.append(_cmkd_start(
-            'train', 'supervised', '--config', 'config/supervised.yaml',
+            'train', 'supervised', '--resume', '--config', 'config/supervised.yaml',
             '--out', paths['supervised'], f'data.train={paths["teacher_images"]}', *student))
     for job in jobs:
         if job.wait() != 0:
@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     step('train the 3D student with FSKD on the collected pairs (no 3D labels)')
     student_ckpt = os.path.join(paths['student'], 'student.pt')
     if not os.path.exists(student_ckpt):
-        _cmkd('train', 'fskd', '--config', 'config/fskd.yaml', '--out', paths['student'],
+        _cmkd('train', 'fskd', '--resume', '--config', 'config/fskd.yaml', '--out',
+              paths['student'],
               f'data.train={paths["pairs"]}', f'teacher.checkpoint={teacher_ckpt}',
               *student[:-1], 'threads=2')
 

@@ -11,8 +11,10 @@ Layout::
       pairs/<id>.npz        one pair, written to a temporary name, fsynced, then renamed
 
 A pair is complete once its ``.npz`` is renamed into place; ``index.jsonl`` is appended afterwards.
-A kill -9 therefore loses at most the pair being written: a torn last index line is ignored and
-complete pair files missing from the index are found by :meth:`PairReader.refresh` (``scan=True``).
+A kill -9 therefore loses at most the pair being written: a torn last index line is ignored
+(and cut off by the next writer) and complete pair files missing from the index are found by
+:meth:`PairReader.refresh` (``scan=True``; the next writer indexes them). A failed write (full
+disk) leaves nothing behind.
 
 Keys of a pair file (all plain arrays, loaded with ``allow_pickle=False``):
 
@@ -37,10 +39,13 @@ Keys of a pair file (all plain arrays, loaded with ``allow_pickle=False``):
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -205,19 +210,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class PairWriteError(OSError):
+    """A pair could not be written (disk full, file too large, I/O error); nothing was left
+    behind: no temporary file, no pair file, no index line. ``errno`` is the cause's."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+class PairIndexWarning(UserWarning):
+    """``index.jsonl`` has a damaged line (a writer killed mid-line, then appended to)."""
+
+
 class PairWriter:
     """Appends pairs to a dataset folder; safe against kill -9 at any instant.
 
     ``max_bytes`` is a disk quota for the pair files (``write`` returns None once it would be
-    exceeded). Thread-safe: one writer per folder.
+    exceeded); ``min_free_bytes`` is the free space a write leaves on the disk (below it,
+    :class:`PairWriteError` before anything is written). Opening repairs a torn last index line
+    (a writer killed mid-line; its pair is then found by scanning) and indexes complete pair
+    files missing from the index. Thread-safe: one writer per folder.
     """
 
     def __init__(self, root: str, metadata: dict | None = None, max_bytes: int | None = None,
-                 fsync: bool = True):
+                 fsync: bool = True, min_free_bytes: int = 0):
         self.root = root
         self.max_bytes = max_bytes
+        self.min_free_bytes = int(min_free_bytes)
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._index = os.path.join(root, 'index.jsonl')
         os.makedirs(os.path.join(root, 'pairs'), exist_ok=True)
         meta_path = os.path.join(root, 'dataset.yaml')
         if not os.path.exists(meta_path):
@@ -225,56 +248,108 @@ class PairWriter:
             with open(tmp, 'w', encoding='utf-8') as fh:
                 yaml.safe_dump({'format_version': FORMAT_VERSION, **(metadata or {})}, fh)
             os.replace(tmp, meta_path)
+        self.repaired_bytes = self._cut_torn_tail()
         reader = PairReader(root, scan=True)
         self.bytes_used = sum(e.get('bytes', 0) for e in reader.entries)
         self._next_id = 1 + max((int(e['id']) for e in reader.entries), default=-1)
         # Complete pairs that a killed writer left out of the index are indexed now.
         if reader.recovered:
-            with open(os.path.join(root, 'index.jsonl'), 'a', encoding='utf-8') as fh:
+            with open(self._index, 'a', encoding='utf-8') as fh:
                 for entry in reader.recovered:
                     fh.write(json.dumps(entry) + '\n')
         self.count = len(reader.entries)
 
+    def _cut_torn_tail(self) -> int:
+        """Truncate ``index.jsonl`` after its last newline; returns the bytes cut off."""
+        try:
+            with open(self._index, 'rb+') as fh:
+                data = fh.read()
+                keep = data.rfind(b'\n') + 1
+                if keep < len(data):
+                    fh.truncate(keep)
+                return len(data) - keep
+        except FileNotFoundError:
+            return 0
+
+    def _check_free_space(self, size: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free < size + self.min_free_bytes:
+            raise PairWriteError(f'no space left on the disk of {self.root}: {free / 1e6:.1f} '
+                                 f'MB free, a pair needs {size / 1e6:.1f} MB and '
+                                 f'{self.min_free_bytes / 1e6:.1f} MB are kept free',
+                                 errno.ENOSPC)
+
     def write(self, pair: Pair) -> str | None:
-        """Write ``pair`` atomically; returns its path, or None if the quota is reached."""
+        """Write ``pair`` atomically; returns its path, or None if the quota is reached.
+
+        Raises :class:`PairWriteError` when the disk is (nearly) full or a write fails; the
+        dataset is then as before the call, and a later write may succeed.
+        """
         buf = io.BytesIO()
         np.savez(buf, **pair.to_arrays())
         data = buf.getvalue()
         with self._lock:
             if self.max_bytes is not None and self.bytes_used + len(data) > self.max_bytes:
                 return None
+            self._check_free_space(len(data))
             pair_id = self._next_id
-            self._next_id += 1
             rel = os.path.join('pairs', f'{pair_id:09d}.npz')
             final = os.path.join(self.root, rel)
-            tmp = os.path.join(self.root, 'pairs', f'.{pair_id:09d}.npz.tmp')
+            entry = {'id': pair_id, 'file': rel, 'lidar_stamp_ns': int(pair.lidar_stamp_ns),
+                     'cameras': list(pair.camera_names), 'points': int(len(pair.xyz)),
+                     'bytes': len(data)}
+            try:
+                self._write_file(final, data)
+                self._append_index(json.dumps(entry) + '\n')
+            except OSError as exc:
+                if os.path.exists(final):
+                    os.remove(final)
+                raise PairWriteError(f'cannot write {final}: {exc.strerror or exc}',
+                                     exc.errno) from exc
+            self._next_id += 1
+            self.bytes_used += len(data)
+            self.count += 1
+            return final
+
+    def _write_file(self, final: str, data: bytes) -> None:
+        """``data`` to ``final`` through a temporary file (removed when writing fails)."""
+        tmp = os.path.join(os.path.dirname(final), f'.{os.path.basename(final)}.tmp')
+        try:
             with open(tmp, 'wb') as fh:
                 fh.write(data)
                 if self.fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(os.path.dirname(final))
-            entry = {'id': pair_id, 'file': rel, 'lidar_stamp_ns': int(pair.lidar_stamp_ns),
-                     'cameras': list(pair.camera_names), 'points': int(len(pair.xyz)),
-                     'bytes': len(data)}
-            with open(os.path.join(self.root, 'index.jsonl'), 'a', encoding='utf-8') as fh:
-                fh.write(json.dumps(entry) + '\n')
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if self.fsync:
+            _fsync_dir(os.path.dirname(final))
+
+    def _append_index(self, line: str) -> None:
+        """Append one index line; a failed append is cut off again (no torn line stays)."""
+        with open(self._index, 'ab') as fh:
+            start = fh.tell()
+            try:
+                fh.write(line.encode('utf-8'))
+                fh.flush()
                 if self.fsync:
-                    fh.flush()
                     os.fsync(fh.fileno())
-            self.bytes_used += len(data)
-            self.count += 1
-            return final
+            except OSError:
+                fh.truncate(start)
+                raise
 
 
 class PairReader:
     """Reads a pair dataset, including one that a writer is still appending to.
 
-    ``refresh()`` picks up pairs indexed since the last call. Torn index lines (a writer killed
-    mid-line) and temporary files are ignored; with ``scan=True`` complete pair files that are
-    missing from the index are added too (listed in ``recovered``).
+    ``refresh()`` picks up pairs indexed since the last call; a torn last line (a writer
+    killed mid-line, or still writing) waits. With ``scan=True`` complete pair files missing
+    from the index are added too (listed in ``recovered``). A damaged line inside the index
+    (a torn line that a writer then appended to) is tolerated: it is reported (line numbers in
+    ``damaged_lines``, a :class:`PairIndexWarning`) and the pair files are scanned, so no
+    complete pair is hidden.
     """
 
     def __init__(self, root: str, scan: bool = False):
@@ -283,7 +358,9 @@ class PairReader:
         self.root = root
         self.entries: list[dict] = []
         self.recovered: list[dict] = []
+        self.damaged_lines: list[int] = []
         self._offset = 0
+        self._lines = 0
         self.refresh(scan=scan)
 
     def refresh(self, scan: bool = False) -> int:
@@ -291,17 +368,21 @@ class PairReader:
         added = 0
         index = os.path.join(self.root, 'index.jsonl')
         known = {e['file'] for e in self.entries}
+        damaged = []
         if os.path.exists(index):
             with open(index, 'rb') as fh:
                 fh.seek(self._offset)
                 chunk = fh.read()
             end = chunk.rfind(b'\n') + 1          # only whole lines; a torn tail waits
             for line in chunk[:end].splitlines():
+                self._lines += 1
                 try:
                     entry = json.loads(line)
                 except ValueError:
-                    continue
+                    entry = None
                 if not isinstance(entry, dict) or 'file' not in entry:
+                    if line.strip():
+                        damaged.append(self._lines)
                     continue
                 if entry['file'] in known:
                     continue
@@ -310,25 +391,36 @@ class PairReader:
                     known.add(entry['file'])
                     added += 1
             self._offset += end
-        if scan:
-            pair_dir = os.path.join(self.root, 'pairs')
-            for name in sorted(os.listdir(pair_dir)) if os.path.isdir(pair_dir) else []:
-                rel = os.path.join('pairs', name)
-                if not name.endswith('.npz') or name.startswith('.') or rel in known:
-                    continue
-                try:
-                    pair = self._load(rel)
-                except PairFormatError:
-                    continue
-                entry = {'id': int(name.split('.')[0]), 'file': rel,
-                         'lidar_stamp_ns': pair.lidar_stamp_ns, 'cameras': pair.camera_names,
-                         'points': int(len(pair.xyz)),
-                         'bytes': os.path.getsize(os.path.join(self.root, rel))}
-                self.entries.append(entry)
-                self.recovered.append(entry)
-                known.add(rel)
-                added += 1
-            self.entries.sort(key=lambda e: int(e['id']))
+        if damaged:
+            self.damaged_lines += damaged
+            warnings.warn(f'{index}: damaged line(s) {damaged} (a writer killed mid-line); '
+                          f'the pair files were scanned instead', PairIndexWarning,
+                          stacklevel=2)
+        if scan or damaged:
+            added += self._scan(known)
+        return added
+
+    def _scan(self, known: set) -> int:
+        """Add complete pair files that are not in ``known`` (the index); returns how many."""
+        added = 0
+        pair_dir = os.path.join(self.root, 'pairs')
+        for name in sorted(os.listdir(pair_dir)) if os.path.isdir(pair_dir) else []:
+            rel = os.path.join('pairs', name)
+            if not name.endswith('.npz') or name.startswith('.') or rel in known:
+                continue
+            try:
+                pair = self._load(rel)
+            except PairFormatError:
+                continue
+            entry = {'id': int(name.split('.')[0]), 'file': rel,
+                     'lidar_stamp_ns': pair.lidar_stamp_ns, 'cameras': pair.camera_names,
+                     'points': int(len(pair.xyz)),
+                     'bytes': os.path.getsize(os.path.join(self.root, rel))}
+            self.entries.append(entry)
+            self.recovered.append(entry)
+            known.add(rel)
+            added += 1
+        self.entries.sort(key=lambda e: int(e['id']))
         return added
 
     def __len__(self) -> int:

@@ -331,8 +331,9 @@ def _project_chunks(xyz: np.ndarray, prep: PreparedRig, min_depth: float,
             p_cam = np.ascontiguousarray(p_cam.transpose(1, 0, 2)).reshape(3 * C, stop - start)
         p_cam += t_rows
         X, Y, depth = p_cam[:C], p_cam[C:2 * C], p_cam[2 * C:]
-        with np.errstate(invalid='ignore', divide='ignore'):
-            # 2. pinhole normalization; depth <= min_depth (or NaN) gives NaN from here on.
+        with np.errstate(invalid='ignore', divide='ignore', over='ignore'):
+            # 2. pinhole normalization; depth <= min_depth (or NaN) gives NaN from here on
+            #    (coordinates so large that x * x overflows give inf, then NaN in step 3).
             inv_z = np.where(depth > np.float32(min_depth), depth, np.float32(np.nan))
             np.divide(np.float32(1.0), inv_z, out=inv_z)
             x = X * inv_z

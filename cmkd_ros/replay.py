@@ -59,11 +59,14 @@ def open_bag(path: str):
         raise ReplayError(f'bag not found: {path}')
     if bag.is_file() and bag.suffix in ('.mcap', '.db3'):
         bag = bag.parent              # a rosbag2 bag is its folder (metadata.yaml + files)
-    reader = AnyReader([bag])
+    if not (bag / 'metadata.yaml').is_file():
+        raise ReplayError(f'{path}: not a rosbag2 bag (no metadata.yaml in {bag})')
     try:
+        reader = AnyReader([bag])
         reader.open()
-    except Exception as exc:
-        raise ReplayError(f'{path}: not a readable rosbag2 ({exc})') from None
+    except Exception as exc:       # rosbags raises several kinds for a damaged bag
+        detail = ' '.join(str(exc).split())                  # one line (YAML errors span several)
+        raise ReplayError(f'{path}: not a readable rosbag2 ({detail})') from None
     return reader
 
 

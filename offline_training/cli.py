@@ -5,6 +5,7 @@ Examples::
 
     cmkd train fskd --config config/fskd.yaml data.train=pairs/train teacher.checkpoint=t.pt
     cmkd train fskd --config config/fskd.yaml out_dir=runs/fskd --resume   # after a crash
+    cmkd train fskd --config config/fskd.yaml out_dir=runs/fskd --overwrite  # start over
     torchrun --nproc_per_node=2 -m offline_training.cli fskd --config config/fskd.yaml ...
     cmkd train teacher --config config/teacher.yaml train=pairs/train
     cmkd train experiments --out runs/experiments
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', default=None, help='YAML file overriding the defaults')
     parser.add_argument('--resume', action='store_true',
                         help='continue from the newest checkpoint in out_dir (if any)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='start over in an out_dir that holds an earlier run, deleting its '
+                             'checkpoints and outputs (without it or --resume such a run is '
+                             'refused)')
     parser.add_argument('--out', default=None,
                         help='output folder (same as out_dir=...; experiments: its root)')
     parser.add_argument('--print-config', action='store_true',
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             if args.print_config:
                 print(yaml.safe_dump(to_dict(config), sort_keys=False))
                 return 0
-            run_experiments(config, resume=args.resume)
+            run_experiments(config, resume=args.resume, overwrite=args.overwrite)
             return 0
         if args.what == 'teacher':
             from offline_training.config import load_teacher_config
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 print(yaml.safe_dump(to_dict(config), sort_keys=False))
                 return 0
             from offline_training.trainer import train
-            summary = train(config, resume=args.resume)
+            summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, TrainingError, FileNotFoundError) as exc:
         print(f'cmkd train {args.what}: {exc}', file=sys.stderr)
         return 2

@@ -158,17 +158,21 @@ def _teacher_job(values: dict) -> dict:
                    lambda: train_teacher_from_config(build(TeacherTrainConfig, values)))
 
 
-def _student_job(values: dict, resume: bool) -> dict:
+def _student_job(values: dict, resume: bool, overwrite: bool = False) -> dict:
     """Train and score one student (runs in a worker process)."""
     import torch
     from offline_training.config import TrainConfig
     from offline_training.trainer import train
     torch.set_num_threads(values['threads'])
-    return _cached(values['out_dir'], lambda: train(build(TrainConfig, values), resume=resume))
+    return _cached(values['out_dir'], lambda: train(build(TrainConfig, values), resume=resume,
+                                                    overwrite=overwrite))
 
 
-def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
+def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool = False) -> dict:
     """Run every stage (skipping finished ones) and write results.json / results.md.
+
+    An unfinished student run is continued with ``resume``, started over with ``overwrite``,
+    else refused (:class:`~offline_training.trainer.TrainingError`).
 
     Independent trainings run ``cfg.parallel`` at a time in worker processes: the teacher-free
     runs (supervised, fine-tuning from scratch) beside the teacher, then the distillation runs,
@@ -231,7 +235,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True) -> dict:
                     results[name] = _cached(values['out_dir'], None)
                     timings[name] = time.monotonic() - start
                     continue
-                args = (values,) if function is _teacher_job else (values, resume)
+                args = (values,) if function is _teacher_job else (values, resume, overwrite)
                 running[pool.submit(function, *args)] = name
             if not running:
                 continue

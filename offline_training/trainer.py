@@ -12,8 +12,18 @@ Reproducibility and resume:
   (seeded from (seed, rank, step));
 - a checkpoint (``out_dir/checkpoints/step_XXXXXXXX.pt``, written to a temporary file and
   renamed) holds the model, optimizer, scheduler, grad scaler, step, RNG states and config;
-  ``resume=True`` continues from the newest one after a crash or ``kill -9``, skipping the
-  batches of the current epoch already used, so the result matches an uninterrupted run.
+  ``resume=True`` continues from the newest readable one after a crash or ``kill -9``
+  (falling back past a truncated one, with a warning), skipping the batches of the current
+  epoch already used, so the result matches an uninterrupted run; ``metrics.jsonl`` keeps the
+  steps up to it;
+- on the CPU a run is bit-for-bit repeatable for a given number of torch threads (1 and 2
+  threads round differently, each repeatably): losses gather point rows with
+  ``index_select``, whose backward is a serial ``index_add_``, not with advanced indexing,
+  whose CPU backward adds in parallel with atomics (two 2-thread runs differed). CUDA runs
+  are not bit-identical (atomic scatters, float16 autocast);
+- an ``out_dir`` holding an earlier run is refused unless ``resume=True`` (continue it) or
+  ``overwrite=True`` (delete it, with a warning, and start over): no run is thrown away
+  silently.
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains on its shard
 (``DistributedSampler``) inside ``DistributedDataParallel``: gloo on CPU, nccl on CUDA.
@@ -30,6 +40,7 @@ import math
 import os
 import random
 import re
+import logging
 import time
 from typing import Any, Callable, Mapping
 
@@ -41,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
+from cmkd_ros.models.checkpoint import atomic_torch_save
 from cmkd_ros.progress import progress_bar
 from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
@@ -49,6 +61,9 @@ from offline_training.losses import (class_balance_weights, fskd_feature_loss, i
 
 CHECKPOINT_FORMAT = 'cmkd_train_state'
 CHECKPOINT_PATTERN = re.compile(r'^step_(\d{8})\.pt$')
+# What a run writes into out_dir besides checkpoints/ (an earlier run is refused or removed).
+RUN_FILES = ('metrics.jsonl', 'summary.json', 'eval.json', 'student.pt')
+LOG = logging.getLogger('cmkd_ros.train')   # warnings reach stderr without any setup
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ('progress', 'threads', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                      'data.num_workers', 'data.val', 'out_dir', 'device')
@@ -150,7 +165,7 @@ def correspondence_features(outputs: Mapping[str, torch.Tensor], batch: Mapping[
     with torch.no_grad():
         target = sample_image_features(features(images), batch['corr_image'],
                                        batch['corr_uv'], tuple(images.shape[-2:]))
-    return rows, outputs['pseudo2d'][rows], target.float()
+    return rows, outputs['pseudo2d'].index_select(0, rows), target.float()
 
 
 def udakd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
@@ -173,13 +188,13 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     if loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(logits_2d.argmax(1), logits_2d.shape[1])
     return {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
-            'semantic': semantic_kl_loss(outputs['logits'][rows], logits_2d,
+            'semantic': semantic_kl_loss(outputs['logits'].index_select(0, rows), logits_2d,
                                          loss.kl_temperature, weights)}
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     """Cross-entropy on the (possibly thinned) 3D labels of every point."""
-    logits = outputs['logits'][batch['inverse']]
+    logits = outputs['logits'].index_select(0, batch['inverse'])
     weights = None
     if ctx.config.loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(batch['labels'], logits.shape[1])
@@ -338,6 +353,64 @@ def _flatten(mapping: Mapping, prefix: str = '') -> dict:
     return out
 
 
+def earlier_run(out_dir: str) -> str | None:
+    """What of an earlier run ``out_dir`` holds (for messages), or None."""
+    found = list_checkpoints(out_dir)
+    files = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+    parts = ([f'checkpoints up to step {found[-1][0]}'] if found else []) + files
+    return ', '.join(parts) or None
+
+
+def remove_run(out_dir: str) -> list[str]:
+    """Delete an earlier run's outputs in ``out_dir`` (checkpoints, :data:`RUN_FILES`,
+    TensorBoard events); returns the paths removed."""
+    import shutil
+    removed = [path for _, path in list_checkpoints(out_dir)]
+    removed += [os.path.join(out_dir, n) for n in RUN_FILES
+                if os.path.exists(os.path.join(out_dir, n))]
+    for path in removed:
+        os.remove(path)
+    tensorboard = os.path.join(out_dir, 'tensorboard')
+    if os.path.isdir(tensorboard):
+        shutil.rmtree(tensorboard)
+        removed.append(tensorboard)
+    return removed
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Delete ``*.tmp.<pid>`` files a killed run left in ``out_dir`` and its checkpoints."""
+    stale = []
+    for folder in (out_dir, os.path.join(out_dir, 'checkpoints')):
+        if os.path.isdir(folder):
+            stale += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if re.search(r'\.tmp\.\d+$', n)]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later ones
+    again); returns how many rows were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding='utf-8') as fh:
+        lines = fh.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row_step = int(json.loads(line)['step'])
+        except (ValueError, KeyError, TypeError):
+            continue                                   # a torn last line of a killed run
+        if row_step <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        with open(path + '.tmp', 'w', encoding='utf-8') as fh:
+            fh.write(''.join(line + '\n' for line in kept))
+        os.replace(path + '.tmp', path)
+    return len(lines) - len(kept)
+
+
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the step checkpoints in ``out_dir/checkpoints``, oldest first."""
     folder = os.path.join(out_dir, 'checkpoints')
@@ -351,16 +424,6 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
@@ -368,16 +431,26 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 class Trainer:
     """Trains a student as ``config`` says; ``fit()`` runs to ``config.steps``.
 
-    ``resume=True`` continues from the newest checkpoint in ``config.out_dir`` (or starts fresh
-    when there is none); the stored config must match except for :data:`RESUMABLE_CHANGES`.
+    ``resume=True`` continues from the newest readable checkpoint in ``config.out_dir`` (or
+    starts fresh when there is none); the stored config must match except for
+    :data:`RESUMABLE_CHANGES`. Without it an ``out_dir`` holding an earlier run raises
+    :class:`TrainingError`, unless ``overwrite=True``: ``fit`` then deletes that run first.
     ``train_dataset`` optionally replaces the pair dataset of ``config.data.train`` (any
     map-style dataset of :mod:`offline_training.datasets` samples, e.g. nuScenes).
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False,
-                 train_dataset: Dataset | None = None):
+                 train_dataset: Dataset | None = None, overwrite: bool = False):
         if not isinstance(config, TrainConfig):
             raise TypeError('config must be a TrainConfig (offline_training.config)')
+        if resume and overwrite:
+            raise TrainingError('--resume and --overwrite exclude each other')
+        earlier = None if resume else earlier_run(config.out_dir)
+        if earlier and not overwrite:
+            raise TrainingError(f'{config.out_dir} holds an earlier run ({earlier}): add '
+                                '--resume to continue it, or --overwrite to start over '
+                                '(deletes it)')
+        self.overwrite = bool(earlier)
         self.config = config
         self.rank, self.world_size, local_rank = distributed_env()
         if config.device == 'cuda' and not torch.cuda.is_available():
@@ -575,12 +648,20 @@ class Trainer:
         found = list_checkpoints(self.config.out_dir)
         if not found:
             return
-        step, path = found[-1]
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:
-            raise TrainingError(f'{path}: unreadable checkpoint ({exc})') from None
-        if state.get('format') != CHECKPOINT_FORMAT:
+        unreadable = []
+        for step, path in reversed(found):         # the newest readable one
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                break
+            except Exception as exc:               # truncated by a crash or a full disk
+                unreadable.append(f'{path} ({type(exc).__name__}: {exc})')
+        else:
+            raise TrainingError(f'no readable checkpoint to resume from: '
+                                f'{"; ".join(unreadable)}')
+        if unreadable:
+            LOG.warning(f'cmkd train: unreadable checkpoint(s) {"; ".join(unreadable)}: '
+                        f'resuming from {path} (step {step})')
+        if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
             raise TrainingError(f'{path}: not a training checkpoint')
         old, new = _flatten(state['config']), _flatten(to_dict(self.config))
         changed = sorted(k for k in set(old) | set(new)
@@ -600,6 +681,18 @@ class Trainer:
             raise TrainingError(f'{path}: file name says step {step}, contents {self.step}')
 
     # -- loop -------------------------------------------------------------------------------
+
+    def _clean_out_dir(self) -> None:
+        """Before training: delete an earlier run (``overwrite``), temporary files of a killed
+        one, and the metrics rows after the step resumed from."""
+        out_dir = self.config.out_dir
+        if self.overwrite:
+            removed = remove_run(out_dir)
+            LOG.warning(f'cmkd train: --overwrite: deleted the earlier run in {out_dir} '
+                        f'({len(removed)} files and folders)')
+            self.overwrite = False
+        remove_stale_temporaries(out_dir)
+        truncate_metrics(os.path.join(out_dir, 'metrics.jsonl'), self.step)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         if not self.distributed:
@@ -626,6 +719,7 @@ class Trainer:
         start = time.monotonic()
         start_step = self.step
         if self.rank == 0:
+            self._clean_out_dir()
             os.makedirs(cfg.out_dir, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(cfg.out_dir, 'tensorboard'),
@@ -737,9 +831,9 @@ def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
     return summary
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Build a :class:`Trainer` for ``config`` and run it; tears down the process group."""
-    trainer = Trainer(config, resume=resume)
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:

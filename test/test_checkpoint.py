@@ -142,6 +142,22 @@ def test_save_checks_the_class_map(tmp_path, saved):
     assert not (tmp_path / 'x.pt').exists()
 
 
+def test_checkpoint_files_get_the_umask_mode_and_leave_no_temporary_file(tmp_path, saved):
+    import os
+    _, student = saved
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / 'shared.pt', student, class_names=NAMES, class_colors=COLORS)
+        os.umask(0o077)
+        save_checkpoint(tmp_path / 'private.pt', student, class_names=NAMES,
+                        class_colors=COLORS)
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'shared.pt').stat().st_mode & 0o777 == 0o644      # was 0o600
+    assert (tmp_path / 'private.pt').stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ['private.pt', 'shared.pt', 'student.pt']
+
+
 def test_preset_checkpoints_store_their_resolved_widths(tmp_path, monkeypatch):
     from cmkd_ros.models import minkunet
     config = build(StudentConfig, {**CONFIG, 'widths': []})

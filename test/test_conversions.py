@@ -183,6 +183,24 @@ def test_cloud_errors():
         cv.array_to_cloud(np.zeros((2, 3), np.float32), 0, 'l', t)
 
 
+def test_xyz_fields_are_checked_with_clear_messages():
+    import warnings
+    with pytest.raises(cv.MissingFieldsError, match=r"no field\(s\) \['z'\]"):
+        cv.check_xyz_fields(np.dtype([('x', 'f4'), ('y', 'f4')]))
+    wide = np.dtype([('x', 'f4', (3,)), ('y', 'f4'), ('z', 'f4')])
+    with pytest.raises(cv.ConversionError, match="field 'x' has count 3: x, y and z must each"):
+        cv.xyz_from_cloud(np.zeros(2, dtype=wide))
+    assert cv.check_xyz_fields(np.dtype([(c, 'f8') for c in 'xyz'])) is None
+    note = cv.check_xyz_fields(np.dtype([('x', 'u1'), ('y', 'i2'), ('z', 'f4')]))
+    assert 'not floating point (x uint8, y int16, z float32)' in note
+    far = np.zeros(3, dtype=[(c, 'f8') for c in 'xyz'])
+    far['x'] = [1.0, 1e300, -1e39]                  # beyond float32: inf, no numpy warning
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        xyz, keep = cv.xyz_from_cloud(far)
+    np.testing.assert_array_equal(keep, [0])
+
+
 # ----------------------------------------------------------------------------- images
 
 

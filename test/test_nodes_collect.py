@@ -193,6 +193,50 @@ def test_collect_node_quota_and_rate_limit(tmp_path, sim_bag, setting, value, ex
         assert 'quota' in procs[0].output()
 
 
+def test_collect_node_pauses_recording_while_writes_fail_and_resumes(tmp_path, sim_bag):
+    import resource
+
+    from diagnostic_msgs.msg import DiagnosticArray
+    out_dir = tmp_path / 'pairs'
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+        procs.append(RosProcess(node_command(COLLECT, _params(sim_bag, out_dir),
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: client.node.count_publishers('/collect_node/output/overlay') > 0, 30,
+                 'collect node', on_fail=procs[0].output)
+        # The file system refuses pair files part-way, as a full disk does (here the node's
+        # file size limit: 50 kB for pairs of about 220 kB; Python ignores SIGXFSZ).
+        pid = procs[0].proc.pid
+        hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (50_000, hard))
+
+        def statuses():
+            return [s for _, msg in diags for s in msg.status if 'collect_node' in s.name]
+        replay = _replay(sim_bag, domain, tmp_path / 'replay1.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        wait_for(lambda: any(s.level == b'\x02' and 'File too large' in s.message
+                             for s in statuses()), 15, 'an ERROR status naming the cause',
+                 on_fail=lambda: procs[0].output()[-2000:])
+        assert os.listdir(out_dir / 'pairs') == []       # no partial or temporary files
+        assert len(PairReader(str(out_dir))) == 0 and procs[0].returncode is None
+        # Space is back: the next sets are written, the status returns to OK.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        replay = _replay(sim_bag, domain, tmp_path / 'replay2.log', '--rate', '0.5')
+        assert replay.wait(timeout=60) == 0, replay.output()
+        replay.stop()
+        wait_for(lambda: len(PairReader(str(out_dir))) == 4, 20, '4 pairs after space is back',
+                 on_fail=lambda: procs[0].output()[-2000:])
+        errors = len(statuses())
+        wait_for(lambda: len(statuses()) > errors and statuses()[-1].level == b'\x00', 15,
+                 'an OK status')
+    log = procs[0].output()
+    assert 'recording paused: cannot write' in log and 'recording resumed in' in log
+    assert sorted(os.listdir(out_dir / 'pairs')) == [f'{i:09d}.npz' for i in range(4)]
+
+
 def _set_publishers(client):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     return (client.node.create_publisher(PointCloud2, '/lidar/points', 10),
@@ -223,7 +267,7 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     domain = unique_domain_id()
     params = {'calibration_file': str(sim_bag / 'calibration.yaml'), 'cameras': ['front'],
               'image_transport': 'raw', 'image_topic': '/cameras/{camera}/image_raw',
-              'lidar_sync_offset_ms': 0.0, 'point_time_field': '',
+              'lidar_sync_offset_ms': 0.0, 'point_time_field': '', 'max_points': 2000,
               'record.enabled': True, 'record.output_dir': str(out_dir)}
     with RosClient(domain) as client, processes() as procs:
         diags = client.collect(DiagnosticArray, '/diagnostics')
@@ -286,11 +330,29 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
         base += 1_000_000_000
         send(base, points=cloud(xyz[:0], base))
         n = good_set_after(base, n)
+        # i. more points than max_points: dropped unread, before the synchronizer
+        base += 1_000_000_000
+        send(base, points=np.concatenate([xyz, xyz[:1]]))
+        n = good_set_after(base, n)
+        # j. x with count 3 (skipped); k. uint8 coordinates (a pair, with a warning)
+        base += 1_000_000_000
+        wide = cloud(xyz, base)
+        wide.fields[0].count = 3
+        send(base, points=wide)
+        n = good_set_after(base, n)
+        base += 1_000_000_000
+        uint8 = np.zeros(len(xyz), dtype=[(c, 'u1') for c in 'xyz'])
+        for i, c in enumerate('xyz'):
+            uint8[c] = np.clip(xyz[:, i] + 4, 0, 255)
+        send(base, points=array_to_cloud(uint8, base, 'lidar', t))
+        wait_for(lambda: pairs() > n, 15, 'the pair with uint8 coordinates')
+        n = pairs()
         # h. stamps jump backwards (a bag loop): reset, and later sets pair again
         base -= 100_000_000_000
         n = good_set_after(base, n)
         keys = ('bad_camera_info', 'bad_encoding', 'image_size_mismatch', 'missing_xyz',
-                'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
+                'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards', 'too_many_points',
+                'integer_xyz')
 
         def diag_values():
             return {kv.key: kv.value for _, msg in diags for s in msg.status
@@ -299,9 +361,11 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
                  on_fail=lambda: str(diag_values()))
         assert procs[0].returncode is None
     values = diag_values()
-    assert all(values[k] == '1' for k in keys), values
+    assert all(values[k] == ('2' if k == 'bad_layout' else '1') for k in keys), values
     reader = PairReader(str(out_dir))
-    assert len(reader) == 10       # 8 good sets, the set with a bad CameraInfo, the NaN one
+    # 10 good sets, the sets with a bad CameraInfo, with NaNs and with uint8 coordinates
+    assert len(reader) == 13
+    assert sorted(p.xyz.shape[0] for p in reader)[-1] == 2000       # none above max_points
     nan_pair = [p for p in reader if p.xyz.shape[0] == 1900]
     assert len(nan_pair) == 1 and np.isfinite(nan_pair[0].xyz).all()
     first = reader[0]                                   # raw images are stored as lossless PNG
@@ -309,7 +373,9 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     np.testing.assert_array_equal(first.image('front'), rgb)
     log = procs[0].output()
     for text in ("'yuv422_yuy2' is not supported", 'image is 160x90 but the calibration says '
-                 '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive'):
+                 '320x180', "no field(s) ['x', 'y', 'z']", 'focal lengths must be positive',
+                 'cloud of 2001 points (2001 x 1) skipped unread: more than max_points (2000)',
+                 'coordinates are not floating point (x uint8, y uint8, z uint8)'):
         assert text in log, text
 
 

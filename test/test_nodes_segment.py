@@ -109,7 +109,8 @@ def test_segment_node_survives_bad_input_and_reports_it(tmp_path, checkpoint):
         out = client.collect(PointCloud2, '/labeled')
         diags = client.collect(DiagnosticArray, '/diagnostics')
         pub = client.node.create_publisher(PointCloud2, '/lidar/points', 10)
-        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint)}, REMAPS),
+        procs.append(RosProcess(node_command(SEGMENT, {'checkpoint': str(checkpoint),
+                                                       'max_points': 1000}, REMAPS),
                                 ros_env(domain), tmp_path / 'node.log'))
         wait_for(lambda: pub.get_subscription_count() > 0 and
                  client.node.count_publishers('/labeled') > 0, 40, 'segment node',
@@ -146,13 +147,42 @@ def test_segment_node_survives_bad_input_and_reports_it(tmp_path, checkpoint):
                                    base + 40, 'lidar', t)
         got = send_and_expect(organized, True)                # organized in, organized out
         assert (got[0].height, got[0].width) == (10, 20)
-        keys = ('missing_xyz', 'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards')
+        # more points than max_points: skipped unread, the next cloud is labeled at once
+        big = np.random.default_rng(4).uniform(-10, 10, (1001, 4)).astype(np.float32)
+        send_and_expect(_cloud(big, base + 50, t), False)
+        send_and_expect(_cloud(big[:1000], base + 60, t), True)         # the bound itself
+        # x with count 3: skipped with a clear message (was a numpy broadcast error)
+        wide = _cloud(good, base + 70, t)
+        wide.fields[0].count = 3
+        wide.fields = wide.fields[:3]
+        send_and_expect(wide, False)
+        # (bad_layout was logged for point_step 8 moments ago: the status message tells this one)
+        count_3 = ("bad_layout: cloud skipped: field 'x' has count 3: x, y and z must each "
+                   "have count 1")
+        wait_for(lambda: any(s.message == count_3 for _, m in diags for s in m.status), 5,
+                 'the status message of x with count 3')
+        # integer coordinates: labeled, with a warning; 1e30 m: 255, no numpy overflow
+        uint8 = np.zeros(200, dtype=[('x', 'u1'), ('y', 'u1'), ('z', 'u1')])
+        for c in 'xyz':
+            uint8[c] = np.random.default_rng(5).integers(0, 30, 200)
+        got = send_and_expect(array_to_cloud(uint8, base + 80, 'lidar', t), True)
+        assert np.all(cloud_to_array(got[0])['class_id'] < 12)
+        huge = good.copy()
+        huge[:10, 0] = 1e30
+        got = send_and_expect(_cloud(huge, base + 90, t), True)
+        labeled = cloud_to_array(got[0])
+        assert np.all(labeled['class_id'][:10] == 255) and np.all(labeled['class_id'][10:] < 12)
+        keys = ('missing_xyz', 'bad_layout', 'nan_points', 'empty_cloud', 'stamp_backwards',
+                'too_many_points', 'integer_xyz')
         wait_for(lambda: all(_diag_values(diags, k) for k in keys), 5, 'diagnostics counters',
                  on_fail=lambda: str(diags[-1][1] if diags else None))
-        assert [int(_diag_values(diags, k)) for k in keys] == [1] * 5
+        assert [int(_diag_values(diags, k)) for k in keys] == [1, 2, 1, 1, 1, 1, 1]
         assert procs[0].returncode is None                    # still running
     log = procs[0].output()
     assert "no field(s) ['x', 'y', 'z']" in log and 'point_step 8' in log   # names the problem
+    assert 'cloud of 1001 points (1001 x 1) skipped unread: more than max_points (1000)' in log
+    assert 'x uint8, y uint8, z uint8' in log
+    assert 'overflow' not in log and 'Traceback' not in log
 
 
 def test_segment_node_parameters_are_validated(tmp_path, checkpoint):
@@ -246,6 +276,19 @@ def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
         wait_for(lambda: 'missing_xyz=1' in procs[0].output(), 15, 'logged counters',
                  on_fail=procs[0].output)
     assert 'diagnostic_msgs is not importable' in procs[0].output()
+
+
+def test_points_at_1e30_m_are_cropped_without_numpy_warnings():
+    import warnings
+
+    from cmkd_ros.nodes.labeling import SegmentNodeConfig, select_points
+    points = np.zeros(4, dtype=[(c, 'f4') for c in 'xyz'])
+    points['x'] = [1.0, 1e30, -3e38, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                   # was: overflow in the float32 norm
+        xyz, rows, intensity = select_points(points, SegmentNodeConfig(checkpoint='s.pt'))
+    np.testing.assert_array_equal(rows, [0, 3])
+    np.testing.assert_array_equal(intensity, [0, 0])
 
 
 def test_precision_parameter_is_validated():

@@ -5,13 +5,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
-from cmkd_ros.pairs import (Pair, PairFormatError, PairReader, PairWriter, encode_depth_png,
-                            encode_png)
+from cmkd_ros.pairs import (Pair, PairFormatError, PairIndexWarning, PairReader, PairWriteError,
+                            PairWriter, encode_depth_png, encode_png)
 
 
 def make_pair(seed: int, n: int = 500) -> Pair:
@@ -54,6 +55,91 @@ def test_reader_sees_pairs_written_after_it_opened_and_ignores_torn_lines(tmp_pa
         fh.write('{"id": 7, "fi')              # a writer killed mid-line
     assert reader.refresh() == 1 and len(reader) == 2
     assert reader[1].lidar_stamp_ns == make_pair(2).lidar_stamp_ns
+
+
+def _cut_last_index_line(root, keep: int) -> None:
+    """Leave only ``keep`` bytes of the last index line, as a writer killed mid-line does."""
+    index = root / 'index.jsonl'
+    lines = index.read_bytes().splitlines(keepends=True)
+    index.write_bytes(b''.join(lines[:-1]) + lines[-1][:keep])
+
+
+def test_a_torn_index_line_is_repaired_and_its_pair_stays_listed(tmp_path):
+    writer = PairWriter(str(tmp_path))
+    for i in range(3):
+        writer.write(make_pair(i))
+    _cut_last_index_line(tmp_path, 12)               # killed while indexing pair 2
+    assert len(PairReader(str(tmp_path))) == 2       # the torn line waits
+    writer = PairWriter(str(tmp_path))               # a restarted writer (the collect node)
+    assert writer.repaired_bytes == 12 and writer.count == 3
+    writer.write(make_pair(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')               # nothing damaged is left
+        reader = PairReader(str(tmp_path))           # the default reader, as training uses
+    assert [e['id'] for e in reader.entries] == [0, 1, 2, 3]
+    assert [p.lidar_stamp_ns for p in reader] == [make_pair(i).lidar_stamp_ns for i in range(4)]
+
+
+def test_the_default_reader_tolerates_and_reports_a_damaged_index_line(tmp_path):
+    writer = PairWriter(str(tmp_path))
+    for i in range(3):
+        writer.write(make_pair(i))
+    # What an older writer left: pair 1's torn line with its recovered entry appended to it.
+    lines = (tmp_path / 'index.jsonl').read_text().splitlines(keepends=True)
+    (tmp_path / 'index.jsonl').write_text(lines[0] + lines[1][:15] + lines[1] + lines[2])
+    with pytest.warns(PairIndexWarning, match=r'damaged line\(s\) \[2\]'):
+        reader = PairReader(str(tmp_path))
+    assert reader.damaged_lines == [2]
+    assert [e['id'] for e in reader.entries] == [0, 1, 2]
+    assert reader[1].lidar_stamp_ns == make_pair(1).lidar_stamp_ns
+
+
+def test_a_failed_write_leaves_nothing_and_the_next_one_succeeds(tmp_path, monkeypatch):
+    import errno
+    import resource
+    writer = PairWriter(str(tmp_path))
+    writer.write(make_pair(0))
+    index = (tmp_path / 'index.jsonl').read_bytes()
+
+    def contents():
+        return sorted(os.listdir(tmp_path / 'pairs')), (tmp_path / 'index.jsonl').read_bytes()
+
+    before = contents()
+    # 1. the file system refuses the pair file part-way (here: the file size limit; Python
+    #    ignores SIGXFSZ, so the write fails with EFBIG as with ENOSPC on a full disk)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(PairWriteError, match='File too large') as failed:
+            writer.write(make_pair(1, n=20000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failed.value.errno == errno.EFBIG and contents() == before   # no partial file
+    # 2. the index append fails: the pair file is removed, the index cut back
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync_fails_on_the_index(fd):
+        calls.append(fd)
+        if len(calls) == 3:                   # 1: pair file, 2: its folder, 3: index
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', fsync_fails_on_the_index)
+    with pytest.raises(PairWriteError, match='No space left on device'):
+        writer.write(make_pair(1))
+    monkeypatch.setattr(os, 'fsync', real_fsync)
+    assert contents() == before
+    # 3. less free space than the pair and the reserve: refused before anything is written
+    writer.min_free_bytes = 2 ** 62
+    with pytest.raises(PairWriteError, match='no space left on the disk') as full:
+        writer.write(make_pair(1))
+    assert full.value.errno == errno.ENOSPC and contents() == before
+    # 4. space is back: the next write succeeds with the next id
+    writer.min_free_bytes = 0
+    writer.write(make_pair(1))
+    assert [e['id'] for e in PairReader(str(tmp_path)).entries] == [0, 1]
+    assert (tmp_path / 'index.jsonl').read_bytes().startswith(index)
 
 
 def test_quota_stops_writing(tmp_path):

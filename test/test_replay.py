@@ -72,18 +72,30 @@ def test_replay_loop_restarts_and_time_jumps_back(tmp_path):
     (['/nonexistent/bag'], 'bag not found'),
     (['{bag}', '--topics', '/nope'], "['/nope'] not in"),
     (['{bag}', '--rate', '0'], '--rate must be > 0'),
+    (['{tmp}/empty'], 'not a rosbag2 bag (no metadata.yaml'),              # an empty folder
+    (['{tmp}/pairs'], 'not a rosbag2 bag (no metadata.yaml'),              # a pair dataset
+    (['{tmp}/lone/drive.db3'], 'not a rosbag2 bag (no metadata.yaml'),     # a lone .db3
+    (['{tmp}/broken'], 'not a readable rosbag2 (Could not load YAML'),
 ])
 def test_replay_rejects_bad_arguments_with_a_clear_message(tmp_path, args, message):
     bag = tmp_path / 'bag'
     write_cloud_bag(bag, 'mcap', frames=1, points=10)
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'pairs' / 'pairs').mkdir(parents=True)
+    (tmp_path / 'pairs' / 'dataset.yaml').write_text('format_version: 1\n')
+    (tmp_path / 'lone').mkdir()
+    (tmp_path / 'lone' / 'drive.db3').write_bytes(b'SQLite format 3\x00')
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'metadata.yaml').write_text('rosbag2_bagfile_information: [\n')
     domain = unique_domain_id()
-    proc = RosProcess(_replay_cmd(*[a.format(bag=bag) for a in args]), ros_env(domain),
-                      tmp_path / 'replay.log')
+    proc = RosProcess(_replay_cmd(*[a.format(bag=bag, tmp=tmp_path) for a in args]),
+                      ros_env(domain), tmp_path / 'replay.log')
     try:
         assert proc.wait(timeout=30) == 2
     finally:
         proc.stop()
-    assert message in proc.output()
+    lines = proc.output().strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines       # one line, no traceback
 
 
 def test_replay_passes_ros_args_remaps(tmp_path):

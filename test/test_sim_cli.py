@@ -54,6 +54,12 @@ def test_cmkd_sim_rejects_bad_settings_naming_the_field(tmp_path):
     (tmp_path / 'exists').mkdir()
     res = _cmkd('--frames', '1', '--out', str(tmp_path / 'exists'))
     assert res.returncode == 2 and 'already exists' in res.stderr
+    (tmp_path / 'file').write_text('')                   # an output path below a file
+    res = _cmkd('--frames', '1', '--out', str(tmp_path / 'file' / 'out'), '--format', 'frames',
+                '--no-progress', *SMALL)
+    assert res.returncode == 2 and 'Traceback' not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"cmkd sim: [Errno 20] Not a directory: "
+                                               f"'{tmp_path / 'file' / 'out'}'"]
 
 
 def test_cmkd_sim_stride_spreads_frames_over_the_drive(tmp_path):

@@ -106,6 +106,38 @@ def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
         assert float(pseudo2d.grad[with_pixels].abs().sum()) > 0.0
 
 
+@pytest.mark.parametrize('method', ['fskd', 'udakd', 'supervised'])
+def test_loss_gradients_are_bitwise_reproducible_with_two_threads(tiny, method):
+    """Gathering point rows by advanced indexing had a parallel, atomic backward on CPU: two
+    runs with 2 threads differed (the default on 2 cores); index_select's backward does not."""
+    gen = torch.Generator().manual_seed(1)
+    voxels, points, pairs = 3000, 40000, 30000          # above torch's parallel grain size
+    batch = {'inverse': torch.randint(0, voxels, (points,), generator=gen),
+             'labels': torch.randint(0, 12, (points,), generator=gen),
+             'corr_point': torch.randint(0, points, (pairs,), generator=gen),
+             'corr_image': torch.randint(0, 2, (pairs,), generator=gen),
+             'corr_uv': torch.rand(pairs, 2, generator=gen) * torch.tensor([63.0, 47.0]),
+             'images': torch.randint(0, 255, (2, 3, 48, 64), dtype=torch.uint8, generator=gen)}
+    config = make_config(tiny, method, 'unused')
+    teacher = load_teacher(tiny['teacher']).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    grads = []
+    try:
+        for _ in range(5):
+            outputs = {'pseudo2d': torch.randn(voxels, 16, generator=torch.Generator(
+                ).manual_seed(2)).requires_grad_(True), 'logits': torch.randn(
+                    voxels, 12, generator=torch.Generator().manual_seed(3)).requires_grad_(True)}
+            context = T.LossContext(config, teacher, torch.Generator().manual_seed(0))
+            sum(T.METHOD_LOSSES[method](outputs, batch, context).values()).backward()
+            grads.append([v.grad for v in outputs.values() if v.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0] and all(float(g.abs().sum()) > 0 for g in grads[0])
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
 def test_class_balance_weights_the_semantic_and_ce_terms(tiny, tmp_path):
     """inverse_sqrt (the default) weights each point by its class (the teacher's label for the
     KL, the 3D label for the cross-entropy); none is the plain mean; the feature term is
@@ -157,6 +189,56 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
     resumed = trainer.fit()
     a = state_of(full['checkpoint'])['student']
     b = state_of(resumed['checkpoint'])['student']
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(tiny, tmp_path, capsys,
+                                                                    caplog):
+    from cmkd_ros import cli
+    out = tmp_path / 'run'
+    config = make_config(tiny, 'supervised', out)
+    T.train(config)
+    checkpoints = {path: open(path, 'rb').read() for _, path in T.list_checkpoints(str(out))}
+    args = ['train', 'supervised', f'data.train={tiny["train"]}', f'out_dir={out}', 'steps=4',
+            'checkpoint_every=2', 'log_every=1', 'student.arch=small', 'data.batch_size=2',
+            'progress=false', 'threads=1', 'optim.warmup_steps=0',
+            'share_teacher_classifier=false', 'freeze_classifier=false']
+    assert cli.main(args) == 2                     # was: restarted at step 0, checkpoints gone
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds an earlier run (checkpoints up to step 4' in err[0]
+    assert '--resume to continue it, or --overwrite to start over' in err[0]
+    assert {p: open(p, 'rb').read() for _, p in T.list_checkpoints(str(out))} == checkpoints
+    assert cli.main(args + ['--resume', '--overwrite']) == 2
+    # --overwrite: the earlier run is deleted (saying so) and a new one starts at step 0
+    with caplog.at_level('WARNING', logger='cmkd_ros.train'):
+        summary = T.train(config, overwrite=True)
+    assert summary['start_step'] == 0 and 'deleted the earlier run' in caplog.text
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_up(tiny, tmp_path, caplog):
+    out = tmp_path / 'run'
+    full = T.train(make_config(tiny, 'supervised', tmp_path / 'full', 'steps=6'))
+    cut = make_config(tiny, 'supervised', out, 'steps=6', 'keep_checkpoints=3')
+    T.train(cut)
+    steps = T.list_checkpoints(str(out))
+    assert [s for s, _ in steps] == [2, 4, 6]
+    with open(steps[-1][1], 'r+b') as fh:         # the newest checkpoint torn by a crash
+        fh.truncate(os.path.getsize(steps[-1][1]) // 2)
+    stale = out / 'checkpoints' / 'step_00000008.pt.tmp.4242'    # a killed save's leftover
+    stale.write_bytes(b'partial')
+    with caplog.at_level('WARNING', logger='cmkd_ros.train'):
+        trainer = T.Trainer(cut, resume=True)
+    assert trainer.step == 4
+    assert 'unreadable checkpoint(s)' in caplog.text and 'step_00000006.pt' in caplog.text
+    assert 'resuming from' in caplog.text and 'step_00000004.pt (step 4)' in caplog.text
+    resumed = trainer.fit()
+    assert not stale.exists()
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]        # no step logged twice
+    a, b = state_of(full['checkpoint'])['student'], state_of(resumed['checkpoint'])['student']
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 
 import torch
 
@@ -62,10 +61,21 @@ def save_checkpoint(path, student: Student, *, class_names, class_colors,
     }
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save`` to ``<path>.tmp.<pid>``, fsync, then rename over ``path``.
+
+    The file gets the mode any new file gets (0666 less the umask); the temporary file is
+    removed when saving fails (a full disk).
+    """
+    tmp = f'{os.fspath(path)}.tmp.{os.getpid()}'
     try:
-        torch.save(payload, tmp)
+        with open(tmp, 'wb') as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -472,9 +472,8 @@ def save_teacher(teacher: Teacher, path: str, class_map: ClassMap | None = None)
     data = {'format': TEACHER_FORMAT, 'config': to_dict(teacher.config),
             'class_map': class_map.to_dict() if class_map is not None else None,
             'state_dict': {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}
-    tmp = f'{path}.tmp'
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    from .checkpoint import atomic_torch_save
+    atomic_torch_save(data, path)
 
 
 def _is_torchscript(path: str) -> bool:

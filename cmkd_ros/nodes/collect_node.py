@@ -28,24 +28,23 @@ from cmkd_ros.calibration import (CalibrationError, CameraCalibration, RigCalibr
                                   calibration_from_camera_info)
 from cmkd_ros.config import ConfigError, to_dict
 from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
-                                  UnsupportedEncodingError, array_to_image, cloud_to_array,
-                                  compressed_format, image_to_array, rclpy_types,
-                                  xyz_from_cloud)
+                                  UnsupportedEncodingError, array_to_image, compressed_format,
+                                  image_to_array, rclpy_types, scalar_field, xyz_from_cloud)
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
                                        extrinsics_disagreement, point_times_ns, startup_rig,
                                        teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, qos_overrides,
-                                   run_node, sensor_qos)
-from cmkd_ros.pairs import Pair, PairWriter
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, decode_cloud,
+                                   oversized_cloud, qos_overrides, run_node, sensor_qos)
 from cmkd_ros.occlusion import camera_baselines
+from cmkd_ros.pairs import Pair, PairWriteError, PairWriter
 from cmkd_ros.projection import ProjectionError, compute_correspondences, resolve_scan_pattern
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
 RUNTIME_PARAMETERS = ('record.enabled', 'record.min_interval_s', 'record.min_correspondences',
-                      'overlay.enabled', 'overlay.max_rate_hz')
+                      'overlay.enabled', 'overlay.max_rate_hz', 'max_points')
 
 
 def encoded_size(data: bytes) -> tuple[int, int] | None:
@@ -168,6 +167,7 @@ class CollectNode(Node):
         quota = int(config.record.max_megabytes * 1e6) or None
         self.writer = PairWriter(config.record.output_dir, max_bytes=quota,
                                  fsync=config.record.fsync,
+                                 min_free_bytes=int(config.record.min_free_megabytes * 1e6),
                                  metadata={'source': 'cmkd_ros collect_node',
                                            'cameras': list(config.cameras),
                                            'collect_config': to_dict(config)})
@@ -266,6 +266,10 @@ class CollectNode(Node):
         return sample
 
     def _on_cloud(self, msg: PointCloud2) -> None:
+        too_many = oversized_cloud(msg, self.params.config.max_points)
+        if too_many is not None:                 # never buffered by the synchronizer
+            self.diag.warn('too_many_points', too_many)
+            return
         stamp = msg_stamp_ns(msg)
         if self._last_lidar_ns is not None and stamp < self._last_lidar_ns:
             self.diag.warn('stamp_backwards', f'LiDAR stamp jumped back by '
@@ -325,15 +329,8 @@ class CollectNode(Node):
         samples: dict[str, CameraSample] = {
             k: v for k, v in item.messages.items() if k != LIDAR_KEY}
         stamp = msg_stamp_ns(lidar_msg)
-        try:
-            points = cloud_to_array(lidar_msg)
-        except ConversionError as exc:
-            self.diag.warn('bad_layout', f'set skipped: {exc}')
-            return
-        missing = [c for c in 'xyz' if c not in (points.dtype.names or ())]
-        if missing:
-            self.diag.warn('missing_xyz', f'set skipped: cloud has no field(s) {missing}; '
-                           f'fields are {list(points.dtype.names or ())}')
+        points = decode_cloud(lidar_msg, self.diag, 'set skipped')
+        if points is None:
             return
         if points.shape[0] == 0:
             self.diag.warn('empty_cloud', 'empty LiDAR cloud: set skipped')
@@ -398,19 +395,25 @@ class CollectNode(Node):
             if self.teacher is not None:
                 teacher[n] = teacher_outputs(self.teacher, decoded_rgb(samples[n]),
                                              config.teacher.device)
-        fields = points.dtype.names
         pair = Pair(
             lidar_stamp_ns=stamp, xyz=xyz, camera_names=names, camera_stamp_ns=cam_stamps,
             images=images, image_formats=formats, calibration=rig,
-            intensity=points['intensity'].astype(np.float32) if 'intensity' in fields else None,
-            ring=points['ring'].astype(np.uint16) if 'ring' in fields else None,
+            intensity=scalar_field(points, 'intensity', np.float32),
+            ring=scalar_field(points, 'ring', np.uint16),
             point_time_ns=times, teacher=teacher,
             ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
             ego_poses=None if trajectory is None else trajectory.T_world_lidar,
             correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
                              'depth': corr.depth} if config.record.store_correspondences
             else None)
-        path = self.writer.write(pair)
+        try:
+            path = self.writer.write(pair)
+        except PairWriteError as exc:       # disk full: nothing left behind; retried next set
+            self.diag.fail('write_failed', f'recording paused: {exc}')
+            return
+        if self.diag.recover('write_failed'):
+            self.get_logger().info(f'recording resumed in {config.record.output_dir} after '
+                                   f'{self.diag.counters["write_failed"]} failed write(s)')
         if path is None:
             self.quota_reached = True
             self.diag.warn('quota_reached', f'disk quota of {config.record.max_megabytes} MB '

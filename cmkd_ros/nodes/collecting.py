@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.conversions import scalar_field
+from cmkd_ros.nodes.labeling import MAX_POINTS
 from cmkd_ros.projection import CorrespondenceConfig
 from cmkd_ros.sync import SyncConfig
 
@@ -25,6 +27,10 @@ class RecordSettings:
     output_dir: str = setting('', 'pair dataset folder (created; appended to if it exists)')
     max_megabytes: float = setting(0.0, 'disk quota of the pair files in MB (0: none); '
                                    'recording stops when reached', ge=0.0)
+    min_free_megabytes: float = setting(100.0, 'free disk space (MB) recording leaves: below '
+                                        'it, or when a write fails, recording pauses (ERROR '
+                                        'diagnostic write_failed) and resumes once a pair can be '
+                                        'written again', ge=0.0)
     min_interval_s: float = setting(0.0, 'rate limit: at most one pair per this many seconds '
                                     'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
     min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)
@@ -103,6 +109,10 @@ class CollectNodeConfig:
         ge=-1000.0, le=1000.0)
     point_time_field: str = setting('time', 'per-point time field: float seconds since the '
                                     'header stamp; empty: all points at the header stamp')
+    max_points: int = setting(MAX_POINTS, 'clouds with more points are skipped unread '
+                              '(warning too_many_points): bounds the time and memory one '
+                              'message can cost; the default admits a 128-beam LiDAR '
+                              '(about 262,000 points) (0: no limit)', ge=0)
     processing_queue: int = setting(4, 'synchronized sets waiting for the worker; more are '
                                     'dropped (counted)', ge=1, le=100)
     diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
@@ -192,16 +202,19 @@ class RateLimiter:
 
 
 def point_times_ns(points: np.ndarray, stamp_ns: int, time_field: str) -> np.ndarray | None:
-    """(N,) int64 absolute capture time of each point, or None without a time field.
+    """(N,) int64 absolute capture time of each point, or None without a time field (or one
+    with a count other than 1).
 
-    ``time_field`` holds seconds relative to the header stamp (float) or nanoseconds (integer).
+    ``time_field`` holds seconds relative to the header stamp (float; non-finite values count
+    as 0, values are clipped to +-1e9 s) or nanoseconds (integer).
     """
-    if not time_field or time_field not in (points.dtype.names or ()):
+    rel = scalar_field(points, time_field) if time_field else None
+    if rel is None:
         return None
-    rel = points[time_field]
     if rel.dtype.kind == 'f':
-        rel_ns = np.nan_to_num(rel.astype(np.float64) * 1e9, nan=0.0)
-        return stamp_ns + np.round(rel_ns).astype(np.int64)
+        rel_s = np.nan_to_num(scalar_field(points, time_field, np.float64), nan=0.0,
+                              posinf=0.0, neginf=0.0)
+        return stamp_ns + np.round(np.clip(rel_s, -1e9, 1e9) * 1e9).astype(np.int64)
     return stamp_ns + rel.astype(np.int64)
 
 

@@ -12,9 +12,12 @@ import numpy as np
 
 from cmkd_ros.classes import IGNORE_INDEX, ClassMap
 from cmkd_ros.config import PRECISION_CHOICES, ConfigError, setting
-from cmkd_ros.conversions import xyz_from_cloud
+from cmkd_ros.conversions import scalar_field, xyz_from_cloud
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
+# Largest cloud a node takes by default (parameter max_points): above a 128-beam LiDAR's scan
+# (128 x 2048 = 262,144 points), far above nuScenes' 32 beams (about 35,000).
+MAX_POINTS = 300_000
 
 # predictor(xyz (N, 3) float32 LiDAR frame, intensity (N,) float32)
 #   -> class_id (N,) integer, probability (N,) float
@@ -47,6 +50,10 @@ class SegmentNodeConfig:
     always_process: bool = setting(False, 'segment even when nobody subscribes to the output '
                                    '(benchmarks); normally inference is skipped then')
     diagnostics_period_s: float = setting(1.0, 'period of the /diagnostics status (s)', gt=0.0)
+    max_points: int = setting(MAX_POINTS, 'clouds with more points are skipped unread '
+                              '(warning too_many_points): bounds the time and memory one '
+                              'message can cost; the default admits a 128-beam LiDAR '
+                              '(about 262,000 points) (0: no limit)', ge=0)
     pipeline: bool = setting(True, 'a second thread decodes and voxelizes each scan, then '
                              'builds its kernel maps while the network already runs on it: '
                              'lower latency and more scans per second on multi-core CPUs')
@@ -128,18 +135,19 @@ def segment_array(points: np.ndarray, predictor: Predictor, class_map: ClassMap,
 
 def select_points(points: np.ndarray, config: SegmentNodeConfig) -> tuple:
     """The points to segment: ``(xyz (M, 3) float32, rows (M,) into points, intensity (M,))``,
-    finite and within [range_min, range_max] (intensity 0 when the cloud has none)."""
+    finite and within [range_min, range_max] (intensity 0 when the cloud has none, or not one
+    value per point, or a non-finite one)."""
     # 1. finite points (LiDAR frame), 2. range crop.
     xyz, rows = xyz_from_cloud(points, drop_invalid=True)
     if rows.size:
-        dist = np.linalg.norm(xyz, axis=1)
+        dist = np.linalg.norm(xyz.astype(np.float64), axis=1)    # float32 squares overflow
         in_range = (dist >= config.range_min) & (dist <= config.range_max)
         xyz, rows = xyz[in_range], rows[in_range]
-    if 'intensity' in (points.dtype.names or ()):
-        intensity = np.asarray(points['intensity'][rows], dtype=np.float32).reshape(-1)
-        intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
-    else:
+    intensity = scalar_field(points, 'intensity', np.float32)
+    if intensity is None:
         intensity = np.zeros(rows.size, dtype=np.float32)
+    else:
+        intensity = np.nan_to_num(intensity[rows], nan=0.0, posinf=0.0, neginf=0.0)
     return np.ascontiguousarray(xyz), rows, intensity
 
 

@@ -24,6 +24,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 
 from cmkd_ros import config as cfg
+from cmkd_ros.conversions import (ConversionError, MissingFieldsError, check_xyz_fields,
+                                  cloud_to_array)
 from cmkd_ros.launch_support import PROFILE_VARIABLES, profile_variables
 
 
@@ -232,8 +234,10 @@ class Diagnostics:
     """Counters, throttled warnings and a periodic ``/diagnostics`` status for one node.
 
     ``warn(key, text)`` logs at most once per ``throttle_s`` per key and turns the status to
-    WARN for ``warn_hold_s``; ``count(key)`` increments a counter; ``set(key, value)`` sets a
-    value shown in the status. Without diagnostic_msgs the status is logged instead.
+    WARN for ``warn_hold_s``; ``fail(key, text)`` does the same at ERROR level and keeps the
+    status ERROR until ``recover(key)``; ``count(key)`` increments a counter; ``set(key,
+    value)`` sets a value shown in the status. Without diagnostic_msgs the status is logged
+    instead.
     """
 
     OK, WARN, ERROR = 0, 1, 2
@@ -248,6 +252,7 @@ class Diagnostics:
         self.values: dict[str, Any] = {}
         self._last_log: dict[str, float] = {}
         self._last_warn: tuple[float, str] | None = None
+        self.faults: dict[str, str] = {}
         self._last_text, self._last_text_time = '', -float('inf')
         self._lock = threading.Lock()
         try:
@@ -272,6 +277,21 @@ class Diagnostics:
 
     def warn(self, key: str, text: str) -> None:
         """Count ``key``, log ``text`` (throttled per key) and raise the status to WARN."""
+        self._report(key, text, self.node.get_logger().warn)
+
+    def fail(self, key: str, text: str) -> None:
+        """Count ``key``, log ``text`` as an error (throttled per key) and hold the status at
+        ERROR with ``text`` until :meth:`recover`."""
+        with self._lock:
+            self.faults[key] = text
+        self._report(key, text, self.node.get_logger().error)
+
+    def recover(self, key: str) -> bool:
+        """End the fault ``key``; True when it was active."""
+        with self._lock:
+            return self.faults.pop(key, None) is not None
+
+    def _report(self, key: str, text: str, log_fn: Callable[[str], Any]) -> None:
         now = time.monotonic()
         with self._lock:
             self.counters[key] = self.counters.get(key, 0) + 1
@@ -281,7 +301,7 @@ class Diagnostics:
             if log:
                 self._last_log[key] = now
         if log:
-            self.node.get_logger().warn(f'{text} [{key}, {self.counters[key]} so far]')
+            log_fn(f'{text} [{key}, {self.counters[key]} so far]')
 
     def status(self) -> tuple[int, str, dict[str, str]]:
         """(level, message, key/values) of the current state."""
@@ -289,6 +309,9 @@ class Diagnostics:
             items = {k: str(v) for k, v in sorted(self.counters.items())}
             items.update({k: str(v) for k, v in sorted(self.values.items())})
             last = self._last_warn
+            faults = '; '.join(f'{k}: {v}' for k, v in sorted(self.faults.items()))
+        if faults:
+            return self.ERROR, faults, items
         if last is not None and time.monotonic() - last[0] < self.warn_hold_s:
             return self.WARN, last[1], items
         return self.OK, 'ok', items
@@ -311,6 +334,36 @@ class Diagnostics:
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self._pub.publish(msg)
+
+
+# ----------------------------------------------------------------------------- LiDAR input
+
+def oversized_cloud(msg: Any, max_points: int) -> str | None:
+    """Why a PointCloud2 with more than ``max_points`` points (0: no limit) is skipped, or
+    None. Reads only width and height: the check costs the same for any cloud size."""
+    count = int(msg.width) * int(msg.height)
+    if not max_points or count <= max_points:
+        return None
+    return (f'cloud of {count} points ({int(msg.width)} x {int(msg.height)}) skipped unread: '
+            f'more than max_points ({max_points})')
+
+
+def decode_cloud(msg: Any, diag: Diagnostics, skipped: str) -> Any:
+    """The decoded points of a LiDAR cloud, or None after a throttled warning ``bad_layout``
+    or ``missing_xyz`` (``skipped`` starts its text); warns ``integer_xyz`` when x, y, z are
+    not floating point (the cloud is still used)."""
+    try:
+        points = cloud_to_array(msg)
+        note = check_xyz_fields(points.dtype)
+    except MissingFieldsError as exc:
+        diag.warn('missing_xyz', f'{skipped}: {exc}')
+        return None
+    except ConversionError as exc:
+        diag.warn('bad_layout', f'{skipped}: {exc}')
+        return None
+    if note is not None:
+        diag.warn('integer_xyz', note)
+    return points
 
 
 # ----------------------------------------------------------------------------- latest slot

@@ -20,14 +20,15 @@ from std_msgs.msg import Float64
 
 from cmkd_ros.classes import ClassMap
 from cmkd_ros.config import ConfigError
-from cmkd_ros.conversions import ConversionError, array_to_cloud, cloud_to_array, rclpy_types
+from cmkd_ros.conversions import ConversionError, array_to_cloud, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.nodes.labeling import (SegmentNodeConfig, class_filter, label_points,
                                      network_threads, select_points)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, qos_overrides,
-                                   run_node, sensor_qos)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, decode_cloud,
+                                   oversized_cloud, qos_overrides, run_node, sensor_qos)
 
-RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process')
+RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process',
+                      'max_points')
 
 
 def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32',
@@ -136,6 +137,10 @@ class SegmentNode(Node):
             self.skipped_no_subscriber += 1
             self.diag.set('skipped_no_subscriber', self.skipped_no_subscriber)
             return
+        too_many = oversized_cloud(msg, self.params.config.max_points)
+        if too_many is not None:
+            self.diag.warn('too_many_points', too_many)
+            return
         stamp = msg_stamp_ns(msg)
         if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
             self.diag.warn('stamp_backwards', f'cloud stamp jumped back by '
@@ -222,15 +227,8 @@ class SegmentNode(Node):
 
     def _prepare(self, msg: PointCloud2):
         """(msg, decoded points, rows, prepared scan) or None for a skipped cloud."""
-        try:
-            points = cloud_to_array(msg)
-        except ConversionError as exc:
-            self.diag.warn('bad_layout', f'cloud skipped: {exc}')
-            return None
-        missing = [c for c in 'xyz' if c not in (points.dtype.names or ())]
-        if missing:
-            self.diag.warn('missing_xyz', f'cloud skipped: no field(s) {missing}; fields are '
-                           f'{list(points.dtype.names or ())}')
+        points = decode_cloud(msg, self.diag, 'cloud skipped')
+        if points is None:
             return None
         if points.shape[0] == 0:
             self.diag.warn('empty_cloud', 'received an empty cloud; publishing it empty')
