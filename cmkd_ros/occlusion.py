@@ -165,6 +165,8 @@ def _elevation(xyz: np.ndarray) -> np.ndarray:
 def _group_medians(keys: np.ndarray, values: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct ``keys``, the median of ``values`` per key, and the count per key."""
+    if keys.size == 0:
+        return keys, values.astype(np.float64), np.zeros(0, np.int64)
     order = np.lexsort((values, keys))
     k, v = keys[order], values[order]
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
@@ -287,6 +289,8 @@ class OcclusionSettings:
     rel_tolerance: float = 0.1
 
 
+_MAX_ROWS = 1024        # beam rows of a range image (the densest LiDAR has 128)
+
 def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
                         points: np.ndarray, up: np.ndarray, down: np.ndarray, step: float,
                         fraction: float) -> np.ndarray:
@@ -304,6 +308,9 @@ def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
     col = np.rint(np.mod(azimuth, 2 * np.pi) * (cols / (2 * np.pi))).astype(np.int64) % cols
     # 1. range image of the returns, with a margin row below and above the beams.
     ok = np.isfinite(inv)
+    if ok.any() and int(row[ok].max()) - int(row[ok].min()) > _MAX_ROWS:
+        # beam rows no LiDAR has (a corrupt ring field): rank them instead
+        row = np.unique(row, return_inverse=True)[1].reshape(-1)
     row = np.where(ok, row - (row[ok].min() if ok.any() else 0) + 1, 0)
     image = np.full((int(row.max()) + 2, cols), -1, dtype=np.int64)
     image[row[ok], col[ok]] = np.flatnonzero(ok)
@@ -311,7 +318,7 @@ def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
     p_row, p_col, p_inv = row[points], col[points], inv[points]
     shifts = ((0, -1, step), (0, 1, step), (-1, 0, down), (1, 0, up))
     nb_inv, near, slope = [], [], []
-    with np.errstate(invalid='ignore'):
+    with np.errstate(invalid='ignore', divide='ignore'):     # a zero spacing: slope inf
         for dr, dc, angle in shifts:
             nb = image[p_row + dr, (p_col + dc) % cols]
             v = np.where(nb >= 0, inv[nb], np.nan)
@@ -459,6 +466,8 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
         np.maximum(a_hi, da, out=a_hi)
         np.minimum(b_lo, db, out=b_lo)
         np.maximum(b_hi, db, out=b_hi)
+    for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
+        bound[~np.isfinite(bound)] = 0.0
     tol = np.float32(settings.abs_tolerance) + np.float32(settings.rel_tolerance) * rho
     scale = settings.reach / settings.footprint
     bounds = np.searchsorted(cam_idx, np.arange(int(cam_idx.max()) + 2))

@@ -42,6 +42,8 @@ _CHUNK = 4096
 _GEMM_CHUNK = 4096
 
 
+MAX_OCCLUSION_RANGE_M = 1e5   # no LiDAR return is this far; beyond it a point is corrupt
+
 class ProjectionError(ValueError):
     """Bad input to the projection functions (shapes, stamps, missing trajectory data)."""
 
@@ -496,4 +498,12 @@ def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
     forward = np.arctan2(prep.R[:, 2, 1], prep.R[:, 2, 0])
     settings = OcclusionSettings(config.occlusion_footprint, config.occlusion_reach,
                                  config.occlusion_abs_tolerance, config.occlusion_rel_tolerance)
-    return hidden_pairs(cam_idx, point, xyz, direction, forward, pattern, ring, settings)
+    # 3. pairs farther than any LiDAR reaches (a corrupt cloud: coordinates near the float32
+    #    limit) neither hide nor are hidden: their angles would overflow.
+    sane = (np.abs(direction) < MAX_OCCLUSION_RANGE_M).all(axis=1)
+    hidden = np.zeros(len(point), dtype=bool)
+    if sane.any():
+        with np.errstate(over='ignore', invalid='ignore'):
+            hidden[sane] = hidden_pairs(cam_idx[sane], point[sane], xyz, direction[sane],
+                                        forward, pattern, ring, settings)
+    return hidden

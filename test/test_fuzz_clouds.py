@@ -86,7 +86,8 @@ def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error()
     from cmkd_ros.config import build
     from cmkd_ros.conversions import scalar_field, xyz_from_cloud
     from cmkd_ros.pairs import Pair
-    from cmkd_ros.projection import compute_correspondences
+    from cmkd_ros.projection import (CorrespondenceConfig, ProjectionError,
+                                     compute_correspondences, resolve_scan_pattern)
     from cmkd_ros.nodes.collecting import point_times_ns
     from cmkd_ros.nodes.labeling import SegmentNodeConfig, segment_array
     from cmkd_ros.nodes.ros_io import oversized_cloud
@@ -100,6 +101,8 @@ def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error()
     RIG = RigCalibration((CameraCalibration('front', 64, 48, K=[[50, 0, 32], [0, 50, 24],
                                                                  [0, 0, 1]],
                                             T_cam_lidar=T_cam_lidar),))
+    EXPERT = build(CorrespondenceConfig, {'occlusion_azimuth_step_deg': 0.2,
+                                          'occlusion_beam_spacing_deg': 1.0})
     t = rclpy_types()
     rng = np.random.default_rng(int(os.environ.get('CMKD_FUZZ_SEED', '0')))
     outcomes = {'skipped_large': 0, 'rejected': 0, 'labeled': 0}
@@ -122,13 +125,18 @@ def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error()
             xyz, rows = xyz_from_cloud(points)
             kept = points[rows]
             times = point_times_ns(kept, stamp_ns(msg), 'time')
+            ring = scalar_field(kept, 'ring', np.uint16)
+            try:
+                pattern = resolve_scan_pattern(xyz, ring, None, CorrespondenceConfig())
+            except ProjectionError:      # unreadable: the overrides a user would set then
+                pattern = resolve_scan_pattern(xyz, ring, None, EXPERT)
             corr = compute_correspondences(xyz, RIG, point_time_ns=times if times is not None
-                                           else stamp_ns(msg))
+                                           else stamp_ns(msg), ring=ring, scan_pattern=pattern)
             Pair(lidar_stamp_ns=stamp_ns(msg), xyz=xyz, camera_names=['front'],
                  camera_stamp_ns=np.array([stamp_ns(msg)]), images={'front': b'png'},
                  image_formats={'front': 'png'}, calibration=RIG, point_time_ns=times,
                  intensity=scalar_field(kept, 'intensity', np.float32),
-                 ring=scalar_field(kept, 'ring', np.uint16),
+                 ring=ring,
                  correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
                                   'depth': corr.depth}).to_arrays()
         assert back.shape == (msg.height * msg.width,), case

@@ -350,6 +350,8 @@ class CollectNode(Node):
         ring = points['ring'] if 'ring' in points.dtype.names else None
         if self.scan_pattern is None and config.correspondence.occlusion:
             self._infer_scan_pattern(xyz, ring, config)
+            if self.scan_pattern is None:
+                return                      # warned; the occlusion test needs it
         corr = compute_correspondences(
             xyz, rig, point_time_ns=times if times is not None else stamp,
             camera_stamp_ns=cam_stamps, trajectory=trajectory, ring=ring,

@@ -277,21 +277,26 @@ class Diagnostics:
 
     def warn(self, key: str, text: str) -> None:
         """Count ``key``, log ``text`` (throttled per key) and raise the status to WARN."""
-        self._report(key, text, self.node.get_logger().warn)
+        message = self._report(key, text)
+        if message:      # each severity logs from its own line: Jazzy's rclpy refuses one
+            self.node.get_logger().warn(message)    # call site logging at two severities
 
     def fail(self, key: str, text: str) -> None:
         """Count ``key``, log ``text`` as an error (throttled per key) and hold the status at
         ERROR with ``text`` until :meth:`recover`."""
         with self._lock:
             self.faults[key] = text
-        self._report(key, text, self.node.get_logger().error)
+        message = self._report(key, text)
+        if message:
+            self.node.get_logger().error(message)
 
     def recover(self, key: str) -> bool:
         """End the fault ``key``; True when it was active."""
         with self._lock:
             return self.faults.pop(key, None) is not None
 
-    def _report(self, key: str, text: str, log_fn: Callable[[str], Any]) -> None:
+    def _report(self, key: str, text: str) -> str | None:
+        """Count ``key``; the log line for ``text``, or None while throttled."""
         now = time.monotonic()
         with self._lock:
             self.counters[key] = self.counters.get(key, 0) + 1
@@ -300,8 +305,8 @@ class Diagnostics:
             log = last is None or now - last >= self.throttle_s
             if log:
                 self._last_log[key] = now
-        if log:
-            log_fn(f'{text} [{key}, {self.counters[key]} so far]')
+            count = self.counters[key]
+        return f'{text} [{key}, {count} so far]' if log else None
 
     def status(self) -> tuple[int, str, dict[str, str]]:
         """(level, message, key/values) of the current state."""
