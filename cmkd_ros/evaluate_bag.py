@@ -115,7 +115,6 @@ def launch_system_available() -> bool:
     """True when ``ros2 launch cmkd_ros <file>`` can run here: the ros2 command, the launch
     packages and this package's launch files in the ament index."""
     import importlib.util
-    import shutil
     if not shutil.which('ros2') or any(importlib.util.find_spec(m) is None
                                        for m in ('launch_ros', 'ros2launch')):
         return False
