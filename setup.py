@@ -59,7 +59,7 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'cmkd = cmkd_ros.cli:main',
+            'cmkd = cmkd_ros.tools.cli:main',
             'collect_node = cmkd_ros.nodes.collect_node:main',
             'segment_node = cmkd_ros.nodes.segment_node:main',
         ],

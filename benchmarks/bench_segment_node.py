@@ -6,7 +6,7 @@ fresh stamp every 100 ms for ``--seconds``, and measures per scan the end-to-end
 in this process -> labeled cloud received in this process), the node's own processing time
 (its ``~/debug/processing_time_ms``) and drops (scans without an output: the node keeps only the
 newest scan). Reference measured in the same run: the library call the node makes
-(:func:`cmkd_ros.nodes.labeling.segment_array`) timed in this process, so the printed ratio
+(:func:`cmkd_ros.pipelines.segment.segment_array`) timed in this process, so the printed ratio
 shows what ROS transport and message conversion add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
 
 Without ``--checkpoint`` a randomly initialised CPU real-time student is used (``small``, teacher
@@ -34,7 +34,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')        # as the nodes do, be
 sys.path.insert(0, str(ROOT))                                    # run from a checkout
 DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
 
-from cmkd_ros.background_node import BackgroundNode  # noqa: E402
+from cmkd_ros.nodes.background_node import BackgroundNode  # noqa: E402
 from cmkd_ros.config import PRECISION_CHOICES  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def start_node(module: str, params: dict, remaps: dict, env: dict, log_path: str
 
 
 def stop_node(proc) -> None:
-    from cmkd_ros.evaluate_bag import stop_process
+    from cmkd_ros.tools.evaluate_bag import stop_process
     stop_process(proc, timeout=10.0)
 
 
@@ -152,7 +152,7 @@ def library_reference(checkpoint: str, device: str, threads: int, scan: np.ndarr
 
     Run in a worker thread with the node's torch thread count, as the node runs it.
     """
-    from cmkd_ros.nodes.labeling import SegmentNodeConfig, segment_array
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig, segment_array
     from cmkd_ros.nodes.segment_node import load_predictor
     predict, class_map = load_predictor(checkpoint, device, threads, precision)
     config = SegmentNodeConfig(checkpoint=checkpoint, device=device, precision=precision)
@@ -201,7 +201,7 @@ def main() -> int:
     scan = nuscenes_scan(pathlib.Path(args.scan))
     from cmkd_ros.models import resolve_precision
     from cmkd_ros.models.checkpoint import load_checkpoint
-    from cmkd_ros.nodes.labeling import network_threads
+    from cmkd_ros.pipelines.segment import network_threads
     threads = network_threads(args.threads, args.pipeline)  # what the node will use
     student_config = load_checkpoint(checkpoint)[1]['config']
     print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '

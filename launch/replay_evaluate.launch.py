@@ -16,7 +16,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import FindExecutable, LaunchConfiguration, PathJoinSubstitution
 from launch_ros.substitutions import FindPackageShare
 
-from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
+from cmkd_ros.nodes.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
                                      reject_unknown_arguments)
 
 
@@ -69,15 +69,15 @@ def generate_launch_description():
             'fastdds_profile': LaunchConfiguration('fastdds_profile'),
         }.items(),
         condition=UnlessCondition(evaluate))
-    # `python3 -m cmkd_ros.cli`: colcon puts the `cmkd` script in lib/cmkd_ros, off the PATH.
+    # `python3 -m cmkd_ros.tools.cli`: colcon puts the `cmkd` script in lib/cmkd_ros, off the PATH.
     python = FindExecutable(name='python3')
     replay = ExecuteProcess(
-        cmd=[python, '-m', 'cmkd_ros.cli', 'replay', LaunchConfiguration('bag'), '--clock',
+        cmd=[python, '-m', 'cmkd_ros.tools.cli', 'replay', LaunchConfiguration('bag'), '--clock',
              '--rate', LaunchConfiguration('rate'),
              '--wait-for', LaunchConfiguration('input_pointcloud')],
         output='screen', condition=UnlessCondition(evaluate))
     score = ExecuteProcess(
-        cmd=[python, '-m', 'cmkd_ros.cli', 'evaluate-bag', LaunchConfiguration('bag'),
+        cmd=[python, '-m', 'cmkd_ros.tools.cli', 'evaluate-bag', LaunchConfiguration('bag'),
              '--checkpoint', LaunchConfiguration('checkpoint'),
              '--params-file', LaunchConfiguration('params_file'),
              # one word each, so that an empty value stays an (empty) argument

@@ -10,7 +10,7 @@ from launch_ros.actions import Node
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from cmkd_ros.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
+from cmkd_ros.nodes.launch_support import (fail_launch_if_exits_with_error, fastdds_profile,
                                      optional_parameters, reject_unknown_arguments)
 
 # Launch arguments passed to the node only when given: empty keeps the params file's value.

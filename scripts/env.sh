@@ -16,7 +16,7 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Fast DDS 2.x (Humble, Iron, Jazzy) reads only FASTRTPS_DEFAULT_PROFILES_FILE, Fast DDS 3
 # (Kilted) only FASTDDS_DEFAULT_PROFILES_FILE: the name is chosen from the library installed.
 _cmkd_var=$(PYTHONPATH="$_cmkd_root${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
-  'from cmkd_ros.launch_support import profile_variables; print(profile_variables()[0])' \
+  'from cmkd_ros.nodes.launch_support import profile_variables; print(profile_variables()[0])' \
   2>/dev/null || echo FASTDDS_DEFAULT_PROFILES_FILE)
 eval "_cmkd_set=\${$_cmkd_var:-}"
 if [ -z "$_cmkd_set" ]; then

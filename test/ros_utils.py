@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-from cmkd_ros.background_node import BackgroundNode
-from cmkd_ros.launch_support import profile_variables
+from cmkd_ros.nodes.background_node import BackgroundNode
+from cmkd_ros.nodes.launch_support import profile_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROFILE = REPO / 'config' / 'fastdds_shm.xml'

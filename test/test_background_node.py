@@ -5,7 +5,7 @@ import pytest
 
 from ros_utils import setup_test_process_env, unique_domain_id, wait_for
 
-from cmkd_ros.background_node import BackgroundNode
+from cmkd_ros.nodes.background_node import BackgroundNode
 
 pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
 

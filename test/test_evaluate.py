@@ -7,7 +7,7 @@ import torch
 
 from fixtures.synthetic import write_sim_pairs
 from cmkd_ros.classes import SYNTHETIC
-from cmkd_ros.cli import main as cmkd_main
+from cmkd_ros.tools.cli import main as cmkd_main
 from cmkd_ros.metrics import mean_iou
 from cmkd_ros.models.checkpoint import save_checkpoint
 from cmkd_ros.models.student import StudentConfig, build_student

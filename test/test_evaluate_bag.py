@@ -7,7 +7,7 @@ import pytest
 
 from cmkd_ros.bag import deserialize, read_messages
 from cmkd_ros.conversions import cloud_to_array, stamp_ns
-from cmkd_ros.evaluate_bag import _Collector, cdr_header_stamp_ns, score
+from cmkd_ros.tools.evaluate_bag import _Collector, cdr_header_stamp_ns, score
 from ros_utils import (RosProcess, make_sim_bag, make_student_checkpoint, predict_offline,
                        ros_env, unique_domain_id)
 
@@ -38,7 +38,7 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
     params = tmp_path / 'params.yaml'
     params.write_text('/**:\n  ros__parameters:\n    precision: float32\n')
     # empty --device / --precision (what the launch file passes by default): the file's value
-    proc = RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'evaluate-bag', str(bag),
+    proc = RosProcess([sys.executable, '-m', 'cmkd_ros.tools.cli', 'evaluate-bag', str(bag),
                        '--checkpoint', str(checkpoint), '--json', str(report_path),
                        '--params-file', str(params), '--device=', '--precision=',
                        '--rate', '0.1'], ros_env(unique_domain_id()), tmp_path / 'eval.log')
@@ -77,7 +77,7 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
 def test_evaluate_bag_passes_device_and_precision_only_when_given():
     import argparse
 
-    from cmkd_ros.evaluate_bag import _node_command, add_arguments
+    from cmkd_ros.tools.evaluate_bag import _node_command, add_arguments
     parser = argparse.ArgumentParser()
     add_arguments(parser)
 
@@ -95,7 +95,7 @@ def test_evaluate_bag_passes_device_and_precision_only_when_given():
 
 def test_evaluate_bag_names_a_missing_ground_truth_topic(tmp_path, bag_and_checkpoint):
     bag, checkpoint = bag_and_checkpoint
-    proc = RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'evaluate-bag', str(bag),
+    proc = RosProcess([sys.executable, '-m', 'cmkd_ros.tools.cli', 'evaluate-bag', str(bag),
                        '--checkpoint', str(checkpoint), '--labels-topic', '/gt'],
                       ros_env(unique_domain_id()), tmp_path / 'eval.log')
     try:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cmkd_ros.launch_support import PROFILE_VARIABLES, fastdds_major_version, profile_variables
+from cmkd_ros.nodes.launch_support import PROFILE_VARIABLES, fastdds_major_version, profile_variables
 from ros_utils import RosProcess, processes, ros_env, unique_domain_id
 
 PEER = pathlib.Path(__file__).with_name('large_message_peer.py')

@@ -88,8 +88,8 @@ def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error()
     from cmkd_ros.pairs import Pair
     from cmkd_ros.projection import (CorrespondenceConfig, ProjectionError,
                                      compute_correspondences, resolve_scan_pattern)
-    from cmkd_ros.nodes.collecting import point_times_ns
-    from cmkd_ros.nodes.labeling import SegmentNodeConfig, segment_array
+    from cmkd_ros.pipelines.collect import point_times_ns
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig, segment_array
     from cmkd_ros.nodes.ros_io import oversized_cloud
 
     def predictor(xyz, intensity):

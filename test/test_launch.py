@@ -14,7 +14,7 @@ import pathlib
 
 import pytest
 
-from cmkd_ros import cli
+from cmkd_ros.tools import cli
 from cmkd_ros.config import ConfigError, build
 
 pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts/test.sh)
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))
 NODE_CONFIGS = {
-    'segment_node': ('cmkd_ros.nodes.labeling', 'SegmentNodeConfig',
+    'segment_node': ('cmkd_ros.pipelines.segment', 'SegmentNodeConfig',
                      {'checkpoint': 'student.pt'}),
-    'collect_node': ('cmkd_ros.nodes.collecting', 'CollectNodeConfig',
+    'collect_node': ('cmkd_ros.pipelines.collect', 'CollectNodeConfig',
                      {'calibration_file': 'rig.yaml'}),
 }
 ROS_BUILTIN_PARAMETERS = {'use_sim_time'}
@@ -94,7 +94,7 @@ def check_launch_file(path: pathlib.Path) -> dict:
                         for k, v in zip(node.value.keys, node.value.values)}
     assert all(kind in ('bool', 'str', 'list') for _, kind in optional.values()), optional
     used |= set(optional)
-    # cmkd_ros.launch_support.fastdds_profile reads the fastdds_profile argument
+    # cmkd_ros.nodes.launch_support.fastdds_profile reads the fastdds_profile argument
     if any(getattr(_kwarg(c, 'function'), 'id', '') == 'fastdds_profile'
            for c in _calls(tree, 'OpaqueFunction')):
         used.add('fastdds_profile')
@@ -143,14 +143,14 @@ def check_launch_file(path: pathlib.Path) -> dict:
         assert not unknown, f'{path.name}: {names[0]} declares no {sorted(unknown)}'
         included.append(names[0])
         executables += target['executables']
-    # ExecuteProcess(cmd=[python, '-m', 'cmkd_ros.cli', SUB, '--opt', ...]): all exist
+    # ExecuteProcess(cmd=[python, '-m', 'cmkd_ros.tools.cli', SUB, '--opt', ...]): all exist
     for call in _calls(tree, 'ExecuteProcess'):
         cmd = _kwarg(call, 'cmd').elts
         # a word is a constant, a substitution, or a list joined into one word ('--x=', value)
         words = [c.value if isinstance(c, ast.Constant) else
                  c.elts[0].value.split('=')[0] if isinstance(c, ast.List) else None
                  for c in cmd]
-        assert words[1:3] == ['-m', 'cmkd_ros.cli'] and words[3] in cli.SUBCOMMANDS, words[:4]
+        assert words[1:3] == ['-m', 'cmkd_ros.tools.cli'] and words[3] in cli.SUBCOMMANDS, words[:4]
         options = _subcommand_options(words[3])
         for word in words[4:]:
             if isinstance(word, str) and word.startswith('--'):
@@ -256,7 +256,7 @@ def test_node_docs_list_every_parameter_and_topic():
 
 
 def test_launch_arguments_left_empty_keep_the_params_file_values():
-    from cmkd_ros.launch_support import given_parameters
+    from cmkd_ros.nodes.launch_support import given_parameters
     optional = {'record': ('record.enabled', bool), 'output_dir': ('record.output_dir', str),
                 'device': ('device', str)}
     assert given_parameters({'record': '', 'output_dir': ' ', 'device': ''}, optional) == {}

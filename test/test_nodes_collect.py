@@ -28,7 +28,7 @@ def _params(bag, out, **extra):
 
 def _replay(bag, domain, log, *extra):
     topics = ['/lidar/points'] + [f'/cameras/{c}/image_raw/compressed' for c in CAMERAS]
-    return RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag),
+    return RosProcess([sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', str(bag),
                        '--wait-for', *topics, '--wait-timeout', '40', *extra],
                       ros_env(domain), log)
 
@@ -58,7 +58,7 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
 
     from cmkd_ros.classes import SYNTHETIC
     from cmkd_ros.models.teacher import TeacherConfig, build_teacher, load_teacher, save_teacher
-    from cmkd_ros.nodes.collecting import teacher_outputs
+    from cmkd_ros.pipelines.collect import teacher_outputs
     teacher_path = tmp_path / 'teacher.pt'
     save_teacher(build_teacher(TeacherConfig(arch='small', width=8, feature_dim=16)),
                  str(teacher_path), SYNTHETIC)
@@ -380,7 +380,7 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
 
 
 def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monkeypatch):
-    from cmkd_ros.evaluate_bag import collect_pairs_from_bag
+    from cmkd_ros.tools.evaluate_bag import collect_pairs_from_bag
     from ros_utils import BASE_ENV
     for key, value in ros_env(unique_domain_id()).items():
         if key in BASE_ENV or key == 'ROS_DOMAIN_ID':

@@ -7,7 +7,7 @@ import pytest
 
 from cmkd_ros.classes import SYNTHETIC
 from cmkd_ros.conversions import array_to_cloud, cloud_to_array, rclpy_types, stamp_ns
-from cmkd_ros.nodes.labeling import unpack_rgb
+from cmkd_ros.pipelines.segment import unpack_rgb
 from ros_utils import (RosClient, RosProcess, make_sim_bag, make_student_checkpoint, node_command,
                        predict_offline, processes, ros_env, set_parameters, unique_domain_id,
                        wait_for)
@@ -60,7 +60,7 @@ def test_segment_node_labels_every_replayed_cloud(tmp_path, checkpoint, pipeline
         time.sleep(1.0)
         # 10x slower than recorded: one sweep per second, so even a loaded machine keeps up
         procs.append(RosProcess(
-            [sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), '--rate', '0.1',
+            [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', str(bag), '--rate', '0.1',
              '--topics', '/lidar/points', '--wait-for', '/lidar/points', '--wait-timeout', '40'],
             ros_env(domain), tmp_path / 'replay.log'))
         assert procs[1].wait(timeout=60) == 0, procs[1].output()
@@ -281,7 +281,7 @@ def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
 def test_points_at_1e30_m_are_cropped_without_numpy_warnings():
     import warnings
 
-    from cmkd_ros.nodes.labeling import SegmentNodeConfig, select_points
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig, select_points
     points = np.zeros(4, dtype=[(c, 'f4') for c in 'xyz'])
     points['x'] = [1.0, 1e30, -3e38, 2.0]
     with warnings.catch_warnings():
@@ -293,7 +293,7 @@ def test_points_at_1e30_m_are_cropped_without_numpy_warnings():
 
 def test_precision_parameter_is_validated():
     from cmkd_ros.config import ConfigError, build
-    from cmkd_ros.nodes.labeling import SegmentNodeConfig
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig
     from cmkd_ros.models import PRECISIONS
     from cmkd_ros.config import PRECISION_CHOICES
     assert PRECISION_CHOICES == tuple(PRECISIONS) + ('auto',)  # the torch-free copy
@@ -311,7 +311,7 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, mon
     import torch
     from cmkd_ros.config import build
     from cmkd_ros.models import native_bfloat16
-    from cmkd_ros.nodes.labeling import SegmentNodeConfig
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig
     from cmkd_ros.nodes.segment_node import load_predictor
     assert build(SegmentNodeConfig, {'checkpoint': 'student.pt'}).precision == 'auto'
     predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')
@@ -327,7 +327,7 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, mon
 
 def test_network_threads_leave_a_core_to_the_preparing_thread(monkeypatch):
     import os
-    from cmkd_ros.nodes.labeling import network_threads
+    from cmkd_ros.pipelines.segment import network_threads
     assert network_threads(3, True) == 3 and network_threads(3, False) == 3   # as asked
     assert network_threads(0, False) == 0                                      # torch's default
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)

@@ -65,7 +65,7 @@ def test_scan_pattern_of_the_real_samples(data_dir):
 
 
 def test_real_samples_hide_what_the_baseline_explains(data_dir):
-    from cmkd_ros import overlay
+    from cmkd_ros.tools import overlay
     for name, most in (('nuscenes_sample', 0.07), ('kitti_000008', 0.09)):
         frame = overlay.load_sample_folder(str(data_dir / name))
         every = compute_correspondences(frame.xyz, frame.rig,

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cmkd_ros import overlay
-from cmkd_ros.cli import main as cli_main
+from cmkd_ros.tools import overlay
+from cmkd_ros.tools.cli import main as cli_main
 from cmkd_ros.projection import CorrespondenceConfig, compute_correspondences
 
 

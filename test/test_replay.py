@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ros  # ROS-facing: runs on every tested distro (scripts
 
 
 def _replay_cmd(bag, *extra):
-    return [sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), *extra]
+    return [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', str(bag), *extra]
 
 
 @pytest.mark.parametrize('storage,rate', [('mcap', 1.0), ('sqlite3', 2.0)])

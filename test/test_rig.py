@@ -4,7 +4,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cmkd_ros import bag, cli
+from cmkd_ros import bag
+from cmkd_ros.tools import cli
 from cmkd_ros.calibration import RigCalibration
 from cmkd_ros.conversions import camera_info_from_calibration
 from cmkd_ros.rig import (RigError, camera_info_topics, extrinsics_difference, resolve_rig,

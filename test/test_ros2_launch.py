@@ -52,7 +52,7 @@ def _ros2(domain, *args, timeout=30.0) -> subprocess.CompletedProcess:
 
 
 def _replay(bag, domain, log, *topics, rate='1.0') -> RosProcess:
-    return RosProcess([sys.executable, '-m', 'cmkd_ros.cli', 'replay', str(bag), '--rate', rate,
+    return RosProcess([sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', str(bag), '--rate', rate,
                        '--wait-for', *topics, '--wait-timeout', '60'], ros_env(domain), log)
 
 

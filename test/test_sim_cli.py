@@ -13,7 +13,7 @@ SMALL = ['--set', 'cameras.width=96', '--set', 'cameras.height=64', '--set', 'li
 
 
 def _cmkd(*args):
-    return subprocess.run([sys.executable, '-m', 'cmkd_ros.cli', 'sim', *args],
+    return subprocess.run([sys.executable, '-m', 'cmkd_ros.tools.cli', 'sim', *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from cmkd_ros import cli
+from cmkd_ros.tools import cli
 from cmkd_ros.config import ConfigError
 from cmkd_ros.models.checkpoint import load_checkpoint
 from offline_training.config import load_teacher_config, load_train_config
@@ -61,7 +61,7 @@ def test_teacher_then_fskd_end_to_end(tmp_path):
     train = render_worlds(str(tmp_path / 'train'), (1,), 4, 3, TINY_SIM)
     val = render_worlds(str(tmp_path / 'val'), (2,), 2, 3, TINY_SIM)
     env = {**os.environ, 'PYTHONPATH': REPO, 'OMP_NUM_THREADS': '1'}
-    run = [sys.executable, '-m', 'cmkd_ros.cli', 'train']
+    run = [sys.executable, '-m', 'cmkd_ros.tools.cli', 'train']
     teacher = subprocess.run(
         run + ['teacher', '--config', os.path.join(CONFIG, 'teacher.yaml'), f'train={train}',
                f'val={val}', f'out_dir={tmp_path / "teacher"}', 'steps=3', 'batch_size=2',

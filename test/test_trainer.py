@@ -195,7 +195,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
 
 def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(tiny, tmp_path, capsys,
                                                                     caplog):
-    from cmkd_ros import cli
+    from cmkd_ros.tools import cli
     out = tmp_path / 'run'
     config = make_config(tiny, 'supervised', out)
     T.train(config)

@@ -25,7 +25,7 @@ def _settings(data, out):
 
 
 def _cli(*args):
-    return [sys.executable, '-m', 'cmkd_ros.cli', 'train', 'supervised', *args]
+    return [sys.executable, '-m', 'cmkd_ros.tools.cli', 'train', 'supervised', *args]
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):

@@ -31,7 +31,7 @@ from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
                                   UnsupportedEncodingError, array_to_image, compressed_format,
                                   image_to_array, rclpy_types, scalar_field, xyz_from_cloud)
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
-from cmkd_ros.nodes.collecting import (CameraSample, CollectNodeConfig, RateLimiter,
+from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
                                        extrinsics_disagreement, point_times_ns, startup_rig,
                                        teacher_outputs)

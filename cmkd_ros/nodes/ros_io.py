@@ -26,7 +26,7 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
 from cmkd_ros import config as cfg
 from cmkd_ros.conversions import (ConversionError, MissingFieldsError, check_xyz_fields,
                                   cloud_to_array)
-from cmkd_ros.launch_support import PROFILE_VARIABLES, profile_variables
+from cmkd_ros.nodes.launch_support import PROFILE_VARIABLES, profile_variables
 
 
 def sensor_qos(depth: int = 5) -> QoSProfile:

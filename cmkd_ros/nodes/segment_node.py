@@ -22,7 +22,7 @@ from cmkd_ros.classes import ClassMap
 from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
-from cmkd_ros.nodes.labeling import (SegmentNodeConfig, class_filter, label_points,
+from cmkd_ros.pipelines.segment import (SegmentNodeConfig, class_filter, label_points,
                                      network_threads, select_points)
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, decode_cloud,
                                    oversized_cloud, qos_overrides, run_node, sensor_qos)

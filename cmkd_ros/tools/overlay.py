@@ -242,8 +242,8 @@ def load_bag_frames(bag: str, options: BagOptions, indices: list[int] | None = N
     from cmkd_ros import bag as bagmod
     from cmkd_ros.calibration import calibration_from_camera_info
     from cmkd_ros.conversions import ConversionError, cloud_to_array, image_to_array, stamp_ns
-    from cmkd_ros.evaluate_bag import cdr_header_stamp_ns
-    from cmkd_ros.nodes.collecting import point_times_ns          # ROS-free node core
+    from cmkd_ros.tools.evaluate_bag import cdr_header_stamp_ns
+    from cmkd_ros.pipelines.collect import point_times_ns          # ROS-free node core
     try:
         topics = bagmod.bag_topics(bag)
     except Exception as exc:                  # rosbags raises its own errors on bad folders

@@ -1,7 +1,7 @@
 """``cmkd evaluate-bag BAG --checkpoint CKPT``: score the real segment node on a rosbag2.
 
 Starts ``segment_node`` as its own process, replays the bag's LiDAR topic into it with the bag's
-timing (:class:`cmkd_ros.replay.Replayer`), collects the labeled clouds, matches them by header
+timing (:class:`cmkd_ros.tools.replay.Replayer`), collects the labeled clouds, matches them by header
 stamp to the bag's ground truth (``/lidar/labels``: one uint8 ``label`` per point, same order)
 and reports mIoU (:mod:`cmkd_ros.metrics`), end-to-end latency percentiles (publish of the input
 to receipt of the output, both in this process) and drops (inputs without an output), as a
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cmkd_ros.config import PRECISION_CHOICES
-from cmkd_ros.replay import ReplayError, open_bag
+from cmkd_ros.tools.replay import ReplayError, open_bag
 
 OUTPUT_TOPIC = '/cmkd_evaluate/labeled'
 NODE_NAME = 'cmkd_evaluate_segment'    # when started as a process; launch files name their own
@@ -295,10 +295,10 @@ def evaluate_bag(args: argparse.Namespace) -> dict:
     from sensor_msgs.msg import PointCloud2
     from std_msgs.msg import Float64
 
-    from cmkd_ros.background_node import BackgroundNode
+    from cmkd_ros.nodes.background_node import BackgroundNode
     from cmkd_ros.models.checkpoint import load_checkpoint
     from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
-    from cmkd_ros.replay import Replayer
+    from cmkd_ros.tools.replay import Replayer
 
     _, info = load_checkpoint(args.checkpoint)          # clear error before starting anything
     class_names = list(info['class_names'])
@@ -508,7 +508,7 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
     from cmkd_ros.calibration import RigCalibration
     from cmkd_ros.nodes.ros_io import ensure_fastdds_profile
     from cmkd_ros.pairs import PairReader
-    from cmkd_ros.replay import Replayer
+    from cmkd_ros.tools.replay import Replayer
     bag_dir = bag if os.path.isdir(bag) else os.path.dirname(bag)
     calibration = os.path.join(bag_dir, CALIBRATION_FILE)
     names = list(cameras or RigCalibration.load(calibration).names)

@@ -12,7 +12,7 @@ import numpy as np
 
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.conversions import scalar_field
-from cmkd_ros.nodes.labeling import MAX_POINTS
+from cmkd_ros.pipelines.segment import MAX_POINTS
 from cmkd_ros.projection import CorrespondenceConfig
 from cmkd_ros.sync import SyncConfig
 

@@ -66,7 +66,7 @@ def save_camera_labels(path: str, image: np.ndarray, uv: np.ndarray, labels: np.
     nearer points over farther ones (``depth`` (M,) metres), written as PNG."""
     import cv2
 
-    from cmkd_ros.overlay import draw_points
+    from cmkd_ros.tools.overlay import draw_points
     colors = (_colors(np.asarray(labels), class_colors) * 255).astype(np.uint8)
     drawn = draw_points(image, uv, colors, depth, radius=radius)
     if not cv2.imwrite(path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):

@@ -54,7 +54,7 @@ class Step:
 
 
 def _cmkd(*args: str, env=None) -> None:
-    cmd = [sys.executable, '-m', 'cmkd_ros.cli', *args]
+    cmd = [sys.executable, '-m', 'cmkd_ros.tools.cli', *args]
     print('  $ cmkd ' + ' '.join(args), flush=True)
     subprocess.run(cmd, check=True, env=env)
 
@@ -62,7 +62,7 @@ def _cmkd(*args: str, env=None) -> None:
 def _cmkd_start(*args: str) -> subprocess.Popen:
     """``cmkd ARGS`` started in the background (two trainings share the two cores)."""
     print('  $ cmkd ' + ' '.join(args) + '  &', flush=True)
-    return subprocess.Popen([sys.executable, '-m', 'cmkd_ros.cli', *args])
+    return subprocess.Popen([sys.executable, '-m', 'cmkd_ros.tools.cli', *args])
 
 
 def _ros_env() -> dict:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             _cmkd('sim', '--format', fmt, '--frames', str(frames), '--seed', str(seed),
                   '--out', path, '--compressed', '--no-progress', *sim_set)
 
-    from cmkd_ros.evaluate_bag import collect_pairs_from_bag, launch_system_available
+    from cmkd_ros.tools.evaluate_bag import collect_pairs_from_bag, launch_system_available
     launched = launch_system_available()
     print('  the nodes start ' + ('with ros2 launch cmkd_ros collect.launch.py / '
                                   'segment.launch.py, as a user starts them' if launched else
