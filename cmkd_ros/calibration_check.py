@@ -1,25 +1,27 @@
 """How well a LiDAR-camera calibration fits the data, and targetless refinement of it.
 
 The measure is edge alignment: points where the LiDAR range jumps (object silhouettes, seen as
-a foreground return next to a far one or to no return along the same beam) must land on image
-edges. Image edges are the gradient magnitude of the gray image, spread by a decaying maximum
-filter (an inverse distance transform) so that a point a few pixels off still scores and the
-score rises smoothly towards alignment. The score of a calibration is the weighted mean edge
-strength under its projected silhouette points, over every frame given.
+a foreground return next to a far one or to no return) must land on image edges. Each
+silhouette point is compared with the image gradient across its own edge (a vertical outline
+with the horizontal gradient), spread by a decaying maximum filter (an inverse distance
+transform) so that a point a few pixels off still scores and the score rises smoothly towards
+alignment. The score of a calibration is the weighted mean edge strength under its projected
+silhouette points, over every frame given, minus the mean under other points of the sweeps.
 
-* :func:`edge_points` and :func:`edge_map` prepare one sweep and one image;
-  :class:`CameraFrames` holds a camera's prepared frames (motion compensated when the frame has
-  point times, camera stamps and ego poses).
+* :func:`silhouettes` finds the silhouette points of one sweep, :func:`edge_maps` the
+  gradients of one image; :class:`CameraFrames` holds a camera's prepared frames (motion
+  compensated when the frame has point times, camera stamps and ego poses).
 * :func:`refine` searches the extrinsic (rotation, optionally translation) that maximizes the
   score, coarse to fine, and reports whether the optimum is constrained by the data.
-* :func:`check_alignment` is the health metric: a rotation-only search around the current
-  calibration; the rotation it finds is the misalignment the data points to (degrees), and the
-  score gain tells how much better the aligned projection fits.
+* :func:`check_alignment` is the health metric of one camera; :class:`HealthMonitor` keeps
+  the last sweeps of every camera and reports their health (the collect node's core).
 
-ROS-free; ``cmkd calibrate`` (:mod:`cmkd_ros.tools.calibrate`) and the collect node call it.
+Measured figures and limits: docs/calibration.md. ROS-free; ``cmkd calibrate``
+(:mod:`cmkd_ros.tools.calibrate`) and the collect node call it.
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -27,49 +29,113 @@ import cv2
 import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
+from cmkd_ros.config import setting
 from cmkd_ros.motion import invert, matrix_to_rotvec, rotvec_to_matrix
 from cmkd_ros.projection import prepare_rig, project_points
 
 MIN_RANGE_M = 1.0            # returns nearer than this (the car itself) are ignored
-MIN_EDGE_POINTS = 150
+MIN_EDGE_POINTS = 150        # fewer silhouette points in view: too little structure
 # Jump credited to a return with no neighbour beside it (sky, or a dropout: real LiDARs miss
 # dark and shiny surfaces, so a missing return is weaker evidence than a measured jump).
 MISSING_JUMP_M = 10.0
 CONTRAST = 1.0
 # Pixel scales of the search, coarse to fine (edge spread of the inverse distance transform).
 SCALES_PX = (16.0, 8.0, 4.0, 2.0, 1.0)
+# A calibration is called misaligned when more than this share of the rotations 0.5 degree
+# away fit the data better (see check_alignment and docs/calibration.md for the figures).
+WARN_BETTER_NEIGHBOURS = 0.2
 
 
 class AlignmentError(ValueError):
     """The inputs cannot be scored (no points in view, an empty cloud, no image structure)."""
 
 
-def _beam_index(xyz: np.ndarray, ring: np.ndarray | None) -> np.ndarray:
-    """(N,) beam of each point: the ring field, else the beam row read from the elevations."""
+def ring_from_order(xyz: np.ndarray) -> np.ndarray | None:
+    """(N,) beam index of a ring-major cloud, None when the cloud is not stored that way.
+
+    Some clouds hold each beam's returns together, in spin order, one beam after the other
+    (KITTI's ``.bin`` files, organized clouds of some drivers). There the azimuth, taken in
+    the spin direction, only grows within a beam and falls back once per beam; the beams'
+    median elevations then change monotonically from one run to the next.
+    """
+    xyz = np.asarray(xyz, dtype=np.float64)
+    if xyz.shape[0] < 200:
+        return None
+    az = np.mod(np.arctan2(xyz[:, 1], xyz[:, 0]), 2 * np.pi)
+    el = np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1]))
+    for a in (az, 2 * np.pi - az):                   # either spin direction
+        d = np.diff(a)
+        cut = np.flatnonzero(d < -np.pi)
+        if not 3 <= cut.size <= 255:
+            continue
+        inside = np.ones(d.size, bool)
+        inside[cut] = False
+        if np.mean(d[inside] < -0.01) > 0.02:         # azimuth must grow within a run
+            continue
+        ring = np.zeros(xyz.shape[0], np.int64)
+        ring[cut + 1] = 1
+        ring = np.cumsum(ring)
+        sizes = np.bincount(ring)
+        if np.median(sizes) < 20:
+            continue
+        med = np.array([np.median(e) for e in np.split(el, cut + 1)])
+        step = np.sign(np.diff(med[sizes >= 20]))
+        if step.size and max(np.mean(step > 0), np.mean(step < 0)) >= 0.9:
+            return ring
+    return None
+
+
+def _beam_index(xyz: np.ndarray, ring: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """(N,) beam of each point and where it came from: the ring field, the point order of a
+    ring-major cloud, else the beam row read from the elevations."""
     if ring is not None:
-        return np.asarray(ring).reshape(-1).astype(np.int64)
+        return np.asarray(ring).reshape(-1).astype(np.int64), 'ring field'
+    ordered = ring_from_order(xyz)
+    if ordered is not None:
+        return ordered, 'point order'
     from cmkd_ros.occlusion import ScanPatternError, infer_scan_pattern
     elevation = np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1]))
     try:
-        pattern = infer_scan_pattern(xyz)
-        return pattern.beams_at(elevation)[2]
+        return infer_scan_pattern(xyz).beams_at(elevation)[2], 'elevation'
     except ScanPatternError:
-        return np.floor(np.degrees(elevation) / 0.4).astype(np.int64)
+        return np.floor(np.degrees(elevation) / 0.4).astype(np.int64), 'elevation'
 
 
-def edge_points(xyz: np.ndarray, ring: np.ndarray | None = None, *,
+@dataclass
+class Silhouettes:
+    """Silhouette points of one sweep (:func:`silhouettes`), LiDAR frame."""
+
+    points: np.ndarray          # (M, 3) float32, on the outline
+    weights: np.ndarray         # (M,) float32
+    tangent: np.ndarray         # (M, 3) float32 unit vectors from the point towards the far side
+    blur: np.ndarray            # (M,) float32 rad: how far from the true outline it may lie
+    index: np.ndarray           # (M,) int64 row of each point in the sweep it came from
+    azimuth_step: float = 0.0   # the LiDAR's azimuth step (rad), read from the sweep
+    beams_from: str = ''        # how beams were found: ring field, point order, elevation
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+
+def silhouettes(xyz: np.ndarray, ring: np.ndarray | None = None, *,
                 min_jump_m: float = 0.5, relative_jump: float = 0.08,
-                missing_jump_m: float = MISSING_JUMP_M) -> tuple[np.ndarray, np.ndarray]:
-    """Silhouette points of a sweep: (M, 3) float32 positions and (M,) float32 weights.
+                missing_jump_m: float = MISSING_JUMP_M, smooth: float = 0.05,
+                lower_edges: bool = False, run_power: float = 0.5) -> Silhouettes:
+    """Silhouette points of a sweep ``xyz`` (N, 3): where the range jumps.
 
-    A return is on a silhouette when the next return along its beam (within three azimuth
+    A return is on a silhouette when the next return along its beam (within 3.5 azimuth
     steps), or the nearest return of the beam above or below, is farther by more than
-    ``max(min_jump_m, relative_jump * range)``, or missing (sky, beyond range). Across beams the
-    step must also be three times the step to the other side: on the road itself the range
-    grows from beam to beam. The object's true outline lies between the two beams, so each
-    point is moved half the angle towards its far neighbour (without this, tops of objects
-    sit half a beam spacing low: a bias of about half a degree on a 32-beam LiDAR). Weight:
-    the square root of the range jump (capped at 10 m, reached by a missing neighbour).
+    ``max(min_jump_m, relative_jump * range)``; a missing return counts as a jump of
+    ``missing_jump_m`` along the beam and above (sky), never below (there a missing return is
+    a dropout: dark or shiny surfaces). Across beams the step must also be three times the step
+    to the other side (on the road the range grows from beam to beam). The object's true
+    outline lies between the two returns, so each point is moved half the angle towards its far
+    neighbour (without this, tops of objects sit half a beam spacing low: about half a degree
+    on a 32-beam LiDAR). Weight: the square root of the range jump (at most 10 m).
+
+    A cloud cropped to a camera's view (azimuth coverage under 270 degrees, as KITTI's
+    camera-cropped scans) has false gaps at the crop: there the ends of each beam and returns
+    missing above beyond the upper beam's azimuth span do not count.
     """
     xyz = np.asarray(xyz, dtype=np.float32)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
@@ -78,15 +144,29 @@ def edge_points(xyz: np.ndarray, ring: np.ndarray | None = None, *,
     keep = np.flatnonzero(np.isfinite(rng) & (rng > MIN_RANGE_M))
     if keep.size < 100:
         raise AlignmentError(f'{keep.size} usable points in the sweep: too few to find edges')
-    beam = _beam_index(xyz[keep], None if ring is None else np.asarray(ring).reshape(-1)[keep])
+    beam, beams_from = _beam_index(
+        xyz[keep], None if ring is None else np.asarray(ring).reshape(-1)[keep])
     p = xyz[keep].astype(np.float64)
     azimuth = np.arctan2(p[:, 1], p[:, 0])
+    degrees = np.unique(np.floor(np.degrees(azimuth)).astype(np.int64))
+    cropped = degrees.size < 270
+    shift = 0.0
+    if cropped:             # put the widest empty sector at +-180 degrees: no beam wraps
+        gaps = np.diff(np.r_[degrees, degrees[0] + 360])
+        shift = math.radians(degrees[np.argmax(gaps)] + 0.5 * gaps.max() + 180.0)
+        azimuth = np.mod(azimuth - shift + np.pi, 2 * np.pi) - np.pi
     order = np.lexsort((azimuth, beam))
     b, a, r = beam[order], azimuth[order], rng[keep][order].astype(np.float64)
     el = np.arcsin(np.clip(p[order, 2] / r, -1.0, 1.0))
-    same = b[1:] == b[:-1]
-    gap = np.where(same, a[1:] - a[:-1], np.inf)
-    step = float(np.median(gap[same & (gap > 0)])) if np.any(same & (gap > 0)) else 0.01
+    _, start = np.unique(b, return_index=True)
+    stop = np.r_[start[1:], b.size]
+    # 1. along the beam: the next return in azimuth (the first one after the last, across
+    #    +-180 degrees, in a full sweep)
+    nxt = np.arange(1, b.size + 1)
+    nxt[stop - 1] = start
+    gap = np.mod(a[nxt] - a, 2 * np.pi)
+    same = gap > 0
+    step = float(np.median(gap[same & (gap < 0.05)])) if np.any(same & (gap < 0.05)) else 0.01
     big = 10.0
     miss = float(missing_jump_m)
     jump = np.full(r.size, -big)
@@ -95,84 +175,113 @@ def edge_points(xyz: np.ndarray, ring: np.ndarray | None = None, *,
 
     def take(rows, value, daz, delv):
         better = value > jump[rows]
-        rows = rows[better] if isinstance(rows, np.ndarray) else np.flatnonzero(better)
+        rows = rows[better]
         jump[rows] = value[better]
         d_az[rows] = np.broadcast_to(daz, better.shape)[better]
         d_el[rows] = np.broadcast_to(delv, better.shape)[better]
 
-    # 1. along the beam: the next and previous return (none within 3.5 steps: a big jump)
     near = gap < 3.5 * step
-    idx = np.arange(r.size - 1)
-    take(idx, np.where(near, r[1:] - r[:-1], miss), np.where(near, a[1:] - a[:-1], step) / 2,
-         0.0)
-    take(idx + 1, np.where(near, r[:-1] - r[1:], miss),
-         np.where(near, a[:-1] - a[1:], -step) / 2, 0.0)
+    end = np.zeros(r.size, bool)
+    end[stop - 1] = True                    # the pair (last, first) of each beam
+    missing = ~near & ~(cropped & end)      # a gap inside the beam's coverage
+    rows = np.arange(r.size)
+    prv = np.empty_like(nxt)
+    prv[nxt] = rows
+    threshold = np.maximum(min_jump_m, relative_jump * r)
+    tol = np.maximum(0.2, smooth * r) if smooth else np.full(r.size, np.inf)
+
+    def solid(delta, seen):
+        """The near side of an edge: one surface (a small step) or a thin object (a jump)."""
+        return seen & ((np.abs(delta) < tol) | (delta > threshold))
+
+    value = np.where(near, r[nxt] - r, np.where(missing, miss, -big))
+    value = np.where(solid(r[prv] - r, near[prv]), value, -big)
+    take(rows, value, np.where(near, gap, step) / 2, 0.0)
+    value = np.where(near, r - r[nxt], np.where(missing, miss, -big))
+    value = np.where(solid(r[nxt[nxt]] - r[nxt], near[nxt]), value, -big)
+    take(nxt, value, -np.where(near, gap, step) / 2, 0.0)
     # 2. across beams (ordered by elevation): the nearest-azimuth return above and below
-    ids, start = np.unique(b, return_index=True)
-    stop = np.r_[start[1:], b.size]
     beam_el = np.array([np.median(el[s0:s1]) for s0, s1 in zip(start, stop)])
     by_el = np.argsort(beam_el)
 
     def neighbour(this, other):
         s0, s1, o0, o1 = start[this], stop[this], start[other], stop[other]
-        pos = np.clip(np.searchsorted(a[o0:o1], a[s0:s1]), 1, o1 - o0) - 1
-        nxt = np.minimum(pos + 1, o1 - o0 - 1)
-        pick = np.where(np.abs(a[o0:o1][nxt] - a[s0:s1]) < np.abs(a[o0:o1][pos] - a[s0:s1]),
-                        nxt, pos)
-        close = np.abs(a[o0:o1][pick] - a[s0:s1]) < 2.5 * step
+        ao = a[o0:o1]
+        pos = np.clip(np.searchsorted(ao, a[s0:s1]), 1, o1 - o0) - 1
+        nx = np.minimum(pos + 1, o1 - o0 - 1)
+        pick = np.where(np.abs(ao[nx] - a[s0:s1]) < np.abs(ao[pos] - a[s0:s1]), nx, pos)
+        close = np.abs(ao[pick] - a[s0:s1]) < 2.5 * step
+        inside = (a[s0:s1] > ao[0]) & (a[s0:s1] < ao[-1]) if cropped else \
+            np.ones(s1 - s0, bool)
         return (np.where(close, r[o0:o1][pick], np.inf),
-                np.where(close, el[o0:o1][pick], beam_el[other]))
+                np.where(close, el[o0:o1][pick], beam_el[other]), close, inside)
 
     for k in range(1, by_el.size - 1):
         this = by_el[k]
         s0, s1 = start[this], stop[this]
-        r_up, el_up = neighbour(this, by_el[k + 1])
-        r_down, el_down = neighbour(this, by_el[k - 1])
+        r_up, el_up, seen_up, inside_up = neighbour(this, by_el[k + 1])
+        r_down, el_down, seen_down, _ = neighbour(this, by_el[k - 1])
         up, down = r_up - r[s0:s1], r_down - r[s0:s1]
-        for out, inner, el_far in ((up, down, el_up), (down, up, el_down)):
-            steep = out > 3.0 * np.abs(np.where(np.isfinite(inner), inner, big))
-            take(np.arange(s0, s1), np.where(steep, np.minimum(out, miss), -big), 0.0,
-                 (el_far - el[s0:s1]) / 2)
+        rows = np.arange(s0, s1)
+        steep = up > 3.0 * np.abs(np.where(seen_down, down, big))
+        steep &= seen_down & (np.abs(down) < tol[rows])
+        value = np.where(seen_up, up, np.where(inside_up, miss, -big))
+        take(rows, np.where(steep, np.minimum(value, miss), -big), 0.0,
+             (el_up - el[s0:s1]) / 2)
+        if lower_edges:
+            steep = seen_down & (down > 3.0 * np.abs(np.where(seen_up, up, big)))
+            steep &= seen_up & (np.abs(up) < tol[rows])
+            take(rows, np.where(steep, down, -big), 0.0, (el_down - el[s0:s1]) / 2)
     jump = np.minimum(jump, big)
     edge = jump > np.maximum(min_jump_m, relative_jump * r)
-    az_e, el_e, r_e = a[edge] + d_az[edge], el[edge] + d_el[edge], r[edge]
-    points = np.stack([r_e * np.cos(el_e) * np.cos(az_e), r_e * np.cos(el_e) * np.sin(az_e),
-                       r_e * np.sin(el_e)], axis=1)
-    return points.astype(np.float32), np.sqrt(jump[edge]).astype(np.float32)
+    # 3. a run of across-beam edge points along one beam (the top of a wall) lies at one
+    #    unknown height between the two beams: one observation, not one per point
+    weight = np.sqrt(np.maximum(jump, 0.0))
+    if run_power > 0:
+        up_edge = edge & (d_el != 0)
+        idx = np.flatnonzero(up_edge)
+        brk = np.ones(idx.size, bool)
+        brk[1:] = ~((b[idx[1:]] == b[idx[:-1]]) & (a[idx[1:]] - a[idx[:-1]] < 2.5 * step)
+                    & (np.sign(d_el[idx[1:]]) == np.sign(d_el[idx[:-1]])))
+        run = np.cumsum(brk) - 1
+        weight[idx] /= np.bincount(run)[run] ** run_power
+    az_e, el_e, r_e = a[edge] + d_az[edge] + shift, el[edge] + d_el[edge], r[edge]
+    ce, se, ca, sa = np.cos(el_e), np.sin(el_e), np.cos(az_e), np.sin(az_e)
+    points = np.stack([r_e * ce * ca, r_e * ce * sa, r_e * se], axis=1)
+    # unit tangent towards the far side: along the azimuth or along the elevation
+    along = d_el[edge] == 0
+    sign = np.where(along, np.sign(d_az[edge]), np.sign(d_el[edge]))
+    tangent = np.where(along[:, None], np.stack([-sa, ca, np.zeros_like(sa)], 1),
+                       np.stack([-se * ca, -se * sa, ce], 1)) * sign[:, None]
+    # half the angle to the far neighbour: how far off the true outline the point may be
+    blur = np.where(along, np.abs(d_az[edge]) * ce, np.abs(d_el[edge]))
+    return Silhouettes(points.astype(np.float32), weight[edge].astype(np.float32),
+                       tangent.astype(np.float32), blur.astype(np.float32),
+                       keep[order][edge], step, beams_from)
 
 
-def azimuth_step(xyz: np.ndarray, ring: np.ndarray | None = None) -> float:
-    """The LiDAR's azimuth step (rad), read from the sweep."""
-    from cmkd_ros.occlusion import ScanPatternError, infer_scan_pattern
-    try:
-        return math.radians(infer_scan_pattern(xyz, ring).azimuth_step_deg)
-    except ScanPatternError:
-        return 0.0
-
-
-def edge_map(rgb: np.ndarray, blur_px: float = 1.0) -> np.ndarray:
-    """(H, W) float32 edge strength in [0, 1] of an RGB (or gray) image, after a Gaussian blur
-    of ``blur_px`` (set it near the LiDAR's angular step in pixels: texture finer than the
-    LiDAR can resolve only adds noise)."""
+def edge_maps(rgb: np.ndarray, blur_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) float32 horizontal and vertical gradient strengths of an RGB (or gray) image, in
+    [0, 1], after a Gaussian blur of ``blur_px`` (set it near the LiDAR's angular step in
+    pixels: texture finer than the LiDAR can resolve only adds noise)."""
     img = np.asarray(rgb)
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     if img.ndim != 2 or img.size == 0:
         raise AlignmentError(f'expected an image, got shape {np.asarray(rgb).shape}')
     gray = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.5, float(blur_px)))
-    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
-    mag = cv2.magnitude(gx, gy)
-    scale = float(np.percentile(mag, 99.0))
-    if not scale > 0:
+    gx = np.abs(cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3))
+    gy = np.abs(cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3))
+    scale = float(np.percentile(np.maximum(gx, gy), 99.0))
+    if not scale > 8.0:             # a Sobel response of 8: two gray levels (no structure)
         raise AlignmentError('the image has no edges (a uniform image)')
-    return np.minimum(mag / scale, 1.0)
+    return np.minimum(gx / scale, 1.0), np.minimum(gy / scale, 1.0)
 
 
 def spread(edges: np.ndarray, scale_px: float) -> np.ndarray:
     """Inverse distance transform: ``max over q of E(q) * exp(-|p - q| / scale)`` (chessboard
     distance), by repeated 3x3 dilations with decay."""
-    out = edges.copy()
+    out = edges.astype(np.float32, copy=True)
     decay = math.exp(-1.0 / scale_px)
     kernel = np.ones((3, 3), np.uint8)
     for _ in range(int(math.ceil(3 * scale_px))):
@@ -180,61 +289,154 @@ def spread(edges: np.ndarray, scale_px: float) -> np.ndarray:
     return out
 
 
+def _max_pool(image: np.ndarray, factor: int) -> np.ndarray:
+    """``image`` reduced ``factor`` times by taking the maximum of each block."""
+    if factor == 1:
+        return image
+    h, w = image.shape
+    H, W = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.zeros((H, W), image.dtype)
+    padded[:h, :w] = image
+    return padded.reshape(H // factor, factor, W // factor, factor).max(axis=(1, 3))
+
+
+def _scaled_camera(cam: CameraCalibration, factor: float) -> CameraCalibration:
+    """``cam`` with its image shrunk ``factor`` times (same rays, fewer pixels)."""
+    if factor == 1.0:
+        return cam
+    data = cam.to_dict()
+    width, height = max(1, round(cam.width / factor)), max(1, round(cam.height / factor))
+    sx, sy = width / cam.width, height / cam.height
+    K = np.array(cam.K, dtype=np.float64)
+    K[0, :] *= sx
+    K[1, :] *= sy
+    K[0, 2] = (cam.K[0, 2] + 0.5) * sx - 0.5
+    K[1, 2] = (cam.K[1, 2] + 0.5) * sy - 0.5
+    data.update(K=K.tolist(), width=width, height=height)
+    return CameraCalibration.from_dict(data)
+
+
+def _with_extrinsic(cam: CameraCalibration, T: np.ndarray) -> CameraCalibration:
+    data = cam.to_dict()
+    data['T_cam_lidar'] = np.asarray(T).tolist()
+    return CameraCalibration.from_dict(data)
+
+
 @dataclass
 class _View:
     """One frame of one camera: silhouette points (LiDAR frame at the camera's capture time),
-    weights and the image's edge maps per search scale."""
+    their weights, how much of each point's edge runs vertically in the image (``across``:
+    the share of the horizontal gradient in its score), the finest scale each point is
+    compared at, a sample of other points, and the image's gradients (uint8; the spread maps
+    per scale are made when first needed and dropped by :meth:`CameraFrames.release`)."""
 
     points: np.ndarray
     weights: np.ndarray
-    maps: dict
-    inner: np.ndarray                # a sample of non-silhouette points (the contrast)
+    across: np.ndarray
+    least_scale: np.ndarray
+    inner: np.ndarray
+    gradients: tuple
+    maps: dict = field(default_factory=dict)
 
 
 @dataclass
 class CameraFrames:
-    """The prepared frames of one camera; :meth:`add` one sweep and image at a time."""
+    """The prepared frames of one camera; :meth:`add` one sweep and image at a time.
+
+    ``max_width``: images wider than this are scored at a reduced size (halved until they
+    fit; 0 keeps the full size); the extrinsic found is the same, its precision coarser.
+    """
 
     camera: CameraCalibration
+    max_width: int = 0
     scales: tuple = SCALES_PX
     blur_px: float = 0.0          # image blur before edges; 0: half the LiDAR's azimuth step
+    oriented: bool = True         # compare each point with the gradient across its edge
+    matched: bool = True          # compare each point at a scale no finer than its own blur
     views: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        factor = 1
+        while self.max_width and self.camera.width / factor > self.max_width:
+            factor *= 2
+        self._factor = factor
+        self._cam = _scaled_camera(self.camera, float(factor))
+
+    @property
+    def focal_px(self) -> float:
+        """Focal length of the images as scored (pixels)."""
+        return float(self._cam.K[0, 0])
+
     def add(self, xyz: np.ndarray, rgb: np.ndarray, *, ring: np.ndarray | None = None,
-            T_capture_sweep: np.ndarray | None = None) -> int:
+            T_capture_sweep: np.ndarray | None = None,
+            found: Silhouettes | None = None) -> int:
         """Prepare one frame; returns its silhouette points in front of the camera.
 
-        ``T_capture_sweep`` (4, 4) moves the sweep's points into the LiDAR frame at the
-        camera's capture time (motion compensation), optional.
+        ``xyz`` (N, 3) LiDAR frame, ``rgb`` (H, W, 3) uint8. ``T_capture_sweep`` (4, 4) moves
+        the sweep's points into the LiDAR frame at the camera's capture time (motion
+        compensation), optional; ``found``: the sweep's :func:`silhouettes` when already
+        computed (several cameras share one sweep).
         """
         cam = self.camera
-        if np.asarray(rgb).shape[:2] != (cam.height, cam.width):
-            raise AlignmentError(f'camera {cam.name!r}: image is {np.asarray(rgb).shape[1]}x'
-                                 f'{np.asarray(rgb).shape[0]}, the calibration says '
+        image = np.asarray(rgb)
+        if image.ndim < 2 or image.shape[:2] != (cam.height, cam.width):
+            raise AlignmentError(f'camera {cam.name!r}: image is {image.shape[1::-1]} '
+                                 f'(width, height), the calibration says '
                                  f'{cam.width}x{cam.height}')
-        pts, weight = edge_points(xyz, ring)
+        found = silhouettes(xyz, ring) if found is None else found
+        pts, weight, tangent, blur = found.points, found.weights, found.tangent, found.blur
         inner = _inner_sample(xyz, 3000)
-        blur = self.blur_px if self.blur_px > 0 else max(1.0, 0.5 * float(cam.K[0, 0])
-                                                          * azimuth_step(xyz, ring))
         if T_capture_sweep is not None:
             T = np.asarray(T_capture_sweep, dtype=np.float64)
             pts = (pts @ T[:3, :3].T + T[:3, 3]).astype(np.float32)
-        # keep points that some calibration near this one could put in the image
-        cam_pts = pts @ cam.T_cam_lidar[:3, :3].T + cam.T_cam_lidar[:3, 3]
-        front = cam_pts[:, 2] > 0.5
-        pts, weight = pts[front], weight[front]
-        if T_capture_sweep is not None:
+            tangent = (tangent @ T[:3, :3].T).astype(np.float32)
             inner = (inner @ T[:3, :3].T + T[:3, 3]).astype(np.float32)
-        inner_cam = inner @ cam.T_cam_lidar[:3, :3].T + cam.T_cam_lidar[:3, 3]
-        inner = inner[inner_cam[:, 2] > 0.5]
-        edges = edge_map(rgb, blur)
-        self.views.append(_View(pts, weight, {s: spread(edges, s) for s in self.scales}, inner))
+        # keep points that some calibration near this one could put in the image
+        R, t = cam.T_cam_lidar[:3, :3], cam.T_cam_lidar[:3, 3]
+        front = (pts @ R.T + t)[:, 2] > 0.5
+        pts, weight, tangent, blur = pts[front], weight[front], tangent[front], blur[front]
+        inner = inner[(inner @ R.T + t)[:, 2] > 0.5]
+        # the direction of each edge's normal in the image: the step towards the far side
+        rig = RigCalibration((self._cam,))
+        uv0 = project_points(pts, rig)[0][0]
+        step = 0.01 * np.linalg.norm(pts, axis=1, keepdims=True)
+        d = np.nan_to_num(project_points(pts + step * tangent, rig)[0][0] - uv0)
+        length2 = (d ** 2).sum(1)
+        across = np.where(length2 > 0, d[:, 0] ** 2 / np.maximum(length2, 1e-12), 0.5)
+        if not self.oriented:
+            across = np.full(across.shape, np.nan)
+        least = blur * self.focal_px if self.matched else np.zeros(len(pts))
+        if self._factor > 1:
+            image = cv2.resize(image, (self._cam.width, self._cam.height),
+                               interpolation=cv2.INTER_AREA)
+        px_blur = self.blur_px if self.blur_px > 0 else max(1.0, 0.5 * self.focal_px
+                                                             * found.azimuth_step)
+        gx, gy = edge_maps(image, px_blur)
+        self.views.append(_View(pts, weight, across.astype(np.float32),
+                                least.astype(np.float32), inner,
+                                (np.rint(gx * 255).astype(np.uint8),
+                                 np.rint(gy * 255).astype(np.uint8))))
         return int(front.sum())
 
+    def release(self) -> None:
+        """Drop the spread edge maps (they are made again when next needed)."""
+        for view in self.views:
+            view.maps.clear()
+
+    def _maps(self, view: _View, scale: float) -> tuple:
+        """(horizontal, vertical) spread maps of ``view`` at ``scale`` and their reduction:
+        coarse scales are spread on images reduced by max-pooling (scale / 4 times)."""
+        if scale not in view.maps:
+            factor = max(1, int(scale // 4))
+            pair = tuple(spread(_max_pool(g, factor).astype(np.float32) / 255.0,
+                                scale / factor) for g in view.gradients)
+            view.maps[scale] = (pair, factor)
+        return view.maps[scale]
+
     def score(self, T_cam_lidar: np.ndarray, scale_px: float | None = None) -> float:
-        """Weighted mean edge strength under the silhouette points that land in the images,
-        minus the mean under the other points (so that moving every point onto a textured
-        region does not pay)."""
+        """Weighted mean edge strength under the silhouette points that land in the images
+        (each point reads the gradient across its own edge), minus the mean under the other
+        points (so that moving every point onto a textured region does not pay)."""
         scale_px = self.scales[-1] if scale_px is None else scale_px
         total = weight_sum = inner_total = inner_count = 0.0
         for view, (uv, valid), (uv_in, valid_in) in zip(
@@ -242,26 +444,77 @@ class CameraFrames:
                 self._project(T_cam_lidar, inner=True)):
             w = view.weights[valid]
             if w.size:
-                total += float(np.dot(w, _bilinear(view.maps[scale_px], uv[valid])))
+                strength = np.zeros(w.size)
+                pick = self._scale_of(np.maximum(view.least_scale[valid], scale_px))
+                uv_v, across_v = uv[valid], view.across[valid]
+                for s in np.unique(pick):
+                    rows = np.flatnonzero(pick == s)
+                    (mx, my), k = self._maps(view, float(s))
+                    at = (uv_v[rows] + 0.5) / k - 0.5
+                    ex, ey = _bilinear(mx, at), _bilinear(my, at)
+                    across = across_v[rows]
+                    strength[rows] = np.where(np.isnan(across), np.maximum(ex, ey),
+                                              across * ex + (1 - across) * ey)
+                total += float(np.dot(w, strength))
                 weight_sum += float(w.sum())
             if valid_in.any():
-                inner_total += float(_bilinear(view.maps[scale_px], uv_in[valid_in]).sum())
+                (mx, my), k = self._maps(view, float(scale_px))
+                at = (uv_in[valid_in] + 0.5) / k - 0.5
+                inner_total += float(0.5 * (_bilinear(mx, at) + _bilinear(my, at)).sum())
                 inner_count += float(valid_in.sum())
         if weight_sum <= 0:
             return 0.0
         return total / weight_sum - CONTRAST * inner_total / max(inner_count, 1.0)
 
-    def points_in_view(self, T_cam_lidar: np.ndarray) -> int:
-        return int(sum(valid.sum() for _, valid in self._project(T_cam_lidar)))
+    def _scale_of(self, wanted: np.ndarray) -> np.ndarray:
+        """The smallest search scale at or above each ``wanted`` scale (the largest when none
+        is)."""
+        scales = np.sort(np.asarray(self.scales, dtype=np.float64))
+        idx = np.minimum(np.searchsorted(scales, wanted - 1e-6), scales.size - 1)
+        return scales[idx]
+
+    def halves(self, sector_deg: float = 10.0) -> tuple['CameraFrames', 'CameraFrames']:
+        """The frames split in two: silhouette and contrast points of alternate
+        ``sector_deg`` sectors of azimuth (the image maps are shared)."""
+        out = []
+        for parity in (0, 1):
+            half = CameraFrames(self.camera, self.max_width, self.scales, self.blur_px,
+                                self.oriented, self.matched)
+            for v in self.views:
+                pick = _sector(v.points, sector_deg) == parity
+                inner = v.inner[_sector(v.inner, sector_deg) == parity]
+                half.views.append(_View(v.points[pick], v.weights[pick], v.across[pick],
+                                        v.least_scale[pick], inner, v.gradients, v.maps))
+            out.append(half)
+        return out[0], out[1]
+
+    def median_depth(self, T_cam_lidar: np.ndarray | None = None) -> float:
+        """Median depth (m) of the silhouette points in view (10 m when none is)."""
+        T = self.camera.T_cam_lidar if T_cam_lidar is None else T_cam_lidar
+        depths = [((v.points @ T[:3, :3].T + T[:3, 3])[valid, 2])
+                  for v, (_, valid) in zip(self.views, self._project(T))]
+        depths = np.concatenate(depths) if depths else np.zeros(0)
+        return float(np.median(depths)) if depths.size else 10.0
+
+    def points_in_view(self, T_cam_lidar: np.ndarray | None = None) -> int:
+        """Silhouette points that ``T_cam_lidar`` (default: the camera's) puts in the images."""
+        T = self.camera.T_cam_lidar if T_cam_lidar is None else T_cam_lidar
+        return int(sum(valid.sum() for _, valid in self._project(T)))
 
     def _project(self, T_cam_lidar: np.ndarray, inner: bool = False):
-        rig = RigCalibration((_with_extrinsic(self.camera, self.camera.T_cam_lidar),))
-        prep = prepare_rig(rig)
+        prep = prepare_rig(RigCalibration((self._cam,)))
         T_extra = (invert(self.camera.T_cam_lidar) @ T_cam_lidar)[None]
         for view in self.views:
             uv, _, valid = project_points(view.inner if inner else view.points, prep,
                                           T_extra=T_extra)
             yield uv[0], valid[0]
+
+
+def _sector(xyz: np.ndarray, sector_deg: float) -> np.ndarray:
+    """(N,) parity (0 or 1) of the azimuth sector of each point."""
+    az = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0])) + 360.0
+    return (np.floor(az / sector_deg).astype(np.int64) % 2) if len(xyz) else \
+        np.zeros(0, np.int64)
 
 
 def _inner_sample(xyz: np.ndarray, count: int) -> np.ndarray:
@@ -283,10 +536,24 @@ def _bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
     return top * (1 - fv) + bottom * fv
 
 
-def _with_extrinsic(cam: CameraCalibration, T: np.ndarray) -> CameraCalibration:
-    data = cam.to_dict()
-    data['T_cam_lidar'] = np.asarray(T).tolist()
-    return CameraCalibration.from_dict(data)
+def prepare_sweep(xyz: np.ndarray, *, ring: np.ndarray | None = None,
+                  point_time_ns: np.ndarray | None = None,
+                  capture_ns: np.ndarray | None = None, trajectory=None
+                  ) -> tuple[np.ndarray, np.ndarray | None, Silhouettes]:
+    """One sweep made ready for every camera: ``(xyz_ref, T_capture_ref, silhouettes)``.
+
+    With ``point_time_ns`` (N,), the cameras' true capture times ``capture_ns`` (C,) and a
+    ``trajectory`` (T_world_lidar poses), the points are motion compensated into one reference
+    frame and ``T_capture_ref`` (C, 4, 4) moves them on to each camera's capture time (pass
+    ``T_capture_ref[c]`` to :meth:`CameraFrames.add`); otherwise ``xyz`` as it is and None.
+    """
+    xyz = np.asarray(xyz, dtype=np.float32)
+    T = None
+    if trajectory is not None and point_time_ns is not None and capture_ns is not None:
+        from cmkd_ros.motion import compensation_transforms
+        xyz, T = compensation_transforms(xyz, np.asarray(point_time_ns, np.int64),
+                                         np.asarray(capture_ns, np.int64), trajectory)
+    return xyz, T, silhouettes(xyz, ring)
 
 
 def perturb(T_cam_lidar: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -294,16 +561,18 @@ def perturb(T_cam_lidar: np.ndarray, x: np.ndarray) -> np.ndarray:
     the camera frame: ``[R(x[:3]) | x[3:]] @ T_cam_lidar``."""
     D = np.eye(4)
     D[:3, :3] = rotvec_to_matrix(np.asarray(x[:3], dtype=np.float64))
-    D[:3, 3] = x[3:6]
+    D[:3, 3] = np.asarray(x, dtype=np.float64)[3:6] if len(x) >= 6 else 0.0
     return D @ np.asarray(T_cam_lidar, dtype=np.float64)
 
 
 def extrinsic_error(T_a: np.ndarray, T_b: np.ndarray) -> tuple[float, float]:
-    """(rotation degrees, translation metres) between two ``T_cam_lidar``, in the camera frame."""
-    D = np.asarray(T_a) @ invert(np.asarray(T_b))
+    """(rotation degrees, camera position metres) between two ``T_cam_lidar``."""
+    T_a, T_b = np.asarray(T_a, np.float64), np.asarray(T_b, np.float64)
+    D = T_a @ invert(T_b)
     angle = float(np.linalg.norm(matrix_to_rotvec(D[:3, :3])))
-    # translation of the LiDAR origin as seen from the camera
-    return math.degrees(angle), float(np.linalg.norm(T_a[:3, 3] - T_b[:3, 3]))
+    # camera centres in the LiDAR frame
+    c_a, c_b = -T_a[:3, :3].T @ T_a[:3, 3], -T_b[:3, :3].T @ T_b[:3, 3]
+    return math.degrees(angle), float(np.linalg.norm(c_a - c_b))
 
 
 @dataclass
@@ -321,6 +590,8 @@ class RefineResult:
     frames: int
     edge_points: int
     sharpness: dict                  # score drop per parameter at the optimum (constraint)
+    found_T_cam_lidar: np.ndarray | None = None   # the optimum, even when not accepted
+    spread: dict = field(default_factory=dict)       # disagreement of the two data halves
 
     def to_dict(self) -> dict:
         return {'camera': self.camera, 'converged': self.converged, 'reason': self.reason,
@@ -328,10 +599,16 @@ class RefineResult:
                 'initial_score': round(self.initial_score, 4), 'score': round(self.score, 4),
                 'rotation_change_deg': round(self.rotation_change_deg, 3),
                 'translation_change_cm': round(100 * self.translation_change_m, 2),
+                'halves_disagree': {
+                    'rotation_deg': round(self.spread.get('rotation_deg', math.nan), 3),
+                    'translation_cm': round(100 * self.spread.get('translation_m', math.nan),
+                                            2)} if self.spread else None,
                 'sharpness': {k: round(v, 4) for k, v in self.sharpness.items()}}
 
 
-PARAMETERS = ('roll', 'pitch', 'yaw', 'x', 'y', 'z')   # camera-frame axes (x right, y down, z fwd)
+# rotations about the camera's x (right: pitch), y (down: yaw), z (optical axis: roll) axes,
+# then translations along them
+PARAMETERS = ('pitch', 'yaw', 'roll', 'x', 'y', 'z')
 
 
 def _pattern_search(objective, x0: np.ndarray, steps: np.ndarray, min_steps: np.ndarray,
@@ -359,20 +636,54 @@ def _pattern_search(objective, x0: np.ndarray, steps: np.ndarray, min_steps: np.
     return x, best
 
 
+def _move(T0: np.ndarray, x: np.ndarray, depth: float) -> np.ndarray:
+    """``T0`` moved by ``x`` (rotation vector, translation; camera frame) where the
+    translation comes with the rotation that keeps points ``depth`` metres ahead in place
+    (sideways moves then change only the parallax between near and far points, and the search
+    axes stay nearly independent)."""
+    comp = np.array([x[4] / depth, -x[3] / depth, 0.0])
+    return perturb(T0, np.r_[x[:3] + comp, x[3:6]])
+
+
+def _search(frames: CameraFrames, active: np.ndarray, limits: np.ndarray,
+            depth: float) -> np.ndarray:
+    """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic: the
+    move ``x`` (see :func:`_move`) of the best score."""
+    T0 = frames.camera.T_cam_lidar
+    x = np.zeros(6)
+    f = frames.focal_px
+    for scale in frames.scales:
+        # step sizes follow the scale: about a scale's worth of pixels at 20 m
+        rot_step = min(limits[0], scale / f)
+        tr_step = min(limits[3], max(0.01, 20.0 * scale / f))
+        steps = np.array([rot_step] * 3 + [tr_step] * 3)
+        min_steps = np.array([math.radians(0.02)] * 3 + [0.003] * 3)
+        x, _ = _pattern_search(lambda p, s=scale: frames.score(_move(T0, p, depth), s), x,
+                               steps, np.maximum(min_steps, steps / 16), active, limits)
+    return x
+
+
 def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: float = 3.0,
-           max_translation_m: float = 0.3, min_sharpness: float = 0.004) -> RefineResult:
+           max_translation_m: float = 0.3, max_spread_deg: float = 0.5,
+           max_spread_m: float = 0.1, min_sharpness: float = 0.004,
+           verify: bool = True) -> RefineResult:
     """Search the extrinsic of ``frames.camera`` that best aligns silhouettes with image edges.
 
-    Coarse to fine over :data:`SCALES_PX`; rotation within ``max_rotation_deg`` of the start,
-    translation (when ``translation``) within ``max_translation_m``. Converged means: enough
-    silhouette points in view, and every searched parameter constrained (moving it by 0.5
-    degree or 5 cm from the optimum lowers the fine score by at least ``min_sharpness``);
-    otherwise the result keeps the initial extrinsic and ``reason`` says what was missing.
+    Coarse to fine over the scales of ``frames``; rotation within ``max_rotation_deg`` of the
+    start, translation (when ``translation``) within ``max_translation_m``. With ``verify``
+    the search runs again on each half of the silhouettes (alternate 10-degree sectors of
+    azimuth), and the two answers must agree within ``max_spread_deg`` and ``max_spread_m``
+    (a noise peak of one frame is sharp too, but the other half of the data does not share
+    it). Converged means: enough silhouette points in view, the optimum inside the search
+    limits, every searched parameter changing the score (0.5 degree or 5 cm away from the
+    optimum the fine score drops by ``min_sharpness``, a quarter of it for translations) and
+    the halves agreeing; otherwise the result keeps the initial extrinsic and ``reason`` says
+    what was missing.
     """
     cam = frames.camera
     T0 = cam.T_cam_lidar
-    n_in_view = frames.points_in_view(T0)
-    initial = frames.score(T0)
+    n_in_view = frames.points_in_view(T0) if frames.views else 0
+    initial = frames.score(T0) if frames.views else 0.0
     result = RefineResult(cam.name, T0.copy(), initial, initial, 0.0, 0.0, False, '',
                           len(frames.views), n_in_view, {})
     if not frames.views:
@@ -383,46 +694,47 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
                          f'(need {MIN_EDGE_POINTS}); add frames with nearby objects')
         return result
     active = np.array([True] * 3 + [translation] * 3)
-    rot_lim, tr_lim = math.radians(max_rotation_deg), max_translation_m
-    limits = np.array([rot_lim] * 3 + [tr_lim] * 3)
-    x = np.zeros(6)
-    for scale in frames.scales:
-        # step sizes follow the scale: about a scale's worth of pixels at 20 m
-        f = float(cam.K[0, 0])
-        rot_step = min(rot_lim, scale / f)
-        tr_step = min(tr_lim, max(0.01, 20.0 * scale / f))
-        steps = np.array([rot_step] * 3 + [tr_step] * 3)
-        min_steps = np.array([math.radians(0.02)] * 3 + [0.003] * 3)
-        x, _ = _pattern_search(lambda p, s=scale: frames.score(perturb(T0, p), s), x, steps,
-                               np.maximum(min_steps, steps / 16), active, limits)
-    T = perturb(T0, x)
+    limits = np.array([math.radians(max_rotation_deg)] * 3 + [max_translation_m] * 3)
+    depth = frames.median_depth(T0)
+    x = _search(frames, active, limits, depth)
+    T = _move(T0, x, depth)
     best = frames.score(T)
-    # how constrained each parameter is: the score drop half a degree / 5 cm away
-    sharp = {}
-    for i, name in enumerate(PARAMETERS):
-        if not active[i]:
-            continue
-        delta = np.zeros(6)
-        delta[i] = math.radians(0.5) if i < 3 else 0.05
-        drop = best - 0.5 * (frames.score(perturb(T0, x + delta))
-                             + frames.score(perturb(T0, x - delta)))
-        sharp[name] = drop
-    result.sharpness = sharp
-    # a translation of 5 cm moves far points less than half a degree does: a lower bar
-    weak = [k for k, v in sharp.items()
-            if v < (min_sharpness if k in PARAMETERS[:3] else min_sharpness / 4)]
-    rot_deg, tr_m = extrinsic_error(T, T0)
+    result.found_T_cam_lidar = T
     result.score = best
+    # how constrained each parameter is: the score drop half a degree / 5 cm away
+    for i, name in enumerate(PARAMETERS):
+        if active[i]:
+            delta = np.zeros(6)
+            delta[i] = math.radians(0.5) if i < 3 else 0.05
+            result.sharpness[name] = best - 0.5 * (frames.score(_move(T0, x + delta, depth))
+                                                   + frames.score(_move(T0, x - delta, depth)))
+    weak = [k for k, v in result.sharpness.items()
+            if v < (min_sharpness if k in PARAMETERS[:3] else min_sharpness / 4)]
+    at_limit = [PARAMETERS[i] for i in np.flatnonzero(active) if abs(x[i]) > 0.98 * limits[i]]
     if weak:
-        result.reason = (f'the data does not constrain {", ".join(weak)} (score changes by '
-                         f'less than {min_sharpness} there); add frames with more structure')
+        result.reason = (f'the data does not constrain {", ".join(weak)} (the score changes '
+                         f'by less than {min_sharpness} there); add frames with more '
+                         'structure at several distances')
         return result
-    if best <= initial:
-        result.converged, result.T_cam_lidar = True, T0.copy()
+    if at_limit:
+        result.reason = (f'the optimum of {", ".join(at_limit)} lies at the search limit '
+                         f'({max_rotation_deg} deg, {100 * max_translation_m:.0f} cm): the '
+                         'input calibration is too far off, or the data misleads')
         return result
+    if verify:
+        halves = [_move(T0, _search(h, active, limits, depth), depth) for h in frames.halves()]
+        rot, pos = extrinsic_error(*halves)
+        result.spread = {'rotation_deg': rot, 'translation_m': pos if translation else 0.0}
+        if rot > max_spread_deg or (translation and pos > max_spread_m):
+            result.reason = (f'the two halves of the data disagree by {rot:.2f} deg and '
+                             f'{100 * pos:.1f} cm (allowed {max_spread_deg} deg, '
+                             f'{100 * max_spread_m:.0f} cm): the optimum is not reproducible; '
+                             'add frames with more structure')
+            return result
     result.converged = True
-    result.T_cam_lidar = T
-    result.rotation_change_deg, result.translation_change_m = rot_deg, tr_m
+    if best > initial:
+        result.T_cam_lidar = T
+        result.rotation_change_deg, result.translation_change_m = extrinsic_error(T, T0)
     return result
 
 
@@ -431,34 +743,218 @@ class AlignmentReport:
     """Health of one camera's calibration (:func:`check_alignment`)."""
 
     camera: str
-    score: float                     # edge alignment of the given calibration (0..1)
+    score: float                     # edge alignment of the given calibration
     aligned_score: float             # after the small rotation search
-    misalignment_deg: float          # rotation the data points to (0: none found)
+    misalignment_deg: float          # angle of the rotation the data points to
+    image_shift_deg: float           # how far that rotation moves the camera's rays (RMS)
+    rotation: np.ndarray             # (3,) that rotation, rad, camera frame (x, y, z)
+    better_neighbours: float         # share of rotations 0.5 deg away that fit better
     edge_points: int
+    frames: int
     enough_structure: bool
 
     @property
-    def gain(self) -> float:
-        """Relative score gain of the aligned rotation: 0 when the calibration fits best."""
-        return (self.aligned_score - self.score) / max(self.aligned_score, 1e-9)
+    def misaligned(self) -> bool:
+        """The data says the calibration is off (see :data:`WARN_BETTER_NEIGHBOURS`)."""
+        return self.enough_structure and self.better_neighbours > WARN_BETTER_NEIGHBOURS
 
     def to_dict(self) -> dict:
-        return {'camera': self.camera, 'score': round(self.score, 4),
-                'aligned_score': round(self.aligned_score, 4),
+        return {'camera': self.camera, 'frames': self.frames,
+                'edge_points': self.edge_points, 'enough_structure': self.enough_structure,
+                'misaligned': self.misaligned,
+                'better_neighbours': round(self.better_neighbours, 3),
+                'score': round(self.score, 4), 'aligned_score': round(self.aligned_score, 4),
                 'misalignment_deg': round(self.misalignment_deg, 3),
-                'gain': round(self.gain, 4), 'edge_points': self.edge_points,
-                'enough_structure': self.enough_structure}
+                'image_shift_deg': round(self.image_shift_deg, 3),
+                'rotation_deg': [round(math.degrees(v), 3) for v in self.rotation]}
 
 
-def check_alignment(frames: CameraFrames, max_rotation_deg: float = 2.0) -> AlignmentReport:
-    """The calibration health metric of one camera: a rotation-only search within
-    ``max_rotation_deg``; the rotation it finds is the misalignment the data points to."""
-    T0 = frames.camera.T_cam_lidar
+def image_shift_deg(camera: CameraCalibration, rotvec: np.ndarray) -> float:
+    """RMS angle (degrees) by which a rotation ``rotvec`` (camera frame, rad) moves the rays
+    of a grid over the image: a rotation about the optical axis moves the centre not at all,
+    so it counts less than a tilt of the same angle."""
+    u, v = np.meshgrid(np.linspace(0, camera.width - 1, 9), np.linspace(0, camera.height - 1, 9))
+    K = camera.K
+    rays = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1],
+                     np.ones(u.size)], 1)
+    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    moved = rays @ rotvec_to_matrix(np.asarray(rotvec, dtype=np.float64)).T
+    cos = np.clip((rays * moved).sum(1), -1.0, 1.0)
+    return float(np.degrees(np.sqrt(np.mean(np.arccos(cos) ** 2))))
+
+
+def _neighbours() -> np.ndarray:
+    """The 26 unit directions of a 3x3x3 grid around the origin."""
+    grid = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
+                     if (i, j, k) != (0, 0, 0)], dtype=np.float64)
+    return grid / np.linalg.norm(grid, axis=1, keepdims=True)
+
+
+def check_alignment(frames: CameraFrames, max_rotation_deg: float = 2.0,
+                    probe_deg: float = 0.5) -> AlignmentReport:
+    """The calibration health metric of one camera.
+
+    ``better_neighbours``: the share of the 26 rotations ``probe_deg`` away (a 3x3x3 grid)
+    that fit the data better than the current calibration (after Levinson and Thrun, RSS
+    2013): near 0 when the calibration sits at the optimum, near half when it is off by about
+    ``probe_deg``; above :data:`WARN_BETTER_NEIGHBOURS` the report says misaligned. Also a
+    rotation-only search within ``max_rotation_deg``: the rotation it finds is the
+    misalignment the data points to (``misalignment_deg``; its effect on the image,
+    ``image_shift_deg``), informative once several frames agree.
+    """
+    cam = frames.camera
+    T0 = cam.T_cam_lidar
     n = frames.points_in_view(T0) if frames.views else 0
     score = frames.score(T0) if n else 0.0
     if n < MIN_EDGE_POINTS:
-        return AlignmentReport(frames.camera.name, score, score, 0.0, n, False)
+        return AlignmentReport(cam.name, score, score, 0.0, 0.0, np.zeros(3), 0.0, n,
+                               len(frames.views), False)
+    probe = math.radians(probe_deg)
+    scale = float(frames._scale_of(np.array([probe * frames.focal_px / 2]))[0])
+    base = frames.score(T0, scale)
+    better = np.mean([frames.score(perturb(T0, probe * d), scale) > base
+                      for d in _neighbours()])
     result = refine(frames, translation=False, max_rotation_deg=max_rotation_deg,
-                    min_sharpness=0.0)
-    return AlignmentReport(frames.camera.name, score, max(result.score, score),
-                           result.rotation_change_deg, n, True)
+                    min_sharpness=0.0, verify=False)
+    T = result.found_T_cam_lidar if result.found_T_cam_lidar is not None else T0
+    rotvec = matrix_to_rotvec((T @ invert(T0))[:3, :3])
+    return AlignmentReport(cam.name, score, max(result.score, score),
+                           math.degrees(float(np.linalg.norm(rotvec))),
+                           image_shift_deg(cam, rotvec), rotvec, float(better), n,
+                           len(frames.views), True)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Calibration health of every camera, from the sweeps and images themselves."""
+
+    enabled: bool = setting(True, 'check each camera\'s calibration against the data '
+                            '(silhouettes of the sweeps on image edges)')
+    sweep_stride: int = setting(5, 'use one synchronized set in this many (nearby sweeps '
+                                'repeat the same view)', ge=1)
+    window: int = setting(10, 'sets kept per camera; the check uses all of them', ge=1,
+                          le=100)
+    check_every: int = setting(5, 'run the check after this many new sets', ge=1)
+    min_frames: int = setting(3, 'sets needed before a camera gets a verdict (one set '
+                              'decides badly on real scenes)', ge=1)
+    max_width: int = setting(800, 'images are scored at most this wide (halved until they '
+                             'fit)', ge=64)
+    warn_better_neighbours: float = setting(
+        WARN_BETTER_NEIGHBOURS, 'misaligned above this share of rotations 0.5 deg away that '
+        'fit the data better than the calibration', gt=0.0, lt=1.0)
+    refuse_misaligned: bool = setting(False, 'record no pairs from a camera whose last check '
+                                      'says misaligned')
+
+
+@dataclass
+class CameraHealth:
+    """The last verdict on one camera (:class:`HealthMonitor`)."""
+
+    camera: str
+    status: str                       # 'ok', 'misaligned' or 'unknown'
+    message: str
+    report: AlignmentReport | None = None
+
+    def to_dict(self) -> dict:
+        return {'camera': self.camera, 'status': self.status, 'message': self.message,
+                **({'report': self.report.to_dict()} if self.report else {})}
+
+
+class HealthMonitor:
+    """Calibration health of every camera of a rig over its last sweeps (no ROS).
+
+    Call :meth:`add` with each synchronized set (sweep + images); it keeps one set in
+    ``sweep_stride`` and the last ``window`` of them per camera, and every ``check_every`` kept
+    sets runs :func:`check_alignment` per camera (returning the new verdicts; None otherwise).
+    :meth:`health` gives the last verdict, :meth:`refuses` whether pairs from a camera should
+    not be recorded. A set a camera cannot use (its image uniform or the wrong size) is counted
+    in its message, not raised.
+    """
+
+    def __init__(self, rig: RigCalibration, settings: HealthSettings = HealthSettings()):
+        self.rig = rig
+        self.settings = settings
+        self._frames = {c.name: CameraFrames(c, max_width=settings.max_width)
+                        for c in rig.cameras}
+        self._health = {c.name: CameraHealth(c.name, 'unknown', 'no sweep checked yet')
+                        for c in rig.cameras}
+        self._skipped = collections.Counter()
+        self._seen = 0
+        self._kept = 0
+
+    def add(self, xyz: np.ndarray, images: dict, *, ring: np.ndarray | None = None,
+            point_time_ns: np.ndarray | None = None, capture_ns: dict | None = None,
+            trajectory=None) -> dict | None:
+        """One synchronized set: ``xyz`` (N, 3) LiDAR frame, ``images`` {camera name: RGB
+        (H, W, 3) uint8}; optional ``ring`` (N,), ``point_time_ns`` (N,) with ``capture_ns``
+        {camera name: true capture time ns} and a ``trajectory`` for motion compensation.
+        Returns {camera name: :class:`CameraHealth`} when a check ran, else None."""
+        if not self.settings.enabled:
+            return None
+        self._seen += 1
+        if (self._seen - 1) % self.settings.sweep_stride:
+            return None
+        names = [n for n in images if n in self._frames]
+        if not names:
+            return None
+        stamps = None
+        if capture_ns is not None and all(n in capture_ns for n in names):
+            stamps = np.array([capture_ns[n] for n in names], np.int64)
+        try:
+            ref, T, found = prepare_sweep(xyz, ring=ring, point_time_ns=point_time_ns,
+                                          capture_ns=stamps, trajectory=trajectory)
+        except AlignmentError as exc:
+            for n in names:
+                self._skipped[(n, str(exc))] += 1
+            return None
+        for i, n in enumerate(names):
+            frames = self._frames[n]
+            try:
+                frames.add(ref, images[n], ring=ring, found=found,
+                           T_capture_sweep=None if T is None else T[i])
+            except AlignmentError as exc:
+                self._skipped[(n, str(exc))] += 1
+                continue
+            del frames.views[:-self.settings.window]
+        self._kept += 1
+        if self._kept % self.settings.check_every:
+            return None
+        return self.check()
+
+    def check(self) -> dict:
+        """Run the check on every camera now; {camera name: :class:`CameraHealth`}."""
+        for name, frames in self._frames.items():
+            self._health[name] = self._verdict(name, frames)
+            frames.release()
+        return dict(self._health)
+
+    def _verdict(self, name: str, frames: CameraFrames) -> CameraHealth:
+        skipped = sum(v for (n, _), v in self._skipped.items() if n == name)
+        why = [m for (n, m) in self._skipped if n == name]
+        note = f'; {skipped} set(s) unusable: {why[-1]}' if skipped else ''
+        if len(frames.views) < self.settings.min_frames:
+            return CameraHealth(name, 'unknown', f'{len(frames.views)} of '
+                                f'{self.settings.min_frames} sets needed so far{note}')
+        report = check_alignment(frames)
+        if not report.enough_structure:
+            return CameraHealth(name, 'unknown', f'too little structure: '
+                                f'{report.edge_points} silhouette points in view '
+                                f'(need {MIN_EDGE_POINTS}){note}', report)
+        if report.better_neighbours > self.settings.warn_better_neighbours:
+            return CameraHealth(name, 'misaligned', f'{100 * report.better_neighbours:.0f}% of '
+                                'the rotations 0.5 deg away fit better; the data points to '
+                                f'{report.misalignment_deg:.2f} deg off ({report.frames} '
+                                f'sets){note}', report)
+        return CameraHealth(name, 'ok', f'aligned: {100 * report.better_neighbours:.0f}% of '
+                            f'the rotations 0.5 deg away fit better ({report.frames} sets)'
+                            f'{note}', report)
+
+    def health(self, camera: str) -> CameraHealth:
+        """The last verdict on ``camera``."""
+        return self._health[camera]
+
+    def refuses(self, camera: str) -> bool:
+        """Whether pairs from ``camera`` should not be recorded now (``refuse_misaligned``
+        and the last verdict says misaligned)."""
+        return (self.settings.refuse_misaligned and camera in self._health
+                and self._health[camera].status == 'misaligned')

@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     'sim': ('cmkd_ros.sim.cli', 'render a synthetic drive to a rosbag2 or a pair dataset'),
     'rig': ('cmkd_ros.rig', 'rig calibration YAML from a bag\'s /tf_static and CameraInfo'),
     'overlay': ('cmkd_ros.tools.overlay', 'draw projected LiDAR points over camera images (PNG)'),
+    'calibrate': ('cmkd_ros.tools.calibrate',
+                  'refine camera extrinsics from the data (LiDAR silhouettes on image edges)'),
     'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
     'evaluate': ('offline_training.evaluate', 'score a student checkpoint on a pair dataset'),
     'replay': ('cmkd_ros.tools.replay', 'publish a rosbag2 (MCAP or sqlite3) with its timing'),

@@ -1,0 +1,295 @@
+"""``cmkd calibrate``: targetless refinement of each camera's extrinsic from the data itself.
+
+Silhouettes of the LiDAR sweeps (range jumps) are matched with the images' edges and each
+camera's ``T_cam_lidar`` is moved to where they agree best (:mod:`cmkd_ros.calibration_check`).
+Inputs are those of ``cmkd overlay``: a rosbag2 folder, a pair dataset folder, the shared
+nuScenes / KITTI sample folders, or ``--cloud FILE --image NAME=FILE --calibration rig.yaml``;
+sweeps with point times, camera stamps and ego poses (pairs, bags with odometry) are motion
+compensated. Writes into ``--out``:
+
+* ``calibration.yaml``: the rig (RigCalibration schema) with the refined extrinsics; a camera
+  whose refinement did not converge keeps its input extrinsic;
+* ``<camera>_before_after.png``: the projected points over the first frame's image with the
+  input calibration (top) and the refined one (bottom);
+* ``report.json``: per camera the scores before and after, the change, how well the data
+  constrains each parameter, and why a camera was not refined.
+
+Exit status: 0 every camera converged, 3 some camera kept its input extrinsic (too little
+structure, unconstrained parameters, an unusable image), 2 bad input. ``--check`` only reports
+each camera's calibration health (:func:`cmkd_ros.calibration_check.check_alignment`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from cmkd_ros.calibration import CalibrationError, RigCalibration
+from cmkd_ros.calibration_check import (AlignmentError, CameraFrames, check_alignment,
+                                        prepare_sweep, refine)
+from cmkd_ros.tools.overlay import OverlayError, OverlayFrame
+
+NOT_CONVERGED = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cmkd_ros.cloud_files import CLOUD_FORMATS
+    parser.add_argument('source', nargs='?', default=None,
+                        help='rosbag2 folder, pair dataset folder, or the nuScenes / KITTI '
+                             'sample folder (with calibration.json); or use --cloud')
+    parser.add_argument('--out', required=True,
+                        help='folder for calibration.yaml, the pictures and report.json')
+    parser.add_argument('--cloud', default=None,
+                        help='point cloud file: .pcd (ascii, binary, binary_compressed), KITTI '
+                             'or nuScenes .bin')
+    parser.add_argument('--cloud-format', choices=CLOUD_FORMATS, default='auto',
+                        help='layout of --cloud (auto: by extension and content)')
+    parser.add_argument('--image', action='append', default=[], metavar='NAME=FILE',
+                        help='camera image for --cloud (repeatable; NAME as in --calibration)')
+    parser.add_argument('--calibration', default=None,
+                        help="rig calibration YAML (RigCalibration schema; a bag folder's own "
+                             'calibration.yaml by default)')
+    parser.add_argument('--cloud-topic', default=None,
+                        help='bag PointCloud2 topic (default /lidar/points or the only one)')
+    parser.add_argument('--image-topic', default=None,
+                        help='bag image topic template with {camera} (default '
+                             '/cameras/{camera}/image_raw[/compressed])')
+    parser.add_argument('--camera-info-topic', default=None,
+                        help='bag CameraInfo topic template with {camera}: intrinsics from the '
+                             'bag, extrinsics from --calibration')
+    parser.add_argument('--odom-topic', default=None,
+                        help='bag nav_msgs/Odometry topic for motion compensation (default '
+                             '/odom when present)')
+    parser.add_argument('--lidar-offset-ms', type=float, default=50.0,
+                        help='bag: images are matched to the sweep stamp plus this (ms)')
+    parser.add_argument('--frames', type=int, default=10,
+                        help='sweeps (bag) or pairs used; more frames, better constraint')
+    parser.add_argument('--stride', type=int, default=1,
+                        help='use every STRIDE-th sweep or pair (spread the frames over the '
+                             'drive: nearby sweeps show the same scene)')
+    parser.add_argument('--index', type=int, action='append', default=None,
+                        help='pair or bag sweep index to use (repeatable; overrides --frames)')
+    parser.add_argument('--cameras', action='append', default=None, metavar='NAME[,NAME]',
+                        help='cameras to refine (repeatable or comma separated; default all); '
+                             'the others are written unchanged')
+    parser.add_argument('--translation', action=argparse.BooleanOptionalAction, default=True,
+                        help='refine the translation too (--no-translation: rotation only, '
+                             'for few frames or distant scenes)')
+    parser.add_argument('--max-rotation-deg', type=float, default=3.0,
+                        help='search at most this far from the input rotation (degrees)')
+    parser.add_argument('--max-translation-cm', type=float, default=30.0,
+                        help='search at most this far from the input translation (cm)')
+    parser.add_argument('--max-width', type=int, default=0,
+                        help='score images at most this wide (halved until they fit; 0: full '
+                             'size, the most precise)')
+    parser.add_argument('--check', action='store_true',
+                        help='only report each camera\'s calibration health (no refinement)')
+
+
+def _frame_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The ``cmkd overlay`` arguments its frame loaders read."""
+    index = args.index
+    if index is None and args.stride > 1:
+        index = list(range(0, args.frames * args.stride, args.stride))
+    return argparse.Namespace(
+        source=args.source, cloud=args.cloud, image=args.image, calibration=args.calibration,
+        cloud_format=args.cloud_format, cloud_topic=args.cloud_topic,
+        image_topic=args.image_topic, camera_info_topic=args.camera_info_topic,
+        odom_topic=args.odom_topic, lidar_offset_ms=args.lidar_offset_ms, index=index,
+        max_frames=args.frames)
+
+
+def _chosen_cameras(args: argparse.Namespace, rig: RigCalibration) -> list[str]:
+    if not args.cameras:
+        return list(rig.names)
+    names = [n.strip() for item in args.cameras for n in item.split(',') if n.strip()]
+    unknown = [n for n in names if n not in rig.names]
+    if unknown:
+        raise OverlayError(f'--cameras {unknown} not in the calibration (it has {rig.names})')
+    return names
+
+
+def _in_image(frame: OverlayFrame, c: int) -> int:
+    """Points of ``frame``'s sweep that its calibration puts in camera ``c``'s image."""
+    from cmkd_ros.projection import project_points
+    ok = np.isfinite(frame.xyz).all(1)
+    if not ok.any():
+        return 0
+    _, _, valid = project_points(frame.xyz[ok], frame.rig.subset([frame.rig.names[c]]))
+    return int(valid.sum())
+
+
+def prepare_cameras(frames: list[OverlayFrame], names: list[str], max_width: int = 0
+                    ) -> tuple[dict, dict]:
+    """Per camera name, its :class:`CameraFrames` over every frame, and the problems met
+    ({name: message}; such a camera is not refined)."""
+    from cmkd_ros.projection import camera_capture_ns
+    cams = {n: CameraFrames(frames[0].rig.camera(n), max_width=max_width) for n in names}
+    problems: dict[str, str] = {}
+    overlap = dict.fromkeys(names, 0)
+    for frame in frames:
+        capture = None
+        if frame.trajectory is not None and frame.point_time_ns is not None and \
+                frame.camera_stamp_ns is not None:
+            capture = camera_capture_ns(frame.rig, frame.camera_stamp_ns)
+        try:
+            ref, T, found = prepare_sweep(frame.xyz, ring=frame.ring,
+                                          point_time_ns=frame.point_time_ns,
+                                          capture_ns=capture, trajectory=frame.trajectory)
+        except AlignmentError as exc:
+            for n in names:
+                problems.setdefault(n, f'{frame.name}: {exc}')
+            continue
+        for c, n in enumerate(frame.rig.names):
+            if n not in cams:
+                continue
+            overlap[n] += _in_image(frame, c)
+            try:
+                cams[n].add(ref, frame.images[c], ring=frame.ring, found=found,
+                            T_capture_sweep=None if T is None else T[c])
+            except AlignmentError as exc:
+                problems.setdefault(n, f'{frame.name}: {exc}')
+    for n in names:
+        if not overlap[n] and n not in problems:
+            problems[n] = ('no LiDAR point lands in the image with the input calibration: '
+                           'the cloud and the image do not overlap (wrong camera, wrong '
+                           'calibration, or a cloud from elsewhere)')
+        elif not cams[n].views and n not in problems:
+            problems[n] = 'no usable frame'
+    return cams, problems
+
+
+def _before_after(frame: OverlayFrame, before: RigCalibration, after: RigCalibration,
+                  labels: dict) -> dict:
+    """{camera name: RGB picture}: the points over the image with ``before`` (top) and
+    ``after`` (bottom)."""
+    import dataclasses
+
+    import cv2
+
+    from cmkd_ros.projection import CorrespondenceConfig
+    from cmkd_ros.tools.overlay import render_overlays
+    pictures = {}
+    names = [n for n in frame.rig.names if n in labels]
+    if not names:
+        return pictures
+    config = CorrespondenceConfig()
+    halves = []
+    for rig in (before, after):
+        shown = dataclasses.replace(frame, rig=rig.subset(names),
+                                    images=[frame.images[frame.rig.names.index(n)]
+                                            for n in names],
+                                    camera_stamp_ns=None if frame.camera_stamp_ns is None else
+                                    np.asarray(frame.camera_stamp_ns)[
+                                        [frame.rig.names.index(n) for n in names]])
+        halves.append({o.name: o.image for o in render_overlays(shown, config, radius=1)})
+    for n in names:
+        rows = []
+        for half, text in zip(halves, labels[n]):
+            img = half[n].copy()
+            size = max(0.5, img.shape[1] / 1600)
+            cv2.putText(img, text, (10, int(30 * size)), cv2.FONT_HERSHEY_SIMPLEX, size,
+                        (255, 255, 255), max(1, int(2 * size)), cv2.LINE_AA)
+            rows.append(img)
+        pictures[n] = np.concatenate(rows, axis=0)
+    return pictures
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+
+    from cmkd_ros.tools.overlay import load_frames
+    try:
+        if args.frames < 1 or args.stride < 1:
+            raise OverlayError('--frames and --stride must be >= 1')
+        if args.max_rotation_deg <= 0 or args.max_translation_cm <= 0:
+            raise OverlayError('--max-rotation-deg and --max-translation-cm must be > 0')
+        frames = load_frames(_frame_args(args))
+        rig_in = frames[0].rig
+        if args.calibration and os.path.isfile(args.calibration):
+            rig_in = RigCalibration.load(args.calibration)     # every camera, for the output
+        names = _chosen_cameras(args, frames[0].rig)
+        cams, problems = prepare_cameras(frames, names, args.max_width)
+        if len(problems) == len(names):
+            raise AlignmentError('; '.join(f'{n}: {m}' for n, m in problems.items()))
+    except (OverlayError, AlignmentError, CalibrationError, ValueError, OSError) as exc:
+        print(f'cmkd calibrate: {exc}', file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    report = {'frames': [f.name for f in frames], 'translation': args.translation,
+              'cameras': {}}
+    if args.check:
+        for n in names:
+            if n in problems:
+                report['cameras'][n] = {'error': problems[n]}
+                print(f'{n}: cannot check: {problems[n]}')
+                continue
+            health = check_alignment(cams[n]).to_dict()
+            report['cameras'][n] = health
+            verdict = ('too little structure' if not health['enough_structure'] else
+                       'MISALIGNED' if health['misaligned'] else 'ok')
+            print(f'{n}: {verdict}: {100 * health["better_neighbours"]:.0f}% of the rotations '
+                  f'0.5 deg away fit better; the data points to '
+                  f'{health["misalignment_deg"]:.2f} deg ({health["edge_points"]} silhouette '
+                  f'points, {health["frames"]} frames)')
+        _write_json(os.path.join(args.out, 'report.json'), report)
+        return 0 if not problems else NOT_CONVERGED
+    refined = {}
+    labels = {}
+    for n in names:
+        if n in problems:
+            report['cameras'][n] = {'converged': False, 'reason': problems[n]}
+            print(f'{n}: NOT refined, input extrinsic kept: {problems[n]}')
+            continue
+        result = refine(cams[n], translation=args.translation,
+                        max_rotation_deg=args.max_rotation_deg,
+                        max_translation_m=args.max_translation_cm / 100)
+        report['cameras'][n] = result.to_dict()
+        if result.converged:
+            refined[n] = result.T_cam_lidar
+            print(f'{n}: refined from {result.frames} frame(s), {result.edge_points} '
+                  f'silhouette points: rotation {result.rotation_change_deg:.3f} deg, '
+                  f'translation {100 * result.translation_change_m:.1f} cm, score '
+                  f'{result.initial_score:.3f} -> {result.score:.3f}')
+        else:
+            print(f'{n}: NOT refined, input extrinsic kept: {result.reason}')
+        labels[n] = (f'input calibration: score {result.initial_score:.3f}',
+                     f'refined: score {result.score:.3f}, moved '
+                     f'{result.rotation_change_deg:.2f} deg {100 * result.translation_change_m:.1f}'
+                     f' cm' if result.converged else 'not refined: ' + result.reason[:80])
+    rig_out = RigCalibration(tuple(
+        _replace_extrinsic(c, refined[c.name]) if c.name in refined else c
+        for c in rig_in.cameras), rig_in.lidar_frame)
+    try:
+        rig_out.save(os.path.join(args.out, 'calibration.yaml'))
+        after = RigCalibration(tuple(
+            _replace_extrinsic(c, refined[c.name]) if c.name in refined else c
+            for c in frames[0].rig.cameras), frames[0].rig.lidar_frame)
+        for n, picture in _before_after(frames[0], frames[0].rig, after, labels).items():
+            path = os.path.join(args.out, f'{n}_before_after.png')
+            if not cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+                raise OSError(f'cannot write {path}')
+        _write_json(os.path.join(args.out, 'report.json'), report)
+    except (OverlayError, CalibrationError, ValueError) as exc:
+        print(f'cmkd calibrate: {exc}', file=sys.stderr)
+        return 2
+    print(f'{os.path.join(args.out, "calibration.yaml")}: {len(refined)} of {len(names)} '
+          'camera(s) refined')
+    return 0 if len(refined) == len(names) else NOT_CONVERGED
+
+
+def _replace_extrinsic(cam, T: np.ndarray):
+    from cmkd_ros.calibration import CameraCalibration
+    data = cam.to_dict()
+    data['T_cam_lidar'] = np.asarray(T, dtype=np.float64).tolist()
+    return CameraCalibration.from_dict(data)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, 'w', encoding='utf-8') as fh:
+        json.dump(data, fh, indent=1, default=lambda v: None if isinstance(v, float) and
+                  not math.isfinite(v) else v)

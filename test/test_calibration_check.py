@@ -1,0 +1,176 @@
+"""The calibration health metric (cmkd_ros.calibration_check) on synthetic and real frames."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cmkd_ros import calibration_check as cc
+from cmkd_ros.tools.overlay import load_sample_folder
+
+AXIS = np.array([0.3, -0.8, 0.5]) / np.linalg.norm([0.3, -0.8, 0.5])
+
+
+@pytest.fixture(scope='module')
+def sim_frames():
+    """Three frames of one front camera, 7 sweeps apart (different scenes), 480x270."""
+    from cmkd_ros.sim import SimWorld
+    world = SimWorld({'seed': 5, 'cameras': {'count': 1, 'width': 480, 'height': 270}},
+                     workers=1)
+    return [world.frame(i * 7) for i in range(3)]
+
+
+def camera_frames(frames, camera=None):
+    cam = camera or frames[0].calibration.cameras[0]
+    prepared = cc.CameraFrames(cam)
+    for fr in frames:
+        ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, point_time_ns=fr.point_time_ns,
+                                         capture_ns=fr.camera_stamp_ns,
+                                         trajectory=fr.trajectory())
+        prepared.add(ref, fr.images[0], ring=fr.ring, T_capture_sweep=T[0], found=found)
+    return prepared
+
+
+def off_by(cam, degrees, axis=AXIS):
+    return cc._with_extrinsic(cam, cc.perturb(cam.T_cam_lidar, math.radians(degrees) * axis))
+
+
+def test_metric_orders_calibrations_by_error(sim_frames):
+    true = camera_frames(sim_frames)
+    cam = true.camera
+    assert true.points_in_view() > 500
+    scores, found, better = [], [], []
+    for degrees in (0.0, 0.5, 1.0):
+        frames = cc.CameraFrames(off_by(cam, degrees))
+        frames.views = true.views
+        scores.append([frames.score(frames.camera.T_cam_lidar, s) for s in (8.0, 4.0, 1.0)])
+        report = cc.check_alignment(frames)
+        found.append(report.misalignment_deg)
+        better.append(report.better_neighbours)
+        # the rotation found points back to the true calibration
+        assert abs(report.misalignment_deg - degrees) < 0.3, (degrees, report.to_dict())
+    scores = np.array(scores)
+    assert (np.diff(scores, axis=0) < 0).all(), scores       # every scale, every step
+    assert np.all(np.diff(found) > 0.2), found
+    assert better[0] < cc.WARN_BETTER_NEIGHBOURS < min(better[1:]), better
+
+
+def test_silhouettes_of_a_box_in_front_of_a_wall():
+    """A 32-beam sweep of a wall 20 m ahead with a box 10 m ahead: the box outline is found
+    (moved half a step outwards), the wall and the floor are not."""
+    az = np.radians(np.arange(-30.0, 30.0, 0.2))
+    el = np.radians(np.linspace(-10.0, 10.0, 32))
+    A, E = np.meshgrid(az, el)
+    ring = np.repeat(np.arange(32), az.size)
+    x_wall = 20.0
+    r = x_wall / (np.cos(E) * np.cos(A))
+    box = (np.abs(np.degrees(A)) < 5.0) & (np.degrees(E) < 4.0)
+    r = np.where(box, 10.0 / (np.cos(E) * np.cos(A)), r).ravel()
+    xyz = np.stack([r * np.cos(E.ravel()) * np.cos(A.ravel()),
+                    r * np.cos(E.ravel()) * np.sin(A.ravel()), r * np.sin(E.ravel())], 1)
+    found = cc.silhouettes(xyz.astype(np.float32), ring)
+    assert found.beams_from == 'ring field'
+    assert abs(found.azimuth_step - math.radians(0.2)) < 1e-4
+    # every point is on the box (10 m), none on the wall
+    assert np.allclose(np.linalg.norm(found.points, axis=1)[:, None], 10.0 /
+                       np.cos(np.arctan2(np.hypot(found.points[:, 1], found.points[:, 2]),
+                                         found.points[:, 0]))[:, None], rtol=0.05)
+    el_f = np.degrees(np.arcsin(found.points[:, 2] / np.linalg.norm(found.points, axis=1)))
+    az_f = np.degrees(np.arctan2(found.points[:, 1], found.points[:, 0]))
+    sides = np.abs(np.abs(az_f) - 5.0) < 0.15           # left and right sides, half a step out
+    top = np.abs(el_f - 4.0) < 0.5                       # top: between the beams at 3.5 and 4.2
+    assert sides.sum() >= 2 * 20 and top.sum() >= 20 and (sides | top).all()
+    # tangents point away from the box: outwards in azimuth at the sides, up at the top
+    assert np.all(np.sign(found.tangent[sides, 1]) == np.sign(az_f[sides]))
+    assert np.all(found.tangent[top & ~sides, 2] > 0.9)
+
+
+def test_ring_order_of_the_kitti_scan(data_dir):
+    """KITTI's .bin scan stores the beams one after the other: the beam of each point is read
+    from the order (the elevations of a 64-beam scan are too uneven to round to beams)."""
+    points = np.fromfile(data_dir / 'kitti_000008' / 'velodyne.bin', np.float32).reshape(-1, 4)
+    ring = cc.ring_from_order(points[:, :3])
+    assert ring is not None and ring.max() + 1 == 46        # the beams the camera crop kept
+    el = np.degrees(np.arctan2(points[:, 2], np.hypot(points[:, 0], points[:, 1])))
+    medians = np.array([np.median(el[ring == k]) for k in range(46)])
+    assert np.all(np.diff(medians[:20]) < 0)                  # top beams, far from the crop
+    shuffled = points[np.random.default_rng(0).permutation(len(points)), :3]
+    assert cc.ring_from_order(shuffled) is None
+    assert cc.silhouettes(points[:, :3]).beams_from == 'point order'
+
+
+def test_real_nuscenes_motion_between_stamps_is_seen(data_dir):
+    """The nuScenes sample's sweep is motion compensated to its end stamp, and its calibration
+    carries the ego motion to each camera's stamp (0.4 m for CAM_FRONT_LEFT, 43 ms earlier):
+    the metric prefers it to the same extrinsic without that motion."""
+    folder = data_dir / 'nuscenes_sample'
+    frame = load_sample_folder(str(folder))
+    raw = json.loads((folder / 'calibration.json').read_text())
+    T_ego_lidar = np.array(raw['lidar']['T_ego_lidar'])
+    c = frame.rig.names.index('CAM_FRONT_LEFT')
+    cam = frame.rig.cameras[c]
+    naive = np.linalg.inv(np.array(raw['cameras']['CAM_FRONT_LEFT']['T_ego_cam'])) @ T_ego_lidar
+    assert cc.extrinsic_error(naive, cam.T_cam_lidar)[1] > 0.3
+    found = cc.silhouettes(frame.xyz, frame.ring)
+    with_motion = cc.CameraFrames(cam)
+    with_motion.add(frame.xyz, frame.images[c], found=found)
+    without = cc.CameraFrames(cc._with_extrinsic(cam, naive))
+    without.views = with_motion.views
+    for scale in (8.0, 4.0):
+        assert with_motion.score(cam.T_cam_lidar, scale) > without.score(naive, scale) + 0.02
+
+
+def test_bad_inputs_raise_clear_errors(sim_frames):
+    frame = sim_frames[0]
+    cam = frame.calibration.cameras[0]
+    with pytest.raises(cc.AlignmentError, match='too few'):
+        cc.silhouettes(np.zeros((0, 3), np.float32))
+    with pytest.raises(cc.AlignmentError, match='uniform image'):
+        cc.edge_maps(np.full((270, 480, 3), 128, np.uint8))
+    frames = cc.CameraFrames(cam)
+    with pytest.raises(cc.AlignmentError, match='image is'):
+        frames.add(frame.xyz, frame.images[0][:100], ring=frame.ring)
+    # a camera 1 km behind every point: nothing to score, no verdict
+    away = cc.CameraFrames(cc._with_extrinsic(cam, cc.perturb(cam.T_cam_lidar,
+                                                               np.r_[0, 0, 0, 0, 0, -1000.0])))
+    away.add(frame.xyz, frame.images[0], ring=frame.ring)
+    report = cc.check_alignment(away)
+    assert report.edge_points == 0 and not report.enough_structure and not report.misaligned
+    result = cc.refine(away)
+    assert not result.converged and 'too little structure' in result.reason
+
+
+def test_health_monitor_verdicts(sim_frames):
+    """The collect node's core: ok for the true rig, misaligned (and refusing, when asked)
+    for a rig off by one degree, unknown until enough sets arrived."""
+    from cmkd_ros.calibration import RigCalibration
+    rig = sim_frames[0].calibration
+    settings = cc.HealthSettings(sweep_stride=1, window=3, check_every=3, min_frames=3,
+                                 refuse_misaligned=True)
+    bad_rig = RigCalibration((off_by(rig.cameras[0], 1.0),))
+    verdicts = []
+    for r in (rig, bad_rig):
+        monitor = cc.HealthMonitor(r, settings)
+        name = r.names[0]
+        assert monitor.health(name).status == 'unknown'
+        results = []
+        for fr in sim_frames:
+            results.append(monitor.add(fr.xyz, {name: fr.images[0]}, ring=fr.ring,
+                                       point_time_ns=fr.point_time_ns,
+                                       capture_ns={name: int(fr.camera_stamp_ns[0])},
+                                       trajectory=fr.trajectory()))
+        assert results[:2] == [None, None] and results[2][name] is monitor.health(name)
+        verdicts.append((monitor.health(name), monitor.refuses(name)))
+    (good, good_refuses), (bad, bad_refuses) = verdicts
+    assert good.status == 'ok' and not good_refuses, good.message
+    assert bad.status == 'misaligned' and bad_refuses, bad.message
+    assert 'fit better' in bad.message and bad.report.misalignment_deg > 0.6
+    # too few sets: unknown, whatever the data says
+    monitor = cc.HealthMonitor(rig, cc.HealthSettings(sweep_stride=1, check_every=1,
+                                                      min_frames=2))
+    fr = sim_frames[0]
+    out = monitor.add(fr.xyz, {rig.names[0]: fr.images[0]}, ring=fr.ring)
+    assert out[rig.names[0]].status == 'unknown' and '1 of 2 sets' in out[rig.names[0]].message
+    # an unusable image is counted in the message, not raised
+    out = monitor.add(fr.xyz, {rig.names[0]: np.zeros_like(fr.images[0])}, ring=fr.ring)
+    assert 'unusable' in out[rig.names[0]].message
