@@ -121,17 +121,22 @@ def silhouettes(xyz: np.ndarray, ring: np.ndarray | None = None, *,
                 min_jump_m: float = 0.5, relative_jump: float = 0.08,
                 missing_jump_m: float = MISSING_JUMP_M, smooth: float = 0.05,
                 lower_edges: bool = False, run_power: float = 0.5) -> Silhouettes:
-    """Silhouette points of a sweep ``xyz`` (N, 3): where the range jumps.
+    """Silhouette points of a sweep ``xyz`` (N, 3), LiDAR frame: where the range jumps.
 
     A return is on a silhouette when the next return along its beam (within 3.5 azimuth
-    steps), or the nearest return of the beam above or below, is farther by more than
-    ``max(min_jump_m, relative_jump * range)``; a missing return counts as a jump of
-    ``missing_jump_m`` along the beam and above (sky), never below (there a missing return is
-    a dropout: dark or shiny surfaces). Across beams the step must also be three times the step
-    to the other side (on the road the range grows from beam to beam). The object's true
+    steps), or the nearest return of the beam above, is farther by more than
+    ``max(min_jump_m, relative_jump * range)``; a missing return there counts as a jump of
+    ``missing_jump_m`` (sky). A return missing below is a dropout (dark or shiny surfaces), and
+    jumps downwards (undersides of cars, overhangs: outlines that depend on the viewpoint) count
+    only with ``lower_edges``. Across beams the step must also be three times the step to the
+    other side (on the road the range grows from beam to beam). The near side of an edge must be
+    one surface (a step under ``smooth`` times the range, at least 0.2 m; 0 turns the test off)
+    or a thin object (a jump on that side too): foliage mostly fails this. The object's true
     outline lies between the two returns, so each point is moved half the angle towards its far
     neighbour (without this, tops of objects sit half a beam spacing low: about half a degree
-    on a 32-beam LiDAR). Weight: the square root of the range jump (at most 10 m).
+    on a 32-beam LiDAR). Weight: the square root of the range jump (at most 10 m), divided by
+    the length of its run to the power ``run_power`` for across-beam points (a run along one
+    beam, the top of a wall, lies at one unknown height between two beams: one observation).
 
     A cloud cropped to a camera's view (azimuth coverage under 270 degrees, as KITTI's
     camera-cropped scans) has false gaps at the crop: there the ends of each beam and returns
@@ -316,7 +321,8 @@ def _scaled_camera(cam: CameraCalibration, factor: float) -> CameraCalibration:
     return CameraCalibration.from_dict(data)
 
 
-def _with_extrinsic(cam: CameraCalibration, T: np.ndarray) -> CameraCalibration:
+def with_extrinsic(cam: CameraCalibration, T: np.ndarray) -> CameraCalibration:
+    """``cam`` with ``T_cam_lidar`` replaced by ``T`` (4, 4)."""
     data = cam.to_dict()
     data['T_cam_lidar'] = np.asarray(T).tolist()
     return CameraCalibration.from_dict(data)
@@ -502,12 +508,20 @@ class CameraFrames:
         return int(sum(valid.sum() for _, valid in self._project(T)))
 
     def _project(self, T_cam_lidar: np.ndarray, inner: bool = False):
+        """Per view, (uv, valid) of its silhouette (or contrast) points: one projection of
+        every view's points at once."""
+        key = tuple(id(v) for v in self.views)
+        stacks = self.__dict__.setdefault('_stacks', {})
+        if stacks.get(inner, (None,))[0] != key:
+            parts = [v.inner if inner else v.points for v in self.views]
+            stacks[inner] = (key, np.concatenate(parts) if parts else np.zeros((0, 3)),
+                             np.cumsum([0] + [len(p) for p in parts]))
+        _, points, bounds = stacks[inner]
         prep = prepare_rig(RigCalibration((self._cam,)))
         T_extra = (invert(self.camera.T_cam_lidar) @ T_cam_lidar)[None]
-        for view in self.views:
-            uv, _, valid = project_points(view.inner if inner else view.points, prep,
-                                          T_extra=T_extra)
-            yield uv[0], valid[0]
+        uv, _, valid = project_points(points, prep, T_extra=T_extra)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            yield uv[0, a:b], valid[0, a:b]
 
 
 def _sector(xyz: np.ndarray, sector_deg: float) -> np.ndarray:
@@ -694,8 +708,10 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
                          f'(need {MIN_EDGE_POINTS}); add frames with nearby objects')
         return result
     active = np.array([True] * 3 + [translation] * 3)
-    limits = np.array([math.radians(max_rotation_deg)] * 3 + [max_translation_m] * 3)
     depth = frames.median_depth(T0)
+    # the explicit rotation also makes up for the rotation that comes with a translation
+    room = max_translation_m / depth if translation else 0.0
+    limits = np.array([math.radians(max_rotation_deg) + room] * 3 + [max_translation_m] * 3)
     x = _search(frames, active, limits, depth)
     T = _move(T0, x, depth)
     best = frames.score(T)
@@ -710,7 +726,11 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
                                                    + frames.score(_move(T0, x - delta, depth)))
     weak = [k for k, v in result.sharpness.items()
             if v < (min_sharpness if k in PARAMETERS[:3] else min_sharpness / 4)]
-    at_limit = [PARAMETERS[i] for i in np.flatnonzero(active) if abs(x[i]) > 0.98 * limits[i]]
+    rotation = x[:3] + np.array([x[4] / depth, -x[3] / depth, 0.0])
+    at_limit = [PARAMETERS[i] for i in range(3)
+                if abs(rotation[i]) > 0.98 * math.radians(max_rotation_deg)]
+    at_limit += [PARAMETERS[i] for i in range(3, 6)
+                 if active[i] and abs(x[i]) > 0.98 * max_translation_m]
     if weak:
         result.reason = (f'the data does not constrain {", ".join(weak)} (the score changes '
                          f'by less than {min_sharpness} there); add frames with more '
@@ -752,6 +772,7 @@ class AlignmentReport:
     edge_points: int
     frames: int
     enough_structure: bool
+    searched: bool = True            # False: the rotation search was skipped (no estimate)
 
     @property
     def misaligned(self) -> bool:
@@ -764,9 +785,10 @@ class AlignmentReport:
                 'misaligned': self.misaligned,
                 'better_neighbours': round(self.better_neighbours, 3),
                 'score': round(self.score, 4), 'aligned_score': round(self.aligned_score, 4),
-                'misalignment_deg': round(self.misalignment_deg, 3),
-                'image_shift_deg': round(self.image_shift_deg, 3),
-                'rotation_deg': [round(math.degrees(v), 3) for v in self.rotation]}
+                'misalignment_deg': round(self.misalignment_deg, 3) if self.searched else None,
+                'image_shift_deg': round(self.image_shift_deg, 3) if self.searched else None,
+                'rotation_deg': [round(math.degrees(v), 3) for v in self.rotation]
+                if self.searched else None}
 
 
 def image_shift_deg(camera: CameraCalibration, rotvec: np.ndarray) -> float:
@@ -791,7 +813,7 @@ def _neighbours() -> np.ndarray:
 
 
 def check_alignment(frames: CameraFrames, max_rotation_deg: float = 2.0,
-                    probe_deg: float = 0.5) -> AlignmentReport:
+                    probe_deg: float = 0.5, search: bool = True) -> AlignmentReport:
     """The calibration health metric of one camera.
 
     ``better_neighbours``: the share of the 26 rotations ``probe_deg`` away (a 3x3x3 grid)
@@ -800,7 +822,8 @@ def check_alignment(frames: CameraFrames, max_rotation_deg: float = 2.0,
     ``probe_deg``; above :data:`WARN_BETTER_NEIGHBOURS` the report says misaligned. Also a
     rotation-only search within ``max_rotation_deg``: the rotation it finds is the
     misalignment the data points to (``misalignment_deg``; its effect on the image,
-    ``image_shift_deg``), informative once several frames agree.
+    ``image_shift_deg``), informative once several frames agree; ``search=False`` skips it
+    (the verdict does not need it, and it costs most of the time).
     """
     cam = frames.camera
     T0 = cam.T_cam_lidar
@@ -814,14 +837,17 @@ def check_alignment(frames: CameraFrames, max_rotation_deg: float = 2.0,
     base = frames.score(T0, scale)
     better = np.mean([frames.score(perturb(T0, probe * d), scale) > base
                       for d in _neighbours()])
-    result = refine(frames, translation=False, max_rotation_deg=max_rotation_deg,
-                    min_sharpness=0.0, verify=False)
-    T = result.found_T_cam_lidar if result.found_T_cam_lidar is not None else T0
-    rotvec = matrix_to_rotvec((T @ invert(T0))[:3, :3])
-    return AlignmentReport(cam.name, score, max(result.score, score),
+    aligned, rotvec = score, np.zeros(3)
+    if search:
+        result = refine(frames, translation=False, max_rotation_deg=max_rotation_deg,
+                        min_sharpness=0.0, verify=False)
+        T = result.found_T_cam_lidar if result.found_T_cam_lidar is not None else T0
+        rotvec = matrix_to_rotvec((T @ invert(T0))[:3, :3])
+        aligned = max(result.score, score)
+    return AlignmentReport(cam.name, score, aligned,
                            math.degrees(float(np.linalg.norm(rotvec))),
                            image_shift_deg(cam, rotvec), rotvec, float(better), n,
-                           len(frames.views), True)
+                           len(frames.views), True, search)
 
 
 @dataclass(frozen=True)
@@ -830,11 +856,13 @@ class HealthSettings:
 
     enabled: bool = setting(True, 'check each camera\'s calibration against the data '
                             '(silhouettes of the sweeps on image edges)')
-    sweep_stride: int = setting(5, 'use one synchronized set in this many (nearby sweeps '
+    sweep_stride: int = setting(10, 'use one synchronized set in this many (nearby sweeps '
                                 'repeat the same view)', ge=1)
     window: int = setting(10, 'sets kept per camera; the check uses all of them', ge=1,
                           le=100)
-    check_every: int = setting(5, 'run the check after this many new sets', ge=1)
+    check_every: int = setting(10, 'run the check after this many new sets (about 2 s of '
+                               'a busy CPU core per camera for 10 sets of 800-pixel-wide '
+                               'images)', ge=1)
     min_frames: int = setting(3, 'sets needed before a camera gets a verdict (one set '
                               'decides badly on real scenes)', ge=1)
     max_width: int = setting(800, 'images are scored at most this wide (halved until they '
@@ -935,7 +963,9 @@ class HealthMonitor:
         if len(frames.views) < self.settings.min_frames:
             return CameraHealth(name, 'unknown', f'{len(frames.views)} of '
                                 f'{self.settings.min_frames} sets needed so far{note}')
-        report = check_alignment(frames)
+        report = check_alignment(frames, search=False)
+        if report.better_neighbours > self.settings.warn_better_neighbours:
+            report = check_alignment(frames)           # how far off: worth the search now
         if not report.enough_structure:
             return CameraHealth(name, 'unknown', f'too little structure: '
                                 f'{report.edge_points} silhouette points in view '

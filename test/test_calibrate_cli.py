@@ -17,7 +17,7 @@ AXIS = np.array([-0.5, 0.7, 0.4]) / np.linalg.norm([-0.5, 0.7, 0.4])
 
 def perturbed(rig: RigCalibration, degrees: float, metres: float = 0.0) -> RigCalibration:
     move = np.r_[math.radians(degrees) * AXIS, metres * AXIS[::-1]]
-    return RigCalibration(tuple(cc._with_extrinsic(c, cc.perturb(c.T_cam_lidar, move))
+    return RigCalibration(tuple(cc.with_extrinsic(c, cc.perturb(c.T_cam_lidar, move))
                                 for c in rig.cameras), rig.lidar_frame)
 
 

@@ -32,7 +32,7 @@ def camera_frames(frames, camera=None):
 
 
 def off_by(cam, degrees, axis=AXIS):
-    return cc._with_extrinsic(cam, cc.perturb(cam.T_cam_lidar, math.radians(degrees) * axis))
+    return cc.with_extrinsic(cam, cc.perturb(cam.T_cam_lidar, math.radians(degrees) * axis))
 
 
 def test_metric_orders_calibrations_by_error(sim_frames):
@@ -114,7 +114,7 @@ def test_real_nuscenes_motion_between_stamps_is_seen(data_dir):
     found = cc.silhouettes(frame.xyz, frame.ring)
     with_motion = cc.CameraFrames(cam)
     with_motion.add(frame.xyz, frame.images[c], found=found)
-    without = cc.CameraFrames(cc._with_extrinsic(cam, naive))
+    without = cc.CameraFrames(cc.with_extrinsic(cam, naive))
     without.views = with_motion.views
     for scale in (8.0, 4.0):
         assert with_motion.score(cam.T_cam_lidar, scale) > without.score(naive, scale) + 0.02
@@ -131,7 +131,7 @@ def test_bad_inputs_raise_clear_errors(sim_frames):
     with pytest.raises(cc.AlignmentError, match='image is'):
         frames.add(frame.xyz, frame.images[0][:100], ring=frame.ring)
     # a camera 1 km behind every point: nothing to score, no verdict
-    away = cc.CameraFrames(cc._with_extrinsic(cam, cc.perturb(cam.T_cam_lidar,
+    away = cc.CameraFrames(cc.with_extrinsic(cam, cc.perturb(cam.T_cam_lidar,
                                                                np.r_[0, 0, 0, 0, 0, -1000.0])))
     away.add(frame.xyz, frame.images[0], ring=frame.ring)
     report = cc.check_alignment(away)

@@ -30,7 +30,7 @@ import numpy as np
 
 from cmkd_ros.calibration import CalibrationError, RigCalibration
 from cmkd_ros.calibration_check import (AlignmentError, CameraFrames, check_alignment,
-                                        prepare_sweep, refine)
+                                        prepare_sweep, refine, with_extrinsic)
 from cmkd_ros.tools.overlay import OverlayError, OverlayFrame
 
 NOT_CONVERGED = 3
@@ -257,17 +257,17 @@ def run(args: argparse.Namespace) -> int:
                   f'{result.initial_score:.3f} -> {result.score:.3f}')
         else:
             print(f'{n}: NOT refined, input extrinsic kept: {result.reason}')
-        labels[n] = (f'input calibration: score {result.initial_score:.3f}',
-                     f'refined: score {result.score:.3f}, moved '
-                     f'{result.rotation_change_deg:.2f} deg {100 * result.translation_change_m:.1f}'
-                     f' cm' if result.converged else 'not refined: ' + result.reason[:80])
+        after = (f'refined: score {result.score:.3f}, moved {result.rotation_change_deg:.2f} '
+                 f'deg {100 * result.translation_change_m:.1f} cm' if result.converged else
+                 'not refined: ' + result.reason[:80])
+        labels[n] = (f'input calibration: score {result.initial_score:.3f}', after)
     rig_out = RigCalibration(tuple(
-        _replace_extrinsic(c, refined[c.name]) if c.name in refined else c
+        with_extrinsic(c, refined[c.name]) if c.name in refined else c
         for c in rig_in.cameras), rig_in.lidar_frame)
     try:
         rig_out.save(os.path.join(args.out, 'calibration.yaml'))
         after = RigCalibration(tuple(
-            _replace_extrinsic(c, refined[c.name]) if c.name in refined else c
+            with_extrinsic(c, refined[c.name]) if c.name in refined else c
             for c in frames[0].rig.cameras), frames[0].rig.lidar_frame)
         for n, picture in _before_after(frames[0], frames[0].rig, after, labels).items():
             path = os.path.join(args.out, f'{n}_before_after.png')
@@ -280,13 +280,6 @@ def run(args: argparse.Namespace) -> int:
     print(f'{os.path.join(args.out, "calibration.yaml")}: {len(refined)} of {len(names)} '
           'camera(s) refined')
     return 0 if len(refined) == len(names) else NOT_CONVERGED
-
-
-def _replace_extrinsic(cam, T: np.ndarray):
-    from cmkd_ros.calibration import CameraCalibration
-    data = cam.to_dict()
-    data['T_cam_lidar'] = np.asarray(T, dtype=np.float64).tolist()
-    return CameraCalibration.from_dict(data)
 
 
 def _write_json(path: str, data: dict) -> None:
