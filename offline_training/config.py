@@ -21,34 +21,55 @@ from cmkd_ros.config import (PRECISION_CHOICES, ConfigError, build, describe, lo
 # Student-training methods (``cmkd train <method>``); ``teacher`` is separate.
 METHODS = ('udakd', 'fskd', 'finetune', 'supervised')
 DISTILLATION_METHODS = ('udakd', 'fskd')
+# The class map each real data set's reader maps its 3D labels to.
+FORMAT_CLASS_MAPS = {'nuscenes': 'nuscenes_lidarseg16', 'semantickitti': 'semantickitti19'}
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the pairs come from and how they become batches."""
+    """Where the scans come from and how they become batches."""
 
-    train: str = setting('', 'pair dataset folder to train on (cmkd sim --format frames, or '
-                         'the collect node output)')
-    val: str = setting('', 'held-out pair dataset scored after training (eval.json); empty: '
-                       'no evaluation')
+    format: str = setting('pairs', 'layout of data.train and data.val: pairs (cmkd sim --format '
+                          'frames, the collect node output), nuscenes (lidarseg, six cameras) or '
+                          'semantickitti (color cameras image_2 and image_3)',
+                          choices=('pairs', 'nuscenes', 'semantickitti'))
+    train: str = setting('', 'folder to train on: a pair dataset, a nuScenes data root (holding '
+                         'v1.0-*/, samples/, lidarseg/) or a SemanticKITTI root (holding '
+                         'sequences/), as data.format says')
+    val: str = setting('', 'folder scored after training (eval.json), same layout as data.train '
+                       '(for nuscenes and semantickitti usually the same root: data.val_split '
+                       'picks the scenes); empty: no evaluation')
+    version: str = setting('', 'nuscenes: the version folder (v1.0-trainval, v1.0-mini, '
+                           'v1.0-test); empty: the one found in the data root')
+    train_split: tuple[str, ...] = setting(
+        (), 'nuscenes/semantickitti: what to train on; []: the official training split '
+        '(nuScenes train, or mini_train in v1.0-mini; SemanticKITTI sequences 00-07 and 09-10); '
+        'a split name ([mini_val]) or scene names / sequence numbers ([scene-0061], ["00"])')
+    val_split: tuple[str, ...] = setting(
+        (), 'nuscenes/semantickitti: what data.val scores; []: the official validation split '
+        '(nuScenes val, or mini_val in v1.0-mini; SemanticKITTI sequence 08); or as '
+        'data.train_split')
     voxel_size: float = setting(0.1, 'voxel edge length, metres (student input grid)', gt=0.0,
                                 le=5.0)
     batch_size: int = setting(2, 'LiDAR scans per batch and process', ge=1, le=1024)
     num_workers: int = setting(0, 'DataLoader worker processes per training process', ge=0,
                                le=64)
-    cameras: tuple[str, ...] = setting((), 'camera names to use; empty: every camera of a pair')
+    cameras: tuple[str, ...] = setting((), 'camera names to use; empty: every camera of the '
+                                       'source (a pair\'s cameras, the six nuScenes '
+                                       'cameras, image_2 and image_3 where present)')
     occlusion: bool = setting(True, 'drop correspondences of points hidden behind nearer '
                               'points (the occlusion test)')
     motion_compensation: bool = setting(True, 'move points to each camera stamp with the ego '
                                         'trajectory before projecting (when poses exist)')
     image_scale: float = setting(1.0, 'resize camera images by this factor before the teacher '
                                  '(pixel coordinates follow)', gt=0.0, le=4.0)
-    augment: bool = setting(True, 'random rotation about z, flip and scaling of the points '
-                            '(correspondences are kept)')
+    augment: bool = setting(True, 'random rotation about z, x/y flips and isotropic scaling '
+                            'by 0.95..1.05 of the points (correspondences are kept)')
     augment_scale_xy: tuple[float, float] = setting(
-        (0.5, 1.0), 'with augment: extra horizontal scaling by a factor in [low, high] (heights '
+        (1.0, 1.0), 'with augment: extra horizontal scaling by a factor in [low, high] (heights '
         'kept; < 1 packs points as densely as near the sensor, where no camera looks, so a '
-        'student distilled on camera-visible points also labels the near range); [1, 1]: off',
+        'student distilled on camera-visible points also labels the near range; it also '
+        'shortens cars, so it is off by default and on in the synthetic configs); [1, 1]: off',
         gt=0.0)
     label_fraction: float = setting(1.0, 'fraction of 3D labels kept (finetune/supervised); '
                                     'the rest become the ignore label', gt=0.0, le=1.0)
@@ -159,6 +180,10 @@ class TrainConfig:
                               'random; set share_teacher_classifier or freeze_classifier: false')
         if self.method in ('finetune', 'supervised') and self.loss.ce_weight == 0:
             raise ConfigError(f'loss.ce_weight: must be > 0 for method {self.method!r}')
+        expected = FORMAT_CLASS_MAPS.get(self.data.format)
+        if expected and self.class_map != expected:
+            raise ConfigError(f'class_map: the {self.data.format} reader labels points with '
+                              f'{expected!r}, not {self.class_map!r}')
 
 
 @dataclass(frozen=True)

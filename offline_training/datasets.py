@@ -2,8 +2,9 @@
 
 Sources: the project's pair format (:class:`PairDataset`: synthetic export and the collect node's
 output, readable while being written), nuScenes lidarseg with its six cameras
-(:class:`NuScenesDataset`) and SemanticKITTI with the KITTI color camera
-(:class:`SemanticKITTIDataset`). All share :class:`ScanDataset`, which splits the work as
+(:class:`NuScenesDataset`) and SemanticKITTI with the KITTI color cameras
+(:class:`SemanticKITTIDataset`); :func:`build_dataset` picks one as the training config's
+``data.format`` says. All share :class:`ScanDataset`, which splits the work as
 
 1. ``get_frame(i)``: file IO only (a reader's :class:`~offline_training.readers.base.Frame`),
 2. ``get_data(i)``: correspondences from :func:`cmkd_ros.projection.compute_correspondences`
@@ -35,6 +36,7 @@ concatenated points and images).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -313,6 +315,10 @@ class PairDataset(ScanDataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    def split_info(self) -> dict:
+        """What this dataset reads: the pair folder."""
+        return {'format': 'pairs', 'root': self.root, 'scans': len(self)}
+
     def get_frame(self, i: int) -> Frame:
         entry = self.reader.entries[i]
         return frame_from_pair(self.reader[i], self.cameras, f'{self.root}/{entry["file"]}',
@@ -322,43 +328,126 @@ class PairDataset(ScanDataset):
 class NuScenesDataset(ScanDataset):
     """nuScenes lidarseg keyframes with the six cameras (:mod:`offline_training.readers.nuscenes`).
 
-    ``dataroot``, ``version``, ``scenes`` (names, default all), ``cameras`` (default all six),
-    ``tables`` (a devkit ``NuScenes`` instead of the built-in JSON reader),
-    ``require_labels`` (only sweeps with lidarseg labels); other keywords: :class:`ScanDataset`.
+    ``dataroot``, ``version`` (empty: the one version folder found in ``dataroot``), ``scenes``
+    (names, default all) or ``split`` (a split spec, empty = the official ``part`` split, see
+    :func:`~offline_training.readers.nuscenes_splits.resolve_scenes`), ``cameras`` (default all
+    six), ``tables`` (parsed tables to share, or a devkit ``NuScenes``), ``require_labels``
+    (only sweeps with lidarseg labels); other keywords: :class:`ScanDataset`.
     """
 
-    def __init__(self, dataroot: str, version: str = 'v1.0-trainval',
+    def __init__(self, dataroot: str, version: str = '',
                  scenes: Sequence[str] | None = None, cameras: Sequence[str] | None = None,
-                 tables=None, require_labels: bool = False, **kwargs):
+                 tables=None, require_labels: bool = False,
+                 split: Sequence[str] | str | None = None, part: str = 'train', **kwargs):
         from offline_training.readers.nuscenes import CAMERAS, NuScenesLidarSegReader
         super().__init__(**kwargs)
         self.reader = NuScenesLidarSegReader(dataroot, version, scenes, cameras or CAMERAS,
-                                             tables=tables, require_labels=require_labels)
+                                             tables=tables, require_labels=require_labels,
+                                             split=split, part=part)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def get_frame(self, i: int) -> Frame:
         return self.reader[i]
+
+    def split_info(self) -> dict:
+        """What this dataset reads: format, version, split name and scene names."""
+        return {'format': 'nuscenes', 'version': self.reader.version,
+                'split': self.reader.split_name, 'scenes': list(self.reader.scenes),
+                'scans': len(self)}
 
 
 class SemanticKITTIDataset(ScanDataset):
-    """SemanticKITTI scans with KITTI odometry image_2 (:mod:`.readers.semantickitti`).
+    """SemanticKITTI scans with the KITTI odometry color cameras image_2 and image_3 where
+    present (:mod:`.readers.semantickitti`).
 
-    ``sequences``: a split name (train/val/test) or sequence names like ``['08']``; other
-    keywords: :class:`ScanDataset`.
+    ``sequences``: a split name (train/val/test), sequence names like ``['08']``, or empty for
+    the official ``part`` split; ``cameras``: default both; other keywords: :class:`ScanDataset`.
     """
 
-    def __init__(self, root: str, sequences: Sequence[str] | str = 'train', **kwargs):
-        from offline_training.readers.semantickitti import SemanticKITTIReader
+    def __init__(self, root: str, sequences: Sequence[str] | str | None = 'train',
+                 cameras: Sequence[str] | None = None, part: str = 'train', **kwargs):
+        from offline_training.readers.semantickitti import CAMERAS, SemanticKITTIReader
         super().__init__(**kwargs)
-        self.reader = SemanticKITTIReader(root, sequences)
+        self.reader = SemanticKITTIReader(root, sequences, cameras=cameras or CAMERAS,
+                                          part=part)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def get_frame(self, i: int) -> Frame:
         return self.reader[i]
+
+    def split_info(self) -> dict:
+        """What this dataset reads: format, split name and sequences."""
+        return {'format': 'semantickitti', 'split': self.reader.split_name,
+                'sequences': list(self.reader.sequences), 'scans': len(self)}
+
+
+FORMATS = ('pairs', 'nuscenes', 'semantickitti')
+
+
+@functools.lru_cache(maxsize=1)
+def _tables(root: str, version: str, stamp: float):
+    from offline_training.readers.nuscenes import NuScenesTables
+    return NuScenesTables(root, version)
+
+
+def shared_nuscenes_tables(root: str, version: str):
+    """The parsed tables of ``root/version``, parsed once per process for the training and the
+    validation part (v1.0-trainval's tables take a while to parse); re-read when they change."""
+    import os
+    path = os.path.join(root, version, 'sample.json')
+    stamp = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    return _tables(os.path.abspath(root), version, stamp)
+
+
+def build_dataset(data, part: str, *, feature_kind: str = 'height', require_labels: bool = False,
+                  tables=None) -> ScanDataset:
+    """The ``part`` ('train' or 'val') data set that ``data`` (``TrainConfig.data``) names.
+
+    ``data.train`` / ``data.val`` is the folder (pair dataset, nuScenes data root or
+    SemanticKITTI root, as ``data.format`` says); for the real data sets ``data.train_split`` /
+    ``data.val_split`` pick the scenes or sequences (empty: the official split of that part).
+    The training part gets the configured correspondence, image and augmentation settings; the
+    validation part the defaults (occlusion test and motion compensation on, no augmentation),
+    so every trained variant is scored on the same points. ``feature_kind`` must be the
+    student's ``point_features``; ``require_labels``: only scans with 3D labels (nuScenes);
+    ``tables``: parsed nuScenes tables to share between parts.
+    """
+    if part not in ('train', 'val'):
+        raise DatasetError(f"part must be 'train' or 'val', got {part!r}")
+    root = data.train if part == 'train' else data.val
+    if not root:
+        raise DatasetError(f'data.{part}: a {data.format} folder is required'
+                           if part == 'train' else 'data.val: empty (nothing to evaluate)')
+    if part == 'train':
+        common = {'occlusion': data.occlusion, 'motion_compensation': data.motion_compensation,
+                  'augment': (default_point_augment(data.augment_scale_xy)
+                              if data.augment else False),
+                  'image_scale': data.image_scale}
+    else:
+        common = {}
+    common['feature_kind'] = feature_kind
+    spec = data.train_split if part == 'train' else data.val_split
+    if data.format == 'pairs':
+        if spec or data.version:
+            raise DatasetError(f'data.{part}_split / data.version: only for the nuscenes and '
+                               'semantickitti formats (a pair folder is one split)')
+        return PairDataset(root, cameras=data.cameras or None, label_images=False, **common)
+    if data.format == 'nuscenes':
+        if tables is None:
+            from offline_training.readers.nuscenes import find_version
+            tables = shared_nuscenes_tables(root, find_version(root, data.version))
+        return NuScenesDataset(root, data.version, cameras=data.cameras or None, tables=tables,
+                               require_labels=require_labels, split=spec, part=part, **common)
+    if data.format == 'semantickitti':
+        if data.version:
+            raise DatasetError('data.version: only for the nuscenes format')
+        return SemanticKITTIDataset(root, spec, cameras=data.cameras or None, part=part,
+                                    **common)
+    raise DatasetError(f'data.format: unknown {data.format!r}; known: {list(FORMATS)}')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Score a 3D student: per-class IoU and mIoU for all points and for points no camera sees.
 
 ``cmkd evaluate --checkpoint student.pt --data PAIRS [--out DIR]`` loads the student with
-:func:`cmkd_ros.models.checkpoint.load_checkpoint`, runs it on every scan of a data set and
-reports three groups of points:
+:func:`cmkd_ros.models.checkpoint.load_checkpoint`, runs it on every scan of a data set (for
+``--format nuscenes|semantickitti`` its official validation split unless ``--split``,
+``--scenes`` or ``--sequences`` says otherwise; the report names the split) and reports three
+groups of points:
 
 - ``all``: every labeled point;
 - ``unseen``: points that no camera sees (no correspondence after the occlusion test), the
@@ -211,6 +213,17 @@ def write_report(result: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def describe_split(info: dict) -> str:
+    """One line naming what was scored: format, split and its scenes or sequences."""
+    units = info.get('scenes') or info.get('sequences')
+    if units is None:
+        return f'data: {info["format"]} {info.get("root", "")}'
+    shown = ', '.join(units[:8]) + (f', ... ({len(units)} in all)' if len(units) > 8 else '')
+    kind = 'scenes' if 'scenes' in info else 'sequences'
+    version = f' {info["version"]}' if info.get('version') else ''
+    return f'data: {info["format"]}{version} split {info["split"]}, {kind} {shown}'
+
+
 def format_table(result: dict) -> str:
     """Plain-text per-class table: IoU for all / seen / unseen points and the point support."""
     names = result['class_names']
@@ -274,10 +287,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--format', default='pairs',
                         choices=('pairs', 'nuscenes', 'semantickitti'),
                         help='layout of --data (default: pairs)')
-    parser.add_argument('--version', default='v1.0-trainval', help='nuScenes version folder')
-    parser.add_argument('--scenes', nargs='*', default=None, help='nuScenes scene names')
-    parser.add_argument('--sequences', nargs='*', default=['08'],
-                        help='SemanticKITTI sequences (default 08, the validation split)')
+    parser.add_argument('--version', default='',
+                        help='nuScenes version folder (default: the one in --data)')
+    parser.add_argument('--split', default='',
+                        help='nuScenes or SemanticKITTI split to score (default: the official '
+                        'validation split: nuScenes val, mini_val in v1.0-mini; SemanticKITTI '
+                        'sequence 08)')
+    parser.add_argument('--scenes', nargs='*', default=None,
+                        help='nuScenes scene names to score instead of a split')
+    parser.add_argument('--sequences', nargs='*', default=None,
+                        help='SemanticKITTI sequences to score instead of a split')
     parser.add_argument('--out', default=None, help='folder for eval.json and the PNG plots')
     parser.add_argument('--cameras', nargs='*', default=None,
                         help='cameras that count as seeing a point (default: all)')
@@ -300,12 +319,23 @@ def build_eval_dataset(args: argparse.Namespace, feature_kind: str):
     common = {'occlusion': not args.no_occlusion,
               'motion_compensation': not args.no_motion_compensation,
               'feature_kind': feature_kind}
+    chosen = args.scenes if args.format == 'nuscenes' else args.sequences
+    if args.split and chosen:
+        raise ValueError('give --split or --scenes/--sequences, not both')
     if args.format == 'pairs':
+        if args.split or args.scenes or args.sequences or args.version:
+            raise ValueError('--split, --scenes, --sequences and --version are for the '
+                             'nuscenes and semantickitti formats')
         return PairDataset(args.data, cameras=args.cameras, label_images=False, **common)
     if args.format == 'nuscenes':
-        return NuScenesDataset(args.data, args.version, scenes=args.scenes,
+        if args.sequences:
+            raise ValueError('--sequences is for --format semantickitti; use --scenes')
+        return NuScenesDataset(args.data, args.version, split=chosen or args.split, part='val',
                                cameras=args.cameras, require_labels=True, **common)
-    return SemanticKITTIDataset(args.data, args.sequences, **common)
+    if args.scenes or args.version:
+        raise ValueError('--scenes and --version are for --format nuscenes')
+    return SemanticKITTIDataset(args.data, chosen or args.split, part='val',
+                                cameras=args.cameras, **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     result['checkpoint'] = os.path.abspath(args.checkpoint)
     result['data'] = os.path.abspath(args.data)
+    result['split'] = dataset.split_info()
     print(format_table(result))
+    print(describe_split(result['split']))
     print(f'{result["num_scans"]} scans, {result["num_points"]} points, '
           f'{100 * (result["unseen_fraction"] or 0):.1f}% of labeled points unseen by any '
           f'camera, {result["seconds"]:.1f} s')

@@ -259,23 +259,18 @@ class SeededView(Dataset):
         return sample
 
 
-def build_dataset(config: TrainConfig, root: str, train: bool,
+def build_dataset(config: TrainConfig, part: str = 'train',
                   feature_kind: str = 'height') -> Dataset:
-    """The pair dataset at ``root`` with the correspondence, image and augmentation settings.
+    """The ``part`` ('train' or 'val') data set of ``config.data``
+    (:func:`offline_training.datasets.build_dataset`: pairs, nuScenes or SemanticKITTI).
 
     ``feature_kind`` must be the student's ``point_features``. Augmentation draws from torch's
-    global generator, which :class:`SeededView` seeds per sample.
+    global generator, which :class:`SeededView` seeds per sample. Scans must carry 3D labels for
+    finetune and supervised (training) and for scoring (validation).
     """
-    from offline_training.datasets import PairDataset, default_point_augment
-    data = config.data
-    if not root:
-        raise ConfigError('data.train: a pair dataset folder is required')
-    return PairDataset(root, cameras=data.cameras or None, occlusion=data.occlusion,
-                       motion_compensation=data.motion_compensation,
-                       augment=(default_point_augment(data.augment_scale_xy)
-                                if data.augment and train else False),
-                       image_scale=data.image_scale,
-                       feature_kind=feature_kind, label_images=False)
+    from offline_training.datasets import build_dataset as build_scans
+    labels = part == 'val' or config.method in ('finetune', 'supervised')
+    return build_scans(config.data, part, feature_kind=feature_kind, require_labels=labels)
 
 
 def build_collate(config: TrainConfig) -> Callable:
@@ -520,7 +515,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp)
         # 4. Data: labeled-scan subset, seeded view, sharded sampler.
         dataset = train_dataset if train_dataset is not None else build_dataset(
-            config, config.data.train, True, self.student.config.point_features)
+            config, 'train', self.student.config.point_features)
+        self.train_split = (dataset.split_info() if hasattr(dataset, 'split_info') else None)
         point_fraction = 1.0
         if config.method in ('finetune', 'supervised') and config.data.label_fraction < 1.0:
             if config.data.label_unit == 'scans':
@@ -761,11 +757,11 @@ class Trainer:
                    'losses': last,
                    'seconds': time.monotonic() - start, 'checkpoint': checkpoint,
                    'world_size': self.world_size, 'device': self.device.type,
-                   'amp': self.use_amp}
+                   'amp': self.use_amp, 'train_split': self.train_split}
         if self.rank == 0:
             summary['student'] = self.export_student()
             if cfg.data.val:
-                summary['eval'] = self.evaluate(cfg.data.val)
+                summary['eval'] = self.evaluate()
             with open(os.path.join(cfg.out_dir, 'summary.json'), 'w', encoding='utf-8') as fh:
                 json.dump(summary, fh, indent=2)
         return summary
@@ -781,19 +777,19 @@ class Trainer:
                         extra={'train_config': to_dict(self.config), 'step': self.step})
         return path
 
-    def evaluate(self, root: str) -> dict:
-        """Score the student on the pair dataset at ``root``; also written to eval.json.
+    def evaluate(self) -> dict:
+        """Score the student on ``data.val`` (the official validation split for the real data
+        sets, unless ``data.val_split`` names another); also written to eval.json, with the split
+        scored (``split``).
 
         The evaluation data always uses the default correspondences (occlusion test and motion
         compensation on), so the ``unseen`` points are the same for every trained variant.
         """
-        from offline_training.datasets import PairDataset
         from offline_training.evaluate import evaluate_student
-        dataset = PairDataset(root, cameras=self.config.data.cameras or None,
-                              feature_kind=self.student.config.point_features,
-                              label_images=False)
+        dataset = build_dataset(self.config, 'val', self.student.config.point_features)
         result = evaluate_student(self.student, dataset, voxel_size=self.config.data.voxel_size,
                                   device=self.device, class_names=self.class_map.names)
+        result['split'] = dataset.split_info()
         with open(os.path.join(self.config.out_dir, 'eval.json'), 'w', encoding='utf-8') as fh:
             json.dump(result, fh, indent=2, default=float)
         return result
