@@ -11,10 +11,10 @@ Layout (as published; the color images come from the KITTI odometry "color" down
 
 ``Tr`` maps velodyne points into the rectified camera 0 frame and ``Pk = Kk [I | Kk^-1 pk]``
 projects from that frame into image k, so the rig calibration of camera ``image_k`` is
-``K = Pk[:, :3]`` and ``T_cam_lidar = [I | K^-1 Pk[:, 3]] @ Tr`` (k = 2, 3). Raw semantic ids are mapped to
-the 19 benchmark classes (:data:`~cmkd_ros.classes.SEMANTICKITTI19`) by the benchmark's
-learning map; unlabeled/outlier/other-structure/other-object become 255. The camera and the
-LiDAR are triggered together in KITTI, so no ego motion is passed.
+``K = Pk[:, :3]`` and ``T_cam_lidar = [I | K^-1 Pk[:, 3]] @ Tr`` (k = 2, 3). Raw semantic ids
+are mapped to the 19 benchmark classes (:data:`~cmkd_ros.classes.SEMANTICKITTI19`) by the
+benchmark's learning map; unlabeled/outlier/other-structure/other-object become 255. The cameras
+and the LiDAR are triggered together in KITTI, so no ego motion is passed.
 """
 from __future__ import annotations
 
