@@ -188,12 +188,25 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
-    """2D teacher training (``cmkd train teacher``) on labeled images of a pair dataset."""
+    """2D teacher training (``cmkd train teacher``) on labeled images: a pair dataset, Cityscapes
+    or nuImages, their labels mapped onto the class map."""
 
     out_dir: str = setting('runs/teacher', 'output folder; the teacher is saved as '
                            'teacher.pt there')
-    train: str = setting('', 'pair dataset folder whose images carry label images')
-    val: str = setting('', 'held-out pair dataset for the 2D mIoU (eval.json); empty: none')
+    format: str = setting('pairs', 'layout of train and val: pairs (with label images), '
+                          'cityscapes (leftImg8bit/, gtFine/) or nuimages (v1.0-*/ tables, '
+                          'samples/)', choices=('pairs', 'cityscapes', 'nuimages'))
+    train: str = setting('', 'folder of labeled images to train on: a pair dataset, or the '
+                         'Cityscapes / nuImages root')
+    val: str = setting('', 'held-out images for the 2D mIoU (eval.json), same layout (for '
+                       'cityscapes and nuimages usually the same root as train); empty: none')
+    train_split: str = setting('', 'cityscapes: the split folder (default train); nuimages: the '
+                               'version folder (default v1.0-train)')
+    val_split: str = setting('', 'cityscapes: the split folder (default val); nuimages: the '
+                             'version folder (default v1.0-val)')
+    label_map: str = setting('', 'cityscapes/nuimages: YAML mapping of the data set\'s classes '
+                             'onto class_map (offline_training/readers/label_maps.py); empty: '
+                             'the built-in mapping onto nuscenes_lidarseg16 or semantickitti19')
     seed: int = setting(0, 'seed of every random generator', ge=0)
     steps: int = setting(2000, 'optimizer steps', ge=1)
     batch_size: int = setting(8, 'images per batch', ge=1)

@@ -796,10 +796,11 @@ class Trainer:
 
 
 def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
-    """``cmkd train teacher``: train on the labeled images of ``config.train``, save
-    ``out_dir/teacher.pt`` (:func:`cmkd_ros.models.teacher.save_teacher`), score on ``val``."""
+    """``cmkd train teacher``: train on the labeled images of ``config.train`` (pairs,
+    Cityscapes or nuImages, labels mapped onto the class map), save ``out_dir/teacher.pt``
+    (:func:`cmkd_ros.models.teacher.save_teacher`), score on ``val``."""
     from cmkd_ros.models.teacher import save_teacher
-    from offline_training.readers.images import PairImageDataset
+    from offline_training.readers.images import build_image_dataset
     from offline_training.train_teacher import train_teacher
     class_map = get_class_map(config.class_map)
     model = dict(config.model)
@@ -807,11 +808,15 @@ def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
         raise ConfigError(f'model.num_classes: {model["num_classes"]} but class map '
                           f'{config.class_map!r} has {class_map.num_classes} classes')
     if not config.train:
-        raise ConfigError('train: a pair dataset folder with label images is required')
+        raise ConfigError(f'train: a {config.format} folder with labeled images is required')
     if config.threads:
         torch.set_num_threads(config.threads)
-    dataset = PairImageDataset(config.train)
-    val = PairImageDataset(config.val) if config.val else None
+
+    def images(root: str, split: str, part: str):
+        return build_image_dataset(config.format, root, split, part, config.class_map,
+                                   config.label_map)
+    dataset = images(config.train, config.train_split, 'train')
+    val = images(config.val, config.val_split, 'val') if config.val else None
     teacher, history = train_teacher(
         model, dataset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
         device=config.device, seed=config.seed, class_map=class_map, val_dataset=val,

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     'rig': ('cmkd_ros.rig', 'rig calibration YAML from a bag\'s /tf_static and CameraInfo'),
     'overlay': ('cmkd_ros.tools.overlay', 'draw projected LiDAR points over camera images (PNG)'),
     'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
+    'teacher': ('offline_training.teacher_import', 'import a pretrained 2D network as a teacher'),
     'evaluate': ('offline_training.evaluate', 'score a student (pairs, nuScenes, SemanticKITTI)'),
     'replay': ('cmkd_ros.tools.replay', 'publish a rosbag2 (MCAP or sqlite3) with its timing'),
     'evaluate-bag': ('cmkd_ros.tools.evaluate_bag', 'run the segment node over a bag and score it'),
