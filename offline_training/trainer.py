@@ -66,7 +66,7 @@ RUN_FILES = ('metrics.jsonl', 'summary.json', 'eval.json', 'student.pt')
 LOG = logging.getLogger('cmkd_ros.train')   # warnings reach stderr without any setup
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ('progress', 'threads', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-                     'data.num_workers', 'data.val', 'out_dir', 'device')
+                     'data.num_workers', 'data.val', 'data.val_split', 'out_dir', 'device')
 
 
 class TrainingError(RuntimeError):
