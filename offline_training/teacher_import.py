@@ -76,45 +76,40 @@ def merged_classifier(weight: torch.Tensor, bias: torch.Tensor | None,
 # TorchScript wrappers: the Teacher interface (features, classifier, feature_stride) + classes
 
 
-class _ScriptedFeatures(nn.Module):
-    """A scripted network with ``features()``, and the merged classifier."""
+class _FeaturesMethod(nn.Module):
+    """A scripted network's ``features()`` as ``forward`` (the project's contract)."""
 
-    feature_stride: int
-    class_names: List[str]
-    class_colors: List[List[int]]
-
-    def __init__(self, net, classifier: nn.Conv2d, stride: int, class_map: ClassMap):
+    def __init__(self, net):
         super().__init__()
         self.net = net
-        self.classifier = classifier
-        self.feature_stride = int(stride)
-        self.class_names = list(class_map.names)
-        self.class_colors = [list(c) for c in class_map.colors]
 
-    @torch.jit.export
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        return self.net.features(images)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.features(images))
-        return F.interpolate(logits, size=[images.shape[-2], images.shape[-1]],
-                             mode='bilinear', align_corners=False)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
 
 
-class _ScriptedBackboneHead(nn.Module):
-    """A scripted torchvision-style model: ``backbone(x)['out']``, its head, merged classifier."""
+class _BackboneHead(nn.Module):
+    """torchvision style: ``head(backbone(x)['out'])``."""
 
-    feature_stride: int
-    class_names: List[str]
-    class_colors: List[List[int]]
-
-    def __init__(self, backbone, head: nn.Sequential, classifier: nn.Conv2d, stride: int,
-                 mean: Sequence[float], std: Sequence[float], class_map: ClassMap):
+    def __init__(self, backbone, head: nn.Sequential):
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)['out'])
+
+
+class _ImportedTeacher(nn.Module):
+    """``features`` = body((images - mean) / std), the merged classifier, the LiDAR classes."""
+
+    feature_stride: int
+    class_names: List[str]
+    class_colors: List[List[int]]
+
+    def __init__(self, body: nn.Module, classifier: nn.Conv2d, stride: int,
+                 mean: Sequence[float], std: Sequence[float], class_map: ClassMap):
+        super().__init__()
+        self.body = body
         self.classifier = classifier
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -126,7 +121,7 @@ class _ScriptedBackboneHead(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        return self.head(self.backbone((images - self.mean) / self.std)['out'])
+        return self.body((images - self.mean) / self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.features(images))
@@ -227,11 +222,12 @@ def import_torchscript(path: str, source_names: Sequence[str], mapping: dict[str
     w, b, members = merged_classifier(last.weight, getattr(last, 'bias', None), source_names,
                                       mapping, class_map)
     classifier = _conv1x1(w.flatten(1)[:, :, None, None], b)
-    if style == 'features':
-        wrapper = _ScriptedFeatures(net, classifier, stride, class_map)
+    if style == 'features':                  # images in [0, 1], no normalisation here
+        wrapper = _ImportedTeacher(_FeaturesMethod(net), classifier, stride, (0.0, 0.0, 0.0),
+                                   (1.0, 1.0, 1.0), class_map)
     else:
-        wrapper = _ScriptedBackboneHead(net.backbone, head, classifier, stride, mean, std,
-                                        class_map)
+        wrapper = _ImportedTeacher(_BackboneHead(net.backbone, head), classifier, stride, mean,
+                                   std, class_map)
     scripted = torch.jit.script(wrapper.eval())
     tmp = f'{out}.tmp.{os.getpid()}'
     torch.jit.save(scripted, tmp)

@@ -21,14 +21,13 @@ mapped onto a LiDAR class set (:mod:`offline_training.readers.label_maps`).
 from __future__ import annotations
 
 import base64
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
 from cmkd_ros.pairs import PairReader
-from offline_training.readers.base import ReaderError
+from offline_training.readers.base import ReaderError, read_json_table
 
 IGNORE = 255
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -72,6 +71,10 @@ def _read_mask(path: str) -> np.ndarray:
 
 class _LabeledImages:
     label_lut: np.ndarray | None = None
+    items: list
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def _finish(self, image: np.ndarray, label: np.ndarray, name: str) -> dict:
         if image.shape[:2] != label.shape:
@@ -107,9 +110,6 @@ class PairImageDataset(_LabeledImages):
                 if self.cameras is None or cam in self.cameras:
                     self.items.append((index, cam))
         return len(self.items) - before
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         index, cam = self.items[i]
@@ -147,9 +147,6 @@ class CityscapesDataset(_LabeledImages):
         if not self.items:
             raise ReaderError(f'no *_leftImg8bit.png images under {image_root}')
         self._id_lut = make_lut(CITYSCAPES_ID_TO_TRAINID)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         image_path, label_path, from_ids = self.items[i]
@@ -192,9 +189,6 @@ class FolderImageDataset(_LabeledImages):
                               f'{missing[:3]}')
         if not self.items:
             raise ReaderError(f'no images under {image_dir}')
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         image_path, mask_path = self.items[i]
@@ -254,16 +248,8 @@ class NuImagesDataset(_LabeledImages):
                               f'{found or "none"})')
         self.root = root
         self.label_lut = label_lut
-        tables = {}
-        for name in ('sample_data', 'object_ann', 'surface_ann', 'category'):
-            path = os.path.join(folder, f'{name}.json')
-            if not os.path.exists(path):
-                raise ReaderError(f'nuImages table missing: {path}')
-            with open(path, encoding='utf-8') as fh:
-                try:
-                    tables[name] = json.load(fh)
-                except ValueError as exc:
-                    raise ReaderError(f'{path}: invalid JSON ({exc})') from None
+        tables = {name: read_json_table(os.path.join(folder, f'{name}.json'), 'nuImages')
+                  for name in ('sample_data', 'object_ann', 'surface_ann', 'category')}
         if len(tables['category']) > 255:
             raise ReaderError(f'{folder}: {len(tables["category"])} categories do not fit uint8')
         self.category_ids = {c['name']: i for i, c in enumerate(tables['category'])}
@@ -281,9 +267,6 @@ class NuImagesDataset(_LabeledImages):
                             if sd.get('is_key_frame', False))
         if not self.items:
             raise ReaderError(f'no keyframe in {folder}/sample_data.json')
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         filename, token = self.items[i]

@@ -95,15 +95,9 @@ def builtin_mapping(source: str, class_map_name: str) -> dict[str, str]:
 
 def read_mapping_file(path: str) -> tuple[tuple[str, ...] | None, dict[str, str]]:
     """(classes or None, map) of a YAML mapping file (format in the module docstring)."""
-    import yaml
-    try:
-        with open(path, encoding='utf-8') as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ReaderError(f'class mapping file not found: {path}') from None
-    except yaml.YAMLError as exc:
-        raise ReaderError(f'{path}: invalid YAML ({exc})') from None
-    if not isinstance(data, Mapping) or not isinstance(data.get('map'), Mapping):
+    from cmkd_ros.config import load_yaml
+    data = load_yaml(path)
+    if not isinstance(data.get('map'), Mapping):
         raise ReaderError(f'{path}: expected a mapping with a "map" of source class -> LiDAR '
                           'class (and optionally "classes")')
     unknown = sorted(set(data) - {'classes', 'map'})

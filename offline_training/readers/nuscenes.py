@@ -17,7 +17,6 @@ the trajectory ``T_world_lidar(t) = T_global_ego(t) @ T_ego_lidar``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.classes import NUSCENES_LIDARSEG16
-from offline_training.readers.base import Frame, ReaderError
+from offline_training.readers.base import Frame, ReaderError, read_json_table
 
 CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT',
            'CAM_FRONT_LEFT')
@@ -129,19 +128,8 @@ class NuScenesTables:
         folder = os.path.join(dataroot, version)
         self._index: dict[str, dict[str, dict]] = {}
         for name in self.REQUIRED + self.OPTIONAL:
-            path = os.path.join(folder, f'{name}.json')
-            if not os.path.exists(path):
-                if name in self.REQUIRED:
-                    raise ReaderError(f'nuScenes table missing: {path}')
-                records = []
-            else:
-                with open(path, encoding='utf-8') as fh:
-                    try:
-                        records = json.load(fh)
-                    except ValueError as exc:
-                        raise ReaderError(f'{path}: invalid JSON ({exc})') from None
-            if not isinstance(records, list):
-                raise ReaderError(f'{path}: expected a list of records')
+            records = read_json_table(os.path.join(folder, f'{name}.json'), 'nuScenes',
+                                      name in self.REQUIRED)
             if name == 'sample_data':
                 # only keyframes are labeled and read: sweeps are most of the table's memory
                 records = [r for r in records if r.get('is_key_frame', False)]
