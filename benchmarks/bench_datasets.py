@@ -13,9 +13,10 @@ Layouts (``--layouts``, default all):
 
 For the real layouts it prints scans per second with correspondences (file IO, occlusion test,
 motion compensation, image resizing, augmentation, features, voxelized batches of the config's
-size) through a DataLoader in the main process and with ``--workers`` processes, then the training step time of the default student of
-that config (its ``student`` section, D = 256 as a DeepLabV3 teacher gives, forward + backward
-+ AdamW with a cross-entropy on the 3D labels; the teacher is left out) on ``--threads`` torch
+size) through a DataLoader in the main process and with ``--workers`` processes, then the
+training step time of the default student of that config (its ``student`` section, D = 256 as a
+DeepLabV3 teacher gives, forward + backward + AdamW with a cross-entropy on the 3D labels; the
+teacher is left out) on ``--threads`` torch
 threads with ``--step-batch`` scans (default 1: the config's batch of 4 needs over 10 GB on the
 CPU), and the scans per second that step consumes. Where the loader gives fewer scans per second
 than the step consumes, training waits for data.
