@@ -1,7 +1,7 @@
 """Shared pytest fixtures (the real sample data folder, devices) and the test tiers.
 
 Tiers: a test is ``unit`` unless it is marked ``ros`` (rclpy, nodes, launch), ``process`` (it
-starts processes: a node, a CLI, torchrun, a ``kill -9``) or ``slow`` (over about 2 s on 2
+starts processes: a node, a CLI, torchrun, a ``kill -9``) or ``slow`` (over about 1.5 s on 2
 shared cores). The rule is applied at collection (``pytest -m unit`` runs the fast inner loop,
 about a minute); a unit test that starts a process or calls ``rclpy.init`` fails with a message
 naming the marker to add, and unit tests slower than ``UNIT_SLOW_S`` are listed at the end.
