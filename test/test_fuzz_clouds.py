@@ -149,6 +149,7 @@ def _good_cloud(t, stamp, n=300):
     return array_to_cloud(arr, stamp, 'lidar', t)
 
 
+@pytest.mark.process
 def test_segment_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path, checkpoint):
     from sensor_msgs.msg import PointCloud2
     t = rclpy_types()
@@ -184,6 +185,7 @@ def test_segment_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path, checkpo
     assert 'Traceback' not in log and 'inference_error' not in log, log[-3000:]
 
 
+@pytest.mark.process
 def test_collect_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path_factory, tmp_path):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 

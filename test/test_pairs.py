@@ -160,6 +160,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         PairReader(str(tmp_path))[0]
 
 
+@pytest.mark.process
 def test_kill_minus_9_loses_at_most_the_pair_being_written(tmp_path):
     script = textwrap.dedent(f'''
         import sys

@@ -96,6 +96,7 @@ def test_save_and_load_round_trip(tmp_path):
         load_teacher(str(path), {'arch': 'small', 'num_classes': 3})
 
 
+@pytest.mark.slow
 def test_torchscript_teacher(tmp_path):
     teacher = tiny_small().eval()
     path = tmp_path / 'teacher_ts.pt'
@@ -152,6 +153,7 @@ def test_freeze():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_training_reduces_loss_and_beats_chance(tmp_path):
     from fixtures.synthetic import write_sim_pairs
     from offline_training.readers.images import PairImageDataset
@@ -217,6 +219,7 @@ def test_class_weights_by_hand():
         class_weights(data, 3, 'median')
 
 
+@pytest.mark.slow
 def test_bfloat16_training_reduces_loss_and_float16_needs_cuda(tmp_path):
     from fixtures.synthetic import write_sim_pairs
     from offline_training.readers.images import PairImageDataset

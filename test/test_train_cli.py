@@ -57,6 +57,7 @@ def test_errors_name_the_setting(capsys, tmp_path):
     assert 'missing' in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_teacher_then_fskd_end_to_end(tmp_path):
     train = render_worlds(str(tmp_path / 'train'), (1,), 4, 3, TINY_SIM)
     val = render_worlds(str(tmp_path / 'val'), (2,), 2, 3, TINY_SIM)
