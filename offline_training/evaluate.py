@@ -28,7 +28,7 @@ import torch
 
 from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
-from cmkd_ros.tools.progress import progress_bar
+from cmkd_ros.progress import progress_bar
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -242,7 +242,7 @@ def write_pictures(student: torch.nn.Module, dataset, out_dir: str, count: int, 
     """For the first ``count`` scans: ``scan<i>_bev.png`` (ground truth beside the student's
     labels, points no camera sees pale) and ``scan<i>_<camera>.png`` (the camera that sees the
     most points, with the student's labels drawn at their pixels)."""
-    from cmkd_ros.tools.viz import save_bev_comparison, save_camera_labels
+    from cmkd_ros.viz import save_bev_comparison, save_camera_labels
     os.makedirs(out_dir, exist_ok=True)
     colors = np.asarray(class_colors, np.uint8)
     paths = []

@@ -13,7 +13,7 @@
    - ``supervised``: every 3D label, the same network (the upper bound);
    - ``fskd_no_da``: FSKD without the DA module (ablation);
    - ``fskd_no_occlusion``: FSKD with correspondences kept for occluded points (ablation);
-4. write ``results.json`` and ``results.md`` (the table of docs/experiments.md).
+4. write ``results.json`` and ``results.md`` (the table of docs/results.md).
 
 Every stage writes into its own folder and is skipped when its results exist, so an interrupted
 run continues where it stopped. Settings: :class:`ExperimentsConfig` (``key=value`` overrides).

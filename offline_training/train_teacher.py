@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from cmkd_ros.classes import ClassMap
 from cmkd_ros.metrics import ConfusionMatrix
-from cmkd_ros.tools.progress import progress_bar
+from cmkd_ros.progress import progress_bar
 from cmkd_ros.models.teacher import Teacher, TeacherConfig, build_teacher
 
 IGNORE = 255

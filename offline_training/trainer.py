@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
 from cmkd_ros.models.checkpoint import atomic_torch_save
-from cmkd_ros.tools.progress import progress_bar
+from cmkd_ros.progress import progress_bar
 from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
                                      sample_image_features, semantic_kl_loss,

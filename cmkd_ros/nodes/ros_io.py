@@ -101,16 +101,6 @@ def _leaf_type(tp: Any) -> tuple[int, bool]:
     raise cfg.ConfigError(f'unsupported parameter annotation {tp}')
 
 
-def _constraints(meta: dict) -> str:
-    bounds = (('ge', '>='), ('gt', '>'), ('le', '<='), ('lt', '<'))
-    parts = [f'{text} {meta[key]}' for key, text in bounds if meta.get(key) is not None]
-    if meta.get('choices') is not None:
-        parts.append('one of ' + ', '.join(map(str, meta['choices'])))
-    if meta.get('length') is not None:
-        parts.append(f'{meta["length"]} items')
-    return '; '.join(parts)
-
-
 def param_fields(cls: type, prefix: str = '', path: tuple[str, ...] = ()) -> list[ParamField]:
     """The leaves of config dataclass ``cls`` as ROS parameters (nested ones dotted)."""
     out = []
@@ -124,7 +114,7 @@ def param_fields(cls: type, prefix: str = '', path: tuple[str, ...] = ()) -> lis
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append(ParamField(prefix + f.name, path + (f.name,), ros_type, cfg.to_dict(default),
-                              f.metadata.get('help', ''), _constraints(f.metadata)))
+                              f.metadata.get('help', ''), cfg.constraints_text(f.metadata)))
     return out
 
 

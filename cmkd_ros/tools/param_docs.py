@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, NamedTuple
 
-from cmkd_ros.config import to_dict
+from cmkd_ros.config import constraints_text, to_dict
 
 
 class Table(NamedTuple):
@@ -71,16 +71,6 @@ def _type_text(tp: Any) -> str:
     return getattr(tp, '__name__', str(tp))
 
 
-def _constraints(meta: typing.Mapping) -> str:
-    bounds = (('ge', '>='), ('gt', '>'), ('le', '<='), ('lt', '<'))
-    parts = [f'{text} {meta[key]}' for key, text in bounds if meta.get(key) is not None]
-    if meta.get('choices') is not None:
-        parts.append('one of ' + ', '.join(map(str, meta['choices'])))
-    if meta.get('length') is not None:
-        parts.append(f'{meta["length"]} items')
-    return '; '.join(parts)
-
-
 def _value_text(value: Any) -> str:
     """A default as it is written in YAML: ``""``, ``true``, ``[0.5, 1.0]``, ``null``."""
     if isinstance(value, str):
@@ -104,7 +94,7 @@ def schema_rows(cls: type, prefix: str = '') -> list[tuple[str, str, Any, str, s
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         rows.append((prefix + f.name, _type_text(tp), to_dict(default),
-                     _constraints(f.metadata), f.metadata.get('help', '')))
+                     constraints_text(f.metadata), f.metadata.get('help', '')))
     return rows
 
 
