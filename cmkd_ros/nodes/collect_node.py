@@ -33,13 +33,13 @@ from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
 from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, RateLimiter,
                                        decoded_rgb, draw_overlay, encoded_image,
-                                       extrinsics_disagreement, point_times_ns, startup_rig,
-                                       teacher_outputs)
+                                       extrinsics_disagreement, point_times_ns, startup_rig)
 from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, decode_cloud,
                                    oversized_cloud, qos_overrides, run_node, sensor_qos)
 from cmkd_ros.occlusion import camera_baselines
 from cmkd_ros.pairs import Pair, PairWriteError, PairWriter
-from cmkd_ros.projection import ProjectionError, compute_correspondences, resolve_scan_pattern
+from cmkd_ros.projection import (ProjectionError, compute_correspondences,
+                                 correspondence_settings_hash, resolve_scan_pattern)
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
@@ -66,8 +66,8 @@ class CollectNode(Node):
         self.params = ConfigParameters(self, CollectNodeConfig, runtime=RUNTIME_PARAMETERS,
                                        on_change=self._on_config)
         config = self.params.config
-        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer,
-        # teacher. Without a rig the extrinsics come from the live TF with each CameraInfo.
+        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer.
+        # Without a rig the extrinsics come from the live TF with each CameraInfo.
         rig, tf_warnings = startup_rig(config)
         if not config.cameras:
             self.params.resolve('cameras', list(rig.names))
@@ -93,11 +93,6 @@ class CollectNode(Node):
         self.quota_reached = False
         if config.record.enabled:
             self._open_writer(config)
-        self.teacher = None
-        if config.teacher.checkpoint:
-            from cmkd_ros.models.teacher import freeze, load_teacher
-            self.teacher = freeze(load_teacher(config.teacher.checkpoint,
-                                               device=config.teacher.device))
         self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'collection', config.diagnostics_period_s)
@@ -391,23 +386,22 @@ class CollectNode(Node):
 
     def _write(self, config, stamp, points, xyz, times, names, samples, cam_stamps, rig, corr,
                trajectory) -> None:
-        images, formats, teacher = {}, {}, {}
+        images, formats = {}, {}
         for n in names:
             images[n], formats[n] = encoded_image(samples[n])
-            if self.teacher is not None:
-                teacher[n] = teacher_outputs(self.teacher, decoded_rgb(samples[n]),
-                                             config.teacher.device)
+        store = config.record.store_correspondences
         pair = Pair(
             lidar_stamp_ns=stamp, xyz=xyz, camera_names=names, camera_stamp_ns=cam_stamps,
             images=images, image_formats=formats, calibration=rig,
             intensity=scalar_field(points, 'intensity', np.float32),
             ring=scalar_field(points, 'ring', np.uint16),
-            point_time_ns=times, teacher=teacher,
+            point_time_ns=times,
             ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
             ego_poses=None if trajectory is None else trajectory.T_world_lidar,
             correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
-                             'depth': corr.depth} if config.record.store_correspondences
-            else None)
+                             'depth': corr.depth} if store else None,
+            correspondence_settings=correspondence_settings_hash(config.correspondence)
+            if store else None)
         try:
             path = self.writer.write(pair)
         except PairWriteError as exc:       # disk full: nothing left behind; retried next set

@@ -35,17 +35,12 @@ class RecordSettings:
                                     'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
     min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)
     store_correspondences: bool = setting(True, 'store the computed correspondences in each '
-                                          'pair (corr_* keys)')
+                                          'pair (corr_* keys, with the hash of the '
+                                          'correspondence settings): training reads them '
+                                          'instead of computing them again when its settings '
+                                          'match')
     fsync: bool = setting(True, 'fsync each pair (crash safety; off only for benchmarks on '
                           'slow disks)')
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    """Optional 2D teacher whose outputs are stored with each pair."""
-
-    checkpoint: str = setting('', 'teacher file (cmkd train teacher); empty: no teacher outputs')
-    device: str = setting('cpu', 'torch device for the teacher: cpu, cuda or cuda:N')
 
 
 @dataclass(frozen=True)
@@ -120,7 +115,6 @@ class CollectNodeConfig:
     correspondence: CorrespondenceConfig = setting(default_factory=CorrespondenceConfig,
                                                    help='point-pixel correspondences')
     record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
-    teacher: TeacherSettings = setting(default_factory=TeacherSettings, help='teacher outputs')
     overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
     tf: TfSettings = setting(default_factory=TfSettings, help='extrinsics from TF')
 
@@ -275,11 +269,3 @@ def draw_overlay(rgb: np.ndarray, uv: np.ndarray, depth: np.ndarray, max_width: 
             img[y, x] = colors[ok]
     return img
 
-
-def teacher_outputs(teacher: Any, rgb: np.ndarray, device: str) -> np.ndarray:
-    """(K, h, w) float16 teacher logits at its feature stride for one (H, W, 3) uint8 image."""
-    import torch
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
-        logits = teacher.classifier(teacher.features(x.float() / 255.0))
-    return logits[0].to(torch.float16).cpu().numpy()
