@@ -28,6 +28,7 @@ import torch
 
 from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
+from cmkd_ros.models.student import resolve_device
 from cmkd_ros.progress import progress_bar
 
 GROUPS = ('all', 'seen', 'unseen')
@@ -59,7 +60,7 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     if len(class_names) != num_classes:
         raise ValueError(f'{len(class_names)} class names for a student with {num_classes} '
                          'classes')
-    device = torch.device(device)
+    device = resolve_device(device)
     indices = range(len(dataset) if max_scans is None else min(len(dataset), max_scans))
     if len(indices) == 0:
         raise ValueError('the evaluation dataset is empty')
@@ -116,7 +117,7 @@ def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: S
     from offline_training.datasets import SparseCollate
     from offline_training.losses import sample_image_features
     num_classes = len(class_names)
-    device = torch.device(device)
+    device = resolve_device(device)
     collate = SparseCollate(1.0)  # the voxels are not used
     matrix = ConfusionMatrix(num_classes)
     count = len(dataset) if max_scans is None else min(len(dataset), max_scans)

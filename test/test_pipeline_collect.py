@@ -99,7 +99,7 @@ def test_pair_holds_the_inputs_and_the_correspondences_training_recomputes(frame
     np.testing.assert_array_equal(pair.xyz, frame.xyz[7:])
     np.testing.assert_array_equal(pair.intensity, frame.intensity[7:])
     np.testing.assert_array_equal(pair.ring, frame.ring[7:])
-    assert pair.camera_names == frame.camera_names and pair.teacher == {}
+    assert pair.camera_names == frame.camera_names
     for c, name in enumerate(frame.camera_names):
         assert pair.image_formats[name] == 'png'           # raw images: lossless
         np.testing.assert_array_equal(pair.image(name), frame.images[c])
@@ -121,26 +121,13 @@ def test_pair_holds_the_inputs_and_the_correspondences_training_recomputes(frame
     assert CollectPipeline(lean, report).pair(sweep).correspondences is None
 
 
-def test_teacher_outputs_are_stored_per_image(frame, tmp_path):
-    import torch
-
-    from cmkd_ros.classes import SYNTHETIC
-    from cmkd_ros.models.teacher import TeacherConfig, build_teacher, load_teacher, save_teacher
-    from cmkd_ros.pipelines.collect import teacher_outputs
-    path = tmp_path / 'teacher.pt'
-    torch.manual_seed(0)
-    save_teacher(build_teacher(TeacherConfig(arch='small', width=8, feature_dim=16)), str(path),
-                 SYNTHETIC)
-    config = dataclasses.replace(CONFIG, teacher=dataclasses.replace(
-        CONFIG.teacher, checkpoint=str(path)))
-    pipeline = CollectPipeline(config, CountingReport())
+def test_stored_correspondences_carry_the_hash_of_their_settings(frame):
+    from cmkd_ros.projection import correspondence_settings_hash
+    pipeline = CollectPipeline(CONFIG, CountingReport())
     pair = pipeline.pair(pipeline.sweep(sim_inputs(frame)))
-    teacher = load_teacher(str(path))
-    for c, name in enumerate(frame.camera_names):
-        stored = pair.teacher[name]
-        assert stored.shape == (12, 45, 80) and stored.dtype == np.float16
-        np.testing.assert_allclose(stored.astype(np.float32), teacher_outputs(
-            teacher, frame.images[c], 'cpu').astype(np.float32), atol=2e-2)
+    assert pair.correspondence_settings == correspondence_settings_hash(CONFIG.correspondence)
+    other = dataclasses.replace(CONFIG.correspondence, occlusion=False)
+    assert pair.correspondence_settings != correspondence_settings_hash(other)
 
 
 def test_record_decision_counts_few_correspondences_and_limits_the_rate(frame):

@@ -308,3 +308,29 @@ def test_teacher_feature_cache_returns_the_same_features(tiny):
     with torch.no_grad():
         direct = teacher.features(images.float() / 255)
     torch.testing.assert_close(first, direct, rtol=1e-2, atol=1e-2)
+
+
+def test_one_device_rule_for_training_evaluation_and_inference(tiny, tmp_path):
+    """cmkd_ros.models.resolve_device: auto is CUDA where present; a GPU asked for and absent
+    is a ConfigError naming the device, the same in the trainer and the evaluation."""
+    from cmkd_ros.models import resolve_device
+    from offline_training.datasets import PairDataset
+    from offline_training.evaluate import evaluate_student
+    assert resolve_device('cpu') == torch.device('cpu')
+    assert resolve_device('auto').type == ('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(ConfigError, match="'tpu' is not auto, cpu, cuda or cuda:N"):
+        resolve_device('tpu')
+    if torch.cuda.is_available():
+        assert resolve_device('cuda', 0) == torch.device('cuda', 0)
+        with pytest.raises(ConfigError, match='CUDA device'):
+            resolve_device(f'cuda:{torch.cuda.device_count()}')
+        return
+    for name in ('cuda', 'cuda:1'):
+        with pytest.raises(ConfigError, match=f"device: '{name}' requested but CUDA is not"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match='CUDA is not available'):
+        T.Trainer(make_config(tiny, 'supervised', tmp_path / 'run', 'device=cuda'))
+    student = T.build_student_for(make_config(tiny, 'supervised', tmp_path / 'x'),
+                                  SYNTHETIC.num_classes, None)
+    with pytest.raises(ConfigError, match='CUDA is not available'):
+        evaluate_student(student, PairDataset(tiny['val']), device='cuda')

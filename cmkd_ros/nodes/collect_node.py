@@ -69,8 +69,8 @@ class CollectNode(Node):
         self.params = ConfigParameters(self, CollectNodeConfig, runtime=RUNTIME_PARAMETERS,
                                        on_change=self._on_config)
         config = self.params.config
-        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer,
-        # teacher. Without a rig the extrinsics come from the live TF with each CameraInfo.
+        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer.
+        # Without a rig the extrinsics come from the live TF with each CameraInfo.
         rig, tf_warnings = startup_rig(config)
         if not config.cameras:
             self.params.resolve('cameras', list(rig.names))
@@ -98,7 +98,7 @@ class CollectNode(Node):
             self._open_writer(config)
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'collection', config.diagnostics_period_s)
-        self.pipeline = CollectPipeline(config, self.diag)       # loads the teacher
+        self.pipeline = CollectPipeline(config, self.diag)
         self.odometry: collections.deque = collections.deque()
         self._last_lidar_ns: int | None = None
         self._last_input_ns: int | None = None

@@ -3,8 +3,9 @@
 :class:`CollectPipeline` takes one synchronized set, decoded (:class:`SyncedInputs`), and does
 what the node's worker does with it: finite points, per-point times, ego trajectory, the LiDAR
 scan pattern (read once), correspondences (:func:`cmkd_ros.projection.compute_correspondences`,
-the function training uses), the record decision, the pair (:func:`assemble_pair`, teacher
-outputs included) and the overlay image. The node (``collect_node.py``) only turns messages into
+the function training uses), the record decision, the pair (:func:`assemble_pair`, with the
+correspondences and the hash of their settings, so training reads them instead of computing
+them again) and the overlay image. The node (``collect_node.py``) only turns messages into
 these inputs, synchronizes, writes and publishes, so a test or a tool runs the same code.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from cmkd_ros.conversions import scalar_field
 from cmkd_ros.pipelines.intake import Report, finite_xyz
 from cmkd_ros.pipelines.segment import MAX_POINTS
 from cmkd_ros.projection import (Correspondences, CorrespondenceConfig, ProjectionError,
-                                 compute_correspondences, resolve_scan_pattern)
+                                 compute_correspondences, correspondence_settings_hash,
+                                 resolve_scan_pattern)
 from cmkd_ros.sync import SyncConfig
 
 if TYPE_CHECKING:
@@ -45,17 +47,12 @@ class RecordSettings:
                                     'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
     min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)
     store_correspondences: bool = setting(True, 'store the computed correspondences in each '
-                                          'pair (corr_* keys)')
+                                          'pair (corr_* keys, with the hash of the '
+                                          'correspondence settings): training reads them '
+                                          'instead of computing them again when its settings '
+                                          'match')
     fsync: bool = setting(True, 'fsync each pair (crash safety; off only for benchmarks on '
                           'slow disks)')
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    """Optional 2D teacher whose outputs are stored with each pair."""
-
-    checkpoint: str = setting('', 'teacher file (cmkd train teacher); empty: no teacher outputs')
-    device: str = setting('cpu', 'torch device for the teacher: cpu, cuda or cuda:N')
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,6 @@ class CollectNodeConfig:
     correspondence: CorrespondenceConfig = setting(default_factory=CorrespondenceConfig,
                                                    help='point-pixel correspondences')
     record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
-    teacher: TeacherSettings = setting(default_factory=TeacherSettings, help='teacher outputs')
     overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
     tf: TfSettings = setting(default_factory=TfSettings, help='extrinsics from TF')
 
@@ -286,15 +282,6 @@ def draw_overlay(rgb: np.ndarray, uv: np.ndarray, depth: np.ndarray, max_width: 
     return img
 
 
-def teacher_outputs(teacher: Any, rgb: np.ndarray, device: str) -> np.ndarray:
-    """(K, h, w) float16 teacher logits at its feature stride for one (H, W, 3) uint8 image."""
-    import torch
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
-        logits = teacher.classifier(teacher.features(x.float() / 255.0))
-    return logits[0].to(torch.float16).cpu().numpy()
-
-
 # ----------------------------------------------------------------------------- the pipeline
 
 @dataclass
@@ -328,29 +315,25 @@ class Sweep:
         return list(self.rig.names)
 
 
-def assemble_pair(sweep: Sweep, *, teacher: Any = None, teacher_device: str = 'cpu',
-                  store_correspondences: bool = True) -> Pair:
-    """The pair of a sweep: images as received (raw ones as PNG), per-point fields, ego poses,
-    ``teacher`` outputs per image (:func:`teacher_outputs`) and, when
-    ``store_correspondences``, the correspondences."""
+def assemble_pair(sweep: Sweep, *, correspondence_settings: str | None = None) -> Pair:
+    """The pair of a sweep: images as received (raw ones as PNG), per-point fields, ego poses
+    and, when ``correspondence_settings`` (the hash of the settings that made them,
+    :func:`cmkd_ros.projection.correspondence_settings_hash`) is given, the correspondences."""
     from cmkd_ros.pairs import Pair
-    images, formats, outputs = {}, {}, {}
+    images, formats = {}, {}
     for name in sweep.camera_names:
         images[name], formats[name] = encoded_image(sweep.samples[name])
-        if teacher is not None:
-            outputs[name] = teacher_outputs(teacher, decoded_rgb(sweep.samples[name]),
-                                            teacher_device)
     corr, trajectory = sweep.correspondences, sweep.trajectory
     return Pair(
         lidar_stamp_ns=sweep.stamp_ns, xyz=sweep.xyz, camera_names=sweep.camera_names,
         camera_stamp_ns=sweep.camera_stamp_ns, images=images, image_formats=formats,
         calibration=sweep.rig, intensity=scalar_field(sweep.points, 'intensity', np.float32),
         ring=sweep.ring, point_time_ns=sweep.point_time_ns,
-        teacher=outputs,
         ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
         ego_poses=None if trajectory is None else trajectory.T_world_lidar,
         correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
-                         'depth': corr.depth} if store_correspondences else None)
+                         'depth': corr.depth} if correspondence_settings else None,
+        correspondence_settings=correspondence_settings)
 
 
 class CollectPipeline:
@@ -358,8 +341,7 @@ class CollectPipeline:
 
     ``sweep(inputs)`` -> :class:`Sweep` (or None for a set to skip, warned), ``accept(sweep)``
     (enough correspondences, rate limit), ``pair(sweep)`` -> :class:`cmkd_ros.pairs.Pair`,
-    ``overlay(sweep, camera)`` -> debug image. Loads the teacher of ``config.teacher`` (raises
-    for a bad file). Warnings and values go to ``report``; the scan pattern, read from the
+    ``overlay(sweep, camera)`` -> debug image. Warnings and values go to ``report``; the scan pattern, read from the
     first usable sweep when the occlusion test is on, is told once (``report.info``).
     """
 
@@ -368,11 +350,6 @@ class CollectPipeline:
         self.config = config
         self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
         self.scan_pattern = None
-        self.teacher = None
-        if config.teacher.checkpoint:
-            from cmkd_ros.models.teacher import freeze, load_teacher
-            self.teacher = freeze(load_teacher(config.teacher.checkpoint,
-                                               device=config.teacher.device))
 
     def configure(self, config: CollectNodeConfig) -> None:
         """Take runtime settings (record.*, overlay.*)."""
@@ -427,8 +404,8 @@ class CollectPipeline:
 
     def pair(self, sweep: Sweep) -> Pair:
         config = self.config
-        return assemble_pair(sweep, teacher=self.teacher, teacher_device=config.teacher.device,
-                             store_correspondences=config.record.store_correspondences)
+        return assemble_pair(sweep, correspondence_settings=correspondence_settings_hash(
+            config.correspondence) if config.record.store_correspondences else None)
 
     def overlay(self, sweep: Sweep, camera: str) -> np.ndarray | None:
         """(H', W', 3) uint8 points over camera ``camera``'s image (None: not in the set)."""

@@ -196,12 +196,11 @@ def load_predictor(path: str, device: str, num_threads: int = 0, precision: str 
     (inference in ``precision``: float32, bfloat16, float16 or auto; ``pipelined``: see
     :class:`StudentPredictor`)."""
     import torch
+    from cmkd_ros.models import resolve_device
     from cmkd_ros.models.checkpoint import load_checkpoint
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f'device: {device!r} requested but CUDA is not available')
-    student, info = load_checkpoint(path, map_location=device)
+    student, info = load_checkpoint(path, map_location=resolve_device(device))
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
     return StudentPredictor(student, precision, pipelined), class_map
 
