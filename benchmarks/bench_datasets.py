@@ -3,8 +3,11 @@
 Layouts (``--layouts``, default all):
 
 - ``pairs``: ``--frames`` synthetic frames (default sim: 6 cameras 640x360, 32-beam LiDAR) in a
-  pair dataset: samples per second with and without the occlusion test, motion compensation,
-  half-size images and augmentation, and SparseCollate batches (ratios against the default).
+  pair dataset whose pairs carry their correspondences as the collect node stores them: samples
+  per second and CPU milliseconds per sample computing the correspondences, reading the stored
+  ones (settings hash matches), without the occlusion test or motion compensation, with
+  half-size images and augmentation, and SparseCollate batches (ratios against the default, in
+  the same run; on a shared machine compare the CPU times, with ``OMP_NUM_THREADS=1``).
 - ``nuscenes``: a v1.0-mini folder of ``--frames`` keyframes of the real nuScenes sample
   (34,688 points, six 1600x900 JPEG cameras), read as ``config/nuscenes_fskd.yaml`` reads it.
 - ``semantickitti``: sequence 00 of ``--frames`` scans of the real KITTI frame made a
@@ -37,45 +40,57 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 sys.path.insert(0, str(REPO / 'test'))  # the real-layout fixture builders
 from cmkd_ros.pairs import PairWriter  # noqa: E402
-from offline_training.datasets import PairDataset, SparseCollate  # noqa: E402
+from offline_training.datasets import (PairDataset, SparseCollate,  # noqa: E402
+                                       store_correspondences)
 
 DATA_DIR = Path(os.environ.get('CMKD_DATA_DIR', REPO.parent / 'shared' / 'data'))
 
 
-def _rate(fn, count: int) -> float:
+def _rate(fn, count: int, repeats: int = 1) -> tuple[float, float]:
+    """(calls per second, CPU milliseconds per call) of ``fn(0..count-1)``, each the best of
+    ``repeats`` rounds: a busy machine only ever slows a round down, and CPU time (the figure
+    to compare on a shared machine) counts this process's work alone."""
     fn(0)
-    start = time.perf_counter()
-    for i in range(count):
-        fn(i)
-    return count / (time.perf_counter() - start)
+    rate, cpu_ms = 0.0, float('inf')
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(count):
+            fn(i)
+        rate = max(rate, count / (time.perf_counter() - start))
+        cpu_ms = min(cpu_ms, (time.process_time() - cpu) / count * 1e3)
+    return rate, cpu_ms
 
 
-def bench_pairs(frames: int, voxel: float) -> None:
+def bench_pairs(frames: int, voxel: float, repeats: int = 3) -> None:
     from cmkd_ros.sim.simulator import SimWorld
     with tempfile.TemporaryDirectory() as root:
         writer = PairWriter(root, fsync=False)
         for frame in SimWorld({'seed': 0}).frames(frames):
-            writer.write(frame.to_pair())
+            writer.write(store_correspondences(frame.to_pair()))
+        computed = {'stored_correspondences': False}
         variants = {
-            'default (occlusion, motion)': PairDataset(root),
+            'default (occlusion, motion)': PairDataset(root, **computed),
+            'stored correspondences': PairDataset(root),
             'no occlusion test': PairDataset(root, occlusion=False),
             'no motion compensation': PairDataset(root, motion_compensation=False),
-            'images at 0.5 scale': PairDataset(root, image_scale=0.5),
-            'with augmentation': PairDataset(root, augment=True, seed=0),
+            'images at 0.5 scale': PairDataset(root, image_scale=0.5, **computed),
+            'with augmentation': PairDataset(root, augment=True, seed=0, **computed),
         }
         sample = variants['default (occlusion, motion)'][0]
         print(f'pairs: {frames} frames, {sample["xyz"].shape[0]} points, '
               f'{sample["images"].shape[0]} cameras of {tuple(sample["images"].shape[-2:])}')
-        ref = None
+        ref = ref_cpu = None
         for name, ds in variants.items():
-            rate = _rate(lambda i, ds=ds: ds[i % len(ds)], frames)
-            ref = ref or rate
-            print(f'  {name:<30} {rate:8.2f} samples/s  x{rate / ref:.3f}')
+            rate, cpu_ms = _rate(lambda i, ds=ds: ds[i % len(ds)], frames, repeats)
+            ref, ref_cpu = ref or rate, ref_cpu or cpu_ms
+            print(f'  {name:<30} {rate:8.2f} samples/s  x{rate / ref:.3f}   CPU {cpu_ms:6.1f} '
+                  f'ms/sample  x{ref_cpu / cpu_ms:.3f}')
         samples = [variants['default (occlusion, motion)'][i] for i in range(min(2, frames))]
         collate = SparseCollate(voxel)
-        rate = _rate(lambda i: collate(samples), 5)
+        rate, _ = _rate(lambda i: collate(samples), 5, repeats)
         print(f'  {"SparseCollate batch of 2":<30} {rate:8.2f} batches/s  '
               f'({len(samples) * rate / ref:.1f}x the sample rate)')
+
 
 
 def _loader_rate(dataset, collate, workers: int, batch_size: int, scans: int) -> float:
@@ -142,7 +157,7 @@ def bench_real(layout: str, frames: int, workers: int, threads: int, steps: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        seconds = 1.0 / _rate(step, steps)
+        seconds = 1.0 / _rate(step, steps)[0]
         need = step_batch / seconds
         print(f'  student step ({student.config.arch}, {params / 1e6:.1f} M parameters, '
               f'batch {step_batch}, {batch["coords"].shape[0]} voxels, {threads} threads): '
@@ -160,6 +175,8 @@ def main() -> None:
                         choices=('pairs', 'nuscenes', 'semantickitti'))
     parser.add_argument('--frames', type=int, default=4)
     parser.add_argument('--voxel', type=float, default=0.1, help='pairs: collate voxel size')
+    parser.add_argument('--repeats', type=int, default=3, help='pairs: rounds; the best is '
+                        'reported')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader processes')
     parser.add_argument('--threads', type=int, default=2, help='torch threads of the step')
     parser.add_argument('--steps', type=int, default=2, help='student steps timed')
@@ -167,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     for layout in args.layouts:
         if layout == 'pairs':
-            bench_pairs(args.frames, args.voxel)
+            bench_pairs(args.frames, args.voxel, args.repeats)
         else:
             bench_real(layout, args.frames, args.workers, args.threads, args.steps,
                        args.step_batch)

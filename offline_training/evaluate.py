@@ -30,7 +30,8 @@ import torch
 
 from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
-from cmkd_ros.tools.progress import progress_bar
+from cmkd_ros.models.student import resolve_device
+from cmkd_ros.progress import progress_bar
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -61,7 +62,7 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     if len(class_names) != num_classes:
         raise ValueError(f'{len(class_names)} class names for a student with {num_classes} '
                          'classes')
-    device = torch.device(device)
+    device = resolve_device(device)
     indices = range(len(dataset) if max_scans is None else min(len(dataset), max_scans))
     if len(indices) == 0:
         raise ValueError('the evaluation dataset is empty')
@@ -118,7 +119,7 @@ def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: S
     from offline_training.datasets import SparseCollate
     from offline_training.losses import sample_image_features
     num_classes = len(class_names)
-    device = torch.device(device)
+    device = resolve_device(device)
     collate = SparseCollate(1.0)  # the voxels are not used
     matrix = ConfusionMatrix(num_classes)
     count = len(dataset) if max_scans is None else min(len(dataset), max_scans)
@@ -255,7 +256,7 @@ def write_pictures(student: torch.nn.Module, dataset, out_dir: str, count: int, 
     """For the first ``count`` scans: ``scan<i>_bev.png`` (ground truth beside the student's
     labels, points no camera sees pale) and ``scan<i>_<camera>.png`` (the camera that sees the
     most points, with the student's labels drawn at their pixels)."""
-    from cmkd_ros.tools.viz import save_bev_comparison, save_camera_labels
+    from cmkd_ros.viz import save_bev_comparison, save_camera_labels
     os.makedirs(out_dir, exist_ok=True)
     colors = np.asarray(class_colors, np.uint8)
     paths = []

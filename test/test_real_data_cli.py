@@ -55,6 +55,7 @@ def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_nuscenes_fskd_trains_on_mini_train_and_scores_mini_val(nuscenes, tmp_path, capsys):
     out = tmp_path / 'fskd'
     code = cmkd(['train', 'fskd', '--config', os.path.join(CONFIG, 'nuscenes_fskd.yaml'),
@@ -89,6 +90,7 @@ def test_nuscenes_fskd_trains_on_mini_train_and_scores_mini_val(nuscenes, tmp_pa
     assert code == 1 and 'belongs to v1.0-trainval' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_semantickitti_udakd_then_finetune_use_sequences_00_and_08(kitti, tmp_path, capsys):
     udakd = tmp_path / 'udakd'
     code = cmkd(['train', 'udakd', '--config', os.path.join(CONFIG, 'semantickitti_udakd.yaml'),

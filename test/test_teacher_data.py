@@ -23,10 +23,10 @@ from offline_training.teacher_import import ABSENT_LOGIT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'config')
-QUICK = ['steps=2', 'batch_size=2', 'threads=1', 'progress=false', 'model.arch=small',
+QUICK = ['steps=2', 'data.batch_size=2', 'threads=1', 'progress=false', 'model.arch=small',
          'model.width=8', 'model.feature_dim=8', 'model.output_stride=4',
-         'model.pretrained_path=null', 'precision=float32',
-         'options={crop_size: [48, 64], cache_mb: 0}']
+         'model.pretrained_path=null', 'precision=float32', 'data.crop_size=[48, 64]',
+         'data.cache_mb=0']
 
 
 def test_coco_rle_decodes_the_compressed_strings():
@@ -120,8 +120,8 @@ def test_cityscapes_mapped_onto_lidar_classes_and_user_maps(cityscapes, tmp_path
 def test_train_teacher_on_real_layouts(request, tmp_path, capsys, config, data, class_map):
     root, _ = request.getfixturevalue(data)
     out = tmp_path / 'teacher'
-    code = cmkd(['train', 'teacher', '--config', os.path.join(CONFIG, config), f'train={root}',
-                 f'val={root}', f'out_dir={out}', *QUICK])
+    code = cmkd(['train', 'teacher', '--config', os.path.join(CONFIG, config), f'data.train={root}',
+                 f'data.val={root}', f'out_dir={out}', *QUICK])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert 0.0 <= json.loads(printed.out.strip().splitlines()[-1])['miou'] <= 1.0
