@@ -72,7 +72,7 @@ class ProgressHook(Hook):
         self.bar = None
 
     def before_train(self, trainer) -> None:
-        from cmkd_ros.tools.progress import progress_bar
+        from cmkd_ros.progress import progress_bar
         self.bar = progress_bar(trainer.config.steps, self.description, initial=trainer.step)
 
     def after_step(self, trainer, values) -> None:
