@@ -5,8 +5,9 @@ CompressedImage, with CameraInfo) with fresh stamps every 100 ms for ``--seconds
 ``collect_node`` running as its own process with recording on (fsync per pair, as deployed),
 then counts the pairs on disk: pairs written per second and dropped sets (published sweeps
 without a pair). Reference measured in the same run: the library work per pair that the node
-does (``compute_correspondences`` + ``PairWriter.write``) timed in this process; the printed
-ratio is the node's time budget per set (100 ms) over that reference. Goal: 0 dropped pairs.
+does (:class:`cmkd_ros.pipelines.collect.CollectPipeline` + ``PairWriter.write``) timed in this
+process; the printed ratio is the node's time budget per set (100 ms) over that reference.
+Goal: 0 dropped pairs.
 
 Usage: ``python benchmarks/bench_collect_node.py [--seconds 60] [--keep]``.
 """
@@ -29,22 +30,23 @@ from bench_segment_node import (DATA, BackgroundNode, bench_env, nuscenes_scan, 
 
 
 def library_reference(scan, rig, jpegs, out_dir: str, repeats: int) -> list[float]:
-    """ms per pair of compute_correspondences + PairWriter.write (fsync) in this process."""
-    from cmkd_ros.pairs import Pair, PairWriter
-    from cmkd_ros.projection import compute_correspondences
+    """ms per pair of the node's pipeline (CollectPipeline: sweep + pair) and PairWriter.write
+    (fsync) in this process."""
+    from cmkd_ros.config import build
+    from cmkd_ros.pairs import PairWriter
+    from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, CollectPipeline,
+                                            SyncedInputs)
+    from cmkd_ros.pipelines.intake import CountingReport
+    pipeline = CollectPipeline(build(CollectNodeConfig, {'calibration_file': 'rig.yaml'}),
+                               CountingReport())
+    samples = {name: CameraSample(name, 0, encoded=data, encoded_format='jpeg')
+               for name, data in jpegs.items()}
     writer = PairWriter(out_dir)
-    xyz = np.stack([scan['x'], scan['y'], scan['z']], 1)
     times = []
-    for i in range(repeats + 1):
+    for i in range(repeats + 1):                # the first reads the scan pattern: warm-up
         start = time.perf_counter()
-        corr = compute_correspondences(xyz, rig)
-        writer.write(Pair(
-            lidar_stamp_ns=i, xyz=xyz, camera_names=rig.names,
-            camera_stamp_ns=np.zeros(len(rig), np.int64), images=jpegs,
-            image_formats=dict.fromkeys(rig.names, 'jpeg'), calibration=rig,
-            intensity=scan['intensity'], ring=scan['ring'],
-            correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
-                             'depth': corr.depth}))
+        sweep = pipeline.sweep(SyncedInputs(i, scan, rig, samples))
+        writer.write(pipeline.pair(sweep))
         if i:
             times.append((time.perf_counter() - start) * 1e3)
     return times
@@ -76,7 +78,7 @@ def main() -> int:
     # 1. reference: the node's library work per pair, in this process
     reference = library_reference(scan, rig, jpegs, os.path.join(tmp, 'reference_pairs'),
                                   args.reference_repeats)
-    print(f'library corr + write    {percentiles(reference)}')
+    print(f'library pipeline+write  {percentiles(reference)}')
     # 2. the node process
     out_dir = os.path.join(tmp, 'pairs')
     domain = os.getpid() % 90 + 10

@@ -5,9 +5,10 @@ project's Fast DDS shared-memory profile), publishes ``LIDAR_TOP.bin`` (34,688 p
 fresh stamp every 100 ms for ``--seconds``, and measures per scan the end-to-end latency (publish
 in this process -> labeled cloud received in this process), the node's own processing time
 (its ``~/debug/processing_time_ms``) and drops (scans without an output: the node keeps only the
-newest scan). Reference measured in the same run: the library call the node makes
-(:func:`cmkd_ros.pipelines.segment.segment_array`) timed in this process, so the printed ratio
-shows what ROS transport and message conversion add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
+newest scan). Reference measured in the same run: the pipeline the node runs on each decoded
+scan (:class:`cmkd_ros.pipelines.segment.SegmentPipeline`, its stages one after the other)
+timed in this process, so the printed ratio shows what ROS transport, message conversion and
+the threads add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
 
 Without ``--checkpoint`` a randomly initialised CPU real-time student is used (``small``, teacher
 features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its StudentConfig,
@@ -146,25 +147,26 @@ def make_checkpoint(path: str, overrides: list[str] = ()) -> str:
     return path
 
 
-def library_reference(checkpoint: str, device: str, threads: int, scan: np.ndarray,
-                      repeats: int, precision: str = 'float32') -> list[float]:
-    """ms per call of the node's library step (segment_array) in this process.
+def library_reference(checkpoint: str, device: str, num_threads: int, pipeline: bool,
+                      scan: np.ndarray, repeats: int, precision: str = 'float32') -> list[float]:
+    """ms per call of the node's pipeline (SegmentPipeline, stages in turn) in this process.
 
     Run in a worker thread with the node's torch thread count, as the node runs it.
     """
-    from cmkd_ros.pipelines.segment import SegmentNodeConfig, segment_array
-    from cmkd_ros.nodes.segment_node import load_predictor
-    predict, class_map = load_predictor(checkpoint, device, threads, precision)
-    config = SegmentNodeConfig(checkpoint=checkpoint, device=device, precision=precision)
+    from cmkd_ros.pipelines.intake import CountingReport
+    from cmkd_ros.pipelines.segment import SegmentNodeConfig, SegmentPipeline
+    config = SegmentNodeConfig(checkpoint=checkpoint, device=device, precision=precision,
+                               num_threads=num_threads, pipeline=pipeline)
+    segment = SegmentPipeline(config, CountingReport())
     times: list[float] = []
 
     def work() -> None:
         import torch
-        if threads > 0:
-            torch.set_num_threads(threads)
+        if segment.threads > 0:
+            torch.set_num_threads(segment.threads)
         for i in range(repeats + 2):
             start = time.perf_counter()
-            segment_array(scan, predict, class_map, config)
+            segment(scan)
             if i >= 2:                                           # two warm-up calls
                 times.append((time.perf_counter() - start) * 1e3)
 
@@ -214,9 +216,9 @@ def main() -> int:
           f'{args.threads}), '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     # 1. reference: the library step alone, in this process
-    reference = library_reference(checkpoint, args.device, threads, scan,
+    reference = library_reference(checkpoint, args.device, args.threads, args.pipeline, scan,
                                   args.reference_repeats, args.precision)
-    print(f'library segment_array   {percentiles(reference)}')
+    print(f'library SegmentPipeline {percentiles(reference)}')
     # 2. the node process and this process's publisher/subscriber
     domain = os.getpid() % 90 + 10
     env = bench_env(domain)

@@ -245,6 +245,18 @@ def load(cls: type, path: str | None = None, overrides: list[str] | tuple[str, .
     return build(cls, data)
 
 
+def constraints_text(meta: Mapping) -> str:
+    """A setting's bounds, choices and length as text (``>= 0; one of a, b``), for ROS
+    parameter descriptors and the generated parameter tables."""
+    bounds = (('ge', '>='), ('gt', '>'), ('le', '<='), ('lt', '<'))
+    parts = [f'{text} {meta[key]}' for key, text in bounds if meta.get(key) is not None]
+    if meta.get('choices') is not None:
+        parts.append('one of ' + ', '.join(map(str, meta['choices'])))
+    if meta.get('length') is not None:
+        parts.append(f'{meta["length"]} items')
+    return '; '.join(parts)
+
+
 def describe(cls: type, prefix: str = '') -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) rows for documentation and ROS parameter descriptors."""
     rows = []

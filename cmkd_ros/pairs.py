@@ -31,11 +31,23 @@ Keys of a pair file (all plain arrays, loaded with ``allow_pickle=False``):
     image_format_<c>      str, 'jpeg' or 'png'
     label_image_<c>       (B,) uint8 PNG of per-pixel labels     [optional, ground truth]
     depth_image_<c>       (B,) uint8 16-bit PNG of depth in mm   [optional, ground truth]
-    teacher_<c>           (K, h, w) float16 teacher outputs      [optional]
     calibration_yaml      str, :class:`RigCalibration` YAML
     ego_stamps_ns         (P,) int64 and ego_poses (P, 4, 4) float64 T_world_lidar [optional]
-    corr_point, corr_camera (M,) int64; corr_uv (M, 2) float32; corr_depth (M,) float32
-                          correspondences as computed when written [optional]
+    corr_point (M,) int32, corr_camera (M,) uint8, corr_uv (M, 2) float32, corr_depth (M,)
+                          float32: correspondences as computed when written (read as int64)
+                          [optional]
+    corr_settings         str, :func:`cmkd_ros.projection.correspondence_settings_hash` of
+                          the settings they were computed with [optional]
+
+Stored correspondences save the training loaders their computation, about 40% of a sample's
+CPU time (default synthetic rig, 6 cameras of 640x360 and 32 beams: 170 -> 100 ms, measured
+with ``benchmarks/bench_datasets.py``), for 17 bytes each on disk (about 0.4 MB a pair there):
+:class:`offline_training.datasets.ScanDataset` uses them when ``corr_settings`` equals the hash
+of its own settings and every point is finite (the same arrays as computing them), and computes
+them otherwise (other settings, a camera subset, no hash).
+Teacher outputs are not stored: both distillation losses need the teacher's D-dimensional
+features, which training computes once per image and memoises (files of an older version that
+hold ``teacher_<c>`` logits are read, the logits ignored).
 """
 from __future__ import annotations
 
@@ -80,10 +92,10 @@ class Pair:
     labels: np.ndarray | None = None
     label_images: dict[str, bytes] = field(default_factory=dict)
     depth_images: dict[str, bytes] = field(default_factory=dict)
-    teacher: dict[str, np.ndarray] = field(default_factory=dict)
     ego_stamps_ns: np.ndarray | None = None
     ego_poses: np.ndarray | None = None
     correspondences: dict[str, np.ndarray] | None = None
+    correspondence_settings: str | None = None
 
     def image(self, name: str) -> np.ndarray:
         """Decoded (H, W, 3) uint8 RGB image of camera ``name``."""
@@ -124,14 +136,14 @@ class Pair:
                 arrays[f'label_image_{name}'] = np.frombuffer(self.label_images[name], np.uint8)
             if name in self.depth_images:
                 arrays[f'depth_image_{name}'] = np.frombuffer(self.depth_images[name], np.uint8)
-            if name in self.teacher:
-                arrays[f'teacher_{name}'] = np.asarray(self.teacher[name], dtype=np.float16)
         if self.ego_poses is not None:
             arrays['ego_stamps_ns'] = np.asarray(self.ego_stamps_ns, dtype=np.int64)
             arrays['ego_poses'] = np.asarray(self.ego_poses, dtype=np.float64).reshape(-1, 4, 4)
         if self.correspondences is not None:
-            for key in ('point', 'camera', 'uv', 'depth'):
-                arrays[f'corr_{key}'] = np.asarray(self.correspondences[key])
+            arrays.update(_correspondence_arrays(self.correspondences, n,
+                                                 len(self.camera_names)))
+            if self.correspondence_settings:
+                arrays['corr_settings'] = np.array(str(self.correspondence_settings))
         return arrays
 
     @classmethod
@@ -150,6 +162,8 @@ class Pair:
             corr = None
             if 'corr_point' in keys:
                 corr = {k: arrays[f'corr_{k}'] for k in ('point', 'camera', 'uv', 'depth')}
+                corr['point'] = corr['point'].astype(np.int64)
+                corr['camera'] = corr['camera'].astype(np.int64)
             return cls(
                 lidar_stamp_ns=int(arrays['lidar_stamp_ns']),
                 xyz=arrays['xyz'], camera_names=names,
@@ -163,11 +177,32 @@ class Pair:
                               if f'label_image_{n}' in keys},
                 depth_images={n: arrays[f'depth_image_{n}'].tobytes() for n in names
                               if f'depth_image_{n}' in keys},
-                teacher={n: arrays[f'teacher_{n}'] for n in names if f'teacher_{n}' in keys},
                 ego_stamps_ns=opt('ego_stamps_ns'), ego_poses=opt('ego_poses'),
-                correspondences=corr)
+                correspondences=corr,
+                correspondence_settings=str(arrays['corr_settings'])
+                if 'corr_settings' in keys else None)
         except KeyError as exc:
             raise PairFormatError(f'{source}: missing key {exc}') from None
+
+
+def _correspondence_arrays(corr: dict, num_points: int, num_cameras: int) -> dict:
+    """The ``corr_*`` arrays of correspondences, checked against the pair and made compact."""
+    point = np.asarray(corr['point']).reshape(-1)
+    camera = np.asarray(corr['camera']).reshape(-1)
+    uv = np.asarray(corr['uv'], dtype=np.float32)
+    depth = np.asarray(corr['depth'], dtype=np.float32).reshape(-1)
+    m = len(point)
+    if camera.shape != (m,) or uv.shape != (m, 2) or depth.shape != (m,):
+        raise PairFormatError(f'correspondences: point {point.shape}, camera {camera.shape}, '
+                              f'uv {uv.shape} and depth {depth.shape} do not fit (M,) / (M, 2)')
+    if num_cameras > 256:
+        raise PairFormatError(f'{num_cameras} cameras: stored correspondences allow 256')
+    if m and (point.min() < 0 or point.max() >= num_points or camera.min() < 0 or
+              camera.max() >= num_cameras):
+        raise PairFormatError(f'correspondences: indices outside {num_points} points and '
+                              f'{num_cameras} cameras')
+    return {'corr_point': point.astype(np.int32), 'corr_camera': camera.astype(np.uint8),
+            'corr_uv': uv, 'corr_depth': depth}
 
 
 def decode_png_or_jpeg(data: bytes, color: bool) -> np.ndarray:

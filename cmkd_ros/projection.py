@@ -21,10 +21,16 @@ from about 5 px to 0.02 px (``benchmarks/measure_correspondence.py``).
 
 Pixel convention (OpenCV): x right, y down, pixel centres at integers, so the image covers
 ``[-0.5, W - 0.5) x [-0.5, H - 0.5)`` and ``round(uv)`` indexes the pixel.
+
+Correspondences stored with a pair (the collect node's) carry
+:func:`correspondence_settings_hash` of the settings they were computed with; training uses
+them instead of computing them again only when its own settings give the same hash.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import math
 import threading
 from dataclasses import dataclass
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
-from cmkd_ros.config import ConfigError, setting
+from cmkd_ros.config import ConfigError, build, setting, to_dict
 from cmkd_ros.occlusion import (OcclusionSettings, ScanPattern, ScanPatternError, hidden_pairs,
                                 infer_scan_pattern, with_overrides)
 
@@ -89,6 +95,19 @@ class CorrespondenceConfig:
                 self.occlusion:
             raise ConfigError('occlusion tolerances are both 0: every point behind another '
                               'one within a footprint would be hidden')
+
+
+# Bump when compute_correspondences gives other results for the same settings: correspondences
+# stored by an older version then no longer match, and training computes them again.
+CORRESPONDENCE_VERSION = 1
+
+
+def correspondence_settings_hash(config: CorrespondenceConfig) -> str:
+    """16 hex digits naming ``config`` and :data:`CORRESPONDENCE_VERSION`: stored with
+    correspondences in a pair, compared by the training datasets before they reuse them."""
+    values = to_dict(build(CorrespondenceConfig, to_dict(config)))   # 1 and 1.0 alike
+    text = json.dumps({'version': CORRESPONDENCE_VERSION, **values}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

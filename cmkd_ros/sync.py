@@ -13,18 +13,15 @@ Additions for a real rig:
 * a dead camera must not stall the pipeline: with ``partial_timeout_ns`` a LiDAR message that no
   complete set has taken once the newest stamp seen is that much later is emitted with the
   cameras that have a message within slop (at least ``partial_min_cameras``), and so is a LiDAR
-  message pushed out of its full queue; :meth:`poll` does the same against an external clock
-  when every stream stops;
+  message pushed out of its full queue; :meth:`poll` does the same against an external clock,
+  and :meth:`poll_idle` once every stream has stopped (the collect node calls it from a timer);
 * a stamp far behind the newest one (a bag that loops, a simulator restart) resets the queues.
-
-Nodes may use message_filters directly (:func:`message_filters_synchronizer`) when they need
-neither offsets nor partial sets.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from cmkd_ros.config import setting
 
@@ -173,6 +170,16 @@ class ApproximateTimeSync:
                 self.callback(s)
         return out
 
+    def poll_idle(self, idle_ns: int) -> list[SyncedSet]:
+        """:meth:`poll` for inputs that have all been quiet for ``idle_ns`` (measured by the
+        caller on the stamps' clock): now is taken as the newest stamp seen plus ``idle_ns``.
+        Nothing happens before ``idle_ns`` reaches the partial timeout, so a stream that is
+        only between two messages never counts as stopped."""
+        if self.partial_timeout_ns is None or self._latest is None or \
+                idle_ns < self.partial_timeout_ns:
+            return []
+        return self.poll(self._latest + int(idle_ns))
+
     # -- internals
     def _match(self, key: Hashable, t: int) -> SyncedSet | None:
         """message_filters search: closest candidates first, first set spanning < slop."""
@@ -231,21 +238,3 @@ class ApproximateTimeSync:
                 del lidar_queue[t]
                 self.dropped += 1
         return out
-
-
-def message_filters_synchronizer(subscribers: Iterable[Any], queue_size: int, slop_s: float,
-                                 callback: Callable[..., Any]) -> Any:
-    """A message_filters ``ApproximateTimeSynchronizer`` over ``message_filters.Subscriber`` s.
-
-    For nodes that need neither per-camera offsets nor partial sets; raises ImportError naming
-    the package where message_filters is missing.
-    """
-    try:
-        import message_filters
-    except ImportError as exc:
-        raise ImportError('message_filters is not installed (apt install '
-                          'ros-$ROS_DISTRO-message-filters); use ApproximateTimeSync instead'
-                          ) from exc
-    sync = message_filters.ApproximateTimeSynchronizer(list(subscribers), queue_size, slop_s)
-    sync.registerCallback(callback)
-    return sync

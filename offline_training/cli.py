@@ -7,7 +7,7 @@ Examples::
     cmkd train fskd --config config/fskd.yaml out_dir=runs/fskd --resume   # after a crash
     cmkd train fskd --config config/fskd.yaml out_dir=runs/fskd --overwrite  # start over
     torchrun --nproc_per_node=2 -m offline_training.cli fskd --config config/fskd.yaml ...
-    cmkd train teacher --config config/teacher.yaml train=pairs/train
+    cmkd train teacher --config config/teacher.yaml data.train=pairs/train
     cmkd train experiments --out runs/experiments
 
 Settings: defaults in :mod:`offline_training.config`, then ``--config`` YAML, then ``key=value``
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             if args.print_config:
                 print(yaml.safe_dump(to_dict(config), sort_keys=False))
                 return 0
-            from offline_training.trainer import train_teacher_from_config
+            from offline_training.train_teacher import train_teacher_from_config
             summary = train_teacher_from_config(config)
         else:
             from offline_training.config import load_train_config

@@ -2,13 +2,16 @@
 
 Sources: the project's pair format (:class:`PairDataset`: synthetic export and the collect node's
 output, readable while being written), nuScenes lidarseg with its six cameras
-(:class:`NuScenesDataset`) and SemanticKITTI with the KITTI color camera
-(:class:`SemanticKITTIDataset`). All share :class:`ScanDataset`, which splits the work as
+(:class:`NuScenesDataset`) and SemanticKITTI with the KITTI color cameras
+(:class:`SemanticKITTIDataset`); :func:`build_dataset` picks one as the training config's
+``data.format`` says. All share :class:`ScanDataset`, which splits the work as
 
 1. ``get_frame(i)``: file IO only (a reader's :class:`~offline_training.readers.base.Frame`),
 2. ``get_data(i)``: correspondences from :func:`cmkd_ros.projection.compute_correspondences`
-   (occlusion test and motion compensation on by default, as configured), optional image
-   resizing (pixel coordinates scaled with the images), fixed keys as numpy arrays,
+   (occlusion test and motion compensation on by default, as configured), or those stored with
+   a pair when its ``corr_settings`` hash equals the hash of these settings (the same arrays,
+   without their cost: :mod:`cmkd_ros.pairs`), optional image resizing (pixel coordinates
+   scaled with the images), fixed keys as numpy arrays,
 3. ``transform(data, rng)``: 3D augmentation of ``xyz`` only (after the correspondences, so they
    stay valid), then the student's point features from the augmented points.
 
@@ -35,7 +38,9 @@ concatenated points and images).
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -44,7 +49,8 @@ import torch
 from cmkd_ros.calibration import RigCalibration
 from cmkd_ros.config import build, to_dict
 from cmkd_ros.pairs import PairReader
-from cmkd_ros.projection import CorrespondenceConfig, compute_correspondences
+from cmkd_ros.projection import (CorrespondenceConfig, Correspondences, compute_correspondences,
+                                 correspondence_settings_hash)
 from offline_training.readers.base import Frame
 
 IGNORE = 255
@@ -110,12 +116,15 @@ class ScanDataset(torch.utils.data.Dataset):
     for :func:`default_point_augment`, a callable ``(data, rng) -> data``, or False.
     ``image_scale`` resizes images (and scales ``corr_uv``); ``feature_kind`` selects
     ``point_features``; ``seed`` makes augmentation reproducible (else torch's seed is used).
+    ``stored_correspondences``: use a frame's stored correspondences when their settings hash
+    matches (``extras['correspondences']``, ``extras['correspondence_settings']``).
     """
 
     def __init__(self, *, correspondence: CorrespondenceConfig | dict | None = None,
                  occlusion: bool | None = None, motion_compensation: bool | None = None,
                  augment: bool | Callable = False, image_scale: float = 1.0,
-                 feature_kind: str = 'height', seed: int | None = None):
+                 feature_kind: str = 'height', seed: int | None = None,
+                 stored_correspondences: bool = True):
         cfg = correspondence
         if cfg is None:
             cfg = CorrespondenceConfig()
@@ -127,6 +136,8 @@ class ScanDataset(torch.utils.data.Dataset):
         if overrides:
             cfg = build(CorrespondenceConfig, {**to_dict(cfg), **overrides})
         self.correspondence = cfg
+        self.correspondence_settings = correspondence_settings_hash(cfg)
+        self.stored_correspondences = bool(stored_correspondences)
         if augment is True:
             augment = default_point_augment()
         self.augment = augment or None
@@ -171,14 +182,19 @@ class ScanDataset(torch.utils.data.Dataset):
                 point_time = np.asarray(point_time)[finite]
             if ring is not None:
                 ring = np.asarray(ring)[finite]
-        # 2. Correspondences (motion compensation when the frame has ego poses).
-        trajectory = self.trajectory(frame) if self.correspondence.motion_compensation else None
-        if point_time is None:
-            point_time = int(frame.lidar_stamp_ns)
-        corr = compute_correspondences(
-            xyz, frame.rig, point_time_ns=point_time,
-            camera_stamp_ns=np.asarray(frame.camera_stamp_ns, dtype=np.int64),
-            trajectory=trajectory, ring=ring, config=self.correspondence)
+        # 2. Correspondences: those stored with the frame when computed with these settings on
+        #    these points, else computed (motion compensation when the frame has ego poses).
+        corr = frame.extras.get('correspondences')
+        if not (self.stored_correspondences and corr is not None and finite.all() and
+                frame.extras.get('correspondence_settings') == self.correspondence_settings):
+            trajectory = (self.trajectory(frame) if self.correspondence.motion_compensation
+                          else None)
+            if point_time is None:
+                point_time = int(frame.lidar_stamp_ns)
+            corr = compute_correspondences(
+                xyz, frame.rig, point_time_ns=point_time,
+                camera_stamp_ns=np.asarray(frame.camera_stamp_ns, dtype=np.int64),
+                trajectory=trajectory, ring=ring, config=self.correspondence)
         uv = corr.uv.astype(np.float32)
         images = list(frame.images)
         label_images = frame.label_images
@@ -282,12 +298,59 @@ def frame_from_pair(pair, cameras: Sequence[str] | None = None, name: str = '',
     lab_imgs = None
     if label_images and names and all(c in pair.label_images for c in names):
         lab_imgs = [pair.label_image(c) for c in names]
+    extras = {} if pair.ring is None else {'ring': pair.ring}
+    # Stored correspondences hold every camera of the pair: with a subset they are computed
+    # (projecting another set of cameras rounds the last float32 bit differently).
+    stored = stored_correspondences(pair, name) if names == list(pair.camera_names) else None
+    if stored is not None:
+        extras.update(correspondences=stored,
+                      correspondence_settings=pair.correspondence_settings)
     return Frame(name=name, xyz=np.asarray(pair.xyz, dtype=np.float32), rig=rig,
                  images=[pair.image(c) for c in names], lidar_stamp_ns=int(pair.lidar_stamp_ns),
                  camera_stamp_ns=stamps, intensity=pair.intensity, labels=labels,
                  label_images=lab_imgs, point_time_ns=pair.point_time_ns,
-                 ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses,
-                 extras={} if pair.ring is None else {'ring': pair.ring})
+                 ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses, extras=extras)
+
+
+def store_correspondences(pair, config: CorrespondenceConfig | None = None):
+    """``pair`` with its correspondences and their settings hash stored (what the collect node
+    writes), computed as :class:`ScanDataset` computes them; its points must be finite."""
+    config = config or CorrespondenceConfig()
+    xyz = np.asarray(pair.xyz, dtype=np.float32)
+    if not np.isfinite(xyz).all():
+        raise DatasetError('store_correspondences: the pair has non-finite points')
+    trajectory = None
+    if config.motion_compensation and pair.ego_poses is not None and len(pair.ego_poses):
+        from cmkd_ros.motion import PoseTrajectory
+        trajectory = PoseTrajectory(np.asarray(pair.ego_stamps_ns, dtype=np.int64),
+                                    pair.ego_poses)
+    corr = compute_correspondences(
+        xyz, pair.calibration, point_time_ns=(int(pair.lidar_stamp_ns) if pair.point_time_ns
+                                              is None else pair.point_time_ns),
+        camera_stamp_ns=np.asarray(pair.camera_stamp_ns, dtype=np.int64), trajectory=trajectory,
+        ring=pair.ring, config=config)
+    pair.correspondences = {'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
+                            'depth': corr.depth}
+    pair.correspondence_settings = correspondence_settings_hash(config)
+    return pair
+
+
+def stored_correspondences(pair, name: str = '') -> Correspondences | None:
+    """The correspondences stored with ``pair`` (every camera), or None when it has none, no
+    settings hash, or arrays that do not fit the pair (warned; they are then computed)."""
+    corr = pair.correspondences
+    if corr is None or not pair.correspondence_settings:
+        return None
+    point, camera = np.asarray(corr['point']), np.asarray(corr['camera'])
+    uv, depth = np.asarray(corr['uv'], dtype=np.float32), np.asarray(corr['depth'])
+    m, n, c = len(point), len(pair.xyz), len(pair.camera_names)
+    if camera.shape != (m,) or uv.shape != (m, 2) or depth.shape != (m,) or m and (
+            point.min() < 0 or point.max() >= n or camera.min() < 0 or camera.max() >= c):
+        warnings.warn(f'{name}: stored correspondences do not fit the pair ({n} points, {c} '
+                      'cameras); computing them', stacklevel=2)
+        return None
+    return Correspondences(point=point.astype(np.int64), camera=camera.astype(np.int64), uv=uv,
+                           depth=depth, num_points=n, camera_names=tuple(pair.camera_names))
 
 
 class PairDataset(ScanDataset):
@@ -313,6 +376,10 @@ class PairDataset(ScanDataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    def split_info(self) -> dict:
+        """What this dataset reads: the pair folder."""
+        return {'format': 'pairs', 'root': self.root, 'scans': len(self)}
+
     def get_frame(self, i: int) -> Frame:
         entry = self.reader.entries[i]
         return frame_from_pair(self.reader[i], self.cameras, f'{self.root}/{entry["file"]}',
@@ -322,43 +389,126 @@ class PairDataset(ScanDataset):
 class NuScenesDataset(ScanDataset):
     """nuScenes lidarseg keyframes with the six cameras (:mod:`offline_training.readers.nuscenes`).
 
-    ``dataroot``, ``version``, ``scenes`` (names, default all), ``cameras`` (default all six),
-    ``tables`` (a devkit ``NuScenes`` instead of the built-in JSON reader),
-    ``require_labels`` (only sweeps with lidarseg labels); other keywords: :class:`ScanDataset`.
+    ``dataroot``, ``version`` (empty: the one version folder found in ``dataroot``), ``scenes``
+    (names, default all) or ``split`` (a split spec, empty = the official ``part`` split, see
+    :func:`~offline_training.readers.nuscenes_splits.resolve_scenes`), ``cameras`` (default all
+    six), ``tables`` (parsed tables to share, or a devkit ``NuScenes``), ``require_labels``
+    (only sweeps with lidarseg labels); other keywords: :class:`ScanDataset`.
     """
 
-    def __init__(self, dataroot: str, version: str = 'v1.0-trainval',
+    def __init__(self, dataroot: str, version: str = '',
                  scenes: Sequence[str] | None = None, cameras: Sequence[str] | None = None,
-                 tables=None, require_labels: bool = False, **kwargs):
+                 tables=None, require_labels: bool = False,
+                 split: Sequence[str] | str | None = None, part: str = 'train', **kwargs):
         from offline_training.readers.nuscenes import CAMERAS, NuScenesLidarSegReader
         super().__init__(**kwargs)
         self.reader = NuScenesLidarSegReader(dataroot, version, scenes, cameras or CAMERAS,
-                                             tables=tables, require_labels=require_labels)
+                                             tables=tables, require_labels=require_labels,
+                                             split=split, part=part)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def get_frame(self, i: int) -> Frame:
         return self.reader[i]
+
+    def split_info(self) -> dict:
+        """What this dataset reads: format, version, split name and scene names."""
+        return {'format': 'nuscenes', 'version': self.reader.version,
+                'split': self.reader.split_name, 'scenes': list(self.reader.scenes),
+                'scans': len(self)}
 
 
 class SemanticKITTIDataset(ScanDataset):
-    """SemanticKITTI scans with KITTI odometry image_2 (:mod:`.readers.semantickitti`).
+    """SemanticKITTI scans with the KITTI odometry color cameras image_2 and image_3 where
+    present (:mod:`.readers.semantickitti`).
 
-    ``sequences``: a split name (train/val/test) or sequence names like ``['08']``; other
-    keywords: :class:`ScanDataset`.
+    ``sequences``: a split name (train/val/test), sequence names like ``['08']``, or empty for
+    the official ``part`` split; ``cameras``: default both; other keywords: :class:`ScanDataset`.
     """
 
-    def __init__(self, root: str, sequences: Sequence[str] | str = 'train', **kwargs):
-        from offline_training.readers.semantickitti import SemanticKITTIReader
+    def __init__(self, root: str, sequences: Sequence[str] | str | None = 'train',
+                 cameras: Sequence[str] | None = None, part: str = 'train', **kwargs):
+        from offline_training.readers.semantickitti import CAMERAS, SemanticKITTIReader
         super().__init__(**kwargs)
-        self.reader = SemanticKITTIReader(root, sequences)
+        self.reader = SemanticKITTIReader(root, sequences, cameras=cameras or CAMERAS,
+                                          part=part)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def get_frame(self, i: int) -> Frame:
         return self.reader[i]
+
+    def split_info(self) -> dict:
+        """What this dataset reads: format, split name and sequences."""
+        return {'format': 'semantickitti', 'split': self.reader.split_name,
+                'sequences': list(self.reader.sequences), 'scans': len(self)}
+
+
+FORMATS = ('pairs', 'nuscenes', 'semantickitti')
+
+
+@functools.lru_cache(maxsize=1)
+def _tables(root: str, version: str, stamp: float):
+    from offline_training.readers.nuscenes import NuScenesTables
+    return NuScenesTables(root, version)
+
+
+def shared_nuscenes_tables(root: str, version: str):
+    """The parsed tables of ``root/version``, parsed once per process for the training and the
+    validation part (v1.0-trainval's tables take a while to parse); re-read when they change."""
+    import os
+    path = os.path.join(root, version, 'sample.json')
+    stamp = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    return _tables(os.path.abspath(root), version, stamp)
+
+
+def build_dataset(data, part: str, *, feature_kind: str = 'height', require_labels: bool = False,
+                  tables=None) -> ScanDataset:
+    """The ``part`` ('train' or 'val') data set that ``data`` (``TrainConfig.data``) names.
+
+    ``data.train`` / ``data.val`` is the folder (pair dataset, nuScenes data root or
+    SemanticKITTI root, as ``data.format`` says); for the real data sets ``data.train_split`` /
+    ``data.val_split`` pick the scenes or sequences (empty: the official split of that part).
+    The training part gets the configured correspondence, image and augmentation settings; the
+    validation part the defaults (occlusion test and motion compensation on, no augmentation),
+    so every trained variant is scored on the same points. ``feature_kind`` must be the
+    student's ``point_features``; ``require_labels``: only scans with 3D labels (nuScenes);
+    ``tables``: parsed nuScenes tables to share between parts.
+    """
+    if part not in ('train', 'val'):
+        raise DatasetError(f"part must be 'train' or 'val', got {part!r}")
+    root = data.train if part == 'train' else data.val
+    if not root:
+        raise DatasetError(f'data.{part}: a {data.format} folder is required'
+                           if part == 'train' else 'data.val: empty (nothing to evaluate)')
+    if part == 'train':
+        common = {'occlusion': data.occlusion, 'motion_compensation': data.motion_compensation,
+                  'augment': (default_point_augment(data.augment_scale_xy)
+                              if data.augment else False),
+                  'image_scale': data.image_scale}
+    else:
+        common = {}
+    common['feature_kind'] = feature_kind
+    spec = data.train_split if part == 'train' else data.val_split
+    if data.format == 'pairs':
+        if spec or data.version:
+            raise DatasetError(f'data.{part}_split / data.version: only for the nuscenes and '
+                               'semantickitti formats (a pair folder is one split)')
+        return PairDataset(root, cameras=data.cameras or None, label_images=False, **common)
+    if data.format == 'nuscenes':
+        if tables is None:
+            from offline_training.readers.nuscenes import find_version
+            tables = shared_nuscenes_tables(root, find_version(root, data.version))
+        return NuScenesDataset(root, data.version, cameras=data.cameras or None, tables=tables,
+                               require_labels=require_labels, split=spec, part=part, **common)
+    if data.format == 'semantickitti':
+        if data.version:
+            raise DatasetError('data.version: only for the nuscenes format')
+        return SemanticKITTIDataset(root, spec, cameras=data.cameras or None, part=part,
+                                    **common)
+    raise DatasetError(f'data.format: unknown {data.format!r}; known: {list(FORMATS)}')
 
 
 # ---------------------------------------------------------------------------------------------

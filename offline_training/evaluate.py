@@ -1,8 +1,10 @@
 """Score a 3D student: per-class IoU and mIoU for all points and for points no camera sees.
 
 ``cmkd evaluate --checkpoint student.pt --data PAIRS [--out DIR]`` loads the student with
-:func:`cmkd_ros.models.checkpoint.load_checkpoint`, runs it on every scan of a data set and
-reports three groups of points:
+:func:`cmkd_ros.models.checkpoint.load_checkpoint`, runs it on every scan of a data set (for
+``--format nuscenes|semantickitti`` its official validation split unless ``--split``,
+``--scenes`` or ``--sequences`` says otherwise; the report names the split) and reports three
+groups of points:
 
 - ``all``: every labeled point;
 - ``unseen``: points that no camera sees (no correspondence after the occlusion test), the
@@ -28,7 +30,8 @@ import torch
 
 from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
-from cmkd_ros.tools.progress import progress_bar
+from cmkd_ros.models.student import resolve_device
+from cmkd_ros.progress import progress_bar
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -59,7 +62,7 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
     if len(class_names) != num_classes:
         raise ValueError(f'{len(class_names)} class names for a student with {num_classes} '
                          'classes')
-    device = torch.device(device)
+    device = resolve_device(device)
     indices = range(len(dataset) if max_scans is None else min(len(dataset), max_scans))
     if len(indices) == 0:
         raise ValueError('the evaluation dataset is empty')
@@ -116,7 +119,7 @@ def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: S
     from offline_training.datasets import SparseCollate
     from offline_training.losses import sample_image_features
     num_classes = len(class_names)
-    device = torch.device(device)
+    device = resolve_device(device)
     collate = SparseCollate(1.0)  # the voxels are not used
     matrix = ConfusionMatrix(num_classes)
     count = len(dataset) if max_scans is None else min(len(dataset), max_scans)
@@ -211,6 +214,17 @@ def write_report(result: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def describe_split(info: dict) -> str:
+    """One line naming what was scored: format, split and its scenes or sequences."""
+    units = info.get('scenes') or info.get('sequences')
+    if units is None:
+        return f'data: {info["format"]} {info.get("root", "")}'
+    shown = ', '.join(units[:8]) + (f', ... ({len(units)} in all)' if len(units) > 8 else '')
+    kind = 'scenes' if 'scenes' in info else 'sequences'
+    version = f' {info["version"]}' if info.get('version') else ''
+    return f'data: {info["format"]}{version} split {info["split"]}, {kind} {shown}'
+
+
 def format_table(result: dict) -> str:
     """Plain-text per-class table: IoU for all / seen / unseen points and the point support."""
     names = result['class_names']
@@ -242,7 +256,7 @@ def write_pictures(student: torch.nn.Module, dataset, out_dir: str, count: int, 
     """For the first ``count`` scans: ``scan<i>_bev.png`` (ground truth beside the student's
     labels, points no camera sees pale) and ``scan<i>_<camera>.png`` (the camera that sees the
     most points, with the student's labels drawn at their pixels)."""
-    from cmkd_ros.tools.viz import save_bev_comparison, save_camera_labels
+    from cmkd_ros.viz import save_bev_comparison, save_camera_labels
     os.makedirs(out_dir, exist_ok=True)
     colors = np.asarray(class_colors, np.uint8)
     paths = []
@@ -274,10 +288,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--format', default='pairs',
                         choices=('pairs', 'nuscenes', 'semantickitti'),
                         help='layout of --data (default: pairs)')
-    parser.add_argument('--version', default='v1.0-trainval', help='nuScenes version folder')
-    parser.add_argument('--scenes', nargs='*', default=None, help='nuScenes scene names')
-    parser.add_argument('--sequences', nargs='*', default=['08'],
-                        help='SemanticKITTI sequences (default 08, the validation split)')
+    parser.add_argument('--version', default='',
+                        help='nuScenes version folder (default: the one in --data)')
+    parser.add_argument('--split', default='',
+                        help='nuScenes or SemanticKITTI split to score (default: the official '
+                        'validation split: nuScenes val, mini_val in v1.0-mini; SemanticKITTI '
+                        'sequence 08)')
+    parser.add_argument('--scenes', nargs='*', default=None,
+                        help='nuScenes scene names to score instead of a split')
+    parser.add_argument('--sequences', nargs='*', default=None,
+                        help='SemanticKITTI sequences to score instead of a split')
     parser.add_argument('--out', default=None, help='folder for eval.json and the PNG plots')
     parser.add_argument('--cameras', nargs='*', default=None,
                         help='cameras that count as seeing a point (default: all)')
@@ -300,12 +320,23 @@ def build_eval_dataset(args: argparse.Namespace, feature_kind: str):
     common = {'occlusion': not args.no_occlusion,
               'motion_compensation': not args.no_motion_compensation,
               'feature_kind': feature_kind}
+    chosen = args.scenes if args.format == 'nuscenes' else args.sequences
+    if args.split and chosen:
+        raise ValueError('give --split or --scenes/--sequences, not both')
     if args.format == 'pairs':
+        if args.split or args.scenes or args.sequences or args.version:
+            raise ValueError('--split, --scenes, --sequences and --version are for the '
+                             'nuscenes and semantickitti formats')
         return PairDataset(args.data, cameras=args.cameras, label_images=False, **common)
     if args.format == 'nuscenes':
-        return NuScenesDataset(args.data, args.version, scenes=args.scenes,
+        if args.sequences:
+            raise ValueError('--sequences is for --format semantickitti; use --scenes')
+        return NuScenesDataset(args.data, args.version, split=chosen or args.split, part='val',
                                cameras=args.cameras, require_labels=True, **common)
-    return SemanticKITTIDataset(args.data, args.sequences, **common)
+    if args.scenes or args.version:
+        raise ValueError('--scenes and --version are for --format nuscenes')
+    return SemanticKITTIDataset(args.data, chosen or args.split, part='val',
+                                cameras=args.cameras, **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,7 +353,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     result['checkpoint'] = os.path.abspath(args.checkpoint)
     result['data'] = os.path.abspath(args.data)
+    result['split'] = dataset.split_info()
     print(format_table(result))
+    print(describe_split(result['split']))
     print(f'{result["num_scans"]} scans, {result["num_points"]} points, '
           f'{100 * (result["unseen_fraction"] or 0):.1f}% of labeled points unseen by any '
           f'camera, {result["seconds"]:.1f} s')

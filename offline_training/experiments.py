@@ -13,7 +13,7 @@
    - ``supervised``: every 3D label, the same network (the upper bound);
    - ``fskd_no_da``: FSKD without the DA module (ablation);
    - ``fskd_no_occlusion``: FSKD with correspondences kept for occluded points (ablation);
-4. write ``results.json`` and ``results.md`` (the table of docs/experiments.md).
+4. write ``results.json`` and ``results.md`` (the table of docs/results.md).
 
 Every stage writes into its own folder and is skipped when its results exist, so an interrupted
 run continues where it stopped. Settings: :class:`ExperimentsConfig` (``key=value`` overrides).
@@ -27,9 +27,10 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from cmkd_ros.config import PRECISION_CHOICES, build, load, setting, to_dict
+from offline_training.config import TEACHER_RENAMED, move_renamed_teacher_settings
 
 RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
         'fskd_no_occlusion')
@@ -64,8 +65,10 @@ class ExperimentsConfig:
                                  'width': 24},
         help='TeacherConfig keys')
     teacher_options: dict[str, Any] = setting(
-        default_factory=lambda: {'crop_size': [128, 224], 'class_weighting': 'inverse_sqrt'},
-        help='extra train_teacher keyword arguments (augmentation)')
+        default_factory=lambda: {'data': {'crop_size': [128, 224]},
+                                 'loss': {'class_balance': 'inverse_sqrt'}},
+        help='more TeacherTrainConfig settings (data.crop_size, loss.class_balance, ...); the '
+        'old train_teacher names (crop_size, class_weighting) still work')
     student_steps: int = setting(2000, 'optimizer steps of fskd, udakd and supervised', ge=1)
     finetune_steps: int = setting(300, 'optimizer steps of the few-shot fine-tuning', ge=1)
     label_fraction: float = setting(0.1, 'fraction of labeled training scans for few-shot',
@@ -84,6 +87,17 @@ class ExperimentsConfig:
                                    help='loss keys of the distillation runs (TrainConfig.loss)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
 
+    @classmethod
+    def expand_settings(cls, data: Mapping[str, Any]) -> dict:
+        """Old train_teacher names in ``teacher_options`` move to their sections."""
+        options = data.get('teacher_options')
+        if not isinstance(options, Mapping):
+            return dict(data)
+        old = {k: v for k, v in options.items() if f'options.{k}' in TEACHER_RENAMED}
+        rest = {k: v for k, v in options.items() if k not in old}
+        return {**data, 'teacher_options': move_renamed_teacher_settings(
+            {**rest, 'options': old}) if old else rest}
+
 
 # ---------------------------------------------------------------------------------------------
 # Stages
@@ -91,9 +105,12 @@ class ExperimentsConfig:
 
 def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
                   sim: dict) -> str:
-    """Render ``frames`` sweeps of each world seed into the pair dataset ``root``."""
+    """Render ``frames`` sweeps of each world seed into the pair dataset ``root``, with their
+    correspondences stored as the collect node stores them (default settings: training with
+    those reads them instead of computing them, 1.6x fewer CPU seconds per sample)."""
     from cmkd_ros.pairs import PairReader, PairWriter
     from cmkd_ros.sim.simulator import SimWorld
+    from offline_training.datasets import store_correspondences
     done = os.path.join(root, 'COMPLETE')
     if os.path.exists(done):
         return root
@@ -105,7 +122,7 @@ def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
     for world_seed in worlds:
         world = SimWorld({**sim, 'seed': int(world_seed)})
         for k in range(frames):
-            writer.write(world.frame(k * stride).to_pair())
+            writer.write(store_correspondences(world.frame(k * stride).to_pair()))
     if len(PairReader(root)) != len(worlds) * frames:
         raise RuntimeError(f'{root}: expected {len(worlds) * frames} pairs')
     open(done, 'w').close()
@@ -117,7 +134,9 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
     common = {'seed': cfg.seed, 'progress': False, 'checkpoint_every': 100,
               'threads': cfg.threads,
               'log_every': 10,
-              'data': {**cfg.data, 'train': train, 'val': test, 'voxel_size': cfg.voxel_size,
+              # the horizontal scaling was chosen on these streets (run H, docs/experiments.md)
+              'data': {'augment_scale_xy': [0.5, 1.0], **cfg.data, 'train': train, 'val': test,
+                       'voxel_size': cfg.voxel_size,
                        'batch_size': cfg.batch_size},
               'optim': {'lr': cfg.lr, 'warmup_steps': 20},
               'student': dict(cfg.student)}
@@ -152,7 +171,7 @@ def _teacher_job(values: dict) -> dict:
     """Train and score the teacher (runs in a worker process)."""
     import torch
     from offline_training.config import TeacherTrainConfig
-    from offline_training.trainer import train_teacher_from_config
+    from offline_training.train_teacher import train_teacher_from_config
     torch.set_num_threads(values['threads'])
     return _cached(values['out_dir'],
                    lambda: train_teacher_from_config(build(TeacherTrainConfig, values)))
@@ -198,12 +217,12 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
         if name == 'udakd_finetune':
             wanted.append('udakd')
         wanted.append(name)
-    jobs = {'teacher': ((), _teacher_job, {
-        'out_dir': os.path.join(root, 'teacher'), 'train': train_dir, 'val': test_dir,
-        'seed': cfg.seed, 'steps': cfg.teacher_steps, 'batch_size': cfg.teacher_batch_size,
-        'lr': cfg.teacher_lr, 'model': dict(cfg.teacher_model), 'device': 'cpu',
-        'precision': cfg.teacher_precision,
-        'threads': cfg.threads, 'progress': False, 'options': dict(cfg.teacher_options)})}
+    jobs = {'teacher': ((), _teacher_job, _merge({
+        'out_dir': os.path.join(root, 'teacher'), 'seed': cfg.seed, 'steps': cfg.teacher_steps,
+        'data': {'train': train_dir, 'val': test_dir, 'batch_size': cfg.teacher_batch_size},
+        'optim': {'lr': cfg.teacher_lr}, 'model': dict(cfg.teacher_model), 'device': 'cpu',
+        'precision': cfg.teacher_precision, 'threads': cfg.threads, 'progress': False},
+        dict(cfg.teacher_options)))}
     seeds = {}  # job name -> (run name, seed); the first seed keeps the plain run name
     for repeat in range(cfg.repeats):
         seed = cfg.seed + repeat

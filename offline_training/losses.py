@@ -9,9 +9,12 @@ only into the student.
 - :func:`fskd_feature_loss`: FSKD's feature term (cosine or L2 of normalised features).
 - :func:`semantic_kl_loss`: FSKD's semantic term ``T^2 KL(softmax(2D / T) || softmax(3D / T))``.
 - :func:`supervised_ce_loss`: cross-entropy on 3D labels with an ignore index.
-- :func:`class_balance_weights`: optional per-point weights against class imbalance.
+- :func:`inverse_sqrt_weights`, :func:`class_balance_weights`: optional weights against class
+  imbalance (``loss.class_balance``).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,18 +143,33 @@ def fskd_feature_loss(pseudo2d_pts: torch.Tensor, teacher_feats: torch.Tensor,
     return (student - teacher).pow(2).sum(dim=1).mean()
 
 
+def inverse_sqrt_weights(counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """(K,) float64 class weights ``w_c = 1 / sqrt(f_c)`` from (K,) class counts, where
+    ``f_c = counts_c / sum(counts)``, normalised so the count-weighted mean is 1
+    (``sum_c f_c w_c = 1``); classes never counted get 0.
+
+    The one inverse-sqrt rule of ``loss.class_balance``: per batch for students
+    (:func:`class_balance_weights`), over the label histogram for the teacher
+    (:func:`offline_training.train_teacher.class_weights`, which also draws rare classes by it).
+    """
+    counts = torch.as_tensor(counts).double()
+    freq = counts / counts.sum().clamp(min=1)
+    seen = freq > 0
+    weights = torch.zeros_like(freq)
+    weights[seen] = freq[seen].rsqrt()
+    total = (weights * freq).sum()
+    return weights / total if bool(total > 0) else weights
+
+
 def class_balance_weights(labels: torch.Tensor, num_classes: int,
                           ignore_index: int = 255) -> torch.Tensor:
-    """(N,) per-point weights proportional to 1 / sqrt(frequency of the point's class in
-    ``labels``), with mean 1 over the labeled points and 0 for ``ignore_index``."""
+    """(N,) float32 per-point weights :func:`inverse_sqrt_weights` of the class frequencies in
+    ``labels`` (mean 1 over the labeled points), 0 for ``ignore_index``."""
     labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes)
-    counts = torch.bincount(labels[valid], minlength=num_classes).float()
-    per_class = counts.clamp(min=1).rsqrt()
+    per_class = inverse_sqrt_weights(torch.bincount(labels[valid], minlength=num_classes))
     weights = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    weights[valid] = per_class[labels[valid]]
-    if bool(valid.any()):
-        weights[valid] /= weights[valid].mean()
+    weights[valid] = per_class.float()[labels[valid]]
     return weights
 
 

@@ -2,7 +2,13 @@
 
 One :class:`Trainer` serves every method (``udakd``, ``fskd``, ``finetune``, ``supervised``);
 a method is only a function from (student outputs, batch) to a dict of named loss terms
-(:data:`METHOD_LOSSES`), weighted by ``config.loss.<term>_weight`` and summed.
+(:data:`METHOD_LOSSES`), weighted by ``config.loss.<term>_weight`` and summed. Its constructor
+is a list of builders over the one :class:`~offline_training.config.TrainConfig`
+(:func:`build_device`, :func:`build_frozen_teacher`, :func:`build_student_model`, the
+optimizer and schedule of :mod:`offline_training.engine`, :func:`build_train_data`,
+:func:`build_losses`, :func:`build_hooks`); ``fit`` is a loop over ``train_step`` whose
+logging (:class:`MetricsHook`), progress bar and checkpoints (:class:`CheckpointHook`) are
+hooks.
 
 Reproducibility and resume:
 
@@ -36,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -53,8 +58,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from cmkd_ros.classes import get_class_map
 from cmkd_ros.config import ConfigError, build, to_dict
 from cmkd_ros.models.checkpoint import atomic_torch_save
-from cmkd_ros.tools.progress import progress_bar
-from offline_training.config import DISTILLATION_METHODS, TeacherTrainConfig, TrainConfig
+from offline_training.config import DISTILLATION_METHODS, TrainConfig
+from offline_training.engine import Hook, ProgressHook, build_optimizer, build_scheduler
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
                                      sample_image_features, semantic_kl_loss,
                                      supervised_ce_loss)
@@ -66,7 +71,7 @@ RUN_FILES = ('metrics.jsonl', 'summary.json', 'eval.json', 'student.pt')
 LOG = logging.getLogger('cmkd_ros.train')   # warnings reach stderr without any setup
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ('progress', 'threads', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-                     'data.num_workers', 'data.val', 'out_dir', 'device')
+                     'data.num_workers', 'data.val', 'data.val_split', 'out_dir', 'device')
 
 
 class TrainingError(RuntimeError):
@@ -259,23 +264,18 @@ class SeededView(Dataset):
         return sample
 
 
-def build_dataset(config: TrainConfig, root: str, train: bool,
+def build_dataset(config: TrainConfig, part: str = 'train',
                   feature_kind: str = 'height') -> Dataset:
-    """The pair dataset at ``root`` with the correspondence, image and augmentation settings.
+    """The ``part`` ('train' or 'val') data set of ``config.data``
+    (:func:`offline_training.datasets.build_dataset`: pairs, nuScenes or SemanticKITTI).
 
     ``feature_kind`` must be the student's ``point_features``. Augmentation draws from torch's
-    global generator, which :class:`SeededView` seeds per sample.
+    global generator, which :class:`SeededView` seeds per sample. Scans must carry 3D labels for
+    finetune and supervised (training) and for scoring (validation).
     """
-    from offline_training.datasets import PairDataset, default_point_augment
-    data = config.data
-    if not root:
-        raise ConfigError('data.train: a pair dataset folder is required')
-    return PairDataset(root, cameras=data.cameras or None, occlusion=data.occlusion,
-                       motion_compensation=data.motion_compensation,
-                       augment=(default_point_augment(data.augment_scale_xy)
-                                if data.augment and train else False),
-                       image_scale=data.image_scale,
-                       feature_kind=feature_kind, label_images=False)
+    from offline_training.datasets import build_dataset as build_scans
+    labels = part == 'val' or config.method in ('finetune', 'supervised')
+    return build_scans(config.data, part, feature_kind=feature_kind, require_labels=labels)
 
 
 def build_collate(config: TrainConfig) -> Callable:
@@ -425,6 +425,159 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Builders of the trainer: each reads its part of the config and returns one piece.
+
+
+def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> bool:
+    """Whether ``fit`` must delete an earlier run in ``out_dir`` first; raises when one is
+    there and neither ``resume`` nor ``overwrite`` says what to do with it."""
+    if resume and overwrite:
+        raise TrainingError('--resume and --overwrite exclude each other')
+    earlier = None if resume else earlier_run(out_dir)
+    if earlier and not overwrite:
+        raise TrainingError(f'{out_dir} holds an earlier run ({earlier}): add --resume to '
+                            'continue it, or --overwrite to start over (deletes it)')
+    return bool(earlier)
+
+
+def build_device(config: TrainConfig, local_rank: int, world_size: int) -> torch.device:
+    """This process's device (:func:`cmkd_ros.models.resolve_device`, the GPU of its local
+    rank) and, under torchrun, the process group (nccl on CUDA, gloo on CPU)."""
+    from cmkd_ros.models import resolve_device
+    device = resolve_device(config.device, local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return device
+
+
+def build_frozen_teacher(config: TrainConfig, class_map, device: torch.device):
+    """The frozen teacher of ``teacher.checkpoint`` (distillation, or to share its classifier);
+    None when the run needs none."""
+    if not config.teacher.checkpoint or not (config.method in DISTILLATION_METHODS or
+                                             config.share_teacher_classifier):
+        return None
+    from cmkd_ros.models.teacher import freeze, load_teacher
+    teacher = freeze(load_teacher(config.teacher.checkpoint, device=device))
+    if teacher.num_classes != class_map.num_classes:
+        raise ConfigError(f'teacher.checkpoint: teacher has {teacher.num_classes} classes, '
+                          f'class map {config.class_map!r} has {class_map.num_classes}')
+    return teacher
+
+
+def build_student_model(config: TrainConfig, class_map, teacher):
+    """The student: from ``init_from`` or new (D from the teacher), with the teacher's
+    classifier shared and frozen as configured; the same init on every rank."""
+    if config.init_from:
+        from cmkd_ros.models.checkpoint import load_checkpoint
+        student, info = load_checkpoint(config.init_from)
+        if abs(info['voxel_size'] - config.data.voxel_size) > 1e-9:
+            raise ConfigError(f'data.voxel_size: {config.data.voxel_size} but the init_from '
+                              f'student uses {info["voxel_size"]}')
+        if list(info['class_names']) != list(class_map.names):
+            raise ConfigError(f'init_from: the student was trained on classes '
+                              f'{info["class_names"]}, class map {config.class_map!r} differs')
+    else:
+        feature_dim = None if teacher is None else int(teacher.feature_dim)
+        student = build_student_for(config, class_map.num_classes, feature_dim)
+    if config.share_teacher_classifier and teacher is not None:
+        student.load_classifier(teacher.classifier.weight.detach().clone(),
+                                teacher.classifier.bias.detach().clone(),
+                                freeze=config.freeze_classifier)
+    elif config.freeze_classifier:
+        student.classifier.requires_grad_(False)
+    if config.method == 'udakd':
+        # InfoNCE never reaches the classifier; left trainable, DDP would wait for it.
+        student.classifier.requires_grad_(False)
+    return student
+
+
+def build_train_data(config: TrainConfig, dataset: Dataset, ignore_index: int, rank: int,
+                     world_size: int) -> tuple[SeededView, DistributedSampler, int]:
+    """(seeded view, sharded sampler, steps per epoch) of ``dataset``, keeping the labeled
+    fraction of scans or points of few-shot methods."""
+    point_fraction = 1.0
+    if config.method in ('finetune', 'supervised') and config.data.label_fraction < 1.0:
+        if config.data.label_unit == 'scans':
+            dataset = Subset(dataset, labeled_scan_indices(
+                len(dataset), config.data.label_fraction, config.seed))
+        else:
+            point_fraction = config.data.label_fraction
+    view = SeededView(dataset, config.seed, point_fraction, ignore_index)
+    sampler = DistributedSampler(view, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // config.data.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f'{len(view)} training scans are fewer than batch_size x '
+                            f'processes = {config.data.batch_size * world_size}')
+    return view, sampler, steps_per_epoch
+
+
+def build_losses(config: TrainConfig) -> Callable[..., dict[str, torch.Tensor]]:
+    """The loss terms of ``config.method`` (:data:`METHOD_LOSSES`)."""
+    return METHOD_LOSSES[config.method]
+
+
+class MetricsHook(Hook):
+    """Every ``log_every`` steps (and at the last): the losses averaged over the processes
+    (``trainer.logged``), written by rank 0 to TensorBoard and ``metrics.jsonl``."""
+
+    def __init__(self):
+        self.writer = None
+        self.file = None
+
+    def before_train(self, trainer) -> None:
+        if trainer.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            out_dir = trainer.config.out_dir
+            self.writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'),
+                                        purge_step=trainer.step)
+            self.file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a', encoding='utf-8')
+
+    def after_step(self, trainer, values) -> None:
+        cfg = trainer.config
+        if trainer.step % cfg.log_every and trainer.step != cfg.steps:
+            return
+        trainer.logged = trainer._reduce(values)        # every rank takes part
+        if trainer.rank == 0:
+            lr = trainer.scheduler.get_last_lr()[0]
+            for name, value in trainer.logged.items():
+                self.writer.add_scalar(f'loss/{name}', value, trainer.step)
+            self.writer.add_scalar('lr', lr, trainer.step)
+            self.file.write(json.dumps({'step': trainer.step, 'lr': lr, **trainer.logged}) +
+                            '\n')
+            self.file.flush()
+
+    def close(self) -> None:
+        for handle in (self.writer, self.file):
+            if handle is not None:
+                handle.close()
+        self.writer = self.file = None
+
+
+class CheckpointHook(Hook):
+    """A resumable checkpoint every ``checkpoint_every`` steps and at the end
+    (``trainer.checkpoint_path``), after copying rank 0's BatchNorm statistics to every rank."""
+
+    def after_step(self, trainer, values) -> None:
+        step = trainer.step
+        if step % trainer.config.checkpoint_every == 0 and step < trainer.config.steps:
+            trainer._sync_buffers()
+            trainer.save_checkpoint()
+
+    def after_train(self, trainer) -> None:
+        trainer._sync_buffers()
+        trainer.checkpoint_path = trainer.save_checkpoint()
+
+
+def build_hooks(config: TrainConfig, rank: int) -> list[Hook]:
+    """Metrics, the progress bar (rank 0, ``progress``) and checkpoints, in this order."""
+    progress = [ProgressHook(config.method)] if rank == 0 and config.progress else []
+    return [MetricsHook(), *progress, CheckpointHook()]
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -443,119 +596,42 @@ class Trainer:
                  train_dataset: Dataset | None = None, overwrite: bool = False):
         if not isinstance(config, TrainConfig):
             raise TypeError('config must be a TrainConfig (offline_training.config)')
-        if resume and overwrite:
-            raise TrainingError('--resume and --overwrite exclude each other')
-        earlier = None if resume else earlier_run(config.out_dir)
-        if earlier and not overwrite:
-            raise TrainingError(f'{config.out_dir} holds an earlier run ({earlier}): add '
-                                '--resume to continue it, or --overwrite to start over '
-                                '(deletes it)')
-        self.overwrite = bool(earlier)
+        self.overwrite = check_out_dir(config.out_dir, resume, overwrite)
         self.config = config
         self.rank, self.world_size, local_rank = distributed_env()
-        if config.device == 'cuda' and not torch.cuda.is_available():
-            raise TrainingError('device: cuda requested but CUDA is not available')
-        use_cuda = config.device == 'cuda' or (
-            config.device == 'auto' and torch.cuda.is_available())
-        self.device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group('nccl' if use_cuda else 'gloo')
         self.distributed = self.world_size > 1
-        self.use_amp = bool(config.amp and use_cuda)
+        self.device = build_device(config, local_rank, self.world_size)
+        self.use_amp = bool(config.amp and self.device.type == 'cuda')
         if config.threads:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.class_map = get_class_map(config.class_map)
-        # 1. Frozen teacher (distillation methods, or to share its classifier).
-        self.teacher = None
-        if config.teacher.checkpoint and (config.method in DISTILLATION_METHODS or
-                                          config.share_teacher_classifier):
-            from cmkd_ros.models.teacher import freeze, load_teacher
-            self.teacher = freeze(load_teacher(config.teacher.checkpoint, device=self.device))
-            if self.teacher.num_classes != self.class_map.num_classes:
-                raise ConfigError(f'teacher.checkpoint: teacher has {self.teacher.num_classes} '
-                                  f'classes, class map {config.class_map!r} has '
-                                  f'{self.class_map.num_classes}')
+        self.teacher = build_frozen_teacher(config, self.class_map, self.device)
         self.teacher_cache = None if self.teacher is None else TeacherFeatureCache(
             self.teacher, config.teacher.cache_mb * 2 ** 20)
-        # 2. Student: from a checkpoint (finetune) or freshly built; same init on every rank.
-        if config.init_from:
-            from cmkd_ros.models.checkpoint import load_checkpoint
-            self.student, info = load_checkpoint(config.init_from)
-            if abs(info['voxel_size'] - config.data.voxel_size) > 1e-9:
-                raise ConfigError(f'data.voxel_size: {config.data.voxel_size} but the init_from '
-                                  f'student uses {info["voxel_size"]}')
-            if list(info['class_names']) != list(self.class_map.names):
-                raise ConfigError(f'init_from: the student was trained on classes '
-                                  f'{info["class_names"]}, class map {config.class_map!r} differs')
-        else:
-            feature_dim = None if self.teacher is None else int(self.teacher.feature_dim)
-            self.student = build_student_for(config, self.class_map.num_classes, feature_dim)
-        if config.share_teacher_classifier and self.teacher is not None:
-            self.student.load_classifier(self.teacher.classifier.weight.detach().clone(),
-                                         self.teacher.classifier.bias.detach().clone(),
-                                         freeze=config.freeze_classifier)
-        elif config.freeze_classifier:
-            self.student.classifier.requires_grad_(False)
-        if config.method == 'udakd':
-            # InfoNCE never reaches the classifier; left trainable, DDP would wait for it.
-            self.student.classifier.requires_grad_(False)
-        self.student.to(self.device)
+        self.student = build_student_model(config, self.class_map, self.teacher).to(self.device)
         self.model: torch.nn.Module = self.student
         if self.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if use_cuda else None)
-        # 3. Optimizer, schedule, grad scaler.
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        optim = config.optim
-        if optim.name == 'adamw':
-            self.optimizer = torch.optim.AdamW(params, lr=optim.lr,
-                                               weight_decay=optim.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                             weight_decay=optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+                self.student,
+                device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        self.optimizer = build_optimizer([p for p in self.student.parameters()
+                                          if p.requires_grad], config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.use_amp)
-        # 4. Data: labeled-scan subset, seeded view, sharded sampler.
         dataset = train_dataset if train_dataset is not None else build_dataset(
-            config, config.data.train, True, self.student.config.point_features)
-        point_fraction = 1.0
-        if config.method in ('finetune', 'supervised') and config.data.label_fraction < 1.0:
-            if config.data.label_unit == 'scans':
-                dataset = Subset(dataset, labeled_scan_indices(
-                    len(dataset), config.data.label_fraction, config.seed))
-            else:
-                point_fraction = config.data.label_fraction
-        self.dataset = SeededView(dataset, config.seed, point_fraction,
-                                  self.class_map.ignore_index)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size,
-                                          rank=self.rank, shuffle=True, seed=config.seed,
-                                          drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // config.data.batch_size
-        if self.steps_per_epoch == 0:
-            raise TrainingError(f'{len(self.dataset)} training scans are fewer than '
-                                f'batch_size x processes = '
-                                f'{config.data.batch_size * self.world_size}')
+            config, 'train', self.student.config.point_features)
+        self.train_split = dataset.split_info() if hasattr(dataset, 'split_info') else None
+        self.dataset, self.sampler, self.steps_per_epoch = build_train_data(
+            config, dataset, self.class_map.ignore_index, self.rank, self.world_size)
         self.collate = build_collate(config)
-        self.loss_terms = METHOD_LOSSES[config.method]
+        self.loss_terms = build_losses(config)
+        self.hooks = build_hooks(config, self.rank)
+        self.logged: dict[str, float] = {}
+        self.checkpoint_path: str | None = None
         self.step = 0
         if resume:
             self._resume()
-
-    # -- schedule ---------------------------------------------------------------------------
-
-    def _lr_factor(self, step: int) -> float:
-        optim = self.config.optim
-        if optim.warmup_steps and step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.scheduler == 'constant':
-            return 1.0
-        span = max(1, self.config.steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
-        floor = optim.min_lr_ratio
-        return float(floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -712,60 +788,33 @@ class Trainer:
     def fit(self) -> dict:
         """Train until ``config.steps``; returns a summary (final losses, output paths)."""
         cfg = self.config
-        writer = None
-        progress = None
-        metrics_file = None
-        last: dict[str, float] = {}
         start = time.monotonic()
         start_step = self.step
         if self.rank == 0:
             self._clean_out_dir()
             os.makedirs(cfg.out_dir, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, 'tensorboard'),
-                                   purge_step=self.step)
-            metrics_file = open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a',
-                                encoding='utf-8')
-            if cfg.progress:
-                progress = progress_bar(cfg.steps, cfg.method, initial=self.step)
         try:
+            for hook in self.hooks:
+                hook.before_train(self)
             batches = self.batches()
             while self.step < cfg.steps:
                 values = self.train_step(next(batches))
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    last = self._reduce(values)
-                    if self.rank == 0:
-                        lr = self.scheduler.get_last_lr()[0]
-                        for name, value in last.items():
-                            writer.add_scalar(f'loss/{name}', value, self.step)
-                        writer.add_scalar('lr', lr, self.step)
-                        metrics_file.write(json.dumps({'step': self.step, 'lr': lr,
-                                                       **last}) + '\n')
-                        metrics_file.flush()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix({k: f'{v:.3f}' for k, v in values.items()})
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self._sync_buffers()
-                    self.save_checkpoint()
-            self._sync_buffers()
-            checkpoint = self.save_checkpoint()
+                for hook in self.hooks:
+                    hook.after_step(self, values)
+            for hook in self.hooks:
+                hook.after_train(self)
         finally:
-            if progress is not None:
-                progress.close()
-            if writer is not None:
-                writer.close()
-            if metrics_file is not None:
-                metrics_file.close()
+            for hook in self.hooks:
+                hook.close()
         summary = {'method': cfg.method, 'start_step': start_step, 'steps': self.step,
-                   'losses': last,
-                   'seconds': time.monotonic() - start, 'checkpoint': checkpoint,
+                   'losses': self.logged,
+                   'seconds': time.monotonic() - start, 'checkpoint': self.checkpoint_path,
                    'world_size': self.world_size, 'device': self.device.type,
-                   'amp': self.use_amp}
+                   'amp': self.use_amp, 'train_split': self.train_split}
         if self.rank == 0:
             summary['student'] = self.export_student()
             if cfg.data.val:
-                summary['eval'] = self.evaluate(cfg.data.val)
+                summary['eval'] = self.evaluate()
             with open(os.path.join(cfg.out_dir, 'summary.json'), 'w', encoding='utf-8') as fh:
                 json.dump(summary, fh, indent=2)
         return summary
@@ -781,54 +830,22 @@ class Trainer:
                         extra={'train_config': to_dict(self.config), 'step': self.step})
         return path
 
-    def evaluate(self, root: str) -> dict:
-        """Score the student on the pair dataset at ``root``; also written to eval.json.
+    def evaluate(self) -> dict:
+        """Score the student on ``data.val`` (the official validation split for the real data
+        sets, unless ``data.val_split`` names another); also written to eval.json, with the split
+        scored (``split``).
 
         The evaluation data always uses the default correspondences (occlusion test and motion
         compensation on), so the ``unseen`` points are the same for every trained variant.
         """
-        from offline_training.datasets import PairDataset
         from offline_training.evaluate import evaluate_student
-        dataset = PairDataset(root, cameras=self.config.data.cameras or None,
-                              feature_kind=self.student.config.point_features,
-                              label_images=False)
+        dataset = build_dataset(self.config, 'val', self.student.config.point_features)
         result = evaluate_student(self.student, dataset, voxel_size=self.config.data.voxel_size,
                                   device=self.device, class_names=self.class_map.names)
+        result['split'] = dataset.split_info()
         with open(os.path.join(self.config.out_dir, 'eval.json'), 'w', encoding='utf-8') as fh:
             json.dump(result, fh, indent=2, default=float)
         return result
-
-
-def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
-    """``cmkd train teacher``: train on the labeled images of ``config.train``, save
-    ``out_dir/teacher.pt`` (:func:`cmkd_ros.models.teacher.save_teacher`), score on ``val``."""
-    from cmkd_ros.models.teacher import save_teacher
-    from offline_training.readers.images import PairImageDataset
-    from offline_training.train_teacher import train_teacher
-    class_map = get_class_map(config.class_map)
-    model = dict(config.model)
-    if model.setdefault('num_classes', class_map.num_classes) != class_map.num_classes:
-        raise ConfigError(f'model.num_classes: {model["num_classes"]} but class map '
-                          f'{config.class_map!r} has {class_map.num_classes} classes')
-    if not config.train:
-        raise ConfigError('train: a pair dataset folder with label images is required')
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    dataset = PairImageDataset(config.train)
-    val = PairImageDataset(config.val) if config.val else None
-    teacher, history = train_teacher(
-        model, dataset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-        device=config.device, seed=config.seed, class_map=class_map, val_dataset=val,
-        precision=config.precision, progress=config.progress, **dict(config.options))
-    os.makedirs(config.out_dir, exist_ok=True)
-    path = os.path.join(config.out_dir, 'teacher.pt')
-    save_teacher(teacher, path, class_map)
-    summary = {'teacher': path, 'steps': config.steps, 'seconds': history['seconds'],
-               'loss': history['loss'][-1] if history['loss'] else None,
-               'eval': history.get('val'), 'config': to_dict(config)}
-    with open(os.path.join(config.out_dir, 'summary.json'), 'w', encoding='utf-8') as fh:
-        json.dump(summary, fh, indent=2, default=float)
-    return summary
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:

@@ -3,8 +3,17 @@
 # The suite runs on the ROS 2 Kilted wheels (.venv); then its ROS-facing tests (marker `ros`:
 # nodes, launch files, replay, bags through rclpy) run again on the Jazzy wheels
 # (.venv-jazzy, CMKD_TEST_JAZZY=0 leaves that out).
+# CMKD_TEST_TIER=unit runs only the unit tests (marker `unit`: no process, no ROS graph, about
+# a minute; test/conftest.py) on Kilted; they do not depend on the distro.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TIER="${CMKD_TEST_TIER:-full}"
+case "$TIER" in
+  full) ;;
+  unit) set -- -m unit "$@" ;;
+  *) echo "CMKD_TEST_TIER must be unit or full, not '$TIER'" >&2; exit 2 ;;
+esac
+
 bash "$ROOT/scripts/install.sh"
 # MinkowskiEngine for the backend parity tests: built once (about 7 minutes on 2 cores) and cached
 # by torch version; skipped when it already imports.
@@ -26,7 +35,7 @@ set +e
 run_suite "${CMKD_VENV:-$ROOT/.venv}" "$@"
 rc=$?
 rc_jazzy=0
-if [ "${CMKD_TEST_JAZZY:-1}" != 0 ]; then
+if [ "${CMKD_TEST_JAZZY:-1}" != 0 ] && [ "$TIER" = full ]; then
   echo "== the ROS-facing tests again on the ROS 2 Jazzy wheels (.venv-jazzy)"
   JAZZY_VENV="${CMKD_JAZZY_VENV:-$ROOT/.venv-jazzy}"
   if CMKD_ROS_DISTRO=jazzy CMKD_VENV="$JAZZY_VENV" bash "$ROOT/scripts/install.sh"; then

@@ -188,3 +188,96 @@ def test_semantickitti_dataset(tmp_path, data_dir):
     occluded = SemanticKITTIDataset(str(tmp_path), ['08'])[0]
     assert occluded['visible_any'].sum() < s['visible_any'].sum()
     assert set(s['labels'].unique().tolist()) == {0, 8, 12, 255}
+
+
+def _copy_with_stored(src: str, dst, edit=None) -> str:
+    """The pairs of ``src`` written again with their correspondences stored (as the collect
+    node stores them); ``edit(pair)`` may then change what is stored."""
+    from cmkd_ros.pairs import PairReader, PairWriter
+    from offline_training.datasets import store_correspondences
+    writer = PairWriter(str(dst), fsync=False)
+    for pair in PairReader(src):
+        pair = store_correspondences(pair)
+        if edit is not None:
+            edit(pair)
+        writer.write(pair)
+    return str(dst)
+
+
+def _assert_same_samples(a, b):
+    assert set(a) == set(b)
+    for key in a:
+        if key != 'name':
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_stored_correspondences_with_matching_settings_give_identical_samples(pairs, tmp_path):
+    """The collect node's stored correspondences replace the computation when their settings
+    hash matches; the samples are then identical (a camera subset computes them)."""
+    stored = _copy_with_stored(pairs, tmp_path / 'stored')
+    for kwargs in ({}, {'image_scale': 0.5}, {'cameras': ['front_left']}):
+        used = PairDataset(stored, **kwargs)
+        computed = PairDataset(stored, stored_correspondences=False, **kwargs)
+        extras = used.get_frame(0).extras
+        if 'cameras' in kwargs:
+            assert 'correspondences' not in extras
+        else:
+            assert extras['correspondence_settings'] == used.correspondence_settings
+        for i in range(len(used)):
+            _assert_same_samples(used[i], computed[i])
+            _assert_same_samples(used[i], PairDataset(pairs, **kwargs)[i])   # never stored
+
+
+def test_stored_correspondences_are_read_and_a_mismatching_hash_recomputes(pairs, tmp_path):
+    def halve(pair):                       # keep every other one: visibly not the computed set
+        pair.correspondences = {k: v[::2] for k, v in pair.correspondences.items()}
+
+    halved = _copy_with_stored(pairs, tmp_path / 'halved', halve)
+    computed = PairDataset(pairs)[0]
+    read = PairDataset(halved)[0]           # same settings: the stored arrays are used
+    assert torch.equal(read['corr_point'], computed['corr_point'][::2])
+    assert torch.equal(read['corr_uv'], computed['corr_uv'][::2])
+    # other settings (no occlusion test) or another hash: computed again
+    _assert_same_samples(PairDataset(halved, occlusion=False)[0],
+                         PairDataset(pairs, occlusion=False)[0])
+
+    def other_hash(pair):
+        halve(pair)
+        pair.correspondence_settings = '0123456789abcdef'
+
+    _assert_same_samples(PairDataset(_copy_with_stored(pairs, tmp_path / 'other',
+                                                       other_hash))[0], computed)
+
+    def no_hash(pair):
+        halve(pair)
+        pair.correspondence_settings = None   # written by an older collect node
+
+    _assert_same_samples(PairDataset(_copy_with_stored(pairs, tmp_path / 'old', no_hash))[0],
+                         computed)
+
+
+def test_stored_correspondences_not_fitting_the_pair_are_recomputed(pairs, tmp_path):
+    from cmkd_ros.pairs import PairReader
+    from offline_training.datasets import frame_from_pair, stored_correspondences
+    pair = PairReader(_copy_with_stored(pairs, tmp_path / 'stored'))[0]
+    n = len(pair.xyz)
+    pair.correspondences['point'] = pair.correspondences['point'] + n   # past the last point
+    with pytest.warns(UserWarning, match='do not fit the pair'):
+        assert stored_correspondences(pair, 'p0') is None
+    with pytest.warns(UserWarning, match='do not fit the pair'):
+        assert 'correspondences' not in frame_from_pair(pair).extras
+
+
+def test_stored_correspondences_of_a_pair_with_non_finite_points_are_recomputed(pairs, tmp_path):
+    """Non-finite points are dropped before the correspondences, so stored point indices no
+    longer fit: they are computed on the finite points."""
+    def corrupt(pair):
+        pair.correspondences = {k: v[::2] for k, v in pair.correspondences.items()}
+        pair.xyz = pair.xyz.copy()
+        pair.xyz[0] = np.nan
+
+    stored = PairDataset(_copy_with_stored(pairs, tmp_path / 'nan', corrupt))
+    computed = PairDataset(stored.root, stored_correspondences=False)
+    assert 'correspondences' in stored.get_frame(0).extras
+    _assert_same_samples(stored[0], computed[0])
+    assert stored[0]['xyz'].shape[0] == len(stored.reader[0].xyz) - 1

@@ -4,12 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from offline_training.experiments import render_worlds
 
 from test_trainer import TINY_SIM
 
+pytestmark = pytest.mark.process
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = '''
 import sys

@@ -76,6 +76,7 @@ def test_label_transfer_scores_the_seen_points_with_the_teacher_labels(pairs):
         evaluate_label_transfer(teacher, dataset, class_names=SYNTHETIC.names[:5])
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(pairs, tmp_path, capsys):
     student = build_student(StudentConfig(**TINY_STUDENT))
     ckpt = tmp_path / 'student.pt'

@@ -1,9 +1,10 @@
 """Fuzzed PointCloud2 layouts and values: the nodes' cloud handling never fails but cleanly.
 
 Random fields (names, offsets, datatypes, counts, duplicates), sizes, steps, byte orders, data
-lengths and values (NaN, inf, 1e30, integers) go (1) through the library steps the nodes run on
-a cloud, where only a ConversionError may come out, and (2) to real segment and collect node
-processes, which must keep running and keep answering good input. Budget: ``CMKD_FUZZ_CASES``
+lengths and values (NaN, inf, 1e30, integers) go (1) through the nodes' cloud intake and
+pipelines (``cmkd_ros.pipelines``), which report what they cannot use and never raise, and (2)
+to real segment and collect node processes, which must keep running and keep answering good
+input. Budget: ``CMKD_FUZZ_CASES``
 clouds for the library part (default 400) and a tenth of it per node (default 40).
 """
 import os
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from cmkd_ros.classes import SYNTHETIC
-from cmkd_ros.conversions import (POINTFIELD_DTYPES, ConversionError, array_to_cloud,
-                                  check_xyz_fields, cloud_to_array, rclpy_types, stamp_ns)
+from cmkd_ros.conversions import (POINTFIELD_DTYPES, array_to_cloud, cloud_to_array,
+                                  rclpy_types, stamp_ns)
 from ros_utils import (RosClient, RosProcess, make_sim_bag, make_student_checkpoint,
                        node_command, processes, ros_env, unique_domain_id, wait_for)
 
@@ -84,13 +85,10 @@ def random_cloud(rng, t, stamp):
 def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error():
     from cmkd_ros.calibration import CameraCalibration, RigCalibration
     from cmkd_ros.config import build
-    from cmkd_ros.conversions import scalar_field, xyz_from_cloud
-    from cmkd_ros.pairs import Pair
-    from cmkd_ros.projection import (CorrespondenceConfig, ProjectionError,
-                                     compute_correspondences, resolve_scan_pattern)
-    from cmkd_ros.pipelines.collect import point_times_ns
+    from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, CollectPipeline,
+                                            SyncedInputs)
+    from cmkd_ros.pipelines.intake import CountingReport, decode_cloud, oversized_cloud
     from cmkd_ros.pipelines.segment import SegmentNodeConfig, segment_array
-    from cmkd_ros.nodes.ros_io import oversized_cloud
 
     def predictor(xyz, intensity):
         assert xyz.shape == (intensity.shape[0], 3) and np.isfinite(xyz).all()
@@ -101,44 +99,37 @@ def test_fuzzed_clouds_decode_label_and_encode_or_fail_with_a_conversion_error()
     RIG = RigCalibration((CameraCalibration('front', 64, 48, K=[[50, 0, 32], [0, 50, 24],
                                                                  [0, 0, 1]],
                                             T_cam_lidar=T_cam_lidar),))
-    EXPERT = build(CorrespondenceConfig, {'occlusion_azimuth_step_deg': 0.2,
-                                          'occlusion_beam_spacing_deg': 1.0})
+    COLLECT = build(CollectNodeConfig, {'calibration_file': 'rig.yaml'})
+    # the overrides a user would set for a scan pattern the sweep does not show
+    EXPERT = build(CollectNodeConfig, {'calibration_file': 'rig.yaml', 'correspondence': {
+        'occlusion_azimuth_step_deg': 0.2, 'occlusion_beam_spacing_deg': 1.0}})
     t = rclpy_types()
     rng = np.random.default_rng(int(os.environ.get('CMKD_FUZZ_SEED', '0')))
-    outcomes = {'skipped_large': 0, 'rejected': 0, 'labeled': 0}
+    outcomes = {'skipped_large': 0, 'rejected': 0, 'labeled': 0, 'paired': 0}
     for case in range(CASES):
         msg = random_cloud(rng, t, case)
         if oversized_cloud(msg, config.max_points):
             outcomes['skipped_large'] += 1
             continue
+        report = CountingReport()
         with warnings.catch_warnings():
             warnings.simplefilter('error')                   # no numpy warnings either
-            try:
-                points = cloud_to_array(msg)
-                check_xyz_fields(points.dtype)
-            except ConversionError:
+            points = decode_cloud(msg, report, 'skipped')    # the nodes' intake
+            if points is None:
+                assert set(report.counters) <= {'missing_xyz', 'bad_layout'}, case
                 outcomes['rejected'] += 1
                 continue
             labeled = segment_array(points, predictor, SYNTHETIC, config)
             back = cloud_to_array(array_to_cloud(labeled, stamp_ns(msg), 'lidar', t))
-            # what the collect node does with it: correspondences and a pair in memory
-            xyz, rows = xyz_from_cloud(points)
-            kept = points[rows]
-            times = point_times_ns(kept, stamp_ns(msg), 'time')
-            ring = scalar_field(kept, 'ring', np.uint16)
-            try:
-                pattern = resolve_scan_pattern(xyz, ring, None, CorrespondenceConfig())
-            except ProjectionError:      # unreadable: the overrides a user would set then
-                pattern = resolve_scan_pattern(xyz, ring, None, EXPERT)
-            corr = compute_correspondences(xyz, RIG, point_time_ns=times if times is not None
-                                           else stamp_ns(msg), ring=ring, scan_pattern=pattern)
-            Pair(lidar_stamp_ns=stamp_ns(msg), xyz=xyz, camera_names=['front'],
-                 camera_stamp_ns=np.array([stamp_ns(msg)]), images={'front': b'png'},
-                 image_formats={'front': 'png'}, calibration=RIG, point_time_ns=times,
-                 intensity=scalar_field(kept, 'intensity', np.float32),
-                 ring=ring,
-                 correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
-                                  'depth': corr.depth}).to_arrays()
+            # what the collect node does with it: its pipeline's sweep and pair, in memory
+            inputs = SyncedInputs(stamp_ns(msg), points, RIG, {'front': CameraSample(
+                'front', stamp_ns(msg), encoded=b'png', encoded_format='png')})
+            sweep = CollectPipeline(COLLECT, report).sweep(inputs)
+            if sweep is None and 'scan_pattern' in report.counters:
+                sweep = CollectPipeline(EXPERT, report).sweep(inputs)
+            if sweep is not None:
+                CollectPipeline(COLLECT, report).pair(sweep).to_arrays()
+                outcomes['paired'] += 1
         assert back.shape == (msg.height * msg.width,), case
         assert set(np.unique(back['class_id'])) <= {3, 255}, case
         outcomes['labeled'] += 1
@@ -158,6 +149,7 @@ def _good_cloud(t, stamp, n=300):
     return array_to_cloud(arr, stamp, 'lidar', t)
 
 
+@pytest.mark.process
 def test_segment_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path, checkpoint):
     from sensor_msgs.msg import PointCloud2
     t = rclpy_types()
@@ -193,6 +185,7 @@ def test_segment_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path, checkpo
     assert 'Traceback' not in log and 'inference_error' not in log, log[-3000:]
 
 
+@pytest.mark.process
 def test_collect_node_neither_dies_nor_stalls_on_fuzzed_clouds(tmp_path_factory, tmp_path):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 

@@ -83,6 +83,7 @@ def test_load_classifier_from_teacher_1x1_conv_and_freeze(scan):
         student.load_classifier(torch.randn(5, 11))
 
 
+@pytest.mark.slow
 def test_training_steps_reduce_the_loss(scan):
     coords, feats, _ = voxel_input(scan, 0.3)
     labels = (feats[:, 1] > -1.0).long() + (feats[:, 1] > 0.5).long()  # height bands

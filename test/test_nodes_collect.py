@@ -53,24 +53,15 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
     from sensor_msgs.msg import Image
 
     from cmkd_ros.motion import PoseTrajectory
-    from cmkd_ros.projection import compute_correspondences
-    import torch
-
-    from cmkd_ros.classes import SYNTHETIC
-    from cmkd_ros.models.teacher import TeacherConfig, build_teacher, load_teacher, save_teacher
-    from cmkd_ros.pipelines.collect import teacher_outputs
-    teacher_path = tmp_path / 'teacher.pt'
-    save_teacher(build_teacher(TeacherConfig(arch='small', width=8, feature_dim=16)),
-                 str(teacher_path), SYNTHETIC)
+    from cmkd_ros.projection import (CorrespondenceConfig, compute_correspondences,
+                                     correspondence_settings_hash)
     out_dir = tmp_path / 'pairs'
     domain = unique_domain_id()
     with RosClient(domain) as client, processes() as procs:
         overlays = client.collect(Image, '/collect_node/output/overlay')
         diags = client.collect(DiagnosticArray, '/diagnostics')
         procs.append(RosProcess(node_command(COLLECT, _params(sim_bag, out_dir,
-                                                              use_odometry=True, **{
-                                                                  'teacher.checkpoint':
-                                                                  str(teacher_path)}),
+                                                              use_odometry=True),
                                              {'~/input/pointcloud': '/lidar/points',
                                               '~/input/odom': '/odom'}),
                                 ros_env(domain), tmp_path / 'node.log'))
@@ -118,14 +109,9 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
                                        camera_stamp_ns=pair.camera_stamp_ns,
                                        trajectory=trajectory, ring=pair.ring)
         assert len(corr) > 100
-        # teacher outputs: (K, H/4, W/4) float16 logits of the image as stored
-        teacher = load_teacher(str(teacher_path))
-        torch.set_num_threads(1)                      # see ros_utils.predict_offline
-        for name in CAMERAS:
-            stored = pair.teacher[name]
-            assert stored.shape == (12, 45, 80) and stored.dtype == np.float16
-            np.testing.assert_allclose(stored.astype(np.float32), teacher_outputs(
-                teacher, pair.image(name), 'cpu').astype(np.float32), atol=2e-2)
+        # stored with the hash of the settings, which training compares with its own
+        assert pair.correspondence_settings == correspondence_settings_hash(
+            CorrespondenceConfig())
         np.testing.assert_array_equal(pair.correspondences['point'], corr.point)
         np.testing.assert_array_equal(pair.correspondences['camera'], corr.camera)
         np.testing.assert_allclose(pair.correspondences['uv'], corr.uv, atol=1e-3)
@@ -244,6 +230,19 @@ def _set_publishers(client):
             client.node.create_publisher(CameraInfo, '/cameras/front/camera_info', 10))
 
 
+def _start_fed_node(client, procs, params, domain, log):
+    """Start the collect node with ``params``; (cloud, front image, front CameraInfo)
+    publishers once it subscribes to them."""
+    pubs = _set_publishers(client)
+    procs.append(RosProcess(node_command(COLLECT, params,
+                                         {'~/input/pointcloud': '/lidar/points'}),
+                            ros_env(domain), log))
+    wait_for(lambda: all(p.get_subscription_count() for p in pubs), 30,
+             'collect node subscriptions', on_fail=procs[0].output)
+    time.sleep(1.0)                                  # discovery on the node's side too
+    return pubs
+
+
 def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
     from diagnostic_msgs.msg import DiagnosticArray
 
@@ -271,14 +270,8 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
               'record.enabled': True, 'record.output_dir': str(out_dir)}
     with RosClient(domain) as client, processes() as procs:
         diags = client.collect(DiagnosticArray, '/diagnostics')
-        pub_cloud, pub_image, pub_info = _set_publishers(client)
-        procs.append(RosProcess(node_command(COLLECT, params,
-                                             {'~/input/pointcloud': '/lidar/points'}),
-                                ros_env(domain), tmp_path / 'node.log'))
-        wait_for(lambda: all(p.get_subscription_count() for p in (pub_cloud, pub_image,
-                                                                  pub_info)),
-                 30, 'collect node subscriptions', on_fail=procs[0].output)
-        time.sleep(1.0)                                  # discovery on the node's side too
+        pub_cloud, pub_image, pub_info = _start_fed_node(client, procs, params, domain,
+                                                         tmp_path / 'node.log')
         pairs = lambda: len(PairReader(str(out_dir))) if out_dir.exists() else 0  # noqa: E731
 
         def send(stamp, points=xyz, image=None, info=None, fields=('x', 'y', 'z')):
@@ -377,6 +370,41 @@ def test_collect_node_survives_bad_input_and_reports_it(tmp_path, sim_bag):
                  'cloud of 2001 points (2001 x 1) skipped unread: more than max_points (2000)',
                  'coordinates are not floating point (x uint8, y uint8, z uint8)'):
         assert text in log, text
+
+
+def test_collect_node_sends_out_the_last_sweep_once_every_stream_stops(tmp_path, sim_bag):
+    """Partial sets on, the second camera silent: after the last sweep nothing arrives that
+    could time it out, so the node's timer polls the synchronizer once every stream has been
+    quiet for sync.partial_timeout_ms, and the sweep is written with the camera it has."""
+    from cmkd_ros.bag import load_calibration
+    from cmkd_ros.conversions import (array_to_cloud, array_to_image,
+                                      camera_info_from_calibration, rclpy_types)
+    t = rclpy_types()
+    cam = load_calibration(sim_bag).camera('front')
+    rng = np.random.default_rng(4)
+    points = np.zeros(2000, dtype=[(c, 'f4') for c in 'xyz'])
+    points['x'], points['y'], points['z'] = (rng.uniform(5, 20, 2000), rng.uniform(-4, 4, 2000),
+                                             rng.uniform(-1, 1, 2000))
+    out_dir = tmp_path / 'pairs'
+    params = _params(sim_bag, out_dir, image_transport='raw',
+                     image_topic='/cameras/{camera}/image_raw', lidar_sync_offset_ms=0.0,
+                     point_time_field='', **{'sync.partial_timeout_ms': 300.0})
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        pub_cloud, pub_image, pub_info = _start_fed_node(client, procs, params, domain,
+                                                         tmp_path / 'node.log')
+        stamp = 5_000_000_000_000
+        pub_info.publish(camera_info_from_calibration(cam, stamp + 10_000_000, t))
+        pub_image.publish(array_to_image(np.zeros((cam.height, cam.width, 3), np.uint8), 'rgb8',
+                                         stamp + 10_000_000, cam.frame_id, t))
+        time.sleep(0.2)
+        pub_cloud.publish(array_to_cloud(points, stamp, 'lidar', t))
+        wait_for(lambda: out_dir.exists() and len(PairReader(str(out_dir))) == 1, 20,
+                 'the partial pair', on_fail=lambda: procs[0].output()[-3000:])
+        assert procs[0].returncode is None
+    pair = PairReader(str(out_dir))[0]
+    assert pair.lidar_stamp_ns == stamp and pair.camera_names == ['front']
+    assert pair.xyz.shape == (2000, 3)
 
 
 def test_collect_pairs_from_bag_runs_the_node_over_a_bag(tmp_path, sim_bag, monkeypatch):

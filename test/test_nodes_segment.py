@@ -237,25 +237,6 @@ def test_segment_node_parameters_are_validated(tmp_path, checkpoint):
         assert _diag_values(diags, 'processed') is None
 
 
-def test_latest_slot_keeps_only_the_newest_item_and_counts_drops():
-    import threading
-
-    from cmkd_ros.nodes.ros_io import LatestSlot
-    slot = LatestSlot()
-    assert not slot.put(1) and slot.put(2) and slot.put(3)     # 1 and 2 never taken
-    assert slot.take(timeout=0.1) == 3 and slot.dropped == 2
-    assert slot.take(timeout=0.05) is None
-    got = []
-    worker = threading.Thread(target=lambda: got.append(slot.take(timeout=5)))
-    worker.start()
-    time.sleep(0.05)
-    slot.put(4)                                                 # wakes the waiting taker
-    worker.join(timeout=5)
-    assert got == [4] and slot.dropped == 2
-    slot.close()
-    assert slot.take(timeout=5) is None and slot.closed
-
-
 def test_without_diagnostic_msgs_counters_are_logged(tmp_path, checkpoint):
     from sensor_msgs.msg import PointCloud2
     t = rclpy_types()
@@ -312,7 +293,7 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, mon
     from cmkd_ros.config import build
     from cmkd_ros.models import native_bfloat16
     from cmkd_ros.pipelines.segment import SegmentNodeConfig
-    from cmkd_ros.nodes.segment_node import load_predictor
+    from cmkd_ros.pipelines.segment import load_predictor
     assert build(SegmentNodeConfig, {'checkpoint': 'student.pt'}).precision == 'auto'
     predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')
     assert predictor.precision == ('bfloat16' if native_bfloat16('cpu') else 'float32')

@@ -90,6 +90,7 @@ def _render(preset, baseline, seeds=(20, 21)):
 
 @pytest.mark.parametrize('preset,baseline', [('pandar64', 0.5), ('hdl64e', 1.0),
                                              ('vlp32c', 1.5)])
+@pytest.mark.slow
 def test_goals_on_small_renders(preset, baseline):
     # non-uniform and uniform 64-beam and 32-beam sensors, cameras 0.5 to 1.5 m away
     s = score(_render(preset, baseline))
@@ -98,6 +99,7 @@ def test_goals_on_small_renders(preset, baseline):
     assert abs(s['hidden'] - s['occluded_fraction']) < 0.02
 
 
+@pytest.mark.slow
 def test_every_preset_keeps_visible_points_with_one_setting():
     # the same default on every sensor at 1 m: 98 % of the visible points kept; the occluded
     # ones removed at least 85 % (90 % where the beams are dense, see docs/occlusion.md)

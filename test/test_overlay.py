@@ -17,6 +17,7 @@ def run_overlay(argv):
     return overlay.run(parser.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_nuscenes_overlay_pngs(data_dir, tmp_path, capsys):
     folder = data_dir / 'nuscenes_sample'
     out = tmp_path / 'ov'
@@ -136,6 +137,7 @@ def sim_bags(tmp_path_factory):
     return root, world
 
 
+@pytest.mark.slow
 def test_bag_overlay_lands_points_where_the_renderer_sees_them(sim_bags, tmp_path):
     root, world = sim_bags
     report = tmp_path / 'mcap.json'
@@ -191,6 +193,7 @@ def test_cloud_file_overlay_matches_the_sample_folder(data_dir, tmp_path):
         assert pcd['cameras'][name]['visible'] == len(corr.for_camera(name))
 
 
+@pytest.mark.slow
 def test_raw_input_errors(data_dir, sim_bags, tmp_path, capsys):
     root, _ = sim_bags
     folder = data_dir / 'kitti_000008'

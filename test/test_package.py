@@ -7,6 +7,8 @@ import sys
 import sysconfig
 import time
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_FILES = ['package.xml', 'setup.py', 'setup.cfg', 'resource', 'cmkd_ros',
                  'offline_training', 'launch', 'config', 'README.md']
@@ -29,6 +31,7 @@ def _run(cmd, **kw):
     return proc
 
 
+@pytest.mark.process
 def test_colcon_build_installs_an_ament_package(tmp_path):
     _copy_package(tmp_path / 'src' / 'cmkd_ros')
     colcon = shutil.which('colcon', path=os.path.dirname(sys.executable))
@@ -53,6 +56,7 @@ def test_colcon_build_installs_an_ament_package(tmp_path):
     assert 'segment_node' in proc.stdout and 'collect_node' in proc.stdout
 
 
+@pytest.mark.process
 def test_pip_install_into_a_venv_registers_the_package_with_ament(tmp_path):
     # A venv that sees this environment's packages (ROS 2 wheels, torch) through a .pth file, so
     # only the project itself is installed: as a wheel, with its data files.
@@ -79,6 +83,7 @@ def test_pip_install_into_a_venv_registers_the_package_with_ament(tmp_path):
     assert set(NODES) <= set(out[-2:] + out[-3:])
 
 
+@pytest.mark.process
 def test_install_script_is_idempotent_and_fast_on_a_second_run():
     venv = pathlib.Path(os.environ.get('CMKD_VENV', REPO / '.venv'))
     if not (venv / '.cmkd-install-stamp').exists():

@@ -160,6 +160,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         PairReader(str(tmp_path))[0]
 
 
+@pytest.mark.process
 def test_kill_minus_9_loses_at_most_the_pair_being_written(tmp_path):
     script = textwrap.dedent(f'''
         import sys
@@ -191,3 +192,41 @@ def test_kill_minus_9_loses_at_most_the_pair_being_written(tmp_path):
            if line.endswith('\n') and line.startswith('{"id"')]
     assert len(ids) == len(set(ids))
     assert len(PairReader(str(tmp_path))) == len(reader) + 1
+
+
+def test_correspondences_round_trip_compact_with_their_settings_hash(tmp_path):
+    pair = make_pair(1)
+    m = 40
+    rng = np.random.default_rng(2)
+    corr = {'point': np.sort(rng.choice(500, m, replace=False)).astype(np.int64),
+            'camera': np.zeros(m, np.int64), 'uv': rng.random((m, 2)).astype(np.float32) * 40,
+            'depth': rng.random(m).astype(np.float32) * 30}
+    pair.correspondences, pair.correspondence_settings = corr, 'a1b2c3d4e5f60718'
+    arrays = pair.to_arrays()
+    assert arrays['corr_point'].dtype == np.int32 and arrays['corr_camera'].dtype == np.uint8
+    writer = PairWriter(str(tmp_path))
+    writer.write(pair)
+    back = PairReader(str(tmp_path))[0]
+    assert back.correspondence_settings == 'a1b2c3d4e5f60718'
+    for key, value in corr.items():
+        assert back.correspondences[key].dtype == value.dtype, key     # int64 again
+        np.testing.assert_array_equal(back.correspondences[key], value)
+    # without a hash (an older collect node) they are read, and training computes its own
+    pair.correspondence_settings = None
+    writer.write(pair)
+    assert PairReader(str(tmp_path))[1].correspondence_settings is None
+    bad = dict(corr, point=corr['point'] + 500)                       # past the last point
+    pair.correspondences = bad
+    with pytest.raises(PairFormatError, match='indices outside 500 points'):
+        pair.to_arrays()
+
+
+def test_files_with_teacher_outputs_of_an_older_version_stay_readable(tmp_path):
+    writer = PairWriter(str(tmp_path))
+    path = writer.write(make_pair(1))
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays['teacher_front'] = np.zeros((12, 12, 16), np.float16)   # logits no reader uses
+    np.savez(path, **arrays)
+    pair = PairReader(str(tmp_path))[0]
+    assert pair.lidar_stamp_ns == make_pair(1).lidar_stamp_ns and not hasattr(pair, 'teacher')

@@ -1,7 +1,7 @@
 """Progress output: live bars on a terminal, a few plain lines in logs and under CI."""
 import io
 
-from cmkd_ros.tools.progress import LineProgress, progress_bar, progress_mode
+from cmkd_ros.progress import LineProgress, progress_bar, progress_mode
 
 
 class _Tty(io.StringIO):

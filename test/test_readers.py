@@ -184,3 +184,91 @@ def test_pair_images_from_synthetic_pairs(tmp_path):
     assert ds.refresh() == 2 and len(ds) == 4
     meta = json.loads((tmp_path / 'pairs' / 'index.jsonl').read_text().splitlines()[0])
     assert meta['cameras'] == ['front', 'front_left']
+
+
+# ---------------------------------------------------------------------------------------------
+# Official splits, version folders, both KITTI color cameras
+
+
+def test_nuscenes_official_splits_are_the_devkit_lists():
+    from offline_training.readers.nuscenes_splits import SPLITS, resolve_scenes
+    sizes = {name: len(scenes) for name, scenes in SPLITS.items()}
+    assert sizes == {'train': 700, 'val': 150, 'test': 150, 'mini_train': 8, 'mini_val': 2}
+    train, val, test = (set(SPLITS[n]) for n in ('train', 'val', 'test'))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train | val | test) == 1000                  # every scene of v1.0 once
+    assert set(SPLITS['mini_val']) <= val and set(SPLITS['mini_train']) <= train | val
+    assert SPLITS['mini_train'][0] == 'scene-0061' and SPLITS['val'][:2] == ('scene-0003',
+                                                                             'scene-0012')
+    assert resolve_scenes('v1.0-mini', (), 'val') == ('mini_val', ('scene-0103', 'scene-0916'))
+    assert resolve_scenes('v1.0-trainval', [], 'train')[0] == 'train'
+    assert resolve_scenes('v1.0-trainval', ['scene-0001'], 'train') == ('custom',
+                                                                         ('scene-0001',))
+    with pytest.raises(ReaderError, match='belongs to v1.0-trainval'):
+        resolve_scenes('v1.0-mini', ['train'])
+    with pytest.raises(ReaderError, match='no val split'):
+        resolve_scenes('v1.0-test', (), 'val')
+
+
+def test_nuscenes_version_folder_is_found_or_listed(tmp_path, data_dir):
+    from offline_training.readers.nuscenes import find_version
+    build_nuscenes(tmp_path, data_dir, samples=1, scenes=('scene-0061', 'scene-0103'))
+    assert find_version(str(tmp_path)) == 'v1.0-mini'
+    # a v1.0-mini root reads without naming the version (it used to look for v1.0-trainval)
+    reader = NuScenesLidarSegReader(str(tmp_path))
+    assert reader.version == 'v1.0-mini' and len(reader) == 2
+    with pytest.raises(ReaderError, match=r'table folder not found.*v1.0-mini'):
+        NuScenesTables(str(tmp_path), 'v1.0-trainval')
+    (tmp_path / 'v1.0-trainval').mkdir()
+    (tmp_path / 'v1.0-trainval' / 'scene.json').write_text('[]')
+    with pytest.raises(ReaderError, match=r"several nuScenes versions \['v1.0-mini', "
+                                          r"'v1.0-trainval'\]"):
+        find_version(str(tmp_path))
+    with pytest.raises(ReaderError, match='no nuScenes version folder'):
+        find_version(str(tmp_path / 'samples'))
+
+
+def test_nuscenes_splits_pick_scenes_and_skip_sweeps(tmp_path, data_dir, caplog):
+    facts = build_nuscenes(tmp_path, data_dir, samples=2, scenes=('scene-0061', 'scene-0103'),
+                           sweeps=2, points=2000)
+    tables = NuScenesTables(str(tmp_path))
+    assert len(tables.sample_data) == 4 * 7               # sweeps are not kept
+    train = NuScenesLidarSegReader(str(tmp_path), split=(), part='train', tables=tables)
+    val = NuScenesLidarSegReader(str(tmp_path), split=(), part='val', tables=tables)
+    assert (train.split_name, train.scenes) == ('mini_train', ['scene-0061'])
+    assert (val.split_name, val.scenes) == ('mini_val', ['scene-0103'])
+    assert [facts['scene_of_sample'][s['token']] for s in val.samples] == ['scene-0103'] * 2
+    assert all(len(val[i].xyz) == 2000 for i in range(len(val)))   # keyframes, not sweeps
+    with pytest.raises(ReaderError, match="scene-0916"):
+        NuScenesLidarSegReader(str(tmp_path), split=['scene-0103', 'scene-0916'])
+    # a partial download: keyframes whose LiDAR file is missing are left out, with a warning
+    first = tables.get('sample_data', val.samples[0]['data']['LIDAR_TOP'])['filename']
+    (tmp_path / first).unlink()
+    with caplog.at_level('WARNING', logger='cmkd_ros.readers'):
+        partial = NuScenesLidarSegReader(str(tmp_path), split='mini_val', tables=tables)
+    assert len(partial) == 1 and '1 of 2 keyframes left out' in caplog.text
+
+
+def test_semantickitti_both_color_cameras(tmp_path, data_dir):
+    from offline_training.readers.semantickitti import resolve_sequences
+    facts = build_semantickitti(tmp_path, data_dir, sequence='08', scans=2, image_3=True,
+                                points=3000)
+    build_semantickitti(tmp_path, data_dir, sequence='00', scans=1, points=3000)  # image_2 only
+    frame = SemanticKITTIReader(str(tmp_path), 'val')[0]
+    assert [c.name for c in frame.rig.cameras] == ['image_2', 'image_3']
+    # each camera reproduces pixel = Pk @ Tr @ x
+    xyz = facts['xyz'][:300].astype(np.float64)
+    h = np.c_[xyz, np.ones(len(xyz))]
+    for cam, P in zip(frame.rig.cameras, (facts['P2'][:3], facts['P3'])):
+        want = h @ (P @ facts['T_cam_lidar']).T
+        got = (h @ cam.T_cam_lidar.T)[:, :3] @ cam.K.T
+        np.testing.assert_allclose(got[:, :2] / got[:, 2:], want[:, :2] / want[:, 2:3],
+                                   atol=1e-6)
+    train = SemanticKITTIReader(str(tmp_path), ())             # the official training split
+    assert train.split_name == 'train' and train.sequences == ('00',)
+    assert [c.name for c in train[0].rig.cameras] == ['image_2']
+    only_left = SemanticKITTIReader(str(tmp_path), ['8'], cameras=['image_2'])
+    assert only_left.split_name == 'custom' and len(only_left[0].images) == 1
+    assert resolve_sequences((), 'val') == ('val', ('08',))
+    with pytest.raises(ReaderError, match='unknown SemanticKITTI camera'):
+        SemanticKITTIReader(str(tmp_path), 'val', cameras=['image_0'])

@@ -118,6 +118,7 @@ def _fails(capsys, *args) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_cmkd_rig_wrong_use(tmp_path, world, capsys, sim_bags):
     out = str(tmp_path / 'rig.yaml')
     assert 'is not a rosbag2 folder' in _fails(capsys, str(tmp_path), '--out', out)

@@ -78,6 +78,7 @@ def test_points_are_in_the_lidar_frame_at_their_own_capture_time(world, frame):
     assert np.abs(naive - frame.xyz).max() > 0.3
 
 
+@pytest.mark.slow
 def test_scene_has_at_least_ten_classes(world):
     seen = set()
     for i in (0, 7):
@@ -312,6 +313,7 @@ def test_non_invertible_distortion_is_a_config_error():
                               'distortion': [-0.6, 0.0, 0.0, 0.0, 0.0]}})
 
 
+@pytest.mark.slow
 def test_cameras_and_lidar_never_stand_inside_a_solid():
     from cmkd_ros.sim.world import contains
     for seed in range(6):

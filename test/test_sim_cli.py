@@ -8,6 +8,8 @@ import pytest
 from cmkd_ros import bag
 from cmkd_ros.pairs import PairReader
 
+pytestmark = pytest.mark.process
+
 SMALL = ['--set', 'cameras.width=96', '--set', 'cameras.height=64', '--set', 'lidar.beams=8',
          '--set', 'lidar.horizontal_resolution_deg=2.0']
 

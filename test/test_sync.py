@@ -136,6 +136,34 @@ def test_dead_camera_emits_partial_sets_after_timeout():
     assert all('right' in s.missing and len(s.messages) >= 2 for s in sets_short[8:])
 
 
+def test_poll_idle_flushes_waiting_sweeps_only_once_every_stream_stopped():
+    lidar = stream(100, 6)
+    front = stream(100, 6, (3.0,))
+    left = stream(100, 3, (-3.0,))                # dies after 3 frames
+    events = interleave(('lidar', lidar), ('front', front), ('left', left))
+    sync = ApproximateTimeSync('lidar', ['front', 'left'], slop_ns=20 * MS,
+                               partial_timeout_ns=250 * MS,
+                               time_offsets_ns={'lidar': 10 * MS})
+    sets = run(sync, events)
+    assert [s.stamps_ns['lidar'] for s in sets] == lidar[:3]
+    waiting = lidar[3:]                           # newest stamp too close: not yet partial
+    assert sync.queued('lidar') == len(waiting) == 3
+    # quiet for less than the timeout: a stream between two messages, nothing happens
+    assert sync.poll_idle(249 * MS) == [] and sync.queued('lidar') == 3
+    # quiet for the timeout: now = newest matched stamp + idle, so every waiting sweep is due
+    out = sync.poll_idle(250 * MS)
+    assert [s.stamps_ns['lidar'] for s in out] == waiting
+    assert all(s.missing == ('left',) for s in out)
+    assert [s.stamps_ns['front'] for s in out] == front[3:]
+    assert sync.poll_idle(10_000 * MS) == [] and sync.queued('lidar') == 0
+    # without partial sets, or before any message, there is nothing to flush
+    off = ApproximateTimeSync('lidar', ['front'], slop_ns=20 * MS)
+    off.add('lidar', 0, 'l')
+    assert off.poll_idle(10_000 * MS) == [] and off.queued('lidar') == 1
+    fresh = ApproximateTimeSync('lidar', ['front'], slop_ns=20 * MS, partial_timeout_ns=MS)
+    assert fresh.poll_idle(10_000 * MS) == []
+
+
 def test_partial_set_keeps_spread_below_slop():
     sync = ApproximateTimeSync('lidar', ['a', 'b'], slop_ns=20 * MS, partial_timeout_ns=50 * MS)
     sync.add('a', 118 * MS, 'a')                  # within slop of the LiDAR, far from b

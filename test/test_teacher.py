@@ -96,6 +96,7 @@ def test_save_and_load_round_trip(tmp_path):
         load_teacher(str(path), {'arch': 'small', 'num_classes': 3})
 
 
+@pytest.mark.slow
 def test_torchscript_teacher(tmp_path):
     teacher = tiny_small().eval()
     path = tmp_path / 'teacher_ts.pt'
@@ -152,6 +153,7 @@ def test_freeze():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_training_reduces_loss_and_beats_chance(tmp_path):
     from fixtures.synthetic import write_sim_pairs
     from offline_training.readers.images import PairImageDataset
@@ -217,6 +219,7 @@ def test_class_weights_by_hand():
         class_weights(data, 3, 'median')
 
 
+@pytest.mark.slow
 def test_bfloat16_training_reduces_loss_and_float16_needs_cuda(tmp_path):
     from fixtures.synthetic import write_sim_pairs
     from offline_training.readers.images import PairImageDataset
@@ -291,3 +294,51 @@ def test_rare_class_sampling_centres_crops_on_rare_classes():
         AugmentedImages(items, augment, rare_class_sampling=0.5)
     with pytest.raises(TeacherTrainingError, match=r'must lie in \[0, 1\]'):
         AugmentedImages(items, augment, rare_class_sampling=1.5, num_classes=2)
+
+
+def test_typed_config_and_keyword_settings_train_the_same_teacher(tmp_path):
+    """train_teacher(TeacherTrainConfig) and the keyword form (old names included) build the
+    same trainer: identical weights and history, bit for bit on one CPU thread."""
+    from cmkd_ros.config import build, to_dict
+    from fixtures.synthetic import write_sim_pairs
+    from offline_training.config import TeacherTrainConfig
+    from offline_training.readers.images import PairImageDataset
+    from offline_training.train_teacher import TeacherTrainingError, train_teacher
+    data = PairImageDataset(write_sim_pairs(tmp_path / 'pairs', frames=2))
+    model = {'arch': 'small', 'width': 8, 'feature_dim': 16}
+    config = build(TeacherTrainConfig, {
+        'steps': 4, 'log_every': 2, 'device': 'cpu', 'precision': 'float32', 'threads': 1,
+        'progress': False, 'seed': 3, 'model': model,
+        'data': {'batch_size': 2, 'crop_size': [48, 64], 'rare_class_sampling': 0.5},
+        'optim': {'lr': 5e-3}, 'loss': {'class_balance': 'inverse_sqrt'}})
+    steps = []
+    typed, history = train_teacher(config, data, class_map=SYNTHETIC,
+                                   callback=lambda step, loss: steps.append(step))
+    keywords, again = train_teacher(model, data, class_map=SYNTHETIC, steps=4, log_every=2,
+                                    device='cpu', precision='float32', threads=1, seed=3,
+                                    batch_size=2, crop_size=(48, 64), rare_class_sampling=0.5,
+                                    lr=5e-3, class_weighting='inverse_sqrt')
+    assert steps == [1, 2, 3, 4] and history['step'] == again['step'] == [2, 4]
+    assert history['loss'] == again['loss'] and history['lr'] == again['lr']
+    assert len(set(history['class_weights'])) > 1                   # inverse_sqrt applied
+    for key, value in typed.state_dict().items():
+        assert torch.equal(value, keywords.state_dict()[key]), key
+    # the same names as the config; an unknown one is refused by the config
+    with pytest.raises(TeacherTrainingError, match='unknown setting'):
+        train_teacher(model, data, steps=1, crop_sise=(48, 64))
+    assert to_dict(config)['loss'] == {'class_balance': 'inverse_sqrt'}
+
+
+def test_one_inverse_sqrt_rule_for_teacher_pixels_and_student_points():
+    """loss.class_balance: the teacher's per-class pixel weights and the students' per-point
+    weights are the same function of the class counts."""
+    from offline_training.losses import class_balance_weights, inverse_sqrt_weights
+    from offline_training.train_teacher import class_weights
+    labels = np.array([0] * 12 + [1] * 3 + [3] * 1 + [255] * 4, dtype=np.uint8)
+    per_class = inverse_sqrt_weights(np.bincount(labels[labels < 4], minlength=4))
+    teacher = class_weights([{'image': None, 'label': labels[None]}], 4)
+    points = class_balance_weights(torch.from_numpy(labels.astype(np.int64)), 4)
+    torch.testing.assert_close(teacher[[0, 1, 3]], per_class[[0, 1, 3]].float())
+    assert teacher[2] == teacher.max()                      # never seen: the largest weight
+    torch.testing.assert_close(points[:16], per_class[labels[:16].astype(np.int64)].float())
+    assert float((per_class * torch.tensor([12, 3, 0, 1]) / 16).sum()) == pytest.approx(1.0)

@@ -57,6 +57,7 @@ def test_errors_name_the_setting(capsys, tmp_path):
     assert 'missing' in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_teacher_then_fskd_end_to_end(tmp_path):
     train = render_worlds(str(tmp_path / 'train'), (1,), 4, 3, TINY_SIM)
     val = render_worlds(str(tmp_path / 'val'), (2,), 2, 3, TINY_SIM)
@@ -85,3 +86,39 @@ def test_teacher_then_fskd_end_to_end(tmp_path):
     student, info = load_checkpoint(tmp_path / 'fskd' / 'student.pt')
     assert student.config.feature_dim == 16
     assert info['extra']['train_config']['teacher']['checkpoint'] == str(teacher_path)
+
+
+def test_old_teacher_keys_move_to_their_sections_with_a_warning(tmp_path, capsys):
+    old = tmp_path / 'old_teacher.yaml'
+    old.write_text('train: pairs/a\nbatch_size: 4\nlr: 0.002\n'
+                   'options: {crop_size: [64, 96], class_weighting: inverse_sqrt}\n')
+    with pytest.warns(FutureWarning, match='lr is now optim.lr'):
+        config = load_teacher_config(str(old), ['data.train=pairs/b'])
+    assert config.data.train == 'pairs/b'                     # the command line wins
+    assert (config.data.batch_size, config.optim.lr) == (4, 0.002)
+    assert config.data.crop_size == (64, 96) and config.loss.class_balance == 'inverse_sqrt'
+    with pytest.warns(FutureWarning, match='train is now data.train'):   # new file, old CLI
+        assert load_teacher_config(os.path.join(CONFIG, 'teacher.yaml'),
+                                   ['train=b']).data.train == 'b'
+    with pytest.raises(ConfigError, match='lr and optim.lr both given'):   # in one source
+        load_teacher_config(None, ['lr=0.1', 'optim.lr=0.2'])
+    with pytest.raises(ConfigError, match='options.crop: unknown teacher setting'):
+        load_teacher_config(None, ['options.crop=[1, 2]'])
+    code = cli.main(['train', 'teacher', '--config', os.path.join(CONFIG, 'teacher.yaml'),
+                     '--print-config', 'data.train=x', 'loss.class_balance=inverse_sqrt'])
+    assert code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert 'options' not in resolved and 'lr' not in resolved
+    assert resolved['data']['crop_size'] == [192, 320] and resolved['optim']['lr'] == 0.001
+    assert resolved['loss'] == {'class_balance': 'inverse_sqrt'}
+
+
+def test_experiments_teacher_options_take_new_and_old_names():
+    from cmkd_ros.config import build
+    from offline_training.experiments import ExperimentsConfig
+    assert build(ExperimentsConfig, {}).teacher_options == {
+        'data': {'crop_size': [128, 224]}, 'loss': {'class_balance': 'inverse_sqrt'}}
+    with pytest.warns(FutureWarning, match='crop_size is now data.crop_size'):
+        old = build(ExperimentsConfig, {'teacher_options': {'crop_size': [48, 64]}})
+    assert old.teacher_options == {'data': {'crop_size': [48, 64]},
+                                   'loss': {'class_balance': 'inverse_sqrt'}}

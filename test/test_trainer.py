@@ -49,6 +49,7 @@ def state_of(path):
 @pytest.mark.parametrize('method,terms', [('fskd', {'feature', 'semantic'}),
                                           ('udakd', {'infonce'}),
                                           ('supervised', {'ce'})])
+@pytest.mark.slow
 def test_methods_return_named_terms_and_write_outputs(tiny, tmp_path, method, terms, device):
     """Each method on each device (on CUDA with float16 autocast and grad scaling)."""
     config = make_config(tiny, method, tmp_path / method, f'device={device}')
@@ -107,6 +108,7 @@ def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
 
 
 @pytest.mark.parametrize('method', ['fskd', 'udakd', 'supervised'])
+@pytest.mark.slow
 def test_loss_gradients_are_bitwise_reproducible_with_two_threads(tiny, method):
     """Gathering point rows by advanced indexing had a parallel, atomic backward on CPU: two
     runs with 2 threads differed (the default on 2 cores); index_select's backward does not."""
@@ -138,6 +140,7 @@ def test_loss_gradients_are_bitwise_reproducible_with_two_threads(tiny, method):
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
 
 
+@pytest.mark.slow
 def test_class_balance_weights_the_semantic_and_ce_terms(tiny, tmp_path):
     """inverse_sqrt (the default) weights each point by its class (the teacher's label for the
     KL, the 3D label for the cross-entropy); none is the plain mean; the feature term is
@@ -176,6 +179,7 @@ def test_class_balance_weights_the_semantic_and_ce_terms(tiny, tmp_path):
         terms['fskd', 'inverse_sqrt']['feature'].item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
     full = T.train(make_config(tiny, 'fskd', tmp_path / 'full', 'steps=5'))
     cut = make_config(tiny, 'fskd', tmp_path / 'cut', 'steps=5')
@@ -193,6 +197,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(tiny, tmp_path, capsys,
                                                                     caplog):
     from cmkd_ros.tools import cli
@@ -218,6 +223,7 @@ def test_a_rerun_without_resume_is_refused_and_overwrite_starts_over(tiny, tmp_p
     assert [r['step'] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_up(tiny, tmp_path, caplog):
     out = tmp_path / 'run'
     full = T.train(make_config(tiny, 'supervised', tmp_path / 'full', 'steps=6'))
@@ -243,6 +249,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_up(tiny, tmp_p
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny, tmp_path):
     T.train(make_config(tiny, 'supervised', tmp_path / 'run', 'steps=2'))
     with pytest.raises(T.TrainingError, match='optim.lr'):
@@ -250,6 +257,7 @@ def test_resume_refuses_changed_settings(tiny, tmp_path):
                               'optim.lr=0.5'), resume=True)
 
 
+@pytest.mark.slow
 def test_checkpoint_contents_and_pruning(tiny, tmp_path):
     summary = T.train(make_config(tiny, 'supervised', tmp_path / 'ck', 'steps=6',
                                   'keep_checkpoints=2'))
@@ -300,3 +308,29 @@ def test_teacher_feature_cache_returns_the_same_features(tiny):
     with torch.no_grad():
         direct = teacher.features(images.float() / 255)
     torch.testing.assert_close(first, direct, rtol=1e-2, atol=1e-2)
+
+
+def test_one_device_rule_for_training_evaluation_and_inference(tiny, tmp_path):
+    """cmkd_ros.models.resolve_device: auto is CUDA where present; a GPU asked for and absent
+    is a ConfigError naming the device, the same in the trainer and the evaluation."""
+    from cmkd_ros.models import resolve_device
+    from offline_training.datasets import PairDataset
+    from offline_training.evaluate import evaluate_student
+    assert resolve_device('cpu') == torch.device('cpu')
+    assert resolve_device('auto').type == ('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(ConfigError, match="'tpu' is not auto, cpu, cuda or cuda:N"):
+        resolve_device('tpu')
+    if torch.cuda.is_available():
+        assert resolve_device('cuda', 0) == torch.device('cuda', 0)
+        with pytest.raises(ConfigError, match='CUDA device'):
+            resolve_device(f'cuda:{torch.cuda.device_count()}')
+        return
+    for name in ('cuda', 'cuda:1'):
+        with pytest.raises(ConfigError, match=f"device: '{name}' requested but CUDA is not"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match='CUDA is not available'):
+        T.Trainer(make_config(tiny, 'supervised', tmp_path / 'run', 'device=cuda'))
+    student = T.build_student_for(make_config(tiny, 'supervised', tmp_path / 'x'),
+                                  SYNTHETIC.num_classes, None)
+    with pytest.raises(ConfigError, match='CUDA is not available'):
+        evaluate_student(student, PairDataset(tiny['val']), device='cuda')

@@ -2,8 +2,12 @@
 import json
 import time
 
+import pytest
+
 from offline_training.experiments import RUNS, ExperimentsConfig, results_table, run_experiments
 from cmkd_ros.config import build
+
+pytestmark = pytest.mark.slow
 
 TINY = {'train_worlds': [1], 'test_worlds': [9], 'frames_per_world': 3, 'frame_stride': 3,
         'sim': {'lidar': {'beams': 8, 'horizontal_resolution_deg': 2.0},

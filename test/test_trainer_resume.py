@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from offline_training import trainer as T
@@ -14,6 +15,7 @@ from offline_training.experiments import render_worlds
 
 from test_trainer import TINY_SIM
 
+pytestmark = pytest.mark.process
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 

@@ -4,7 +4,7 @@ from .checkpoint import CheckpointError, FORMAT_VERSION, load_checkpoint, save_c
 from .da_module import DAModule, SelfCalibratedConv
 from .minkunet import ARCHS, MinkUNet, build_minkunet
 from .student import (PRECISIONS, Student, StudentConfig, build_student, native_bfloat16,
-                      precision_context, resolve_backend, resolve_precision)
+                      precision_context, resolve_backend, resolve_device, resolve_precision)
 from .voxelize import (POINT_FEATURE_KINDS, VoxelizeError, feature_channels, point_features,
                        sparse_collate, voxelize)
 
@@ -13,6 +13,6 @@ __all__ = [
     'POINT_FEATURE_KINDS', 'PRECISIONS', 'RandomFlip', 'RandomJitter', 'RandomRotationZ',
     'RandomScale', 'SelfCalibratedConv', 'Student', 'StudentConfig', 'VoxelizeError',
     'build_minkunet', 'build_student', 'feature_channels', 'load_checkpoint', 'native_bfloat16',
-    'point_features', 'precision_context', 'resolve_backend', 'resolve_precision',
-    'save_checkpoint', 'sparse_collate', 'voxelize',
+    'point_features', 'precision_context', 'resolve_backend', 'resolve_device',
+    'resolve_precision', 'save_checkpoint', 'sparse_collate', 'voxelize',
 ]

@@ -39,6 +39,30 @@ def native_bfloat16(device: torch.device | str = 'cpu') -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def resolve_device(name: str | torch.device = 'auto', index: int | None = None) -> torch.device:
+    """The torch device of a ``device`` setting: ``auto`` (CUDA when available, else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``index`` picks the GPU of a bare ``cuda`` or
+    ``auto`` (a DDP process's local rank). CUDA asked for and absent (or ``N`` beyond the GPUs
+    present) raises ConfigError."""
+    try:
+        device = torch.device(name if name != 'auto' else
+                              'cuda' if torch.cuda.is_available() else 'cpu')
+    except (RuntimeError, TypeError):
+        raise ConfigError(f'device: {name!r} is not auto, cpu, cuda or cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise ConfigError(f'device: {name!r} is not auto, cpu, cuda or cuda:N')
+    if device.type == 'cpu':
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f'device: {str(name)!r} requested but CUDA is not available')
+    if device.index is None and index is not None:
+        device = torch.device('cuda', index)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f'device: {str(device)!r} requested but only '
+                          f'{torch.cuda.device_count()} CUDA device(s) are present')
+    return device
+
+
 def resolve_precision(precision: str, device: torch.device | str = 'cpu',
                       backend: str = 'torch') -> str:
     """``auto`` -> ``bfloat16`` on a CPU with bfloat16 instructions (:func:`native_bfloat16`)

@@ -505,6 +505,9 @@ def load_teacher(path: str, cfg: TeacherConfig | Mapping | None = None,
         if stride is None:
             raise TeacherError(f'{path}: TorchScript teacher has no feature_stride attribute; '
                                'pass feature_stride')
+        if class_map is None and hasattr(module, 'class_names'):   # cmkd teacher import
+            class_map = ClassMap(tuple(module.class_names),
+                                 tuple(tuple(c) for c in module.class_colors))
         teacher = ScriptedTeacher(module, int(stride), class_map)
         if class_map is not None and class_map.num_classes != teacher.num_classes:
             raise TeacherError(f'{path}: classifier has {teacher.num_classes} classes, class '

@@ -4,13 +4,16 @@ Subscribes ``~/input/pointcloud`` (PointCloud2), per camera an image topic (Comp
 Image) and its CameraInfo (topics from templates over the ``cameras`` parameter), and optionally
 ``~/input/odom`` (nav_msgs/Odometry, ``T_world_lidar``) for motion compensation. Extrinsics come
 from ``calibration_file``, else from TF: a bag's ``/tf_static`` (``tf.bag``) or the live one
-through tf2_ros. Every input uses sensor-data QoS. Synchronized sets go through a bounded queue
-to a worker thread, which computes
+through tf2_ros. Every input uses sensor-data QoS. :class:`cmkd_ros.sync.ApproximateTimeSync`
+groups the messages into sets (with ``sync.partial_timeout_ms``, a timer also sends out the
+sweeps still waiting once every stream has stopped); the sets go through a bounded queue to a
+worker thread, which runs :class:`cmkd_ros.pipelines.collect.CollectPipeline` on them:
 correspondences with :func:`cmkd_ros.projection.compute_correspondences` (the function training
-uses) and, when ``record.enabled``, writes a pair with :class:`cmkd_ros.pairs.PairWriter`
-(atomic, quota), JPEGs kept as received. Publishes ``~/output/overlay`` (throttled, only with
-subscribers) and ``/diagnostics``. Bad input is reported (throttled warning + diagnostic) and
-skipped; the node keeps running. See docs/nodes.md.
+uses) and, when ``record.enabled``, a pair that the node writes with
+:class:`cmkd_ros.pairs.PairWriter` (atomic, quota), JPEGs kept as received. Publishes
+``~/output/overlay`` (throttled, only with subscribers) and ``/diagnostics``. Bad input is
+reported (throttled warning + diagnostic) and skipped; the node keeps running. See
+docs/nodes.md.
 """
 from __future__ import annotations
 
@@ -29,17 +32,16 @@ from cmkd_ros.calibration import (CalibrationError, CameraCalibration, RigCalibr
 from cmkd_ros.config import ConfigError, to_dict
 from cmkd_ros.conversions import (IMAGE_ENCODINGS, ConversionError,
                                   UnsupportedEncodingError, array_to_image, compressed_format,
-                                  image_to_array, rclpy_types, scalar_field, xyz_from_cloud)
+                                  image_to_array, rclpy_types)
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
-from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, RateLimiter,
-                                       decoded_rgb, draw_overlay, encoded_image,
-                                       extrinsics_disagreement, point_times_ns, startup_rig,
-                                       teacher_outputs)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms, decode_cloud,
-                                   oversized_cloud, qos_overrides, run_node, sensor_qos)
-from cmkd_ros.occlusion import camera_baselines
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LiveTransforms,
+                                   qos_overrides, run_node, sensor_qos)
 from cmkd_ros.pairs import Pair, PairWriteError, PairWriter
-from cmkd_ros.projection import ProjectionError, compute_correspondences, resolve_scan_pattern
+from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, CollectPipeline,
+                                        Sweep, SyncedInputs, extrinsics_disagreement,
+                                        startup_rig)
+from cmkd_ros.pipelines.intake import decode_cloud, oversized_cloud
+from cmkd_ros.pipelines.work_queue import WorkQueue
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
@@ -58,7 +60,8 @@ def encoded_size(data: bytes) -> tuple[int, int] | None:
 
 
 class CollectNode(Node):
-    """Online distillation-pair collection from one LiDAR and N cameras."""
+    """Online distillation-pair collection from one LiDAR and N cameras: rclpy wiring over
+    :class:`cmkd_ros.pipelines.collect.CollectPipeline`."""
 
     def __init__(self, **kwargs):
         super().__init__('collect_node', **kwargs)
@@ -66,8 +69,8 @@ class CollectNode(Node):
         self.params = ConfigParameters(self, CollectNodeConfig, runtime=RUNTIME_PARAMETERS,
                                        on_change=self._on_config)
         config = self.params.config
-        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer,
-        # teacher. Without a rig the extrinsics come from the live TF with each CameraInfo.
+        # 2. core objects: calibration (calibration_file, else TF), synchronizer, writer.
+        # Without a rig the extrinsics come from the live TF with each CameraInfo.
         rig, tf_warnings = startup_rig(config)
         if not config.cameras:
             self.params.resolve('cameras', list(rig.names))
@@ -93,25 +96,17 @@ class CollectNode(Node):
         self.quota_reached = False
         if config.record.enabled:
             self._open_writer(config)
-        self.teacher = None
-        if config.teacher.checkpoint:
-            from cmkd_ros.models.teacher import freeze, load_teacher
-            self.teacher = freeze(load_teacher(config.teacher.checkpoint,
-                                               device=config.teacher.device))
-        self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
         self.msg_types = rclpy_types()
         self.diag = Diagnostics(self, 'collection', config.diagnostics_period_s)
+        self.pipeline = CollectPipeline(config, self.diag)
         self.odometry: collections.deque = collections.deque()
-        self.scan_pattern = None              # read from the first sweep (occlusion test)
         self._last_lidar_ns: int | None = None
+        self._last_input_ns: int | None = None
         self._last_overlay = 0.0
         self.pairs_written = 0
         self.sets_synchronized = 0
-        self.sets_dropped = 0
-        # 3. worker with a bounded queue of synchronized sets.
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._closing = False
+        # 3. worker with a bounded queue of synchronized sets (the oldest dropped when full).
+        self.queue = WorkQueue(config.processing_queue)
         self.worker = threading.Thread(target=self._work, name='collect_worker', daemon=True)
         self.worker.start()
         # 4. publishers, then subscriptions (inputs flow last).
@@ -130,6 +125,8 @@ class CollectNode(Node):
         if config.use_odometry:
             from nav_msgs.msg import Odometry
             self.create_subscription(Odometry, '~/input/odom', self._on_odom, sensor_qos(50))
+        if config.sync.partial_timeout_ms > 0:       # partial sets once every stream stops
+            self.create_timer(min(config.sync.partial_timeout_ms / 2e3, 1.0), self._poll_sync)
         self.get_logger().info(
             f'collecting {len(config.cameras)} camera(s) {list(config.cameras)}; recording '
             f'{"on -> " + config.record.output_dir if config.record.enabled else "off"}')
@@ -179,7 +176,7 @@ class CollectNode(Node):
             except OSError as exc:
                 raise ValueError(f'record.output_dir: cannot write {config.record.output_dir}: '
                                  f'{exc}') from None
-        self.rate_limiter.interval_ns = int(config.record.min_interval_s * 1e9)
+        self.pipeline.configure(config)
 
     # ------------------------------------------------------------------ callbacks
     def _on_camera_info(self, name: str, msg: CameraInfo) -> None:
@@ -240,7 +237,7 @@ class CollectNode(Node):
         except (ConversionError, ValueError) as exc:
             self.diag.warn('bad_image', f'camera {name}: image skipped: {exc}')
             return
-        self._emit(self.sync.add(name, stamp, sample))
+        self._add(name, stamp, sample)
 
     def _camera_sample(self, name: str, stamp: int, msg: Any,
                        cal: CameraCalibration) -> CameraSample:
@@ -281,10 +278,10 @@ class CollectNode(Node):
             kept = [m for m in self.odometry if abs(msg_stamp_ns(m) - stamp) <= horizon]
             self.odometry.clear()
             self.odometry.extend(kept)
-            self.rate_limiter.last_ns = None
+            self.pipeline.restart()
         self._last_lidar_ns = stamp
         self.lidar_frame = self.lidar_frame or msg.header.frame_id
-        self._emit(self.sync.add(LIDAR_KEY, stamp, msg))
+        self._add(LIDAR_KEY, stamp, msg)
 
     def _on_odom(self, msg: Any) -> None:
         self.odometry.append(msg)
@@ -292,29 +289,35 @@ class CollectNode(Node):
         while self.odometry and msg_stamp_ns(self.odometry[0]) < horizon:
             self.odometry.popleft()
 
+    def _add(self, key: str, stamp: int, msg: Any) -> None:
+        self._last_input_ns = self.get_clock().now().nanoseconds
+        self._emit(self.sync.add(key, stamp, msg))
+
+    def _poll_sync(self) -> None:
+        """Timer: when every stream has been quiet for the partial timeout (ROS time, so a bag
+        replayed with /clock and use_sim_time counts bag time), the LiDAR sweeps still waiting
+        go out as partial sets (:meth:`ApproximateTimeSync.poll_idle`)."""
+        if self._last_input_ns is not None:
+            idle = self.get_clock().now().nanoseconds - self._last_input_ns
+            self._emit(self.sync.poll_idle(idle))
+
     def _emit(self, synced: list[SyncedSet]) -> None:
         for item in synced:
             self.sets_synchronized += 1
-            with self._cond:
-                if len(self._queue) >= self.params.config.processing_queue:
-                    self._queue.popleft()
-                    self.sets_dropped += 1
-                    self.diag.warn('dropped_sets', 'worker too slow: oldest synchronized '
-                                   'set dropped')
-                self._queue.append((item, list(self.odometry)))
-                self._cond.notify()
+            if self.queue.put((item, list(self.odometry))):
+                self.diag.warn('dropped_sets', 'worker too slow: oldest synchronized set '
+                               'dropped')
         self.diag.set('synchronized', self.sets_synchronized)
         self.diag.set('sync_evicted', self.sync.dropped)
 
+    @property
+    def sets_dropped(self) -> int:
+        """Synchronized sets dropped because the worker queue was full."""
+        return self.queue.dropped
+
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait(0.2)
-                if self._closing and not self._queue:
-                    return
-                item, odometry = self._queue.popleft()
+        for item, odometry in self.queue.items():           # drains the queue on close
             try:
                 self._process(item, odometry)
             except (ConversionError, CalibrationError, ValueError) as exc:
@@ -322,92 +325,27 @@ class CollectNode(Node):
             except Exception as exc:  # keep collecting; report what happened
                 self.diag.warn('processing_error', f'{type(exc).__name__}: {exc}')
 
-    def _process(self, item: Any, odometry: list) -> None:
+    def _process(self, item: SyncedSet, odometry: list) -> None:
         config = self.params.config
         start = time.monotonic()
         lidar_msg = item.messages[LIDAR_KEY]
-        samples: dict[str, CameraSample] = {
-            k: v for k, v in item.messages.items() if k != LIDAR_KEY}
-        stamp = msg_stamp_ns(lidar_msg)
         points = decode_cloud(lidar_msg, self.diag, 'set skipped')
         if points is None:
             return
-        if points.shape[0] == 0:
-            self.diag.warn('empty_cloud', 'empty LiDAR cloud: set skipped')
-            return
-        xyz, rows = xyz_from_cloud(points, drop_invalid=True)
-        if rows.size < points.shape[0]:
-            self.diag.warn('nan_points', f'{points.shape[0] - rows.size} of {points.shape[0]} '
-                           'points have non-finite coordinates (dropped)')
-        if rows.size == 0:
-            return
-        points = points[rows]
+        samples = {k: v for k, v in item.messages.items() if k != LIDAR_KEY}
         names = [n for n in config.cameras if n in samples]
         rig = RigCalibration(tuple(self.calibration[n] for n in names), self.lidar_frame)
-        cam_stamps = np.array([samples[n].stamp_ns for n in names], dtype=np.int64)
-        times = point_times_ns(points, stamp, config.point_time_field)
-        trajectory = self._trajectory(odometry)
-        ring = points['ring'] if 'ring' in points.dtype.names else None
-        if self.scan_pattern is None and config.correspondence.occlusion:
-            self._infer_scan_pattern(xyz, ring, config)
-            if self.scan_pattern is None:
-                return                      # warned; the occlusion test needs it
-        corr = compute_correspondences(
-            xyz, rig, point_time_ns=times if times is not None else stamp,
-            camera_stamp_ns=cam_stamps, trajectory=trajectory, ring=ring,
-            scan_pattern=self.scan_pattern, config=config.correspondence)
-        self.diag.set('last_correspondences', len(corr))
-        self._publish_overlay(config, names, samples, corr)
-        if config.record.enabled and self.writer is not None and not self.quota_reached:
-            if len(corr) < config.record.min_correspondences:
-                self.diag.count('skipped_few_correspondences')
-            elif self.rate_limiter.accept(stamp):
-                self._write(config, stamp, points, xyz, times, names, samples, cam_stamps, rig,
-                            corr, trajectory)
+        sweep = self.pipeline.sweep(SyncedInputs(msg_stamp_ns(lidar_msg), points, rig,
+                                                 samples, odometry))
+        if sweep is None:
+            return
+        self._publish_overlay(config, sweep)
+        if config.record.enabled and self.writer is not None and not self.quota_reached \
+                and self.pipeline.accept(sweep):
+            self._write(config, self.pipeline.pair(sweep))
         self.diag.set('last_processing_ms', round((time.monotonic() - start) * 1e3, 1))
 
-    def _infer_scan_pattern(self, xyz, ring, config: CollectNodeConfig) -> None:
-        """Read the LiDAR scan pattern from the first usable sweep; log it once."""
-        try:
-            self.scan_pattern = resolve_scan_pattern(xyz, ring, None, config.correspondence)
-        except ProjectionError as exc:
-            self.diag.warn('scan_pattern', f'{exc} (tried again on the next sweep)')
-            return
-        baselines = ', '.join(f'{n} {d:.2f} m' for n, d in
-                              camera_baselines(RigCalibration(
-                                  tuple(self.file_calibration.values()))).items())
-        self.get_logger().info(f'occlusion test: {self.scan_pattern.describe()}; camera-LiDAR '
-                               f'baselines {baselines}')
-
-    def _trajectory(self, odometry: list):
-        if not odometry:
-            return None
-        from cmkd_ros.motion import MotionError, PoseTrajectory
-        try:
-            return PoseTrajectory.from_odometry(odometry)
-        except MotionError as exc:
-            self.diag.warn('bad_odometry', f'odometry unusable: {exc}')
-            return None
-
-    def _write(self, config, stamp, points, xyz, times, names, samples, cam_stamps, rig, corr,
-               trajectory) -> None:
-        images, formats, teacher = {}, {}, {}
-        for n in names:
-            images[n], formats[n] = encoded_image(samples[n])
-            if self.teacher is not None:
-                teacher[n] = teacher_outputs(self.teacher, decoded_rgb(samples[n]),
-                                             config.teacher.device)
-        pair = Pair(
-            lidar_stamp_ns=stamp, xyz=xyz, camera_names=names, camera_stamp_ns=cam_stamps,
-            images=images, image_formats=formats, calibration=rig,
-            intensity=scalar_field(points, 'intensity', np.float32),
-            ring=scalar_field(points, 'ring', np.uint16),
-            point_time_ns=times, teacher=teacher,
-            ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
-            ego_poses=None if trajectory is None else trajectory.T_world_lidar,
-            correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
-                             'depth': corr.depth} if config.record.store_correspondences
-            else None)
+    def _write(self, config: CollectNodeConfig, pair: Pair) -> None:
         try:
             path = self.writer.write(pair)
         except PairWriteError as exc:       # disk full: nothing left behind; retried next set
@@ -425,27 +363,23 @@ class CollectNode(Node):
         self.diag.set('pairs_written', self.pairs_written)
         self.diag.set('dataset_megabytes', round(self.writer.bytes_used / 1e6, 2))
 
-    def _publish_overlay(self, config, names, samples, corr) -> None:
+    def _publish_overlay(self, config: CollectNodeConfig, sweep: Sweep) -> None:
         if not config.overlay.enabled or self.pub_overlay.get_subscription_count() == 0:
             return
         now = time.monotonic()
         if now - self._last_overlay < 1.0 / config.overlay.max_rate_hz:
             return
         name = config.overlay.camera or config.cameras[0]
-        if name not in samples:
+        img = self.pipeline.overlay(sweep, name)
+        if img is None:
             return
         self._last_overlay = now
-        sel = corr.for_camera(names.index(name))
-        img = draw_overlay(decoded_rgb(samples[name]), sel.uv, sel.depth,
-                           config.overlay.max_width)
-        msg = array_to_image(img, 'rgb8', samples[name].stamp_ns,
-                             self.calibration[name].frame_id, self.msg_types)
+        msg = array_to_image(img, 'rgb8', sweep.samples[name].stamp_ns,
+                             sweep.rig.camera(name).frame_id, self.msg_types)
         self.pub_overlay.publish(msg)
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
+        self.queue.close()
         self.worker.join(timeout=10.0)
 
 

@@ -24,8 +24,6 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 
 from cmkd_ros import config as cfg
-from cmkd_ros.conversions import (ConversionError, MissingFieldsError, check_xyz_fields,
-                                  cloud_to_array)
 from cmkd_ros.nodes.launch_support import PROFILE_VARIABLES, profile_variables
 
 
@@ -103,16 +101,6 @@ def _leaf_type(tp: Any) -> tuple[int, bool]:
     raise cfg.ConfigError(f'unsupported parameter annotation {tp}')
 
 
-def _constraints(meta: dict) -> str:
-    bounds = (('ge', '>='), ('gt', '>'), ('le', '<='), ('lt', '<'))
-    parts = [f'{text} {meta[key]}' for key, text in bounds if meta.get(key) is not None]
-    if meta.get('choices') is not None:
-        parts.append('one of ' + ', '.join(map(str, meta['choices'])))
-    if meta.get('length') is not None:
-        parts.append(f'{meta["length"]} items')
-    return '; '.join(parts)
-
-
 def param_fields(cls: type, prefix: str = '', path: tuple[str, ...] = ()) -> list[ParamField]:
     """The leaves of config dataclass ``cls`` as ROS parameters (nested ones dotted)."""
     out = []
@@ -126,7 +114,7 @@ def param_fields(cls: type, prefix: str = '', path: tuple[str, ...] = ()) -> lis
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append(ParamField(prefix + f.name, path + (f.name,), ros_type, cfg.to_dict(default),
-                              f.metadata.get('help', ''), _constraints(f.metadata)))
+                              f.metadata.get('help', ''), cfg.constraints_text(f.metadata)))
     return out
 
 
@@ -236,8 +224,9 @@ class Diagnostics:
     ``warn(key, text)`` logs at most once per ``throttle_s`` per key and turns the status to
     WARN for ``warn_hold_s``; ``fail(key, text)`` does the same at ERROR level and keeps the
     status ERROR until ``recover(key)``; ``count(key)`` increments a counter; ``set(key,
-    value)`` sets a value shown in the status. Without diagnostic_msgs the status is logged
-    instead.
+    value)`` sets a value shown in the status; ``info(text)`` logs. Without diagnostic_msgs the
+    status is logged instead. It is the :class:`cmkd_ros.pipelines.intake.Report` the node's
+    pipeline reports to.
     """
 
     OK, WARN, ERROR = 0, 1, 2
@@ -290,6 +279,10 @@ class Diagnostics:
         if message:
             self.node.get_logger().error(message)
 
+    def info(self, text: str) -> None:
+        """Log ``text`` once (not throttled: for one-off facts such as a scan pattern read)."""
+        self.node.get_logger().info(text)
+
     def recover(self, key: str) -> bool:
         """End the fault ``key``; True when it was active."""
         with self._lock:
@@ -339,75 +332,6 @@ class Diagnostics:
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self._pub.publish(msg)
-
-
-# ----------------------------------------------------------------------------- LiDAR input
-
-def oversized_cloud(msg: Any, max_points: int) -> str | None:
-    """Why a PointCloud2 with more than ``max_points`` points (0: no limit) is skipped, or
-    None. Reads only width and height: the check costs the same for any cloud size."""
-    count = int(msg.width) * int(msg.height)
-    if not max_points or count <= max_points:
-        return None
-    return (f'cloud of {count} points ({int(msg.width)} x {int(msg.height)}) skipped unread: '
-            f'more than max_points ({max_points})')
-
-
-def decode_cloud(msg: Any, diag: Diagnostics, skipped: str) -> Any:
-    """The decoded points of a LiDAR cloud, or None after a throttled warning ``bad_layout``
-    or ``missing_xyz`` (``skipped`` starts its text); warns ``integer_xyz`` when x, y, z are
-    not floating point (the cloud is still used)."""
-    try:
-        points = cloud_to_array(msg)
-        note = check_xyz_fields(points.dtype)
-    except MissingFieldsError as exc:
-        diag.warn('missing_xyz', f'{skipped}: {exc}')
-        return None
-    except ConversionError as exc:
-        diag.warn('bad_layout', f'{skipped}: {exc}')
-        return None
-    if note is not None:
-        diag.warn('integer_xyz', note)
-    return points
-
-
-# ----------------------------------------------------------------------------- latest slot
-
-class LatestSlot:
-    """A one-item mailbox: ``put`` replaces an unprocessed item (counted as dropped)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-        self.dropped = 0
-
-    def put(self, item: Any) -> bool:
-        """Store ``item``; returns True when it replaced one that was never taken."""
-        with self._cond:
-            replaced = self._item is not None
-            if replaced:
-                self.dropped += 1
-            self._item = item
-            self._cond.notify()
-            return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """The newest item (None after ``timeout`` or once closed)."""
-        with self._cond:
-            if self._item is None and not self._closed:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
 
 class LiveTransforms:

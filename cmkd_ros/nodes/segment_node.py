@@ -12,82 +12,27 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64
 
-from cmkd_ros.classes import ClassMap
 from cmkd_ros.config import ConfigError
 from cmkd_ros.conversions import ConversionError, array_to_cloud, rclpy_types
 from cmkd_ros.conversions import stamp_ns as msg_stamp_ns
-from cmkd_ros.pipelines.segment import (SegmentNodeConfig, class_filter, label_points,
-                                     network_threads, select_points)
-from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, LatestSlot, decode_cloud,
-                                   oversized_cloud, qos_overrides, run_node, sensor_qos)
+from cmkd_ros.nodes.ros_io import (ConfigParameters, Diagnostics, qos_overrides, run_node,
+                                   sensor_qos)
+from cmkd_ros.pipelines.intake import decode_cloud, oversized_cloud
+from cmkd_ros.pipelines.segment import SegmentNodeConfig, SegmentPipeline
+from cmkd_ros.pipelines.work_queue import WorkQueue
 
 RUNTIME_PARAMETERS = ('range_min', 'range_max', 'classes', 'min_probability', 'always_process',
                       'max_points')
 
 
-def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32',
-                   pipelined: bool = True):
-    """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
-    (inference in ``precision``: float32, bfloat16, float16 or auto; ``pipelined``: see
-    :class:`StudentPredictor`)."""
-    import torch
-    from cmkd_ros.models.checkpoint import load_checkpoint
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f'device: {device!r} requested but CUDA is not available')
-    student, info = load_checkpoint(path, map_location=device)
-    class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
-
-    return StudentPredictor(student, precision, pipelined), class_map
-
-
-class StudentPredictor:
-    """``predictor(xyz, intensity)`` of a student, split for the pipelined worker: ``prepare``
-    (voxels; no model state), then ``infer`` (the network) while the preparing thread runs
-    ``build_maps`` (the kernel maps; the network waits for each one it reaches). Not
-    pipelined, the network builds the maps itself, in a second thread where it can."""
-
-    def __init__(self, student, precision: str = 'float32', pipelined: bool = True):
-        from cmkd_ros.models import precision_context, resolve_backend, resolve_precision
-        device = next(student.parameters()).device
-        backend = resolve_backend(student.backend, device)
-        precision = resolve_precision(precision, device, backend)  # auto -> what this CPU has
-        precision_context(precision, device, backend)  # checks
-        self.student = student
-        self.precision = precision
-        self.pipelined = pipelined
-
-    def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
-        import torch
-        with torch.inference_mode():
-            return self.student.prepare(xyz, intensity,
-                                        maps='later' if self.pipelined else 'none')
-
-    def build_maps(self, prepared) -> None:
-        import torch
-        with torch.inference_mode():
-            prepared.build_maps()
-
-    def infer(self, prepared):
-        import torch
-        with torch.inference_mode():
-            return self.student.predict_prepared(prepared, self.precision)
-
-    def __call__(self, xyz: np.ndarray, intensity: np.ndarray):
-        prepared = self.prepare(xyz, intensity)
-        self.build_maps(prepared)
-        return self.infer(prepared)
-
-
 class SegmentNode(Node):
-    """LiDAR semantic segmentation with a student checkpoint (CPU or CUDA)."""
+    """LiDAR semantic segmentation with a student checkpoint (CPU or CUDA): rclpy wiring over
+    :class:`cmkd_ros.pipelines.segment.SegmentPipeline`."""
 
     def __init__(self, **kwargs):
         super().__init__('segment_node', **kwargs)
@@ -95,19 +40,16 @@ class SegmentNode(Node):
         self.params = ConfigParameters(self, SegmentNodeConfig, runtime=RUNTIME_PARAMETERS,
                                        on_change=self._on_config)
         config = self.params.config
-        # 2. core objects: the student and its class map.
-        self.threads = network_threads(config.num_threads, config.pipeline)
-        self.predict, self.class_map = load_predictor(config.checkpoint, config.device,
-                                                      self.threads, config.precision,
-                                                      config.pipeline)
-        class_filter(self.class_map, config.classes)      # unknown class names raise here
-        self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
-                               f'({self.predict.precision}, '
-                               f'{self.threads or "default"} network threads): '
-                               f'{self.class_map.num_classes} classes')
-        self.msg_types = rclpy_types()
+        # 2. core objects: the pipeline (student, class map; unknown class names raise).
         self.diag = Diagnostics(self, 'segmentation', config.diagnostics_period_s)
-        self.slot = LatestSlot()
+        self.pipeline = SegmentPipeline(config, self.diag)
+        self.threads = self.pipeline.threads
+        self.get_logger().info(f'loaded {config.checkpoint} on {config.device} '
+                               f'({self.pipeline.predictor.precision}, '
+                               f'{self.threads or "default"} network threads): '
+                               f'{self.pipeline.class_map.num_classes} classes')
+        self.msg_types = rclpy_types()
+        self.slot = WorkQueue(1)                      # newest scan only
         self.processed = 0
         self.skipped_no_subscriber = 0
         self._last_stamp_ns: int | None = None
@@ -117,7 +59,7 @@ class SegmentNode(Node):
         self.pub_processing = self.create_publisher(Float64, '~/debug/processing_time_ms', 10)
         self.pub_latency = self.create_publisher(Float64, '~/debug/pipeline_latency_ms', 10)
         # 3b. workers: one (prepare + infer), or two with a one-scan slot between them.
-        self.ready = LatestSlot()
+        self.ready = WorkQueue(1)
         stages = ([('segment_prepare', self._prepare_loop), ('segment_infer', self._infer_loop)]
                   if config.pipeline else [('segment_worker', self._work)])
         self.workers = [threading.Thread(target=fn, name=name, daemon=True)
@@ -129,7 +71,7 @@ class SegmentNode(Node):
                                             qos_overriding_options=qos_overrides())
 
     def _on_config(self, config: SegmentNodeConfig) -> None:
-        class_filter(self.class_map, config.classes)
+        self.pipeline.configure(config)           # refuses unknown class names (ValueError)
 
     def _on_cloud(self, msg: PointCloud2) -> None:
         received = time.monotonic()
@@ -175,12 +117,8 @@ class SegmentNode(Node):
         return None
 
     def _prepared_scans(self):
-        """Yield ``(job, received, prepare seconds)`` for each scan taken from the input slot."""
-        while not self.slot.closed:
-            item = self.slot.take(timeout=0.2)
-            if item is None:
-                continue
-            msg, received = item
+        """Yield ``((msg, job), received, prepare seconds)`` for each scan of the input slot."""
+        for msg, received in self.slot.items(drain=False):
             start = time.monotonic()
             job = self._guarded(self._prepare, msg)
             if job is not None:
@@ -199,17 +137,13 @@ class SegmentNode(Node):
         for item in self._prepared_scans():
             if self.ready.put(item):
                 self._count_drop()
-            prepared = item[0][3]
-            if prepared is not None:
-                self._guarded(self.predict.build_maps, prepared)
+            self._guarded(self.pipeline.build_maps, item[0][1])
 
     def _infer_loop(self) -> None:
         """Pipeline stage 2: the network, labels, publish."""
         self._set_threads(self.threads)
-        while not self.ready.closed:
-            item = self.ready.take(timeout=0.2)
-            if item is not None:
-                self._finish(*item)
+        for item in self.ready.items(drain=False):
+            self._finish(*item)
 
     def _finish(self, job, received: float, prepare_s: float) -> None:
         start = time.monotonic()
@@ -226,29 +160,15 @@ class SegmentNode(Node):
         self.diag.set('last_processing_ms', round(processing_ms, 1))
 
     def _prepare(self, msg: PointCloud2):
-        """(msg, decoded points, rows, prepared scan) or None for a skipped cloud."""
+        """(msg, SegmentJob), or None for a cloud that cannot be decoded (warned)."""
         points = decode_cloud(msg, self.diag, 'cloud skipped')
         if points is None:
             return None
-        if points.shape[0] == 0:
-            self.diag.warn('empty_cloud', 'received an empty cloud; publishing it empty')
-        else:
-            finite = np.ones(points.shape[0], dtype=bool)
-            for c in 'xyz':
-                finite &= np.isfinite(points[c])
-            if not finite.all():
-                self.diag.warn('nan_points', f'{int((~finite).sum())} of {points.shape[0]} '
-                               'points have non-finite coordinates (labeled 255)')
-        xyz, rows, intensity = select_points(points, self.params.config)
-        prepared = self.predict.prepare(xyz, intensity) if rows.size else None
-        return msg, points, rows, prepared
+        return msg, self.pipeline.prepare(points)
 
-    def _infer(self, job):
-        msg, points, rows, prepared = job
-        pred = prob = None
-        if prepared is not None:
-            pred, prob = self.predict.infer(prepared)
-        labeled = label_points(points, rows, pred, prob, self.class_map, self.params.config)
+    def _infer(self, item) -> PointCloud2:
+        msg, job = item
+        labeled = self.pipeline.infer(job)
         if int(msg.height) > 1:                               # organized in, organized out
             labeled = labeled.reshape(int(msg.height), int(msg.width))
         out = array_to_cloud(labeled, msg_stamp_ns(msg), msg.header.frame_id, self.msg_types)

@@ -1,20 +1,32 @@
-"""ROS-free core of the collect node: configuration, pair assembly, rate limit, overlay.
+"""ROS-free core of the collect node: configuration, per-sweep work, pair assembly, overlay.
 
-The node (``collect_node.py``) only turns messages into the arrays handled here, so the pair
-written online is built by the same code a test or a tool can call directly.
+:class:`CollectPipeline` takes one synchronized set, decoded (:class:`SyncedInputs`), and does
+what the node's worker does with it: finite points, per-point times, ego trajectory, the LiDAR
+scan pattern (read once), correspondences (:func:`cmkd_ros.projection.compute_correspondences`,
+the function training uses), the record decision, the pair (:func:`assemble_pair`, with the
+correspondences and the hash of their settings, so training reads them instead of computing
+them again) and the overlay image. The node (``collect_node.py``) only turns messages into
+these inputs, synchronizes, writes and publishes, so a test or a tool runs the same code.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from cmkd_ros.calibration import RigCalibration
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.conversions import scalar_field
+from cmkd_ros.pipelines.intake import Report, finite_xyz
 from cmkd_ros.pipelines.segment import MAX_POINTS
-from cmkd_ros.projection import CorrespondenceConfig
+from cmkd_ros.projection import (Correspondences, CorrespondenceConfig, ProjectionError,
+                                 compute_correspondences, correspondence_settings_hash,
+                                 resolve_scan_pattern)
 from cmkd_ros.sync import SyncConfig
+
+if TYPE_CHECKING:
+    from cmkd_ros.pairs import Pair
 
 IMAGE_TRANSPORTS = ('compressed', 'raw')
 
@@ -35,17 +47,12 @@ class RecordSettings:
                                     'of LiDAR stamp time (0: every synchronized set)', ge=0.0)
     min_correspondences: int = setting(1, 'skip sets with fewer (point, camera) pairs', ge=0)
     store_correspondences: bool = setting(True, 'store the computed correspondences in each '
-                                          'pair (corr_* keys)')
+                                          'pair (corr_* keys, with the hash of the '
+                                          'correspondence settings): training reads them '
+                                          'instead of computing them again when its settings '
+                                          'match')
     fsync: bool = setting(True, 'fsync each pair (crash safety; off only for benchmarks on '
                           'slow disks)')
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    """Optional 2D teacher whose outputs are stored with each pair."""
-
-    checkpoint: str = setting('', 'teacher file (cmkd train teacher); empty: no teacher outputs')
-    device: str = setting('cpu', 'torch device for the teacher: cpu, cuda or cuda:N')
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,6 @@ class CollectNodeConfig:
     correspondence: CorrespondenceConfig = setting(default_factory=CorrespondenceConfig,
                                                    help='point-pixel correspondences')
     record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
-    teacher: TeacherSettings = setting(default_factory=TeacherSettings, help='teacher outputs')
     overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
     tf: TfSettings = setting(default_factory=TfSettings, help='extrinsics from TF')
 
@@ -276,10 +282,156 @@ def draw_overlay(rgb: np.ndarray, uv: np.ndarray, depth: np.ndarray, max_width: 
     return img
 
 
-def teacher_outputs(teacher: Any, rgb: np.ndarray, device: str) -> np.ndarray:
-    """(K, h, w) float16 teacher logits at its feature stride for one (H, W, 3) uint8 image."""
-    import torch
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
-        logits = teacher.classifier(teacher.features(x.float() / 255.0))
-    return logits[0].to(torch.float16).cpu().numpy()
+# ----------------------------------------------------------------------------- the pipeline
+
+@dataclass
+class SyncedInputs:
+    """One synchronized set, decoded: what :meth:`CollectPipeline.sweep` works on."""
+
+    stamp_ns: int                           # LiDAR header stamp
+    points: np.ndarray                      # (N,) decoded cloud (x, y, z; any other fields)
+    rig: RigCalibration                     # calibration of the cameras in the set, in order
+    samples: dict[str, CameraSample]        # the images, by camera name (rig.names)
+    odometry: Sequence[Any] = ()            # nav_msgs/Odometry-like T_world_lidar messages
+
+
+@dataclass
+class Sweep:
+    """A synchronized set after the per-sweep work: what a pair and an overlay are made of."""
+
+    stamp_ns: int
+    points: np.ndarray                      # (M,) the finite points of the cloud
+    xyz: np.ndarray                         # (M, 3) float32 LiDAR frame
+    point_time_ns: np.ndarray | None        # (M,) int64 capture times (None: the stamp)
+    ring: np.ndarray | None                 # (M,) uint16 beam index (None: no ring field)
+    rig: RigCalibration
+    samples: dict[str, CameraSample]
+    camera_stamp_ns: np.ndarray             # (C,) int64, rig order
+    trajectory: Any                         # PoseTrajectory or None
+    correspondences: Correspondences
+
+    @property
+    def camera_names(self) -> list[str]:
+        return list(self.rig.names)
+
+
+def assemble_pair(sweep: Sweep, *, correspondence_settings: str | None = None) -> Pair:
+    """The pair of a sweep: images as received (raw ones as PNG), per-point fields, ego poses
+    and, when ``correspondence_settings`` (the hash of the settings that made them,
+    :func:`cmkd_ros.projection.correspondence_settings_hash`) is given, the correspondences."""
+    from cmkd_ros.pairs import Pair
+    images, formats = {}, {}
+    for name in sweep.camera_names:
+        images[name], formats[name] = encoded_image(sweep.samples[name])
+    corr, trajectory = sweep.correspondences, sweep.trajectory
+    return Pair(
+        lidar_stamp_ns=sweep.stamp_ns, xyz=sweep.xyz, camera_names=sweep.camera_names,
+        camera_stamp_ns=sweep.camera_stamp_ns, images=images, image_formats=formats,
+        calibration=sweep.rig, intensity=scalar_field(sweep.points, 'intensity', np.float32),
+        ring=sweep.ring, point_time_ns=sweep.point_time_ns,
+        ego_stamps_ns=None if trajectory is None else trajectory.stamps_ns,
+        ego_poses=None if trajectory is None else trajectory.T_world_lidar,
+        correspondences={'point': corr.point, 'camera': corr.camera, 'uv': corr.uv,
+                         'depth': corr.depth} if correspondence_settings else None,
+        correspondence_settings=correspondence_settings)
+
+
+class CollectPipeline:
+    """The collect node's work on one synchronized set, ROS-free.
+
+    ``sweep(inputs)`` -> :class:`Sweep` (or None for a set to skip, warned), ``accept(sweep)``
+    (enough correspondences, rate limit), ``pair(sweep)`` -> :class:`cmkd_ros.pairs.Pair`,
+    ``overlay(sweep, camera)`` -> debug image. Warnings and values go to ``report``; the scan pattern, read from the
+    first usable sweep when the occlusion test is on, is told once (``report.info``).
+    """
+
+    def __init__(self, config: CollectNodeConfig, report: Report):
+        self.report = report
+        self.config = config
+        self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
+        self.scan_pattern = None
+
+    def configure(self, config: CollectNodeConfig) -> None:
+        """Take runtime settings (record.*, overlay.*)."""
+        self.config = config
+        self.rate_limiter.interval_ns = int(config.record.min_interval_s * 1e9)
+
+    def restart(self) -> None:
+        """The LiDAR stamps jumped back (bag loop, clock reset): the rate limit starts over."""
+        self.rate_limiter.last_ns = None
+
+    def sweep(self, inputs: SyncedInputs) -> Sweep | None:
+        """Finite points, per-point times, ego trajectory, scan pattern and correspondences of
+        a set; None (after a warning) for an empty cloud, one without a finite point, or while
+        the scan pattern cannot be read. Raises ConversionError, CalibrationError, ValueError
+        for input the correspondence function rejects."""
+        config = self.config
+        points = inputs.points
+        # 1. finite points (LiDAR frame); the others are dropped.
+        if points.shape[0] == 0:
+            self.report.warn('empty_cloud', 'empty LiDAR cloud: set skipped')
+            return None
+        xyz, rows = finite_xyz(points, self.report, 'dropped')
+        if rows.size == 0:
+            return None
+        points = points[rows]
+        # 2. capture times: per point, of each camera; ego poses for motion compensation.
+        names = list(inputs.rig.names)
+        cam_stamps = np.array([inputs.samples[n].stamp_ns for n in names], dtype=np.int64)
+        times = point_times_ns(points, inputs.stamp_ns, config.point_time_field)
+        trajectory = self._trajectory(inputs.odometry)
+        # 3. the LiDAR's scan pattern (occlusion test), read once; 4. correspondences.
+        ring = scalar_field(points, 'ring', np.uint16)       # as the pair stores it
+        if self.scan_pattern is None and config.correspondence.occlusion:
+            self._read_scan_pattern(xyz, ring, inputs.rig)
+            if self.scan_pattern is None:
+                return None                 # warned; the occlusion test needs it
+        corr = compute_correspondences(
+            xyz, inputs.rig, point_time_ns=times if times is not None else inputs.stamp_ns,
+            camera_stamp_ns=cam_stamps, trajectory=trajectory, ring=ring,
+            scan_pattern=self.scan_pattern, config=config.correspondence)
+        self.report.set('last_correspondences', len(corr))
+        return Sweep(inputs.stamp_ns, points, xyz, times, ring, inputs.rig,
+                     dict(inputs.samples), cam_stamps, trajectory, corr)
+
+    def accept(self, sweep: Sweep) -> bool:
+        """Whether the sweep becomes a pair: ``record.min_correspondences`` (counted
+        ``skipped_few_correspondences`` when too few), then the rate limit."""
+        if len(sweep.correspondences) < self.config.record.min_correspondences:
+            self.report.count('skipped_few_correspondences')
+            return False
+        return self.rate_limiter.accept(sweep.stamp_ns)
+
+    def pair(self, sweep: Sweep) -> Pair:
+        config = self.config
+        return assemble_pair(sweep, correspondence_settings=correspondence_settings_hash(
+            config.correspondence) if config.record.store_correspondences else None)
+
+    def overlay(self, sweep: Sweep, camera: str) -> np.ndarray | None:
+        """(H', W', 3) uint8 points over camera ``camera``'s image (None: not in the set)."""
+        if camera not in sweep.samples:
+            return None
+        sel = sweep.correspondences.for_camera(sweep.camera_names.index(camera))
+        return draw_overlay(decoded_rgb(sweep.samples[camera]), sel.uv, sel.depth,
+                            self.config.overlay.max_width)
+
+    def _read_scan_pattern(self, xyz: np.ndarray, ring: Any, rig: RigCalibration) -> None:
+        from cmkd_ros.occlusion import camera_baselines
+        try:
+            self.scan_pattern = resolve_scan_pattern(xyz, ring, None, self.config.correspondence)
+        except ProjectionError as exc:
+            self.report.warn('scan_pattern', f'{exc} (tried again on the next sweep)')
+            return
+        baselines = ', '.join(f'{n} {d:.2f} m' for n, d in camera_baselines(rig).items())
+        self.report.info(f'occlusion test: {self.scan_pattern.describe()}; camera-LiDAR '
+                         f'baselines {baselines}')
+
+    def _trajectory(self, odometry: Sequence[Any]) -> Any:
+        if not odometry:
+            return None
+        from cmkd_ros.motion import MotionError, PoseTrajectory
+        try:
+            return PoseTrajectory.from_odometry(odometry)
+        except MotionError as exc:
+            self.report.warn('bad_odometry', f'odometry unusable: {exc}')
+            return None

@@ -1,7 +1,9 @@
 """ROS-free core of the segment node: label a decoded point cloud with a student.
 
-Kept apart from the rclpy wiring so ``cmkd evaluate-bag``, benchmarks and tests call exactly what
-the node runs.
+:class:`SegmentPipeline` is what the node runs on each scan (``prepare``, then ``infer``); the
+node only adds messages, threads and diagnostics. Benchmarks and tests call the same pipeline
+(or :func:`segment_array`, its one-call form) without rclpy. ``cmkd evaluate-bag`` scores the
+node process itself.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 from cmkd_ros.classes import IGNORE_INDEX, ClassMap
 from cmkd_ros.config import PRECISION_CHOICES, ConfigError, setting
 from cmkd_ros.conversions import scalar_field, xyz_from_cloud
+from cmkd_ros.pipelines.intake import Report, finite_xyz
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
 # Largest cloud a node takes by default (parameter max_points): above a 128-beam LiDAR's scan
@@ -133,12 +136,14 @@ def segment_array(points: np.ndarray, predictor: Predictor, class_map: ClassMap,
     return label_points(points, rows, pred, prob, class_map, config)
 
 
-def select_points(points: np.ndarray, config: SegmentNodeConfig) -> tuple:
+def select_points(points: np.ndarray, config: SegmentNodeConfig,
+                  finite: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
     """The points to segment: ``(xyz (M, 3) float32, rows (M,) into points, intensity (M,))``,
     finite and within [range_min, range_max] (intensity 0 when the cloud has none, or not one
-    value per point, or a non-finite one)."""
+    value per point, or a non-finite one). ``finite``: ``(xyz, rows)`` of the finite points
+    when already known (:func:`cmkd_ros.pipelines.intake.finite_xyz`)."""
     # 1. finite points (LiDAR frame), 2. range crop.
-    xyz, rows = xyz_from_cloud(points, drop_invalid=True)
+    xyz, rows = finite if finite is not None else xyz_from_cloud(points, drop_invalid=True)
     if rows.size:
         dist = np.linalg.norm(xyz.astype(np.float64), axis=1)    # float32 squares overflow
         in_range = (dist >= config.range_min) & (dist <= config.range_max)
@@ -181,3 +186,120 @@ def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, 'detach'):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+# ----------------------------------------------------------------------------- the student
+
+def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32',
+                   pipelined: bool = True) -> tuple['StudentPredictor', ClassMap]:
+    """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
+    (inference in ``precision``: float32, bfloat16, float16 or auto; ``pipelined``: see
+    :class:`StudentPredictor`)."""
+    import torch
+    from cmkd_ros.models import resolve_device
+    from cmkd_ros.models.checkpoint import load_checkpoint
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    student, info = load_checkpoint(path, map_location=resolve_device(device))
+    class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
+    return StudentPredictor(student, precision, pipelined), class_map
+
+
+class StudentPredictor:
+    """``predictor(xyz, intensity)`` of a student, split for the pipelined worker: ``prepare``
+    (voxels; no model state), then ``infer`` (the network) while the preparing thread runs
+    ``build_maps`` (the kernel maps; the network waits for each one it reaches). Not
+    pipelined, the network builds the maps itself, in a second thread where it can."""
+
+    def __init__(self, student, precision: str = 'float32', pipelined: bool = True):
+        from cmkd_ros.models import precision_context, resolve_backend, resolve_precision
+        device = next(student.parameters()).device
+        backend = resolve_backend(student.backend, device)
+        precision = resolve_precision(precision, device, backend)  # auto -> what this CPU has
+        precision_context(precision, device, backend)  # checks
+        self.student = student
+        self.precision = precision
+        self.pipelined = pipelined
+
+    def prepare(self, xyz: np.ndarray, intensity: np.ndarray):
+        import torch
+        with torch.inference_mode():
+            return self.student.prepare(xyz, intensity,
+                                        maps='later' if self.pipelined else 'none')
+
+    def build_maps(self, prepared) -> None:
+        import torch
+        with torch.inference_mode():
+            prepared.build_maps()
+
+    def infer(self, prepared):
+        import torch
+        with torch.inference_mode():
+            return self.student.predict_prepared(prepared, self.precision)
+
+    def __call__(self, xyz: np.ndarray, intensity: np.ndarray):
+        prepared = self.prepare(xyz, intensity)
+        self.build_maps(prepared)
+        return self.infer(prepared)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@dataclass
+class SegmentJob:
+    """One scan between :meth:`SegmentPipeline.prepare` and :meth:`SegmentPipeline.infer`."""
+
+    points: np.ndarray              # (N,) decoded input, every point
+    rows: np.ndarray                # (M,) int64 rows of points to segment
+    prepared: Any = None            # the student's prepared scan (None when M == 0)
+
+
+class SegmentPipeline:
+    """The segment node's work on one decoded scan: ``prepare`` (intake checks, point
+    selection, voxels), ``build_maps`` (kernel maps, may overlap ``infer``), ``infer`` (network,
+    labels). Calling it does the three in turn.
+
+    Built from a :class:`SegmentNodeConfig`: loads the student and its class map (a ValueError
+    for a device without CUDA, a bad checkpoint or an unknown class name). Warnings
+    ``empty_cloud`` and ``nan_points`` go to ``report``.
+    """
+
+    def __init__(self, config: SegmentNodeConfig, report: Report):
+        self.threads = network_threads(config.num_threads, config.pipeline)
+        self.predictor, self.class_map = load_predictor(
+            config.checkpoint, config.device, self.threads, config.precision, config.pipeline)
+        self.report = report
+        self.config = config
+        self.configure(config)            # unknown class names raise here
+
+    def configure(self, config: SegmentNodeConfig) -> None:
+        """Take runtime settings (range, classes, min_probability); ValueError for a class name
+        the checkpoint does not have (the settings are then left unchanged)."""
+        class_filter(self.class_map, config.classes)
+        self.config = config
+
+    def prepare(self, points: np.ndarray) -> SegmentJob:
+        """Job of a decoded (N,) scan; an empty scan makes an empty job (labeled empty)."""
+        config = self.config
+        if points.shape[0] == 0:
+            self.report.warn('empty_cloud', 'received an empty cloud; publishing it empty')
+        finite = finite_xyz(points, self.report, 'labeled 255')
+        xyz, rows, intensity = select_points(points, config, finite)
+        prepared = self.predictor.prepare(xyz, intensity) if rows.size else None
+        return SegmentJob(points, rows, prepared)
+
+    def build_maps(self, job: SegmentJob) -> None:
+        if job.prepared is not None:
+            self.predictor.build_maps(job.prepared)
+
+    def infer(self, job: SegmentJob) -> np.ndarray:
+        """(N,) labeled array of the job's scan (see :func:`segment_array`)."""
+        pred = prob = None
+        if job.prepared is not None:
+            pred, prob = self.predictor.infer(job.prepared)
+        return label_points(job.points, job.rows, pred, prob, self.class_map, self.config)
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        job = self.prepare(points)
+        self.build_maps(job)
+        return self.infer(job)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format != 'frames' and os.path.exists(args.out):
         print(f'cmkd sim: {args.out} already exists; a bag needs a new folder', file=sys.stderr)
         return 2
-    from cmkd_ros.tools.progress import progress_bar
+    from cmkd_ros.progress import progress_bar
     from cmkd_ros.sim.export import export_bag, export_pairs
     from cmkd_ros.sim.simulator import SimWorld
     world = SimWorld(config)

@@ -139,10 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(teacher_ckpt):
         jobs.append(_cmkd_start(
             'train', 'teacher', '--config', 'config/teacher.yaml', '--out', paths['teacher'],
-            f'train={paths["teacher_images"]}', f'val={paths["heldout_pairs"]}',
-            f'steps={teacher_steps}', 'batch_size=4', 'lr=0.002', 'threads=1',
-            'model.width=24', 'options.crop_size=[128,224]',
-            'options.class_weighting=inverse_sqrt'))
+            f'data.train={paths["teacher_images"]}', f'data.val={paths["heldout_pairs"]}',
+            f'steps={teacher_steps}', 'data.batch_size=4', 'optim.lr=0.002', 'threads=1',
+            'model.width=24', 'data.crop_size=[128,224]', 'loss.class_balance=inverse_sqrt'))
     if not os.path.exists(supervised_ckpt):
         jobs.append(_cmkd_start(
             'train', 'supervised', '--resume', '--config', 'config/supervised.yaml',

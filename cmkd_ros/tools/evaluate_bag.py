@@ -497,7 +497,7 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
     of pairs in ``out_dir`` afterwards.
 
     The node records with odometry-based motion compensation; ``params`` adds or overrides
-    collect node parameters (e.g. ``{'teacher.checkpoint': 'teacher.pt'}``). The node starts
+    collect node parameters (e.g. ``{'record.min_interval_s': 0.5}``). The node starts
     through ``ros2 launch cmkd_ros collect.launch.py`` where the launch system is installed
     (``launcher``: auto, launch or process). Blocks until the replay has finished and no new
     pair appeared for ``settle_s`` seconds.

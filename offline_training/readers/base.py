@@ -1,6 +1,8 @@
 """The record every 3D reader returns: one LiDAR sweep, its cameras and their calibration."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +12,23 @@ from cmkd_ros.calibration import RigCalibration
 
 class ReaderError(ValueError):
     """A data set folder or file does not match the documented layout."""
+
+
+def read_json_table(path: str, what: str, required: bool = True) -> list[dict]:
+    """The records of a JSON table file (a list; nuScenes and nuImages tables); a missing
+    optional table is empty. ``what`` names the data set in errors."""
+    if not os.path.exists(path):
+        if required:
+            raise ReaderError(f'{what} table missing: {path}')
+        return []
+    with open(path, encoding='utf-8') as fh:
+        try:
+            records = json.load(fh)
+        except ValueError as exc:
+            raise ReaderError(f'{path}: invalid JSON ({exc})') from None
+    if not isinstance(records, list):
+        raise ReaderError(f'{path}: expected a list of records')
+    return records
 
 
 @dataclass

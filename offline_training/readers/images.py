@@ -10,18 +10,24 @@ remaps the stored ids to the teacher's classes (e.g. Cityscapes train ids to ano
   ``gtFine/<split>/<city>/<x>_gtFine_labelTrainIds.png`` (made by cityscapesScripts'
   createTrainIdLabelImgs); when only ``*_gtFine_labelIds.png`` exist they are mapped to the 19
   train ids here.
+- :class:`NuImagesDataset`: nuImages as published (``<version>/*.json`` tables with RLE masks
+  of objects and surfaces, ``samples/CAM_*/*.jpg``), the semantic mask drawn from them.
 - :class:`FolderImageDataset`: an image folder and a semantic mask folder with the same relative
-  file stems (nuImages-style exports, Mapillary-style layouts).
+  file stems (exports, Mapillary-style layouts).
+
+:func:`build_image_dataset` picks one for ``cmkd train teacher`` (``format``), with the labels
+mapped onto a LiDAR class set (:mod:`offline_training.readers.label_maps`).
 """
 from __future__ import annotations
 
+import base64
 import os
 from typing import Sequence
 
 import numpy as np
 
 from cmkd_ros.pairs import PairReader
-from offline_training.readers.base import ReaderError
+from offline_training.readers.base import ReaderError, read_json_table
 
 IGNORE = 255
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -65,6 +71,10 @@ def _read_mask(path: str) -> np.ndarray:
 
 class _LabeledImages:
     label_lut: np.ndarray | None = None
+    items: list
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def _finish(self, image: np.ndarray, label: np.ndarray, name: str) -> dict:
         if image.shape[:2] != label.shape:
@@ -100,9 +110,6 @@ class PairImageDataset(_LabeledImages):
                 if self.cameras is None or cam in self.cameras:
                     self.items.append((index, cam))
         return len(self.items) - before
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         index, cam = self.items[i]
@@ -140,9 +147,6 @@ class CityscapesDataset(_LabeledImages):
         if not self.items:
             raise ReaderError(f'no *_leftImg8bit.png images under {image_root}')
         self._id_lut = make_lut(CITYSCAPES_ID_TO_TRAINID)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         image_path, label_path, from_ids = self.items[i]
@@ -186,10 +190,132 @@ class FolderImageDataset(_LabeledImages):
         if not self.items:
             raise ReaderError(f'no images under {image_dir}')
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, i: int) -> dict:
         image_path, mask_path = self.items[i]
         return self._finish(_read_rgb(image_path), _read_mask(mask_path),
                             os.path.basename(image_path))
+
+
+def decode_coco_rle(mask: dict) -> np.ndarray:
+    """(H, W) bool of a COCO run-length mask ``{'size': [H, W], 'counts': ...}``.
+
+    ``counts`` is the compressed string of pycocotools (as str or bytes; nuImages stores it
+    base64-encoded, which :class:`NuImagesDataset` undoes) or a list of run lengths. Runs
+    alternate 0 and 1 starting with 0, in column-major order.
+    """
+    h, w = (int(v) for v in mask['size'])
+    counts = mask['counts']
+    if isinstance(counts, (str, bytes)):
+        data = counts.encode('ascii') if isinstance(counts, str) else counts
+        runs, p = [], 0
+        while p < len(data):
+            value, shift, more = 0, 0, True
+            while more:
+                c = data[p] - 48
+                value |= (c & 0x1F) << shift
+                more = bool(c & 0x20)
+                p += 1
+                shift += 5
+                if not more and c & 0x10:
+                    value |= -1 << shift           # negative: sign-extend
+            if len(runs) > 2:
+                value += runs[-2]                  # stored as a difference to two runs back
+            runs.append(value)
+    else:
+        runs = [int(v) for v in counts]
+    runs = np.asarray(runs, dtype=np.int64)
+    if (runs < 0).any() or runs.sum() != h * w:
+        raise ReaderError(f'RLE mask: runs sum to {int(runs.sum())} for a {h}x{w} mask')
+    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+    return flat.reshape(w, h).T
+
+
+class NuImagesDataset(_LabeledImages):
+    """nuImages keyframes (``root/<version>/``: sample_data, object_ann, surface_ann, category
+    tables; images under ``root/samples/``) with a semantic mask drawn from their annotations:
+    surfaces first, then objects over them; unannotated pixels are 255 (nuImages labels objects
+    and the driveable surface only). Label ids are category indices in the category table
+    (``category_ids``: name -> id); ``label_lut`` maps them on.
+    """
+
+    def __init__(self, root: str, version: str = 'v1.0-train',
+                 label_lut: np.ndarray | None = None):
+        folder = os.path.join(root, version)
+        if not os.path.isdir(folder):
+            found = sorted(n for n in os.listdir(root) if n.startswith('v1.0')) \
+                if os.path.isdir(root) else []
+            raise ReaderError(f'nuImages table folder not found: {folder} (versions in {root}: '
+                              f'{found or "none"})')
+        self.root = root
+        self.label_lut = label_lut
+        tables = {name: read_json_table(os.path.join(folder, f'{name}.json'), 'nuImages')
+                  for name in ('sample_data', 'object_ann', 'surface_ann', 'category')}
+        if len(tables['category']) > 255:
+            raise ReaderError(f'{folder}: {len(tables["category"])} categories do not fit uint8')
+        self.category_ids = {c['name']: i for i, c in enumerate(tables['category'])}
+        by_token = {c['token']: i for i, c in enumerate(tables['category'])}
+        self.annotations: dict[str, list[tuple[int, dict]]] = {}
+        for table in ('surface_ann', 'object_ann'):          # objects are drawn last, on top
+            for ann in tables[table]:
+                if ann.get('mask') is None:
+                    continue
+                if ann['category_token'] not in by_token:
+                    raise ReaderError(f'{table} {ann.get("token")}: unknown category')
+                self.annotations.setdefault(ann['sample_data_token'], []).append(
+                    (by_token[ann['category_token']], ann['mask']))
+        self.items = sorted((sd['filename'], sd['token']) for sd in tables['sample_data']
+                            if sd.get('is_key_frame', False))
+        if not self.items:
+            raise ReaderError(f'no keyframe in {folder}/sample_data.json')
+
+    def __getitem__(self, i: int) -> dict:
+        filename, token = self.items[i]
+        path = os.path.join(self.root, filename)
+        if not os.path.exists(path):
+            raise ReaderError(f'nuImages file missing: {path}')
+        image = _read_rgb(path)
+        label = np.full(image.shape[:2], IGNORE, dtype=np.uint8)
+        for category, mask in self.annotations.get(token, []):
+            counts = mask['counts']
+            if isinstance(counts, str):                     # nuImages: base64 of the RLE
+                counts = base64.b64decode(counts)
+            pixels = decode_coco_rle({'size': mask['size'], 'counts': counts})
+            if pixels.shape != label.shape:
+                raise ReaderError(f'{filename}: mask {pixels.shape} differs from the image '
+                                  f'{label.shape}')
+            label[pixels] = category
+        return self._finish(image, label, os.path.basename(filename))
+
+
+IMAGE_FORMATS = ('pairs', 'cityscapes', 'nuimages')
+
+
+def build_image_dataset(fmt: str, root: str, split: str, part: str, class_map_name: str,
+                        label_map: str = ''):
+    """The labeled images of ``root`` for the teacher, labels in class map ``class_map_name``.
+
+    ``fmt``: pairs (labels already in the class map), cityscapes (``split`` folder, default
+    ``part``: train or val) or nuimages (``split`` = version folder, default
+    ``v1.0-<part>``). ``label_map``: a YAML mapping file of the source classes onto the class
+    map (:mod:`.label_maps`); empty: the built-in one for (fmt, class map).
+    """
+    from cmkd_ros.classes import get_class_map
+    from offline_training.readers import label_maps
+    if fmt == 'pairs':
+        if label_map or split:
+            raise ReaderError('label_map and the split keys are for the cityscapes and '
+                              'nuimages formats (pair labels are already in the class map)')
+        return PairImageDataset(root)
+    if fmt not in IMAGE_FORMATS:
+        raise ReaderError(f'unknown image format {fmt!r}; known: {list(IMAGE_FORMATS)}')
+    class_map = get_class_map(class_map_name)
+    mapping, strict = label_maps.resolve_mapping(fmt, class_map_name, label_map)
+    where = label_map or f'built-in {fmt} -> {class_map_name} mapping'
+    if fmt == 'cityscapes':
+        ids = {name: i for i, name in enumerate(CITYSCAPES_CLASSES)}
+        lut = label_maps.mapping_lut(ids, mapping, class_map, where, strict)
+        return CityscapesDataset(root, split or part, label_lut=lut)
+    dataset = NuImagesDataset(root, split or f'v1.0-{part}')
+    dataset.label_lut = label_maps.mapping_lut(dataset.category_ids, mapping, class_map, where,
+                                               strict)
+    return dataset

@@ -1,8 +1,11 @@
 """nuScenes lidarseg reader: LIDAR_TOP keyframes, the six cameras, 16-class point labels.
 
 Reads the data set as published (``DATAROOT/<version>/*.json`` tables, ``samples/<CHANNEL>/``
-files, ``lidarseg/<version>/<token>_lidarseg.bin``) through :class:`NuScenesTables`, a small
-reader of the documented JSON schema. The official ``nuscenes-devkit`` cannot be installed next
+files, ``lidarseg/<version>/<token>_lidarseg.bin``; ``sweeps/`` are not used: only keyframes are
+labeled) through :class:`NuScenesTables`, a small reader of the documented JSON schema. The
+version folder (``v1.0-trainval``, ``v1.0-mini``, ``v1.0-test``) is found in the data root when
+none is named (:func:`find_version`); scenes are picked by the official splits
+(:mod:`.nuscenes_splits`). The official ``nuscenes-devkit`` cannot be installed next
 to this project's numpy 2 (it pins numpy < 2), but a devkit ``NuScenes`` object works too: pass it
 as ``tables`` (both expose ``.sample``, ``.scene``, ``.get(table, token)`` and ``sample['data']``).
 
@@ -14,7 +17,7 @@ the trajectory ``T_world_lidar(t) = T_global_ego(t) @ T_ego_lidar``.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 from typing import Sequence
 
@@ -22,12 +25,13 @@ import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.classes import NUSCENES_LIDARSEG16
-from offline_training.readers.base import Frame, ReaderError
+from offline_training.readers.base import Frame, ReaderError, read_json_table
 
 CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT',
            'CAM_FRONT_LEFT')
 LIDAR = 'LIDAR_TOP'
 IGNORE = 255
+LOG = logging.getLogger('cmkd_ros.readers')
 
 # nuScenes lidarseg general classes -> lidarseg challenge classes (NUSCENES_LIDARSEG16 names);
 # every general class not listed (noise, animal, debris, ego, ...) is ignored.
@@ -86,6 +90,28 @@ def pose_matrix(translation: Sequence[float], rotation: Sequence[float]) -> np.n
     return T
 
 
+def find_version(dataroot: str, version: str = '') -> str:
+    """The version folder of ``dataroot`` to read: ``version`` when given and present, else the
+    one folder holding ``scene.json``; a :class:`ReaderError` lists what was found otherwise."""
+    if not os.path.isdir(dataroot):
+        raise ReaderError(f'nuScenes data root not found: {dataroot}')
+    found = sorted(n for n in os.listdir(dataroot)
+                   if os.path.isfile(os.path.join(dataroot, n, 'scene.json')))
+    if version:
+        if not os.path.isdir(os.path.join(dataroot, version)):
+            raise ReaderError(f'nuScenes table folder not found: '
+                              f'{os.path.join(dataroot, version)} (version folders in '
+                              f'{dataroot}: {found or "none"})')
+        return version
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ReaderError(f'no nuScenes version folder (one holding scene.json, e.g. v1.0-mini) '
+                          f'in {dataroot}; it holds {sorted(os.listdir(dataroot))[:10]}')
+    raise ReaderError(f'{dataroot} holds several nuScenes versions {found}: name one '
+                      '(data.version, or --version)')
+
+
 class NuScenesTables:
     """The nuScenes JSON tables of one version, indexed by token (devkit-compatible subset).
 
@@ -96,27 +122,17 @@ class NuScenesTables:
     REQUIRED = ('scene', 'sample', 'sample_data', 'calibrated_sensor', 'sensor', 'ego_pose')
     OPTIONAL = ('lidarseg', 'category')
 
-    def __init__(self, dataroot: str, version: str = 'v1.0-trainval'):
+    def __init__(self, dataroot: str, version: str = ''):
         self.dataroot = dataroot
-        self.version = version
+        self.version = version = find_version(dataroot, version)
         folder = os.path.join(dataroot, version)
-        if not os.path.isdir(folder):
-            raise ReaderError(f'nuScenes table folder not found: {folder}')
         self._index: dict[str, dict[str, dict]] = {}
         for name in self.REQUIRED + self.OPTIONAL:
-            path = os.path.join(folder, f'{name}.json')
-            if not os.path.exists(path):
-                if name in self.REQUIRED:
-                    raise ReaderError(f'nuScenes table missing: {path}')
-                records = []
-            else:
-                with open(path, encoding='utf-8') as fh:
-                    try:
-                        records = json.load(fh)
-                    except ValueError as exc:
-                        raise ReaderError(f'{path}: invalid JSON ({exc})') from None
-            if not isinstance(records, list):
-                raise ReaderError(f'{path}: expected a list of records')
+            records = read_json_table(os.path.join(folder, f'{name}.json'), 'nuScenes',
+                                      name in self.REQUIRED)
+            if name == 'sample_data':
+                # only keyframes are labeled and read: sweeps are most of the table's memory
+                records = [r for r in records if r.get('is_key_frame', False)]
             setattr(self, name, records)
             self._index[name] = {r['token']: r for r in records}
         # sample['data'][channel] = keyframe sample_data token (what the devkit adds)
@@ -150,31 +166,49 @@ def challenge_label_lut(categories: Sequence[dict]) -> np.ndarray:
 
 
 class NuScenesLidarSegReader:
-    """Keyframes of nuScenes (optionally only ``scenes`` by name) as :class:`Frame` records.
+    """Keyframes of nuScenes (optionally a ``split`` or only ``scenes`` by name) as
+    :class:`Frame` records.
 
-    ``cameras`` defaults to all six; labels come from lidarseg when its table has the sweep
-    (mapped to :data:`~cmkd_ros.classes.NUSCENES_LIDARSEG16`), else the frame is unlabeled.
+    ``version``: the table folder, found in ``dataroot`` when empty (:func:`find_version`).
+    ``split``: a split spec of :func:`~.nuscenes_splits.resolve_scenes` (empty: the version's
+    official ``part`` split, 'train' or 'val'); scenes of an official split that the tables lack
+    are left out, named scenes must exist. ``cameras`` defaults to all six; labels come from
+    lidarseg when its table has the sweep (mapped to
+    :data:`~cmkd_ros.classes.NUSCENES_LIDARSEG16`), else the frame is unlabeled. Keyframes whose
+    LiDAR file is missing (a partial download) are left out with a warning.
+    ``split_name`` and ``scenes`` say what was read.
     """
 
-    def __init__(self, dataroot: str, version: str = 'v1.0-trainval',
+    def __init__(self, dataroot: str, version: str = '',
                  scenes: Sequence[str] | None = None, cameras: Sequence[str] = CAMERAS,
-                 tables=None, require_labels: bool = False):
+                 tables=None, require_labels: bool = False,
+                 split: Sequence[str] | str | None = None, part: str = 'train'):
+        from offline_training.readers.nuscenes_splits import resolve_scenes
         self.dataroot = dataroot
         self.tables = tables if tables is not None else NuScenesTables(dataroot, version)
-        self.version = version
+        self.version = version = getattr(self.tables, 'version', version)
         self.cameras = tuple(cameras)
         unknown = sorted(set(self.cameras) - set(CAMERAS))
         if unknown:
             raise ReaderError(f'unknown nuScenes camera(s) {unknown}; have {list(CAMERAS)}')
-        scene_tokens = None
+        by_name = {s['name']: s['token'] for s in self.tables.scene}
+        self.split_name = 'all'
+        if split is not None:
+            if scenes is not None:
+                raise ReaderError('give a split or scene names, not both')
+            self.split_name, scenes = resolve_scenes(version, split, part)
+            if self.split_name != 'custom':
+                scenes = [n for n in scenes if n in by_name]
+                if not scenes:
+                    raise ReaderError(f'none of the {self.split_name} scenes is in '
+                                      f'{dataroot}/{version}')
         if scenes is not None:
-            by_name = {s['name']: s['token'] for s in self.tables.scene}
             missing = sorted(set(scenes) - set(by_name))
             if missing:
                 raise ReaderError(f'scene(s) {missing[:5]} not in {version}')
-            scene_tokens = {by_name[n] for n in scenes}
-        self.samples = [s for s in self.tables.sample
-                        if scene_tokens is None or s['scene_token'] in scene_tokens]
+        wanted = set(by_name if scenes is None else scenes)
+        scene_tokens = {by_name[n] for n in wanted}
+        self.samples = [s for s in self.tables.sample if s['scene_token'] in scene_tokens]
         self.samples.sort(key=lambda s: (s['scene_token'], s['timestamp']))
         self.lidarseg = {r['sample_data_token']: r for r in getattr(self.tables, 'lidarseg', [])}
         self.label_lut = challenge_label_lut(self.tables.category) if self.lidarseg else None
@@ -182,6 +216,18 @@ class NuScenesLidarSegReader:
             self.samples = [s for s in self.samples if s['data'][LIDAR] in self.lidarseg]
             if not self.samples:
                 raise ReaderError(f'no lidarseg labels found under {dataroot}/{version}')
+        present = [s for s in self.samples if os.path.exists(os.path.join(
+            dataroot, self.tables.get('sample_data', s['data'][LIDAR])['filename']))]
+        if len(present) < len(self.samples):
+            if not present:
+                raise ReaderError(f'none of the {len(self.samples)} LIDAR_TOP keyframe files of '
+                                  f'{version} is under {dataroot} (samples/LIDAR_TOP missing?)')
+            LOG.warning(f'nuScenes {version}: {len(self.samples) - len(present)} of '
+                        f'{len(self.samples)} keyframes left out, their LIDAR_TOP file is '
+                        f'missing under {dataroot} (a partial download?)')
+            self.samples = present
+        token_to_name = {t: n for n, t in by_name.items()}
+        self.scenes = sorted({token_to_name[s['scene_token']] for s in self.samples})
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,18 +1,20 @@
-"""SemanticKITTI reader with the KITTI odometry left color camera (image_2).
+"""SemanticKITTI reader with the KITTI odometry color cameras (image_2 left, image_3 right).
 
 Layout (as published; the color images come from the KITTI odometry "color" download)::
 
     ROOT/sequences/XX/velodyne/NNNNNN.bin   float32 x, y, z, reflectance (velodyne frame)
     ROOT/sequences/XX/labels/NNNNNN.label   uint32: semantic id (low 16 bits), instance (high)
     ROOT/sequences/XX/image_2/NNNNNN.png    left color image (rectified)
+    ROOT/sequences/XX/image_3/NNNNNN.png    right color image (rectified)
     ROOT/sequences/XX/calib.txt             lines "P0: ..." .. "P3: ..." (3x4), "Tr: ..." (3x4)
+    ROOT/sequences/XX/poses.txt             (not needed: camera and LiDAR are triggered together)
 
-``Tr`` maps velodyne points into the rectified camera 0 frame and ``P2 = K2 [I | K2^-1 p2]``
-projects from that frame into image 2, so the rig calibration of camera ``image_2`` is
-``K = P2[:, :3]`` and ``T_cam_lidar = [I | K^-1 P2[:, 3]] @ Tr``. Raw semantic ids are mapped to
-the 19 benchmark classes (:data:`~cmkd_ros.classes.SEMANTICKITTI19`) by the benchmark's
-learning map; unlabeled/outlier/other-structure/other-object become 255. The camera and the
-LiDAR are triggered together in KITTI, so no ego motion is passed.
+``Tr`` maps velodyne points into the rectified camera 0 frame and ``Pk = Kk [I | Kk^-1 pk]``
+projects from that frame into image k, so the rig calibration of camera ``image_k`` is
+``K = Pk[:, :3]`` and ``T_cam_lidar = [I | K^-1 Pk[:, 3]] @ Tr`` (k = 2, 3). Raw semantic ids
+are mapped to the 19 benchmark classes (:data:`~cmkd_ros.classes.SEMANTICKITTI19`) by the
+benchmark's learning map; unlabeled/outlier/other-structure/other-object become 255. The cameras
+and the LiDAR are triggered together in KITTI, so no ego motion is passed.
 """
 from __future__ import annotations
 
@@ -81,24 +83,50 @@ def camera_from_calib(calib: dict[str, np.ndarray], width: int, height: int,
                              T_cam_lidar=T_cam_cam0 @ T_cam0_velo)
 
 
+CAMERAS = ('image_2', 'image_3')
+
+
+def resolve_sequences(spec: Sequence[str] | str | None, part: str = 'train'
+                      ) -> tuple[str, tuple[str, ...]]:
+    """(split name, sequence names) of ``spec``: empty = the official ``part`` split ('train':
+    00-07 and 09-10, 'val': 08), a split name (or a one-item list of one), or sequence names
+    ('8' and '08' both name sequence 08; the split name is then 'custom')."""
+    if isinstance(spec, str):
+        spec = (spec,) if spec else ()
+    spec = tuple(str(s) for s in spec or ())
+    if not spec:
+        return part, SPLITS[part]
+    if len(spec) == 1 and spec[0] in SPLITS:
+        return spec[0], SPLITS[spec[0]]
+    bad = [s for s in spec if not s.isdigit()]
+    if bad:
+        raise ReaderError(f'unknown split or sequence {bad}; use one of {sorted(SPLITS)} or '
+                          'sequence numbers like 08')
+    return 'custom', tuple(f'{int(s):02d}' for s in spec)
+
+
 class SemanticKITTIReader:
     """Scans of the given sequences (names like ``'08'`` or a split name) as :class:`Frame`.
 
-    ``require_image``: skip scans without ``image_2`` (default) instead of failing.
+    ``cameras``: the color cameras to use where their image exists (default both, image_2 and
+    image_3); a scan with none of them is skipped (``require_image``, default) or fails.
+    ``split_name`` and ``sequences`` say what was read.
     """
 
-    def __init__(self, root: str, sequences: Sequence[str] | str = 'train',
-                 require_image: bool = True):
-        if isinstance(sequences, str):
-            if sequences not in SPLITS:
-                raise ReaderError(f'unknown split {sequences!r}; use one of {sorted(SPLITS)} or '
-                                  'a list of sequence names')
-            sequences = SPLITS[sequences]
+    def __init__(self, root: str, sequences: Sequence[str] | str | None = 'train',
+                 require_image: bool = True, cameras: Sequence[str] = CAMERAS,
+                 part: str = 'train'):
+        self.split_name, sequences = resolve_sequences(sequences, part)
+        self.cameras = tuple(cameras)
+        unknown = sorted(set(self.cameras) - set(CAMERAS))
+        if unknown or not self.cameras:
+            raise ReaderError(f'unknown SemanticKITTI camera(s) {unknown or list(cameras)}; '
+                              f'have {list(CAMERAS)}')
         seq_root = os.path.join(root, 'sequences')
         if not os.path.isdir(seq_root):
             raise ReaderError(f'SemanticKITTI sequences folder not found: {seq_root}')
         self.root = root
-        self.items: list[tuple[str, str]] = []
+        self.items: list[tuple[str, str, tuple[str, ...]]] = []
         self.calibs: dict[str, dict] = {}
         present = [s for s in sequences if os.path.isdir(os.path.join(seq_root, s))]
         if not present:
@@ -106,13 +134,20 @@ class SemanticKITTIReader:
         for seq in present:
             folder = os.path.join(seq_root, seq)
             self.calibs[seq] = read_calib(os.path.join(folder, 'calib.txt'))
-            scans = sorted(f[:-4] for f in os.listdir(os.path.join(folder, 'velodyne'))
-                           if f.endswith('.bin'))
+            velodyne = os.path.join(folder, 'velodyne')
+            if not os.path.isdir(velodyne):
+                raise ReaderError(f'SemanticKITTI scans folder not found: {velodyne}')
+            scans = sorted(f[:-4] for f in os.listdir(velodyne) if f.endswith('.bin'))
+            # the cameras of this sequence: those with a folder and a projection matrix
+            usable = tuple(c for c in self.cameras if os.path.isdir(os.path.join(folder, c))
+                           and f'P{c[-1]}' in self.calibs[seq])
             for scan in scans:
-                if require_image and not os.path.exists(
-                        os.path.join(folder, 'image_2', scan + '.png')):
+                cams = tuple(c for c in usable
+                             if os.path.exists(os.path.join(folder, c, scan + '.png')))
+                if not cams and require_image:
                     continue
-                self.items.append((seq, scan))
+                self.items.append((seq, scan, cams))
+        self.sequences = tuple(sorted({seq for seq, _, _ in self.items}))
         self.lut = label_lut()
 
     def __len__(self) -> int:
@@ -120,7 +155,7 @@ class SemanticKITTIReader:
 
     def __getitem__(self, i: int) -> Frame:
         import cv2
-        seq, scan = self.items[i]
+        seq, scan, cams = self.items[i]
         folder = os.path.join(self.root, 'sequences', seq)
         raw = np.fromfile(os.path.join(folder, 'velodyne', scan + '.bin'), dtype=np.float32)
         if raw.size % 4:
@@ -133,12 +168,15 @@ class SemanticKITTIReader:
             if len(packed) != len(raw):
                 raise ReaderError(f'{label_path}: {len(packed)} labels for {len(raw)} points')
             labels = self.lut[packed & 0xFFFF].astype(np.int64)
-        image = cv2.imread(os.path.join(folder, 'image_2', scan + '.png'), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ReaderError(f'{seq}/image_2/{scan}.png: missing or unreadable')
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        camera = camera_from_calib(self.calibs[seq], image.shape[1], image.shape[0])
+        cameras, images = [], []
+        for cam in cams:
+            image = cv2.imread(os.path.join(folder, cam, scan + '.png'), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ReaderError(f'{seq}/{cam}/{scan}.png: unreadable')
+            images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            cameras.append(camera_from_calib(self.calibs[seq], image.shape[1], image.shape[0],
+                                             f'P{cam[-1]}', cam))
         return Frame(name=f'semantickitti/{seq}/{scan}', xyz=np.ascontiguousarray(raw[:, :3]),
                      intensity=np.ascontiguousarray(raw[:, 3]), labels=labels,
-                     rig=RigCalibration((camera,), lidar_frame='velodyne'), images=[image],
-                     lidar_stamp_ns=0, camera_stamp_ns=np.zeros(1, dtype=np.int64))
+                     rig=RigCalibration(tuple(cameras), lidar_frame='velodyne'), images=images,
+                     lidar_stamp_ns=0, camera_stamp_ns=np.zeros(len(cams), dtype=np.int64))
