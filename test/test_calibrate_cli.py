@@ -21,6 +21,10 @@ def perturbed(rig: RigCalibration, degrees: float, metres: float = 0.0) -> RigCa
                                 for c in rig.cameras), rig.lidar_frame)
 
 
+# End-to-end runs of cmkd calibrate (a few seconds each): the full suite, not the unit tier.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope='module')
 def world():
     from cmkd_ros.sim import SimWorld

@@ -35,6 +35,7 @@ def off_by(cam, degrees, axis=AXIS):
     return cc.with_extrinsic(cam, cc.perturb(cam.T_cam_lidar, math.radians(degrees) * axis))
 
 
+@pytest.mark.slow
 def test_metric_orders_calibrations_by_error(sim_frames):
     true = camera_frames(sim_frames)
     cam = true.camera
