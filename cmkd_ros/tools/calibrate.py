@@ -37,35 +37,10 @@ NOT_CONVERGED = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmkd_ros.cloud_files import CLOUD_FORMATS
-    parser.add_argument('source', nargs='?', default=None,
-                        help='rosbag2 folder, pair dataset folder, or the nuScenes / KITTI '
-                             'sample folder (with calibration.json); or use --cloud')
+    from cmkd_ros.tools.overlay import add_input_arguments
+    add_input_arguments(parser)
     parser.add_argument('--out', required=True,
                         help='folder for calibration.yaml, the pictures and report.json')
-    parser.add_argument('--cloud', default=None,
-                        help='point cloud file: .pcd (ascii, binary, binary_compressed), KITTI '
-                             'or nuScenes .bin')
-    parser.add_argument('--cloud-format', choices=CLOUD_FORMATS, default='auto',
-                        help='layout of --cloud (auto: by extension and content)')
-    parser.add_argument('--image', action='append', default=[], metavar='NAME=FILE',
-                        help='camera image for --cloud (repeatable; NAME as in --calibration)')
-    parser.add_argument('--calibration', default=None,
-                        help="rig calibration YAML (RigCalibration schema; a bag folder's own "
-                             'calibration.yaml by default)')
-    parser.add_argument('--cloud-topic', default=None,
-                        help='bag PointCloud2 topic (default /lidar/points or the only one)')
-    parser.add_argument('--image-topic', default=None,
-                        help='bag image topic template with {camera} (default '
-                             '/cameras/{camera}/image_raw[/compressed])')
-    parser.add_argument('--camera-info-topic', default=None,
-                        help='bag CameraInfo topic template with {camera}: intrinsics from the '
-                             'bag, extrinsics from --calibration')
-    parser.add_argument('--odom-topic', default=None,
-                        help='bag nav_msgs/Odometry topic for motion compensation (default '
-                             '/odom when present)')
-    parser.add_argument('--lidar-offset-ms', type=float, default=50.0,
-                        help='bag: images are matched to the sweep stamp plus this (ms)')
     parser.add_argument('--frames', type=int, default=10,
                         help='sweeps (bag) or pairs used; more frames, better constraint')
     parser.add_argument('--stride', type=int, default=1,

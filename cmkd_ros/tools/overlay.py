@@ -445,12 +445,14 @@ def frame_report(frame: OverlayFrame, overlays: list[CameraOverlay], corr) -> di
                         for o in overlays}}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inputs every tool that reads raw frames takes (``cmkd overlay``, ``cmkd calibrate``):
+    a bag, pair dataset or sample folder, or ``--cloud`` with ``--image`` and ``--calibration``;
+    bag topics. Read by :func:`load_frames`."""
     from cmkd_ros.cloud_files import CLOUD_FORMATS
     parser.add_argument('source', nargs='?', default=None,
                         help='rosbag2 folder, pair dataset folder, or the nuScenes / KITTI '
                              'sample folder (with calibration.json); or use --cloud')
-    parser.add_argument('--out', required=True, help='folder for the PNG files')
     parser.add_argument('--cloud', default=None,
                         help='point cloud file: .pcd (ascii, binary, binary_compressed), KITTI '
                              'or nuScenes .bin')
@@ -474,6 +476,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '/odom when present)')
     parser.add_argument('--lidar-offset-ms', type=float, default=50.0,
                         help='bag: images are matched to the sweep stamp plus this (ms)')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_input_arguments(parser)
+    parser.add_argument('--out', required=True, help='folder for the PNG files')
     parser.add_argument('--color', choices=COLOR_MODES, default='depth',
                         help='point color: depth (near red, far blue), label or intensity')
     parser.add_argument('--classes', default='synthetic',
