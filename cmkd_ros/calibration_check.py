@@ -870,8 +870,9 @@ class HealthSettings:
     warn_better_neighbours: float = setting(
         WARN_BETTER_NEIGHBOURS, 'misaligned above this share of rotations 0.5 deg away that '
         'fit the data better than the calibration', gt=0.0, lt=1.0)
-    refuse_misaligned: bool = setting(False, 'record no pairs from a camera whose last check '
-                                      'says misaligned')
+    refuse_misaligned: bool = setting(False, 'leave a camera whose last check says misaligned '
+                                      'out of the pairs (its image and correspondences); a set '
+                                      'with every camera left out is not recorded')
 
 
 @dataclass
@@ -979,6 +980,23 @@ class HealthMonitor:
                             f'the rotations 0.5 deg away fit better ({report.frames} sets)'
                             f'{note}', report)
 
+    def use(self, rig: RigCalibration) -> list[str]:
+        """Take the calibration of ``rig``'s cameras (a set's rig, e.g. with intrinsics from
+        CameraInfo): a camera new to the monitor, or whose calibration changed, starts over
+        (its sets dropped, its verdict unknown); the others keep theirs. The names that
+        started over."""
+        fresh = [c for c in rig.cameras if c.name not in self._frames
+                 or not _same_camera(self._frames[c.name].camera, c)]
+        for cam in fresh:
+            self._frames[cam.name] = CameraFrames(cam, max_width=self.settings.max_width)
+            self._health[cam.name] = CameraHealth(cam.name, 'unknown', 'no sweep checked yet')
+            for key in [k for k in self._skipped if k[0] == cam.name]:
+                del self._skipped[key]
+        if fresh:
+            self.rig = RigCalibration(tuple(f.camera for f in self._frames.values()),
+                                      self.rig.lidar_frame)
+        return [c.name for c in fresh]
+
     def health(self, camera: str) -> CameraHealth:
         """The last verdict on ``camera``."""
         return self._health[camera]
@@ -988,3 +1006,10 @@ class HealthMonitor:
         and the last verdict says misaligned)."""
         return (self.settings.refuse_misaligned and camera in self._health
                 and self._health[camera].status == 'misaligned')
+
+
+def _same_camera(a: CameraCalibration, b: CameraCalibration) -> bool:
+    """Whether two calibrations project alike (size, intrinsics, distortion, extrinsic)."""
+    return ((a.width, a.height, a.distortion_model) == (b.width, b.height, b.distortion_model)
+            and np.array_equal(a.K, b.K) and np.array_equal(a.D, b.D)
+            and np.array_equal(a.T_cam_lidar, b.T_cam_lidar))

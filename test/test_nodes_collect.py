@@ -123,6 +123,61 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
     assert values.get('pairs_written') == '4'
 
 
+def test_collect_node_publishes_each_cameras_calibration_health(tmp_path, sim_bag):
+    """A calibration file with front_left turned by 1 degree: /diagnostics has one calibration
+    status per camera, no verdict before the sets arrive, then after the bag's four sets WARN
+    misaligned for front_left and OK for front (and a warning in the log)."""
+    import math
+
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from cmkd_ros import calibration_check as cc
+    rig = RigCalibration.load(str(sim_bag / 'calibration.yaml'))
+    left = rig.camera('front_left')
+    axis = np.array([0.3, -0.8, 0.5]) / np.linalg.norm([0.3, -0.8, 0.5])
+    turned = cc.with_extrinsic(left, cc.perturb(left.T_cam_lidar, math.radians(1.0) * axis))
+    RigCalibration((rig.camera('front'), turned), rig.lidar_frame).save(
+        str(tmp_path / 'rig.yaml'))
+    params = {'calibration_file': str(tmp_path / 'rig.yaml'), 'cameras': CAMERAS,
+              'health.sweep_stride': 1, 'health.window': 4, 'health.check_every': 4}
+    domain = unique_domain_id()
+    with RosClient(domain) as client, processes() as procs:
+        diags = client.collect(DiagnosticArray, '/diagnostics')
+
+        def latest():
+            out = {}
+            for _, msg in list(diags):
+                for s in msg.status:
+                    if s.name.startswith('collect_node: calibration '):
+                        out[s.name.rsplit(' ', 1)[1]] = s
+            return out
+        procs.append(RosProcess(node_command(COLLECT, params,
+                                             {'~/input/pointcloud': '/lidar/points'}),
+                                ros_env(domain), tmp_path / 'node.log'))
+        wait_for(lambda: set(latest()) == set(CAMERAS), 30, 'a calibration status per camera',
+                 on_fail=procs[0].output)
+        before = latest()
+        assert all(s.level == b'\x00' and s.message.startswith('unknown: ')
+                   for s in before.values()), before
+        procs.append(_replay(sim_bag, domain, tmp_path / 'replay.log', '--rate', '0.5'))
+        assert procs[1].wait(timeout=60) == 0, procs[1].output()
+
+        def checked():
+            return all({kv.key: kv.value for kv in s.values}.get('sets') == '4'
+                       for s in latest().values())
+        wait_for(checked, 30, 'the check of the four sets',
+                 on_fail=lambda: str(latest()) + procs[0].output()[-2000:])
+        statuses = latest()
+        log = procs[0].output()
+    front, turned = statuses['front'], statuses['front_left']
+    values = {kv.key: kv.value for kv in turned.values}
+    assert turned.level == b'\x01' and turned.message.startswith('misaligned: '), turned
+    assert float(values['better_neighbours']) > 0.2 and values['refusing'] == 'False'
+    assert front.level == b'\x00' and front.message.startswith('ok: aligned'), front
+    assert 'camera front_left: calibration misaligned' in log
+    assert 'camera front: calibration misaligned' not in log
+
+
 def test_kill_9_mid_run_leaves_every_completed_pair_readable(tmp_path):
     bag = make_sim_bag(tmp_path / 'drive', frames=12, seed=5)
     out_dir = tmp_path / 'pairs'

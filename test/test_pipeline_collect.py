@@ -246,3 +246,86 @@ def test_bounded_fifo_drops_the_oldest_and_drains_on_close():
     assert len(got) + queue.dropped == 2000 and got == sorted(got) and got[-1] == 1999
     with pytest.raises(ValueError, match='capacity'):
         WorkQueue(0)
+
+
+@pytest.fixture(scope='module')
+def drive():
+    """Five consecutive synthetic sweeps (the frame fixture's world: 16 beams, 320x180)."""
+    from cmkd_ros.sim import SimWorld
+    world = SimWorld({'seed': 3, 'cameras': {'count': 2, 'width': 320, 'height': 180},
+                      'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0}}, workers=1)
+    return [world.frame(i) for i in range(5)]
+
+
+def test_health_check_finds_the_misaligned_camera_and_refuse_drops_only_it(drive):
+    """One camera's calibration turned by 1 degree: after enough sets the check calls it
+    misaligned and the other ok; with refuse_misaligned its image and correspondences are left
+    out of the pairs (counted), the other camera's kept as they were."""
+    import math
+
+    from cmkd_ros import calibration_check as cc
+    from cmkd_ros.calibration import RigCalibration
+    rig = drive[0].calibration
+    axis = np.array([0.3, -0.8, 0.5]) / np.linalg.norm([0.3, -0.8, 0.5])
+    turned = cc.with_extrinsic(rig.camera('front_left'), cc.perturb(
+        rig.camera('front_left').T_cam_lidar, math.radians(1.0) * axis))
+    bad_rig = RigCalibration((rig.camera('front'), turned), rig.lidar_frame)
+    config = build(CollectNodeConfig, {
+        'calibration_file': 'rig.yaml', 'correspondence': {'occlusion': False},
+        'health': {'sweep_stride': 2, 'window': 4, 'check_every': 3, 'min_frames': 3}})
+    report = CountingReport()
+    pipeline = CollectPipeline(config, report)
+    sweeps, due, checks = [], [], []
+    for fr in drive:
+        sweep = pipeline.sweep(dataclasses.replace(sim_inputs(fr), rig=bad_rig))
+        sweeps.append(sweep)
+        due.append(pipeline.health_due(sweep))
+        if due[-1]:                              # sweeps 0, 2, 4 (nearby ones look alike)
+            checks.append(pipeline.check_health(sweep))
+    assert due == [True, False, True, False, True]
+    # no verdict before check_every sets, then one per camera
+    assert checks[:2] == [None, None] and set(checks[2]) == {'front', 'front_left'}
+    front, left = pipeline.health['front'], pipeline.health['front_left']
+    assert front.status == 'ok' and front.report.frames == 3, front.message
+    assert left.status == 'misaligned' and 'fit better' in left.message, left.message
+    assert left.report.better_neighbours > config.health.warn_better_neighbours
+    # refuse_misaligned off (the default): both cameras recorded
+    sweep = sweeps[-1]
+    assert pipeline.refused(sweep) == [] and pipeline.accept(sweep)
+    assert pipeline.pair(sweep).camera_names == ['front', 'front_left']
+    # on (a runtime setting): front_left is left out, counted per pair
+    pipeline.configure(dataclasses.replace(config, health=dataclasses.replace(
+        config.health, refuse_misaligned=True)))
+    assert pipeline.refused(sweep) == ['front_left'] and pipeline.accept(sweep)
+    pair = pipeline.pair(sweep)
+    assert pair.camera_names == ['front'] and set(pair.images) == {'front'}
+    assert pair.calibration.names == ['front'] and pair.camera_stamp_ns.tolist() == [
+        sweep.camera_stamp_ns[0]]
+    front_corr = sweep.correspondences.for_camera('front')
+    assert len(front_corr) > 500
+    np.testing.assert_array_equal(pair.correspondences['point'], front_corr.point)
+    np.testing.assert_array_equal(pair.correspondences['camera'], 0)
+    np.testing.assert_array_equal(pair.correspondences['uv'], front_corr.uv)
+    assert report.counters.get('refused_misaligned_front_left') == 1
+    assert 'refused_misaligned_front' not in report.counters
+    # a set of the misaligned camera alone: no pair at all (counted)
+    alone = pipeline.sweep(dataclasses.replace(
+        sim_inputs(drive[-1]), rig=bad_rig.subset(['front_left']),
+        samples={'front_left': sim_inputs(drive[-1]).samples['front_left']}))
+    assert pipeline.refused(alone) == ['front_left'] and not pipeline.accept(alone)
+    assert pipeline.pair(alone) is None
+    assert report.counters['skipped_all_cameras_refused'] == 2
+    assert report.counters['refused_misaligned_front_left'] == 3
+    # health.enabled off: no refusal, no more checks
+    pipeline.configure(dataclasses.replace(config, health=dataclasses.replace(
+        config.health, refuse_misaligned=True, enabled=False)))
+    assert pipeline.refused(sweep) == [] and not pipeline.health_due(sweep)
+    assert pipeline.check_health(sweep) is None
+    # a new calibration of a camera (a CameraInfo with other intrinsics) starts it over
+    pipeline.configure(config)
+    wider = dataclasses.replace(rig.camera('front'), K=rig.camera('front').K * [[1.01], [1.01],
+                                                                             [1]])
+    other = dataclasses.replace(sweeps[0], rig=RigCalibration((wider, turned)))
+    assert pipeline.check_health(other) is None
+    assert pipeline.health['front'].status == 'unknown'
+    assert pipeline.health['front_left'].status == 'misaligned'

@@ -10,14 +10,20 @@ sweeps still waiting once every stream has stopped); the sets go through a bound
 worker thread, which runs :class:`cmkd_ros.pipelines.collect.CollectPipeline` on them:
 correspondences with :func:`cmkd_ros.projection.compute_correspondences` (the function training
 uses) and, when ``record.enabled``, a pair that the node writes with
-:class:`cmkd_ros.pairs.PairWriter` (atomic, quota), JPEGs kept as received. Publishes
-``~/output/overlay`` (throttled, only with subscribers) and ``/diagnostics``. Bad input is
+:class:`cmkd_ros.pairs.PairWriter` (atomic, quota), JPEGs kept as received. One sweep in
+``health.sweep_stride`` also goes, through a queue of one, to a low-priority thread that checks
+each camera's calibration against the data (:class:`cmkd_ros.calibration_check.HealthMonitor`):
+it never delays pairs, and drops sets while busy. Publishes ``~/output/overlay`` (throttled,
+only with subscribers) and ``/diagnostics`` (the collection status, and one calibration status
+per camera: WARN when misaligned; with ``health.refuse_misaligned`` such a camera's images are
+left out of the pairs). Bad input is
 reported (throttled warning + diagnostic) and skipped; the node keeps running. See
 docs/nodes.md.
 """
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from typing import Any
@@ -46,7 +52,9 @@ from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
 RUNTIME_PARAMETERS = ('record.enabled', 'record.min_interval_s', 'record.min_correspondences',
-                      'overlay.enabled', 'overlay.max_rate_hz', 'max_points')
+                      'overlay.enabled', 'overlay.max_rate_hz', 'max_points',
+                      'health.enabled', 'health.refuse_misaligned',
+                      'health.warn_better_neighbours')
 
 
 def encoded_size(data: bytes) -> tuple[int, int] | None:
@@ -109,6 +117,13 @@ class CollectNode(Node):
         self.queue = WorkQueue(config.processing_queue)
         self.worker = threading.Thread(target=self._work, name='collect_worker', daemon=True)
         self.worker.start()
+        # 3b. calibration health: its own low-priority thread, fed one sweep at a time (a set
+        # arriving while it is busy replaces the waiting one), so pairs never wait for it.
+        self.health_queue = WorkQueue(1)
+        self.health_worker = threading.Thread(target=self._check_health, name='collect_health',
+                                              daemon=True)
+        self.health_worker.start()
+        self.diag.add_source(self._calibration_statuses)
         # 4. publishers, then subscriptions (inputs flow last).
         self.pub_overlay = self.create_publisher(Image, '~/output/overlay', 2)
         qos = sensor_qos(depth=10)
@@ -339,11 +354,67 @@ class CollectNode(Node):
                                                  samples, odometry))
         if sweep is None:
             return
+        if self.pipeline.health_due(sweep) and self.health_queue.put(sweep):
+            self.diag.count('health_sets_dropped')            # the check was busy
         self._publish_overlay(config, sweep)
         if config.record.enabled and self.writer is not None and not self.quota_reached \
                 and self.pipeline.accept(sweep):
-            self._write(config, self.pipeline.pair(sweep))
+            pair = self.pipeline.pair(sweep)
+            if pair is not None:
+                self._write(config, pair)
         self.diag.set('last_processing_ms', round((time.monotonic() - start) * 1e3, 1))
+
+    def _check_health(self) -> None:
+        """Health worker: each sweep it is given goes to the calibration health monitor; a
+        camera turning misaligned is logged (WARN) and one turning ok again told."""
+        _lower_thread_priority(10)
+        for sweep in self.health_queue.items(drain=False):
+            before = dict(self.pipeline.health)
+            try:
+                verdicts = self.pipeline.check_health(sweep) or {}
+            except Exception as exc:  # keep collecting; report what happened
+                self.diag.warn('health_check_error', f'calibration health check: '
+                               f'{type(exc).__name__}: {exc}')
+                continue
+            refusing = self.params.config.health.refuse_misaligned
+            for name, health in verdicts.items():
+                was = before.get(name)
+                was = was.status if was is not None else 'unknown'
+                if health.status == 'misaligned' and was != 'misaligned':
+                    self.diag.warn(f'calibration_misaligned_{name}', f'camera {name}: '
+                                   f'calibration misaligned: {health.message}' +
+                                   ('; its images are left out of the pairs' if refusing
+                                    else ''))
+                elif health.status == 'ok' and was == 'misaligned':
+                    self.diag.info(f'camera {name}: calibration aligned again: '
+                                   f'{health.message}')
+
+    def _calibration_statuses(self) -> list[tuple[str, int, str, dict]]:
+        """One /diagnostics status per camera: OK (aligned, or no verdict yet) or WARN
+        (misaligned); none while ``health.enabled`` is off."""
+        config = self.params.config
+        if not config.health.enabled:
+            return []
+        out = []
+        for name in config.cameras:
+            health = self.pipeline.health.get(name)
+            status = health.status if health is not None else 'unknown'
+            message = health.message if health is not None else 'no set checked yet'
+            values = {'status': status}
+            report = health.report if health is not None else None
+            if report is not None:
+                values.update(sets=report.frames, silhouette_points=report.edge_points,
+                              better_neighbours=round(report.better_neighbours, 3),
+                              score=round(report.score, 4))
+                if report.searched and status == 'misaligned':
+                    values['misalignment_deg'] = round(report.misalignment_deg, 2)
+            refusing = status == 'misaligned' and config.health.refuse_misaligned
+            values['refusing'] = refusing
+            level = Diagnostics.WARN if status == 'misaligned' else Diagnostics.OK
+            text = f'{status}: {message}' + ('; its images are left out of the pairs '
+                                             '(health.refuse_misaligned)' if refusing else '')
+            out.append((f'calibration {name}', level, text, values))
+        return out
 
     def _write(self, config: CollectNodeConfig, pair: Pair) -> None:
         try:
@@ -380,7 +451,20 @@ class CollectNode(Node):
 
     def close(self) -> None:
         self.queue.close()
+        self.health_queue.close()
         self.worker.join(timeout=10.0)
+        self.health_worker.join(timeout=5.0)
+
+
+def _lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: nice is per thread);
+    nothing where that is not possible."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError):
+        pass
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -224,12 +224,14 @@ class Diagnostics:
     ``warn(key, text)`` logs at most once per ``throttle_s`` per key and turns the status to
     WARN for ``warn_hold_s``; ``fail(key, text)`` does the same at ERROR level and keeps the
     status ERROR until ``recover(key)``; ``count(key)`` increments a counter; ``set(key,
-    value)`` sets a value shown in the status; ``info(text)`` logs. Without diagnostic_msgs the
-    status is logged instead. It is the :class:`cmkd_ros.pipelines.intake.Report` the node's
+    value)`` sets a value shown in the status; ``info(text)`` logs. ``add_source(fn)`` adds
+    statuses of their own to each publication: ``fn()`` returns ``(name, level, message,
+    values)`` tuples, published as ``'<node>: <name>'``. Without diagnostic_msgs the statuses
+    are logged instead. It is the :class:`cmkd_ros.pipelines.intake.Report` the node's
     pipeline reports to.
     """
 
-    OK, WARN, ERROR = 0, 1, 2
+    OK, WARN, ERROR, STALE = 0, 1, 2, 3
 
     def __init__(self, node: Node, name: str, period_s: float = 1.0, throttle_s: float = 5.0,
                  warn_hold_s: float = 5.0):
@@ -244,6 +246,7 @@ class Diagnostics:
         self.faults: dict[str, str] = {}
         self._last_text, self._last_text_time = '', -float('inf')
         self._lock = threading.Lock()
+        self._sources: list[Callable[[], Iterable[tuple[str, int, str, dict]]]] = []
         try:
             from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
         except ImportError:
@@ -255,6 +258,10 @@ class Diagnostics:
             self._msgs = (DiagnosticArray, DiagnosticStatus, KeyValue)
             self._pub = node.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         self._timer = node.create_timer(period_s, self.publish)
+
+    def add_source(self, fn: Callable[[], Iterable[tuple[str, int, str, dict]]]) -> None:
+        """Publish the statuses ``fn()`` gives (``(name, level, message, values)``) too."""
+        self._sources.append(fn)
 
     def count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -315,21 +322,25 @@ class Diagnostics:
         return self.OK, 'ok', items
 
     def publish(self) -> None:
-        level, message, items = self.status()
+        statuses = [(self.name, *self.status())]
+        for source in self._sources:
+            statuses.extend(source())
         if self._msgs is None:
             # Logged instead: when something changed, at most once per throttle_s.
-            text = f'{self.name}: {message}; ' + ', '.join(f'{k}={v}' for k, v in items.items())
+            text = ' | '.join(f'{name}: {message}; ' + ', '.join(f'{k}={v}'
+                                                               for k, v in items.items())
+                              for name, _, message, items in statuses)
             now = time.monotonic()
             if text != self._last_text and now - self._last_text_time >= self.throttle_s:
                 self._last_text, self._last_text_time = text, now
                 self.node.get_logger().info(text)
             return
         DiagnosticArray, DiagnosticStatus, KeyValue = self._msgs
-        status = DiagnosticStatus(
-            level=bytes([level]), name=f'{self.node.get_name()}: {self.name}', message=message,
+        msg = DiagnosticArray(status=[DiagnosticStatus(
+            level=bytes([level]), name=f'{self.node.get_name()}: {name}', message=message,
             hardware_id=self.node.get_fully_qualified_name(),
-            values=[KeyValue(key=k, value=v) for k, v in items.items()])
-        msg = DiagnosticArray(status=[status])
+            values=[KeyValue(key=k, value=str(v)) for k, v in items.items()])
+            for name, level, message, items in statuses])
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self._pub.publish(msg)
 

@@ -5,17 +5,21 @@ what the node's worker does with it: finite points, per-point times, ego traject
 scan pattern (read once), correspondences (:func:`cmkd_ros.projection.compute_correspondences`,
 the function training uses), the record decision, the pair (:func:`assemble_pair`, with the
 correspondences and the hash of their settings, so training reads them instead of computing
-them again) and the overlay image. The node (``collect_node.py``) only turns messages into
-these inputs, synchronizes, writes and publishes, so a test or a tool runs the same code.
+them again, leaving out cameras the calibration health check refuses), the overlay image and
+the calibration health of each camera (:class:`cmkd_ros.calibration_check.HealthMonitor`). The
+node (``collect_node.py``) only turns messages into these inputs, synchronizes, writes and
+publishes, so a test or a tool runs the same code.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from cmkd_ros.calibration import RigCalibration
+from cmkd_ros.calibration_check import CameraHealth, HealthMonitor, HealthSettings
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.conversions import scalar_field
 from cmkd_ros.pipelines.intake import Report, finite_xyz
@@ -129,6 +133,9 @@ class CollectNodeConfig:
     record: RecordSettings = setting(default_factory=RecordSettings, help='pair writing')
     overlay: OverlaySettings = setting(default_factory=OverlaySettings, help='debug overlay')
     tf: TfSettings = setting(default_factory=TfSettings, help='extrinsics from TF')
+    health: HealthSettings = setting(default_factory=HealthSettings,
+                                     help='calibration health of each camera (/diagnostics; '
+                                     'docs/calibration.md)')
 
     def validate(self) -> None:
         if not self.calibration_file and not self.tf.bag and not (
@@ -315,11 +322,34 @@ class Sweep:
         return list(self.rig.names)
 
 
-def assemble_pair(sweep: Sweep, *, correspondence_settings: str | None = None) -> Pair:
+def without_cameras(sweep: Sweep, dropped: Sequence[str]) -> Sweep:
+    """The sweep without the cameras ``dropped``: their images, stamps, calibration and
+    correspondences left out (the others' camera indices renumbered)."""
+    names = sweep.camera_names
+    keep = [i for i, n in enumerate(names) if n not in set(dropped)]
+    if len(keep) == len(names):
+        return sweep
+    corr = sweep.correspondences
+    renumber = np.full(len(names), -1, np.int64)
+    renumber[keep] = np.arange(len(keep))
+    rows = renumber[corr.camera] >= 0
+    kept = [names[i] for i in keep]
+    return dataclasses.replace(
+        sweep, rig=sweep.rig.subset(kept), samples={n: sweep.samples[n] for n in kept},
+        camera_stamp_ns=sweep.camera_stamp_ns[keep],
+        correspondences=dataclasses.replace(
+            corr, point=corr.point[rows], camera=renumber[corr.camera[rows]],
+            uv=corr.uv[rows], depth=corr.depth[rows], camera_names=tuple(kept)))
+
+
+def assemble_pair(sweep: Sweep, *, correspondence_settings: str | None = None,
+                  drop_cameras: Sequence[str] = ()) -> Pair:
     """The pair of a sweep: images as received (raw ones as PNG), per-point fields, ego poses
     and, when ``correspondence_settings`` (the hash of the settings that made them,
-    :func:`cmkd_ros.projection.correspondence_settings_hash`) is given, the correspondences."""
+    :func:`cmkd_ros.projection.correspondence_settings_hash`) is given, the correspondences;
+    the cameras ``drop_cameras`` left out (:func:`without_cameras`)."""
     from cmkd_ros.pairs import Pair
+    sweep = without_cameras(sweep, drop_cameras)
     images, formats = {}, {}
     for name in sweep.camera_names:
         images[name], formats[name] = encoded_image(sweep.samples[name])
@@ -341,8 +371,11 @@ class CollectPipeline:
 
     ``sweep(inputs)`` -> :class:`Sweep` (or None for a set to skip, warned), ``accept(sweep)``
     (enough correspondences, rate limit), ``pair(sweep)`` -> :class:`cmkd_ros.pairs.Pair`,
-    ``overlay(sweep, camera)`` -> debug image. Warnings and values go to ``report``; the scan pattern, read from the
-    first usable sweep when the occlusion test is on, is told once (``report.info``).
+    ``overlay(sweep, camera)`` -> debug image. Calibration health: ``health_due(sweep)`` (one
+    sweep in ``health.sweep_stride``, cheap) and ``check_health(sweep)`` (seconds now and then:
+    the node runs it on a thread of its own); ``refused(sweep)``: the cameras whose pairs are
+    not recorded. Warnings and values go to ``report``; the scan pattern, read from the first
+    usable sweep when the occlusion test is on, is told once (``report.info``).
     """
 
     def __init__(self, config: CollectNodeConfig, report: Report):
@@ -350,11 +383,21 @@ class CollectPipeline:
         self.config = config
         self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
         self.scan_pattern = None
+        self.health_monitor: HealthMonitor | None = None    # made from the first checked set
+        self.health: dict[str, CameraHealth] = {}           # the last verdicts (a snapshot)
+        self._health_seen = 0
 
     def configure(self, config: CollectNodeConfig) -> None:
-        """Take runtime settings (record.*, overlay.*)."""
+        """Take runtime settings (record.*, overlay.*, health.enabled, .refuse_misaligned,
+        .warn_better_neighbours: the threshold applies from the next check)."""
         self.config = config
         self.rate_limiter.interval_ns = int(config.record.min_interval_s * 1e9)
+        if self.health_monitor is not None:
+            self.health_monitor.settings = self._monitor_settings()
+
+    def _monitor_settings(self) -> HealthSettings:
+        # the stride is taken here (health_due), before the images are decoded
+        return dataclasses.replace(self.config.health, sweep_stride=1)
 
     def restart(self) -> None:
         """The LiDAR stamps jumped back (bag loop, clock reset): the rate limit starts over."""
@@ -395,17 +438,78 @@ class CollectPipeline:
                      dict(inputs.samples), cam_stamps, trajectory, corr)
 
     def accept(self, sweep: Sweep) -> bool:
-        """Whether the sweep becomes a pair: ``record.min_correspondences`` (counted
-        ``skipped_few_correspondences`` when too few), then the rate limit."""
-        if len(sweep.correspondences) < self.config.record.min_correspondences:
+        """Whether the sweep becomes a pair: a camera the health check does not refuse
+        (else counted ``refused_misaligned_<camera>`` per camera and
+        ``skipped_all_cameras_refused``), ``record.min_correspondences`` of those cameras
+        (counted ``skipped_few_correspondences`` when too few), then the rate limit."""
+        refused = self.refused(sweep)
+        if refused and len(refused) == len(sweep.camera_names):
+            self._count_refused(refused)
+            self.report.count('skipped_all_cameras_refused')
+            return False
+        corr = sweep.correspondences
+        kept = len(corr) - int(np.isin(corr.camera, [sweep.camera_names.index(n)
+                                                     for n in refused]).sum())
+        if kept < self.config.record.min_correspondences:
             self.report.count('skipped_few_correspondences')
             return False
         return self.rate_limiter.accept(sweep.stamp_ns)
 
-    def pair(self, sweep: Sweep) -> Pair:
+    def pair(self, sweep: Sweep) -> Pair | None:
+        """The pair of an accepted sweep without the cameras :meth:`refused` names (each
+        counted ``refused_misaligned_<camera>``); None when that is every camera (a verdict
+        that changed since :meth:`accept`)."""
         config = self.config
+        refused = self.refused(sweep)
+        self._count_refused(refused)
+        if refused and len(refused) == len(sweep.camera_names):
+            self.report.count('skipped_all_cameras_refused')
+            return None
         return assemble_pair(sweep, correspondence_settings=correspondence_settings_hash(
-            config.correspondence) if config.record.store_correspondences else None)
+            config.correspondence) if config.record.store_correspondences else None,
+            drop_cameras=refused)
+
+    def _count_refused(self, refused: list[str]) -> None:
+        for name in refused:
+            self.report.count(f'refused_misaligned_{name}')
+
+    # ---------------------------------------------------------------- calibration health
+    def refused(self, sweep: Sweep) -> list[str]:
+        """Cameras of the sweep whose pairs are not recorded: ``health.refuse_misaligned``
+        (with ``health.enabled``) and their last check says misaligned."""
+        monitor, health = self.health_monitor, self.config.health
+        if monitor is None or not (health.enabled and health.refuse_misaligned):
+            return []
+        return [n for n in sweep.camera_names if monitor.refuses(n)]
+
+    def health_due(self, sweep: Sweep) -> bool:
+        """Whether the health check takes this sweep: one in ``health.sweep_stride`` while
+        ``health.enabled`` (cheap: the sweep's images are decoded by :meth:`check_health`)."""
+        if not self.config.health.enabled:
+            return False
+        self._health_seen += 1
+        return (self._health_seen - 1) % self.config.health.sweep_stride == 0
+
+    def check_health(self, sweep: Sweep) -> dict[str, CameraHealth] | None:
+        """Give one sweep to the calibration health monitor (decoding its images); the new
+        verdicts {camera: :class:`CameraHealth`} when a check ran (every
+        ``health.check_every`` sets), else None. A camera whose calibration changed (a new
+        CameraInfo) starts over. Costs 0.3 s per set and 0.5-2 s per camera per check."""
+        if not self.config.health.enabled:
+            return None
+        if self.health_monitor is None:
+            self.health_monitor = HealthMonitor(sweep.rig, self._monitor_settings())
+        monitor = self.health_monitor
+        restarted = monitor.use(sweep.rig)
+        images = {n: decoded_rgb(sweep.samples[n]) for n in sweep.camera_names}
+        capture = {n: int(s) + int(sweep.rig.camera(n).time_offset_ns)
+                   for n, s in zip(sweep.camera_names, sweep.camera_stamp_ns)}
+        result = monitor.add(sweep.xyz, images, ring=sweep.ring,
+                             point_time_ns=sweep.point_time_ns, capture_ns=capture,
+                             trajectory=sweep.trajectory)
+        if result is not None or restarted:
+            self.health = {n: monitor.health(n) for n in monitor.rig.names}
+        return result
 
     def overlay(self, sweep: Sweep, camera: str) -> np.ndarray | None:
         """(H', W', 3) uint8 points over camera ``camera``'s image (None: not in the set)."""
