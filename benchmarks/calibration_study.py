@@ -1,6 +1,6 @@
 """How much calibration error distillation survives (issue 18, item 1).
 
-Two parts, both on the synthetic streets of ``cmkd train experiments`` (same SimConfig):
+Three parts, all on the synthetic streets of ``cmkd train experiments`` (same SimConfig):
 
 * ``correspondence`` (no training, about a minute): frames of the held-out test worlds; the
   rig's extrinsics perturbed (rotation about random axes, translation in random directions,
@@ -16,9 +16,13 @@ Two parts, both on the synthetic streets of ``cmkd train experiments`` (same Sim
   The stored correspondences are dropped from the perturbed copies (their settings hash does
   not cover the calibration), so the datasets compute them from the wrong calibration.
   Nothing is chosen on the test worlds: the test worlds are only scored.
+* ``transfer`` (after ``train``): that teacher's labels carried to the seen test points by
+  correspondences computed with each level's error (test pairs perturbed as above), scored
+  against the points' true labels (the target FSKD distils).
 
 Usage: ``python benchmarks/calibration_study.py --out runs/calibration_study
-[--part correspondence|train|report ...] [--levels none rot1 ...] [--student-steps 300] [--seeds 0 1]``.
+[--part correspondence|train|transfer|report ...] [--levels none rot1 ...] [--student-steps 300]
+[--seeds 0 1]``.
 Every training stage is skipped when its result exists, so a run continues where it stopped.
 Writes ``study.json``, ``study.md`` and ``calibration_study.png`` into ``--out``.
 Figures and their reading: docs/calibration.md.
@@ -51,11 +55,11 @@ ROTATIONS_DEG = (0.0, 0.25, 0.5, 1.0, 2.0)
 TRANSLATIONS_CM = (5.0, 10.0, 20.0)
 TIME_OFFSETS_MS = (0.0, 10.0, 25.0, 50.0)
 # training levels: name -> (rotation deg, translation cm, time offset ms, motion compensation)
-LEVELS = {'none': (0.0, 0.0, 0.0, True), 'rot1': (1.0, 0.0, 0.0, True),
-          'rot2': (2.0, 0.0, 0.0, True), 'trans20': (0.0, 20.0, 0.0, True),
-          'time50_mc': (0.0, 0.0, 50.0, True), 'time50_nomc': (0.0, 0.0, 50.0, False),
-          'none_nomc': (0.0, 0.0, 0.0, False), 'rot0.5': (0.5, 0.0, 0.0, True),
-          'trans5': (0.0, 5.0, 0.0, True), 'time25_mc': (0.0, 0.0, 25.0, True)}
+LEVELS = {'none': (0.0, 0.0, 0.0, True), 'none_nomc': (0.0, 0.0, 0.0, False),
+          'rot0.5': (0.5, 0.0, 0.0, True), 'rot1': (1.0, 0.0, 0.0, True),
+          'rot2': (2.0, 0.0, 0.0, True), 'trans5': (0.0, 5.0, 0.0, True),
+          'trans20': (0.0, 20.0, 0.0, True), 'time25_mc': (0.0, 0.0, 25.0, True),
+          'time50_mc': (0.0, 0.0, 50.0, True), 'time50_nomc': (0.0, 0.0, 50.0, False)}
 DEFAULT_LEVELS = ('none', 'rot1', 'rot2', 'trans20', 'time50_mc', 'time50_nomc')
 
 
@@ -319,8 +323,45 @@ def train_part(out: str, levels, frames: int, teacher_steps: int, student_steps:
     return results
 
 
+def transfer_part(out: str, levels, frames: int, seed: int) -> dict:
+    """{level: mIoU and accuracy of the trained teacher's labels carried to the seen test
+    points by correspondences from a calibration with the level's error} (the target FSKD
+    distils; scored against the points' true labels)."""
+    import torch
+    from cmkd_ros.models.teacher import load_teacher
+    from offline_training.datasets import PairDataset
+    from offline_training.evaluate import evaluate_label_transfer
+    torch.set_num_threads(1)
+    teacher = load_teacher(os.path.join(out, 'teacher', 'teacher.pt'))
+    data = os.path.join(out, 'data')
+    test = _render(os.path.join(data, 'test'), TEST_WORLDS, frames)
+    results = {}
+    for name in levels:
+        rot, cm, ms, mc = LEVELS[name]
+        if ms:
+            root = _render(os.path.join(data, f'test_late{ms:g}ms'), TEST_WORLDS, frames, ms)
+        elif rot or cm:
+            root = perturbed_copy(test, os.path.join(data, f'test_{name}'), rot, cm / 100, seed)
+        else:
+            root = test
+        seen = evaluate_label_transfer(
+            teacher, PairDataset(root, label_images=False, motion_compensation=mc),
+            class_names=teacher.class_map.names)['seen']
+        results[name] = {'miou': seen['miou'], 'accuracy': seen['accuracy']}
+        print(f'[transfer] {name}: mIoU {100 * seen["miou"]:.1f}', flush=True)
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
+
+
+def _level_text(name: str) -> str:
+    rot, cm, ms, mc = LEVELS[name]
+    return ', '.join(p for p in (f'rotation {rot:g} deg' if rot else '',
+                                 f'translation {cm:g} cm' if cm else '',
+                                 f'time offset {ms:g} ms' if ms else '',
+                                 '' if mc else 'no motion compensation') if p) or 'no error'
 
 
 def report(study: dict) -> str:
@@ -334,18 +375,21 @@ def report(study: dict) -> str:
                         f'{r["pixel_error"]:.2f} px | {100 * r["over_2px"]:.1f}% | '
                         f'{r["correspondences_per_frame"]:.0f} |')
         rows.append('')
+    transfer = study.get('transfer')
+    if transfer:
+        rows += ['| calibration of the test pairs | teacher labels carried: mIoU (seen points) | '
+                 'accuracy |', '|---|---|---|']
+        for name, r in transfer.items():
+            rows.append(f'| {_level_text(name)} | {100 * r["miou"]:.1f} | '
+                        f'{100 * r["accuracy"]:.1f} |')
+        rows.append('')
     train = study.get('train')
     if train:
         base = (train.get('none') or {}).get('miou_all')
         rows += ['| training pairs | seeds | FSKD mIoU all | seen | unseen | vs. no error | '
                  'training s |', '|---|---|---|---|---|---|---|']
         for name, r in train.items():
-            rot, cm, ms, mc = LEVELS[name]
-            what = ', '.join(p for p in (f'rotation {rot:g} deg' if rot else '',
-                                         f'translation {cm:g} cm' if cm else '',
-                                         f'time offset {ms:g} ms' if ms else '',
-                                         '' if mc else 'no motion compensation') if p) or \
-                'no error'
+            what = _level_text(name)
             delta = '-' if base is None or name == 'none' else \
                 f'{100 * (r["miou_all"] - base):+.1f}'
             cells = ' | '.join(_pct(r[k], r.get(k + '_std'))
@@ -396,6 +440,8 @@ def plot(study: dict, path: str) -> None:
         stds = [train[n].get('miou_all_std') for n in names]
         axes[2].bar(range(len(names)), [100 * train[n]['miou_all'] for n in names],
                     yerr=[100 * (v or 0) for v in stds], capsize=3)
+        values = [100 * train[n]['miou_all'] for n in names]
+        axes[2].set_ylim(max(0.0, min(values) - 4), max(values) + 2)
         axes[2].set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         seeds = max(len(train[n].get('seeds') or [0]) for n in names)
         axes[2].set(title=f'FSKD zero-shot mIoU (held-out worlds, {seeds} seed(s))',
@@ -409,9 +455,11 @@ def plot(study: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='runs/calibration_study', help='output folder')
-    parser.add_argument('--part', nargs='+', default=['correspondence', 'train'],
-                        choices=('correspondence', 'train', 'report'),
-                        help='report: table and plot from study.json only')
+    parser.add_argument('--part', nargs='+', default=['correspondence', 'train', 'transfer'],
+                        choices=('correspondence', 'train', 'transfer', 'report'),
+                        help='transfer: the trained teacher\'s labels carried to the test '
+                        'points under each level\'s error; report: table and plot from '
+                        'study.json only')
     parser.add_argument('--frames', type=int, default=2,
                         help='frames per test world of the correspondence part')
     parser.add_argument('--draws', type=int, default=4,
@@ -448,6 +496,10 @@ def main(argv=None) -> int:
                                    'frames_per_world': args.train_frames,
                                    'train_worlds': list(TRAIN_WORLDS),
                                    'test_worlds': list(TEST_WORLDS), 'seeds': args.seeds}
+    if 'transfer' in args.part:
+        wanted = set(args.levels) | ({'rot0.5'} if 'none' in args.levels else set())
+        study['transfer'] = transfer_part(args.out, [k for k in LEVELS if k in wanted],
+                                          args.train_frames, args.seed)
     with open(path, 'w', encoding='utf-8') as fh:
         json.dump(study, fh, indent=2)
     table = report(study)
