@@ -22,7 +22,7 @@ Three parts, all on the synthetic streets of ``cmkd train experiments`` (same Si
 
 Usage: ``python benchmarks/calibration_study.py --out runs/calibration_study
 [--part correspondence|train|transfer|report ...] [--levels none rot1 ...] [--student-steps 300]
-[--seeds 0 1]``.
+[--seeds 0 1 2]``.
 Every training stage is skipped when its result exists, so a run continues where it stopped.
 Writes ``study.json``, ``study.md`` and ``calibration_study.png`` into ``--out``.
 Figures and their reading: docs/calibration.md.
@@ -386,16 +386,20 @@ def report(study: dict) -> str:
     train = study.get('train')
     if train:
         base = (train.get('none') or {}).get('miou_all')
+        base_seeds = (train.get('none') or {}).get('seeds') or {}
         rows += ['| training pairs | seeds | FSKD mIoU all | seen | unseen | vs. no error | '
-                 'training s |', '|---|---|---|---|---|---|---|']
+                 'vs. no error, per seed | training s |', '|---|---|---|---|---|---|---|---|']
         for name, r in train.items():
             what = _level_text(name)
             delta = '-' if base is None or name == 'none' else \
                 f'{100 * (r["miou_all"] - base):+.1f}'
             cells = ' | '.join(_pct(r[k], r.get(k + '_std'))
                                for k in ('miou_all', 'miou_seen', 'miou_unseen'))
+            paired = '-' if name == 'none' else ' / '.join(
+                f'{100 * (v["miou_all"] - base_seeds[k]["miou_all"]):+.1f}'
+                for k, v in (r.get('seeds') or {}).items() if k in base_seeds) or '-'
             rows.append(f'| {what} | {len(r.get("seeds") or [0])} | {cells} | {delta} | '
-                        f'{r["seconds"]:.0f} |')
+                        f'{paired} | {r["seconds"]:.0f} |')
     return '\n'.join(rows) + '\n'
 
 
@@ -473,7 +477,7 @@ def main(argv=None) -> int:
     parser.add_argument('--student-steps', type=int, default=300)
     parser.add_argument('--parallel', type=int, default=2, help='trainings at a time')
     parser.add_argument('--seed', type=int, default=0, help='seed of the perturbation draws')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1],
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2],
                         help='training seeds of every student (more than one: mean ± std)')
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
