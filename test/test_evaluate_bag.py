@@ -55,7 +55,9 @@ def test_evaluate_bag_reports_miou_latency_and_drops(tmp_path, bag_and_checkpoin
     assert report['coverage'] == 1.0                     # default range keeps every point
     for key in ('latency_ms', 'processing_ms'):
         assert 0 < report[key]['p50'] <= report[key]['p95'] <= report[key]['max']
-    assert report['latency_ms']['p50'] >= report['processing_ms']['p50']
+    # each scan's latency holds its own processing; the two lists cover different scans when a
+    # labeled cloud is lost (best effort) or dropped, so only their minima compare
+    assert report['latency_ms']['min'] >= report['processing_ms']['min']
     # the same score computed offline from the library's predictions on the same points
     student, info = load_checkpoint(checkpoint)
     points, labels = _frames(bag)
@@ -117,6 +119,7 @@ def test_score_counts_drops_latency_and_ignores_unlabeled_points():
     assert (report['frames_published'], report['frames_received'], report['drops']) == (3, 2, 1)
     assert report['latency_ms']['max'] == pytest.approx(200.0)
     assert report['latency_ms']['p50'] == pytest.approx(125.0)
+    assert report['latency_ms']['min'] == pytest.approx(50.0)
     assert report['points_scored'] == 4 and report['coverage'] == pytest.approx(4 / 5)
     # IoU a = 1 / 2 (TP 1, FP 1), b = 0 / 1, c = 2 / 2
     assert report['iou'] == {'a': 0.5, 'b': 0.0, 'c': 1.0}

@@ -83,10 +83,10 @@ def read_ground_truth(bag: str, points_topic: str, labels_topic: str,
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {k: None for k in ('p50', 'p90', 'p95', 'p99', 'max', 'mean')}
+        return {k: None for k in ('min', 'p50', 'p90', 'p95', 'p99', 'max', 'mean')}
     arr = np.asarray(values, dtype=np.float64)
     out = {f'p{q}': float(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
-    out.update(max=float(arr.max()), mean=float(arr.mean()))
+    out.update(min=float(arr.min()), max=float(arr.max()), mean=float(arr.mean()))
     return out
 
 
