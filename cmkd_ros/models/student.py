@@ -16,7 +16,7 @@ from torch import nn
 
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseConv3d, SparseTensor,
-                             import_minkowski, minkowski_available)
+                             import_minkowski, minkowski_available, native)
 from cmkd_ros.sparse.functional import CSR_DTYPES, autocast_dtype
 from cmkd_ros.sparse.minkowski import rows_in_order
 
@@ -237,8 +237,9 @@ class Student(nn.Module):
         """On a CPU with 2+ torch threads, at inference, once a forward pass has shown which
         kernel maps the network uses: a second thread builds them while the network runs in
         this one, which lends it one of its torch threads. It takes the thread back once the
-        maps are done, except a narrow network in 16-bit arithmetic: its serial scatters and
-        small GEMMs ran faster on one thread fewer (docs/sparse_backends.md)."""
+        maps are done, except a narrow network in 16-bit arithmetic on the pure-PyTorch path:
+        its serial scatters and small GEMMs ran faster on one thread fewer
+        (docs/sparse_backends.md)."""
         requests = self.__dict__.get('_map_requests')
         if (not requests or torch.get_num_threads() < 2 or feats.device.type != 'cpu'
                 or torch.is_grad_enabled()):
@@ -250,7 +251,8 @@ class Student(nn.Module):
         dtype = autocast_dtype('cpu') or feats.dtype
         manager.prebuild_in_background(
             requests, dtype, lend_thread=True,
-            give_back_early=(dtype in CSR_DTYPES or  # row-parallel scatter
+            give_back_early=(native.available() or  # compiled kernels: all row-parallel
+                             dtype in CSR_DTYPES or  # row-parallel scatter
                              self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS))
         try:
             yield
