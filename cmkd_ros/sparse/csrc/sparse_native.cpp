@@ -13,11 +13,19 @@
 #include <torch/python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One build for every x86-64 CPU: the hot loops are compiled for AVX-512, AVX2 and the
@@ -585,6 +593,22 @@ CMKD_INLINE void store_rows(const float* acc, int64_t count, bool relu, float* o
   }
 }
 
+// A block's sums start from the bias and a residual input.
+CMKD_INLINE void start_block(const ConvArgs& p, int64_t row0, int64_t rows, float* acc) {
+  const int64_t cout = p.cout;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = acc + r * cout;
+    for (int64_t j = 0; j < cout; ++j) dst[j] = p.bias ? p.bias[j] : 0.0f;
+    if (p.residual) {
+      const float* src = p.residual + (row0 + r) * cout;
+      for (int64_t j = 0; j < cout; ++j) dst[j] += src[j];
+    } else if (p.residual16) {
+      const uint16_t* src = p.residual16 + (row0 + r) * cout;
+      for (int64_t j = 0; j < cout; ++j) dst[j] += bf16_to_float(src[j]);
+    }
+  }
+}
+
 constexpr int64_t kBatch = 64;  // rows per call of the row kernels
 
 struct Scratch {
@@ -620,18 +644,7 @@ void conv_blocks(const ConvArgs& p, int64_t begin, int64_t end) {
     const int64_t row0 = blk * p.block_rows;
     const int64_t rows = std::min(p.block_rows, p.num_out - row0);
     float* acc0 = acc.data();
-    // 1. Start from the bias (and a residual input).
-    for (int64_t r = 0; r < rows; ++r) {
-      float* dst = acc0 + r * cout;
-      for (int64_t j = 0; j < cout; ++j) dst[j] = p.bias ? p.bias[j] : 0.0f;
-      if (p.residual) {
-        const float* src = p.residual + (row0 + r) * cout;
-        for (int64_t j = 0; j < cout; ++j) dst[j] += src[j];
-      } else if (p.residual16) {
-        const uint16_t* src = p.residual16 + (row0 + r) * cout;
-        for (int64_t j = 0; j < cout; ++j) dst[j] += bf16_to_float(src[j]);
-      }
-    }
+    start_block(p, row0, rows, acc0);  // 1. the bias (and a residual input)
     // 2. The centre of a submanifold kernel: every row with itself.
     if (p.identity >= 0) {
       for (int64_t r0 = 0; r0 < rows; r0 += kBatch) {
@@ -659,6 +672,189 @@ void conv_blocks(const ConvArgs& p, int64_t begin, int64_t end) {
     store_rows(acc0, rows * cout, p.relu, p.out ? p.out + row0 * cout : nullptr,
                p.out16 ? p.out16 + row0 * cout : nullptr);
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+// ---- bfloat16 on AMX tiles ----------------------------------------------------------------
+// Each group of 16 pairs of one offset: the input rows gathered into a 16-row staging tile,
+// one tile multiply per 16 output columns (and 32 input channels) into float32 sums, which are
+// then added into the block's rows. CPUs with AMX (Intel Sapphire Rapids and later) only.
+#define CMKD_AMX 1
+#define CMKD_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_available() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    // Linux hands out the tile state on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+std::atomic<bool> g_amx{true};  // tests compare the AMX path with the float32 one
+
+struct AmxArgs {
+  const uint16_t* feats;  // (num_in, cin) bfloat16
+  const uint16_t* feats2;  // (num_in, cin2) bfloat16, or null
+  const uint16_t* weight;  // packed: [k][column tile][chunk][kc / 2][16][2]
+  int64_t kc, chunks, tiles;  // input channels per tile multiply, chunks, column tiles
+};
+
+// The weight as B tiles: input-channel pairs of a column adjacent, zero padded.
+std::vector<uint16_t> pack_amx(const uint16_t* w, int64_t volume, int64_t cin, int64_t cout,
+                               int64_t kc, int64_t chunks, int64_t tiles) {
+  std::vector<uint16_t> out(static_cast<size_t>(volume * tiles * chunks * kc * 16), 0);
+  for (int64_t k = 0; k < volume; ++k)
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t c = 0; c < chunks; ++c) {
+        uint16_t* tile = out.data() + ((k * tiles + t) * chunks + c) * kc * 16;
+        for (int64_t pr = 0; pr < kc / 2; ++pr)
+          for (int64_t col = 0; col < 16; ++col)
+            for (int64_t h = 0; h < 2; ++h) {
+              const int64_t i = c * kc + 2 * pr + h, j = t * 16 + col;
+              if (i < cin && j < cout) {
+                tile[(pr * 16 + col) * 2 + h] = w[(k * cin + i) * cout + j];
+              }
+            }
+      }
+  return out;
+}
+
+// c[r] += stage[r] @ weight[k] for the n <= 16 staged rows.
+CMKD_AMX_TARGET CMKD_INLINE void amx_rows(const AmxArgs& q, int64_t k, int64_t n,
+                                          const uint16_t* stage, int64_t cout,
+                                          float* const* c, float* cbuf) {
+  const int64_t stride = q.kc * q.chunks * 2, btile = q.kc * 16;
+  for (int64_t t0 = 0; t0 < q.tiles; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, q.tiles - t0);
+    const uint16_t* w = q.weight + (k * q.tiles + t0) * q.chunks * btile;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t ch = 0; ch < q.chunks; ++ch) {
+      _tile_loadd(0, stage + ch * q.kc, stride);
+      _tile_loadd(1, w + ch * btile, 64);
+      _tile_dpbf16ps(4, 0, 1);
+      if (nt > 1) {
+        _tile_loadd(2, w + (q.chunks + ch) * btile, 64);
+        _tile_dpbf16ps(5, 0, 2);
+      }
+      if (nt > 2) {
+        _tile_loadd(3, w + (2 * q.chunks + ch) * btile, 64);
+        _tile_dpbf16ps(6, 0, 3);
+      }
+      if (nt > 3) {
+        _tile_loadd(1, w + (3 * q.chunks + ch) * btile, 64);
+        _tile_dpbf16ps(7, 0, 1);
+      }
+    }
+    _tile_stored(4, cbuf, 64);
+    if (nt > 1) _tile_stored(5, cbuf + 256, 64);
+    if (nt > 2) _tile_stored(6, cbuf + 512, 64);
+    if (nt > 3) _tile_stored(7, cbuf + 768, 64);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t col = (t0 + t) * 16;
+      const __mmask16 mask = cout - col >= 16 ? __mmask16(0xffff)
+                                              : __mmask16((1u << (cout - col)) - 1u);
+      for (int64_t r = 0; r < n; ++r) {
+        float* dst = c[r] + col;
+        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst),
+                                         _mm512_loadu_ps(cbuf + t * 256 + r * 16));
+        _mm512_mask_storeu_ps(dst, mask, sum);
+      }
+    }
+  }
+}
+
+CMKD_AMX_TARGET CMKD_INLINE void stage_rows(const AmxArgs& q, const ConvArgs& p, int64_t n,
+                                            const int64_t* rows, uint16_t* stage) {
+  const int64_t width = q.kc * q.chunks;
+  for (int64_t r = 0; r < n; ++r) {
+    std::memcpy(stage + r * width, q.feats + rows[r] * p.cin, size_t(p.cin) * 2);
+    if (q.feats2) {
+      std::memcpy(stage + r * width + p.cin, q.feats2 + rows[r] * p.cin2, size_t(p.cin2) * 2);
+    }
+  }
+}
+
+CMKD_AMX_TARGET void conv_blocks_amx(const ConvArgs& p, const AmxArgs& q, int64_t begin,
+                                     int64_t end) {
+  const int64_t cout = p.cout, volume = p.volume;
+  thread_local std::vector<float> acc;
+  if (acc.size() < static_cast<size_t>(p.block_rows * cout)) {
+    acc.resize(static_cast<size_t>(p.block_rows * cout));
+  }
+  std::vector<uint16_t> stage(static_cast<size_t>(16 * q.kc * q.chunks), 0);  // pads stay 0
+  alignas(64) float cbuf[4 * 256];
+  TileConfig cfg{};
+  cfg.palette = 1;
+  cfg.rows[0] = 16;  // A: 16 staged rows of kc channels
+  cfg.colsb[0] = uint16_t(q.kc * 2);
+  for (int t = 1; t < 4; ++t) {  // B: kc / 2 channel pairs of 16 columns
+    cfg.rows[t] = uint8_t(q.kc / 2);
+    cfg.colsb[t] = 64;
+  }
+  for (int t = 4; t < 8; ++t) {  // C: 16 rows of 16 float32 sums
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  int64_t rows_in[16];
+  float* c[16];
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t row0 = blk * p.block_rows;
+    const int64_t rows = std::min(p.block_rows, p.num_out - row0);
+    float* acc0 = acc.data();
+    start_block(p, row0, rows, acc0);
+    if (p.identity >= 0) {
+      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const int64_t n = std::min<int64_t>(16, rows - r0);
+        for (int64_t r = 0; r < n; ++r) {
+          rows_in[r] = row0 + r0 + r;
+          c[r] = acc0 + (r0 + r) * cout;
+        }
+        stage_rows(q, p, n, rows_in, stage.data());
+        amx_rows(q, p.identity, n, stage.data(), cout, c, cbuf);
+      }
+    }
+    for (int64_t k = 0; k < volume; ++k) {
+      const int64_t s0 = p.seg[blk * volume + k], s1 = p.seg[blk * volume + k + 1];
+      for (int64_t q0 = s0; q0 < s1; q0 += 16) {
+        const int64_t n = std::min<int64_t>(16, s1 - q0);
+        for (int64_t r = 0; r < n; ++r) {
+          rows_in[r] = p.pin[q0 + r];
+          c[r] = acc0 + (int64_t(p.pout[q0 + r]) - row0) * cout;
+        }
+        stage_rows(q, p, n, rows_in, stage.data());
+        amx_rows(q, k, n, stage.data(), cout, c, cbuf);
+      }
+    }
+    store_rows(acc0, rows * cout, p.relu, nullptr, p.out16 + row0 * cout);
+  }
+  _tile_release();
+}
+#else
+bool amx_available() { return false; }
+#endif
+
+// Turn the AMX path on or off (tests compare it with the float32 one); whether it runs now.
+bool use_amx(bool on) {
+#ifdef CMKD_AMX
+  g_amx.store(on);
+#endif
+  return on && amx_available();
 }
 
 struct Layout {
@@ -711,18 +907,29 @@ at::Tensor conv_forward(at::Tensor feats, c10::optional<at::Tensor> feats2,
     check_features(*feats2, "feats2");
   }
   const int64_t cin = feats.size(1), cin2 = two ? feats2->size(1) : 0;
-  // float32 copies of bfloat16 features (read a few times each; float32 arithmetic).
-  const at::Tensor f32 = feats.to(at::kFloat).contiguous();
-  const at::Tensor g32 = two ? feats2->to(at::kFloat).contiguous() : at::Tensor();
   TORCH_CHECK(weight.dim() == 3 && weight.size(1) == cin + cin2 && weight.scalar_type() == dtype,
               "weight must be (K, Cin, Cout) of the features' dtype");
+#ifdef CMKD_AMX
+  const bool amx = dtype == at::kBFloat16 && g_amx.load() && amx_available();
+#else
+  const bool amx = false;
+#endif
+  // Otherwise float32 copies of bfloat16 features (read a few times each; float32 arithmetic).
+  at::Tensor f32, g32, f16, g16;
+  if (amx) {
+    f16 = feats.contiguous();
+    if (two) g16 = feats2->contiguous();
+  } else {
+    f32 = feats.to(at::kFloat).contiguous();
+    if (two) g32 = feats2->to(at::kFloat).contiguous();
+  }
   const int64_t volume = weight.size(0), cout = weight.size(2);
   const Layout lay = check_layout(pin, pout, seg, volume, num_out, block_rows);
   TORCH_CHECK(identity < volume, "identity offset out of range");
   TORCH_CHECK(feats.size(0) == num_in, "feats has ", feats.size(0), " rows, the layout ",
               num_in);
   TORCH_CHECK(identity < 0 || num_in == num_out, "an identity offset needs num_in == num_out");
-  const at::Tensor w32 = weight.to(at::kFloat).contiguous();  // small: a float32 copy
+  const at::Tensor w32 = amx ? at::Tensor() : weight.to(at::kFloat).contiguous();  // small
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == cout && bias->scalar_type() == dtype,
@@ -738,9 +945,11 @@ at::Tensor conv_forward(at::Tensor feats, c10::optional<at::Tensor> feats2,
   }
   auto out = at::empty({num_out, cout}, feats.options());
   ConvArgs p{};
-  p.feats = f32.data_ptr<float>();
-  p.feats2 = two ? g32.data_ptr<float>() : nullptr;
-  p.weight = w32.data_ptr<float>();
+  if (!amx) {
+    p.feats = f32.data_ptr<float>();
+    p.feats2 = two ? g32.data_ptr<float>() : nullptr;
+    p.weight = w32.data_ptr<float>();
+  }
   p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
   if (res.defined()) {
     if (dtype == at::kFloat) {
@@ -765,6 +974,26 @@ at::Tensor conv_forward(at::Tensor feats, c10::optional<at::Tensor> feats2,
   } else {
     p.out16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   }
+#ifdef CMKD_AMX
+  if (amx) {
+    AmxArgs q{};
+    const int64_t width = cin + cin2;
+    q.kc = width <= 32 ? width + width % 2 : 32;
+    q.chunks = (width + q.kc - 1) / q.kc;
+    q.tiles = (cout + 15) / 16;
+    const at::Tensor w16 = weight.contiguous();
+    const std::vector<uint16_t> packed =
+        pack_amx(reinterpret_cast<const uint16_t*>(w16.data_ptr<at::BFloat16>()), volume,
+                 width, cout, q.kc, q.chunks, q.tiles);
+    q.feats = reinterpret_cast<const uint16_t*>(f16.data_ptr<at::BFloat16>());
+    q.feats2 = two ? reinterpret_cast<const uint16_t*>(g16.data_ptr<at::BFloat16>()) : nullptr;
+    q.weight = packed.data();
+    at::parallel_for(0, lay.blocks, 1, [&](int64_t begin, int64_t end) {
+      conv_blocks_amx(p, q, begin, end);
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, lay.blocks, 1, [&](int64_t begin, int64_t end) {
     conv_blocks(p, begin, end);
   });
@@ -833,6 +1062,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_layout", &conv_layout, "pairs by (output block, offset)", py::arg("in_rows"),
         py::arg("out_rows"), py::arg("group_bounds"), py::arg("group_k"), py::arg("volume"),
         py::arg("num_in"), py::arg("num_out"), py::arg("block_rows"));
+  m.def("use_amx", &use_amx, "bfloat16 convolutions on AMX tiles on/off; whether they run",
+        py::arg("on"));
   m.def("conv_forward", &conv_forward, "fused gather-GEMM-scatter convolution",
         py::arg("feats"), py::arg("feats2"), py::arg("weight"), py::arg("bias"),
         py::arg("residual"), py::arg("pin"), py::arg("pout"), py::arg("seg"), py::arg("num_in"),
