@@ -241,6 +241,10 @@ def autocast_dtype(device_type: str):
                 else torch.get_autocast_cpu_dtype())
 
 
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
                 bias: torch.Tensor | None = None, *, feats2: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
@@ -266,17 +270,21 @@ def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     if dtype is not None:
         def cast(t):
             return None if t is None else t.to(dtype)
+        feats, weight, bias, feats2, residual = map(cast, (feats, weight, bias, feats2, residual))
+        if not _needs_autograd(feats, weight, bias, feats2, residual) and _native_kernels(feats):
+            # the compiled kernels are not autocast: no need to turn it off around them
+            return _conv_forward(feats.contiguous(), weight, kmap, bias,
+                                 None if feats2 is None else feats2.contiguous(), residual, relu)
         with torch.autocast(device_type, enabled=False):
-            return sparse_conv(cast(feats), cast(weight), kmap, cast(bias), feats2=cast(feats2),
-                               residual=cast(residual), relu=relu)
+            return sparse_conv(feats, weight, kmap, bias, feats2=feats2, residual=residual,
+                               relu=relu)
     for name, t in (('weight', weight), ('feats2', feats2), ('residual', residual)):
         if t is not None and t.dtype != feats.dtype:
             raise ValueError(f'features are {feats.dtype} but {name} is {t.dtype}')
     if bias is not None and (bias.shape != (weight.shape[2],) or bias.dtype != feats.dtype):
         raise ValueError(f'bias {tuple(bias.shape)} {bias.dtype} does not fit '
                          f'{weight.shape[2]} output channels of {feats.dtype}')
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            feats, weight, bias, feats2, residual)):
+    if _needs_autograd(feats, weight, bias, feats2, residual):
         if feats2 is not None:
             feats = torch.cat([feats, feats2], dim=1)
         out = SparseConvFunction.apply(feats, weight, kmap)
