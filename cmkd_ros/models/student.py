@@ -63,15 +63,25 @@ def resolve_device(name: str | torch.device = 'auto', index: int | None = None) 
     return device
 
 
+def fast_bfloat16(device: torch.device | str = 'cpu') -> bool:
+    """Whether bfloat16 inference of the torch backend beats float32 on ``device``: a CPU with
+    bfloat16 instructions (:func:`native_bfloat16`); with the compiled sparse kernels only one
+    with AMX tiles (elsewhere they compute bfloat16 in float32, after a conversion)."""
+    if torch.device(device).type != 'cpu':
+        return False  # GPUs: no gain measured (kernel launches and maps dominate)
+    if native.available():
+        amx = getattr(torch.cpu, '_is_amx_tile_supported', None)
+        return amx is not None and bool(amx())
+    return native_bfloat16('cpu')
+
+
 def resolve_precision(precision: str, device: torch.device | str = 'cpu',
                       backend: str = 'torch') -> str:
-    """``auto`` -> ``bfloat16`` on a CPU with bfloat16 instructions (:func:`native_bfloat16`)
-    and the torch backend, else ``float32`` (on GPUs the sparse student measured no gain from
-    16 bits: kernel launches and maps dominate); other names pass through."""
+    """``auto`` -> ``bfloat16`` where it is faster (:func:`fast_bfloat16`) with the torch
+    backend, else ``float32``; other names pass through."""
     if precision != 'auto':
         return precision
-    native = torch.device(device).type == 'cpu' and native_bfloat16('cpu')
-    return 'bfloat16' if native and backend == 'torch' else 'float32'
+    return 'bfloat16' if fast_bfloat16(device) and backend == 'torch' else 'float32'
 
 
 def precision_context(precision: str, device: torch.device | str = 'cpu',
