@@ -1,13 +1,16 @@
 // Compiled kernels of the torch sparse backend (cmkd_ros/sparse/native.py loads this file's
 // build; the pure-PyTorch code in coords.py and functional.py computes the same results).
 //
+// coord_bounds, pack, unpack, downsample, parent_pairs: coordinate sets and kernel-2 maps.
 // query_pairs:  kernel-map pairs by hashing packed int64 coordinates (open addressing), all
 //               offsets of all query rows in one parallel pass.
+// column_pairs: submanifold pairs of odd kernels by a cursor per (x, y) column over sorted keys.
 // conv_layout:  a kernel map's pairs regrouped by (block of output rows, kernel offset).
 // conv_forward: fused gather-GEMM-scatter. Each thread owns blocks of output rows and
 //               accumulates every pair that lands in them (no atomics, no scatter pass) with a
-//               register-blocked kernel (rows x 16-float vectors); float32 arithmetic, inputs
-//               and outputs float32 or bfloat16.
+//               register-blocked kernel (rows x 16-float vectors), or AMX tiles for bfloat16;
+//               float32 sums, inputs and outputs float32 or bfloat16.
+// pool_forward: max or average pooling over the same layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/python.h>
@@ -178,7 +181,6 @@ std::vector<at::Tensor> column_pairs(at::Tensor sorted_keys, int64_t kernel_size
   const int64_t* keys = sorted_keys.data_ptr<int64_t>();
   const int64_t n = sorted_keys.numel(), r = kernel_size / 2;
   const int64_t half = kernel_size * kernel_size * kernel_size / 2;
-  std::vector<int32_t> found(static_cast<size_t>(half * n), -1);
   // Columns (dx, dy) before the centre's: dx < 0, or dx == 0 and dy < 0; then the own column.
   std::vector<std::pair<int64_t, int64_t>> columns;
   for (int64_t dx = -r; dx <= 0; ++dx)
@@ -186,25 +188,41 @@ std::vector<at::Tensor> column_pairs(at::Tensor sorted_keys, int64_t kernel_size
       if (dx < 0 || dy <= 0) columns.emplace_back(dx, dy);
   const int64_t num_c = int64_t(columns.size());
   const FloorDiv per_stride(stride);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t c = 0; c < num_c; ++c) {
-      const auto [dx, dy] = columns[c];
-      const int64_t lowest = ((dx * stride) << (2 * kAxisBits)) +
-                             ((dy * stride) << kAxisBits) - r * stride;
-      const int64_t span = c == num_c - 1 ? (r - 1) * stride : 2 * r * stride;
-      const int64_t base = ((dx + r) * kernel_size + dy + r) * kernel_size;
-      int64_t p = std::lower_bound(keys, keys + n, keys[begin] + lowest) - keys;
-      for (int64_t o = begin; o < end; ++o) {
-        const int64_t lo = keys[o] + lowest;
-        while (p < n && keys[p] < lo) ++p;
-        for (int64_t q = p; q < n && keys[q] - lo <= span; ++q) {
-          const int64_t dz = per_stride(keys[q] - lo);  // keys of a column differ by strides
-          found[(base + dz) * n + o] = int32_t(q);
-        }
+  // Each offset's pairs straight into its own list, queries ascending (no table to compact).
+  std::vector<std::vector<int32_t>> in_of(static_cast<size_t>(half));
+  std::vector<std::vector<int32_t>> out_of(static_cast<size_t>(half));
+  for (int64_t c = 0; c < num_c; ++c) {
+    const auto [dx, dy] = columns[c];
+    const int64_t lowest = ((dx * stride) << (2 * kAxisBits)) +
+                           ((dy * stride) << kAxisBits) - r * stride;
+    const int64_t span = c == num_c - 1 ? (r - 1) * stride : 2 * r * stride;
+    const int64_t base = ((dx + r) * kernel_size + dy + r) * kernel_size;
+    int64_t p = 0;
+    for (int64_t o = 0; o < n; ++o) {
+      const int64_t lo = keys[o] + lowest;
+      while (p < n && keys[p] < lo) ++p;
+      for (int64_t q = p; q < n && keys[q] - lo <= span; ++q) {
+        const int64_t k = base + per_stride(keys[q] - lo);  // keys of a column differ by strides
+        in_of[k].push_back(int32_t(q));
+        out_of[k].push_back(int32_t(o));
       }
     }
-  });
-  return compact(found, half, n);
+  }
+  auto counts = at::empty({half}, at::kLong);
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t k = 0; k < half; ++k) total += cnt[k] = int64_t(in_of[k].size());
+  auto in_rows = at::empty({total}, at::kLong);
+  auto out_rows = at::empty({total}, at::kLong);
+  int64_t* ip = in_rows.data_ptr<int64_t>();
+  int64_t* op = out_rows.data_ptr<int64_t>();
+  for (int64_t k = 0; k < half; ++k) {
+    std::copy(in_of[k].begin(), in_of[k].end(), ip);
+    std::copy(out_of[k].begin(), out_of[k].end(), op);
+    ip += cnt[k];
+    op += cnt[k];
+  }
+  return {in_rows, out_rows, counts};
 }
 
 // ---- coordinates ---------------------------------------------------------------------------
@@ -421,25 +439,26 @@ std::vector<at::Tensor> conv_layout(at::Tensor in_rows, at::Tensor out_rows,
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(bounds[g] <= bounds[g + 1], "group_bounds must not decrease");
   }
-  // Rows checked once here (conv_forward trusts them), then a counting sort by (block, k).
-  int64_t lo = 0, hi = -1;
-  for (int64_t p = 0; p < pairs; ++p) {
-    lo = std::min({lo, in_p[p], out_p[p]});
-    hi = std::max(hi, out_p[p]);
-  }
-  int64_t hi_in = -1;
-  for (int64_t p = 0; p < pairs; ++p) hi_in = std::max(hi_in, in_p[p]);
-  TORCH_CHECK(lo >= 0 && hi < num_out && hi_in < num_in, "pair row out of range");
+  // A counting sort by (block, k); rows checked on the way (conv_forward trusts them).
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(gk[g] >= 0 && gk[g] < volume, "kernel index out of range");
   }
   const FloorDiv to_block(block_rows);
   auto seg = at::zeros({blocks * volume + 1}, at::kLong);
   int64_t* s = seg.data_ptr<int64_t>();
+  bool in_range = true;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t k = gk[g];
-    for (int64_t p = bounds[g]; p < bounds[g + 1]; ++p) ++s[to_block(out_p[p]) * volume + k + 1];
+    for (int64_t p = bounds[g]; p < bounds[g + 1]; ++p) {
+      const int64_t o = out_p[p], i = in_p[p];
+      if (uint64_t(o) >= uint64_t(num_out) || uint64_t(i) >= uint64_t(num_in)) {
+        in_range = false;
+        break;
+      }
+      ++s[to_block(o) * volume + k + 1];
+    }
   }
+  TORCH_CHECK(in_range, "pair row out of range");
   for (int64_t i = 0; i < blocks * volume; ++i) s[i + 1] += s[i];
   std::vector<int64_t> cursor(s, s + blocks * volume);
   auto pin = at::empty({pairs}, at::kInt);
