@@ -25,6 +25,7 @@ setup(
     version='0.1.0',
     packages=find_packages(include=[PACKAGE, PACKAGE + '.*', 'offline_training',
                                     'offline_training.*']),
+    package_data={PACKAGE + '.sparse': ['csrc/*.cpp']},  # compiled at install (build_native.sh)
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),

@@ -8,14 +8,15 @@ in this process -> labeled cloud received in this process), the node's own proce
 newest scan). Reference measured in the same run: the pipeline the node runs on each decoded
 scan (:class:`cmkd_ros.pipelines.segment.SegmentPipeline`, its stages one after the other)
 timed in this process, so the printed ratio shows what ROS transport, message conversion and
-the threads add. Goal: 0 drops, p95 <= 150 ms on 2 cores.
+the threads add. Goal: 0 drops, p95 <= 100 ms on 2 cores, also with another process keeping
+one core busy (``--busy 1``).
 
 Without ``--checkpoint`` a randomly initialised CPU real-time student is used (``small``, teacher
 features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its StudentConfig,
 e.g. ``--set voxel_size=0.2`` as the demo trains it): timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 0] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline]``.
+[--threads 0] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline] [--busy N]``.
 """
 from __future__ import annotations
 
@@ -194,9 +195,11 @@ def main() -> int:
                         help="the node's single-worker mode (parameter pipeline:=false)")
     parser.add_argument('--scan', default=str(DATA / 'nuscenes_sample' / 'LIDAR_TOP.bin'))
     parser.add_argument('--reference-repeats', type=int, default=5)
+    parser.add_argument('--busy', type=int, default=0,
+                        help='processes that each keep one core busy (a spinning loop) during '
+                        'the run, as planning or drivers would')
     args = parser.parse_args()
 
-    from cmkd_ros.conversions import array_to_cloud, rclpy_types, stamp_ns
     tmp = tempfile.mkdtemp(prefix='bench_segment_')
     checkpoint = args.checkpoint or make_checkpoint(os.path.join(tmp, 'student_small.pt'),
                                                     args.overrides)
@@ -215,6 +218,22 @@ def main() -> int:
           f'{args.precision}), {threads or "default"} network threads (num_threads '
           f'{args.threads}), '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
+    from cmkd_ros.sparse import native
+    print(f'compiled sparse kernels: {native.status()}; load average '
+          f'{os.getloadavg()[0]:.1f}; busy processes {args.busy}')
+    busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+            for _ in range(args.busy)]
+    try:
+        return run(args, checkpoint, scan, threads, tmp)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def run(args, checkpoint, scan, threads, tmp) -> int:
+    """The timed part of :func:`main`."""
+    from cmkd_ros.conversions import array_to_cloud, rclpy_types, stamp_ns
     # 1. reference: the library step alone, in this process
     reference = library_reference(checkpoint, args.device, args.threads, args.pipeline, scan,
                                   args.reference_repeats, args.precision)
@@ -303,8 +322,9 @@ def main() -> int:
           f'{np.percentile(processing, 50) / ref_p50 if processing else float("nan"):.2f}; '
           f'DDS transport both ways (latency p50 - node receipt->publish p50) = '
           f'{node_p50 - pipe_p50:.1f} ms')
-    print(f'goal: 0 drops -> {"met" if drops == 0 else "NOT met"}; p95 <= 150 ms -> '
-          f'{"met" if p95 <= 150 else "NOT met"} ({p95:.1f} ms)')
+    print(f'goal: 0 drops -> {"met" if drops == 0 else "NOT met"}; p95 <= 100 ms -> '
+          f'{"met" if p95 <= 100 else "NOT met"} ({p95:.1f} ms); load average '
+          f'{os.getloadavg()[0]:.1f}')
     print(f'node log: {log_path}')
     return 0
 

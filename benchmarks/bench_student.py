@@ -11,6 +11,7 @@ sgemm peak measured in the same run. Other processes share this machine: read th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import statistics
@@ -21,7 +22,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SCAN = REPO.parent / 'shared' / 'data' / 'nuscenes_sample' / 'LIDAR_TOP.bin'
 
 
-PRECISION = {'torch': 'float32', 'torch_bf16': 'bfloat16'}  # torch backend rows
+# torch backend rows; ref*: the same with the compiled kernels off (the pure-PyTorch reference)
+PRECISION = {'torch': 'float32', 'torch_bf16': 'bfloat16', 'ref': 'float32',
+             'ref_bf16': 'bfloat16'}
 
 # name -> StudentConfig overrides. small: the CPU real-time student with its DA module (teacher
 # features D = 64, the default teacher); standard: MinkUNet18 with DA, D = 256 (DeepLabV3).
@@ -46,8 +49,9 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--students', default='small,standard',
                         help='comma list of: ' + ', '.join(STUDENTS))
-    parser.add_argument('--backends', default='torch,torch_bf16,minkowski',
-                        help='comma list of: torch, torch_bf16 (bfloat16 arithmetic), minkowski')
+    parser.add_argument('--backends', default='torch,torch_bf16,ref,ref_bf16,minkowski',
+                        help='comma list of: torch, torch_bf16 (bfloat16 arithmetic), ref, '
+                        'ref_bf16 (the same with the compiled kernels off), minkowski')
     parser.add_argument('--omp-wait', choices=('env', 'passive', 'active'), default='env',
                         help='OpenMP wait policy for both backends: env = leave OMP_WAIT_POLICY '
                         'as set; passive sleeps at barriers (robust when other processes keep '
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
     from cmkd_ros.config import build
     from cmkd_ros.models import (StudentConfig, build_student, point_features,
                                  precision_context, voxelize)
-    from cmkd_ros.sparse import SparseConv3d, SparseTensor, minkowski_available
+    from cmkd_ros.sparse import SparseConv3d, SparseTensor, minkowski_available, native
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
     peak = 2 * 2048 ** 3 / min(times[1:]) / 1e9
     print(f'device {device}, threads {args.threads}, points {points.shape[0]}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
-          f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s')
+          f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s\n'
+          f'compiled sparse kernels: {native.status()}')
 
     header = (f'{"student":<14}{"backend":<11}{"voxels":>8}{"median ms":>11}{"min ms":>9}'
               f'{"cpu ms":>9}{"GFLOP":>8}{"GFLOP/s":>9}{"% peak":>8}{"maps ms":>9}'
@@ -143,16 +148,26 @@ def main(argv=None) -> int:
         for m in student.modules():
             if isinstance(m, torch.nn.Linear):
                 flops[0] += 2.0 * coords.shape[0] * m.in_features * m.out_features
-        map_ms = _time_maps(student, coords, vfeats, SparseTensor, sync)
+        map_ms = {'torch': _time_maps(student, coords, vfeats, SparseTensor, sync)}
+        with native.disabled():
+            map_ms['ref'] = _time_maps(student, coords, vfeats, SparseTensor, sync)
 
         # 3. Backends alternate run by run, so that both see the same background load.
         times = {b: [] for b in backends}
         cpu_times = {b: [] for b in backends}
 
+        requests = {}  # the maps (and products) each torch row's forward passes ask for
+
         def forward(backend):
             student.set_backend('minkowski' if backend == 'minkowski' else 'torch')
-            with precision_context(PRECISION.get(backend, 'float32'), device):
+            student.__dict__.pop('_map_requests', None)
+            if backend in requests:
+                student.__dict__['_map_requests'] = requests[backend]
+            off = native.disabled() if backend.startswith('ref') else contextlib.nullcontext()
+            with off, precision_context(PRECISION.get(backend, 'float32'), device):
                 student(coords, vfeats)
+            if '_map_requests' in student.__dict__:
+                requests[backend] = student.__dict__['_map_requests']
 
         with torch.no_grad():
             for backend in backends:
@@ -169,7 +184,8 @@ def main(argv=None) -> int:
         # 4. What a node pays per scan: voxelize on the CPU, copy, forward, labels per point.
         predict_ms = {}
         student.set_backend('torch')
-        for backend in [b for b in backends if b in PRECISION]:
+        for backend in [b for b in backends if b in ('torch', 'torch_bf16')]:
+            student.__dict__['_map_requests'] = requests[backend]
             predict_times = []
             for _ in range(args.warmup + args.repeats):
                 sync()
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
                   f'{min(times[backend]) * 1e3:>9.1f}'
                   f'{statistics.median(cpu_times[backend]) * 1e3:>9.1f}'
                   f'{gflop:>8.2f}{gflop / med:>9.1f}{100 * gflop / med / peak:>7.1f}%'
-                  f'{(f"{map_ms:.1f}" if backend == "torch" else ""):>9}'
+                  f'{(f"{map_ms[backend]:.1f}" if backend in map_ms else ""):>9}'
                   f'{predict_ms.get(backend, ""):>11}{ratio:>11}')
     print('median/min ms: wall time per forward; cpu ms: process CPU time per forward (all '
           'threads); maps ms: time to build all coordinate sets and kernel maps of one forward '
@@ -197,28 +213,24 @@ def main(argv=None) -> int:
           'points (voxelization, forward, a label per point; torch backend); GFLOP/s and % of '
           'the sgemm peak from the '
           'median; ours/ME: ratio of medians / ratio of minima (< 1: the torch backend is '
-          'faster). torch_bf16: the torch backend under bfloat16 autocast (16-bit GEMMs and '
+          'faster). ref, ref_bf16: the torch backend with its compiled kernels off (pure '
+          'PyTorch). torch_bf16: the torch backend under bfloat16 autocast (16-bit GEMMs and '
           'gathers; fast on CPUs with AVX512-BF16 or AMX). Backends alternate run by run.')
     return 0
 
 
 def _time_maps(student, coords, feats, tensor_cls, sync, repeats=3):
-    """Median time to build the coordinate sets and kernel maps one forward pass uses."""
+    """Median time to build the coordinate sets and kernel maps one forward pass uses, with
+    what its convolutions need from them (Student records these after a forward pass)."""
     import torch
     with torch.no_grad():
-        x = tensor_cls(feats, coords)
-        student.backbone(x)
-        if student.config.use_da:
-            student.projection(student.backbone(x))
-    from cmkd_ros.sparse.functional import blocked_pairs
-    requests = list(x.manager._maps)
+        student(coords, feats)  # records the maps and products it asked for
+    requests = student.__dict__['_map_requests']
     times = []
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        manager = tensor_cls(feats, coords).manager
-        for request in sorted(requests, key=lambda r: r[0]):
-            blocked_pairs(manager.kernel_map(*request[:4], transposed=len(request) > 4))
+        tensor_cls(feats, coords).manager.prebuild(requests, feats.dtype)
         sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2] * 1e3

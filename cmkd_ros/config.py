@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 # Arithmetic names of inference and training (cmkd_ros.models.PRECISIONS maps them to torch
 # dtypes; spelled out here so that parameters and command lines parse without torch), and auto
-# (cmkd_ros.models.resolve_precision: bfloat16 on CPUs that have it in hardware).
+# (cmkd_ros.models.resolve_precision: bfloat16 where it is faster than float32).
 PRECISION_CHOICES = ('float32', 'bfloat16', 'float16', 'auto')
 
 

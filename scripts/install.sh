@@ -10,8 +10,10 @@
 #                            ../shared/wheels/ros2-cli beside the checkout when it exists, '' for
 #                            none; installed with the PyPI packages they need, unless a full ROS 2
 #                            install already provides `launch` (its own wins)
-# MinkowskiEngine (optional backend, needed by the parity tests) is built by
-# scripts/build_minkowski.sh, which scripts/test.sh runs.
+# The compiled kernels of the torch sparse backend are built by scripts/build_native.sh (cached
+# by torch version and source; a warning, not an error, without a C++ compiler). MinkowskiEngine
+# (optional backend, needed by the parity tests) is built by scripts/build_minkowski.sh, which
+# scripts/test.sh runs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CMKD_VENV:-$ROOT/.venv}"
@@ -56,6 +58,7 @@ if [ -f "$VENV/.cmkd-install-stamp" ] && [ "$(cat "$VENV/.cmkd-install-stamp")" 
    && [ -x "$VENV/bin/cmkd" ]; then
   # cheap, and shows launch or config files added since
   bash "$ROOT/scripts/ament_link.sh" "$VENV" "$ROOT"
+  bash "$ROOT/scripts/build_native.sh" "$VENV"  # seconds when this source is built
   echo "[install] $VENV is up to date"
   exit 0
 fi
@@ -90,6 +93,8 @@ fi
 # An editable install does not install data files: expose the package to ament/ros2 from the
 # source tree (share/cmkd_ros -> launch, config, package.xml; lib/cmkd_ros -> node executables).
 bash "$ROOT/scripts/ament_link.sh" "$VENV" "$ROOT"
+
+bash "$ROOT/scripts/build_native.sh" "$VENV"
 
 echo "$STAMP" > "$VENV/.cmkd-install-stamp"
 echo "[install] done: source scripts/env.sh to use it"

@@ -18,8 +18,10 @@ bash "$ROOT/scripts/install.sh"
 # MinkowskiEngine for the backend parity tests: built once (about 7 minutes on 2 cores) and cached
 # by torch version; skipped when it already imports.
 bash "$ROOT/scripts/build_minkowski.sh" "${CMKD_VENV:-$ROOT/.venv}"
-# The backend parity tests must run, not shrink away, once it is built.
+# The backend parity tests must run, not shrink away, once it is built; likewise the tests of
+# the compiled sparse kernels (install.sh builds them).
 export CMKD_REQUIRE_MINKOWSKI=1
+export CMKD_REQUIRE_NATIVE="${CMKD_REQUIRE_NATIVE:-1}"
 cd "$ROOT"
 
 run_suite() {  # VENV, then pytest arguments; prints the distro's summary

@@ -383,11 +383,20 @@ def test_mixed_precision_autocast_trains(scan, device):
 
 
 def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
-    from cmkd_ros.models import native_bfloat16, resolve_precision
+    from cmkd_ros.models import fast_bfloat16, native_bfloat16, resolve_precision
+    from cmkd_ros.sparse import native
     assert resolve_precision('float16', 'cuda') == 'float16'       # names pass through
-    assert resolve_precision('auto') == ('bfloat16' if native_bfloat16() else 'float32')
+    assert resolve_precision('auto') == ('bfloat16' if fast_bfloat16() else 'float32')
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
     assert not native_bfloat16('cpu') and resolve_precision('auto', 'cpu') == 'float32'
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True, raising=False)
     assert resolve_precision('auto', 'cpu') == 'bfloat16'
+    # AVX512-BF16 without AMX: bfloat16 on the pure-PyTorch path (oneDNN), float32 with the
+    # compiled kernels (they would compute bfloat16 in float32 after a conversion)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True, raising=False)
+    with native.disabled():
+        assert resolve_precision('auto', 'cpu') == 'bfloat16'
+    monkeypatch.setattr(native, 'available', lambda: True)
+    assert resolve_precision('auto', 'cpu') == 'float32'

@@ -291,12 +291,12 @@ def test_precision_parameter_is_validated():
 def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, monkeypatch):
     import torch
     from cmkd_ros.config import build
-    from cmkd_ros.models import native_bfloat16
+    from cmkd_ros.models import fast_bfloat16
     from cmkd_ros.pipelines.segment import SegmentNodeConfig
     from cmkd_ros.pipelines.segment import load_predictor
     assert build(SegmentNodeConfig, {'checkpoint': 'student.pt'}).precision == 'auto'
     predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')
-    assert predictor.precision == ('bfloat16' if native_bfloat16('cpu') else 'float32')
+    assert predictor.precision == ('bfloat16' if fast_bfloat16('cpu') else 'float32')
     for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
         monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
     predictor, _ = load_predictor(str(checkpoint), 'cpu', precision='auto')

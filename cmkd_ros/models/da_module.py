@@ -23,6 +23,14 @@ def _conv_bn(in_channels: int, out_channels: int, norm: bool = True) -> nn.Modul
     return ConvBN(in_channels, out_channels, 3)
 
 
+def _apply(module: nn.Module, x, relu: bool):
+    """``module(x)``, then a ReLU with ``relu`` (inside the convolution of a ConvBN)."""
+    if isinstance(module, ConvBN):
+        return module(x, relu=relu)
+    out = module(x)
+    return out.replace(torch.relu(out.features)) if relu else out
+
+
 class SelfCalibratedConv(nn.Module):
     """Sparse self-calibrated convolution ``(N, in_channels) -> (N, out_channels)``, same voxels.
 
@@ -49,7 +57,8 @@ class SelfCalibratedConv(nn.Module):
         self.gated = _conv_bn(self.split, self.split)
         self.project = _conv_bn(self.split, out_calibrated, not final)
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """``relu``: a ReLU on the output (fused into the two output convolutions)."""
         if self.mix is not None:
             x1, x2 = self.mix[0](x), self.mix[1](x)
         else:
@@ -59,9 +68,9 @@ class SelfCalibratedConv(nn.Module):
         context = self.up(self.coarse(self.down(x1)))
         gate = torch.sigmoid(x1.features + context.features)
         gated = self.gated(x1)
-        y1 = self.project(gated.replace(gated.features * gate))
+        y1 = _apply(self.project, gated.replace(gated.features * gate), relu)
         # 2. Plain branch, then the two halves side by side.
-        return sparse_cat(y1, self.plain(x2))
+        return sparse_cat(y1, _apply(self.plain, x2, relu))
 
 
 class DAModule(nn.Module):
@@ -89,4 +98,9 @@ class DAModule(nn.Module):
         self.layers = nn.Sequential(*blocks)
 
     def forward(self, x):
-        return self.layers(x)
+        layers = list(self.layers)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, SparseReLU):
+                continue  # fused into the layer before it
+            x = layer(x, relu=i + 1 < len(layers) and isinstance(layers[i + 1], SparseReLU))
+        return x

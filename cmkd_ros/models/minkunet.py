@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
-from cmkd_ros.sparse import ConvBN, ConvBNReLU, SparseReLU, sparse_cat
+from cmkd_ros.sparse import ConvBN, ConvBNReLU, sparse_cat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +38,13 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv1 = ConvBNReLU(in_channels, out_channels, 3)
-        self.conv2 = ConvBNReLU(out_channels, out_channels, 3, relu=False)
+        self.conv2 = ConvBNReLU(out_channels, out_channels, 3)
         self.shortcut = (None if in_channels == out_channels
                          else ConvBN(in_channels, out_channels, 1))
-        self.relu = SparseReLU()
 
     def forward(self, x):
-        out = self.conv2(self.conv1(x))
         skip = x if self.shortcut is None else self.shortcut(x)
-        if torch.is_grad_enabled():
-            return self.relu(out.replace(out.features + skip.features))
-        return out.replace(out.features.add_(skip.features).relu_())  # inference: in place
+        return self.conv2(self.conv1(x), residual=skip)  # + skip, then ReLU
 
 
 def _stage(in_channels: int, out_channels: int, blocks: int) -> nn.Sequential:

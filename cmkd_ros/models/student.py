@@ -16,7 +16,7 @@ from torch import nn
 
 from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.sparse import (CoordinateManager, MinkowskiTensor, SparseConv3d, SparseTensor,
-                             import_minkowski, minkowski_available)
+                             import_minkowski, minkowski_available, native)
 from cmkd_ros.sparse.functional import CSR_DTYPES, autocast_dtype
 from cmkd_ros.sparse.minkowski import rows_in_order
 
@@ -63,15 +63,25 @@ def resolve_device(name: str | torch.device = 'auto', index: int | None = None) 
     return device
 
 
+def fast_bfloat16(device: torch.device | str = 'cpu') -> bool:
+    """Whether bfloat16 inference of the torch backend beats float32 on ``device``: a CPU with
+    bfloat16 instructions (:func:`native_bfloat16`); with the compiled sparse kernels only one
+    with AMX tiles (elsewhere they compute bfloat16 in float32, after a conversion)."""
+    if torch.device(device).type != 'cpu':
+        return False  # GPUs: no gain measured (kernel launches and maps dominate)
+    if native.available():
+        amx = getattr(torch.cpu, '_is_amx_tile_supported', None)
+        return amx is not None and bool(amx())
+    return native_bfloat16('cpu')
+
+
 def resolve_precision(precision: str, device: torch.device | str = 'cpu',
                       backend: str = 'torch') -> str:
-    """``auto`` -> ``bfloat16`` on a CPU with bfloat16 instructions (:func:`native_bfloat16`)
-    and the torch backend, else ``float32`` (on GPUs the sparse student measured no gain from
-    16 bits: kernel launches and maps dominate); other names pass through."""
+    """``auto`` -> ``bfloat16`` where it is faster (:func:`fast_bfloat16`) with the torch
+    backend, else ``float32``; other names pass through."""
     if precision != 'auto':
         return precision
-    native = torch.device(device).type == 'cpu' and native_bfloat16('cpu')
-    return 'bfloat16' if native and backend == 'torch' else 'float32'
+    return 'bfloat16' if fast_bfloat16(device) and backend == 'torch' else 'float32'
 
 
 def precision_context(precision: str, device: torch.device | str = 'cpu',
@@ -237,8 +247,9 @@ class Student(nn.Module):
         """On a CPU with 2+ torch threads, at inference, once a forward pass has shown which
         kernel maps the network uses: a second thread builds them while the network runs in
         this one, which lends it one of its torch threads. It takes the thread back once the
-        maps are done, except a narrow network in 16-bit arithmetic: its serial scatters and
-        small GEMMs ran faster on one thread fewer (docs/sparse_backends.md)."""
+        maps are done, except a narrow network in 16-bit arithmetic on the pure-PyTorch path:
+        its serial scatters and small GEMMs ran faster on one thread fewer
+        (docs/sparse_backends.md)."""
         requests = self.__dict__.get('_map_requests')
         if (not requests or torch.get_num_threads() < 2 or feats.device.type != 'cpu'
                 or torch.is_grad_enabled()):
@@ -250,7 +261,8 @@ class Student(nn.Module):
         dtype = autocast_dtype('cpu') or feats.dtype
         manager.prebuild_in_background(
             requests, dtype, lend_thread=True,
-            give_back_early=(dtype in CSR_DTYPES or  # row-parallel scatter
+            give_back_early=(native.available() or  # compiled kernels: all row-parallel
+                             dtype in CSR_DTYPES or  # row-parallel scatter
                              self.__dict__['_conv_weights'] >= WIDE_NETWORK_CONV_WEIGHTS))
         try:
             yield

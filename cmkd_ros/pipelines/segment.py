@@ -37,10 +37,10 @@ class SegmentNodeConfig:
                                'cores minus the one preparing the scans when pipelined, '
                                "else torch's default)", ge=0)
     precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
-                             'CPUs with AVX512-BF16 or AMX, not on GPUs; labels nearly '
-                             'identical, see docs/nodes.md); float16 (CUDA only); auto: '
-                             'bfloat16 on CPUs that have it in hardware, else float32',
-                             choices=PRECISION_CHOICES)
+                             'CPUs with AMX, or with AVX512-BF16 without the compiled sparse '
+                             'kernels; not on GPUs; labels nearly identical, see '
+                             'docs/nodes.md); float16 (CUDA only); auto: bfloat16 where it is '
+                             'faster, else float32', choices=PRECISION_CHOICES)
     range_min: float = setting(0.0, 'points closer than this to the LiDAR (m) are not '
                                'segmented (class_id 255)', ge=0.0)
     range_max: float = setting(200.0, 'points farther than this from the LiDAR (m) are not '

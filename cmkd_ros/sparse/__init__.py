@@ -4,6 +4,7 @@
 manager that caches coordinates per tensor stride and kernel maps per (stride, kernel); the layers
 (:mod:`.layers`) run on it or on a ``MinkowskiTensor`` (:mod:`.minkowski`) with the same weights.
 """
+from . import native
 from .coords import CoordinateManager, KernelMap, SparseError, kernel_offsets
 from .functional import sparse_conv, SparseConvFunction
 from .layers import (ConvBN, ConvBNReLU, SparseActivation, SparseBatchNorm, SparseConv3d,
@@ -18,5 +19,5 @@ __all__ = [
     'SparseActivation', 'SparseBatchNorm', 'SparseConv3d', 'SparseConvFunction', 'SparseError',
     'SparsePool', 'SparseReLU', 'SparseTensor', 'SparseUpsample', 'from_minkowski_kernel',
     'import_minkowski', 'kernel_offsets', 'minkowski_available', 'sparse_cat', 'sparse_conv',
-    'to_minkowski_kernel',
+    'native', 'to_minkowski_kernel',
 ]

@@ -23,7 +23,8 @@ import threading
 
 import torch
 
-from .functional import average_matrix, blocked_pairs, scatter_matrix
+from . import native
+from .functional import average_matrix, blocked_pairs, native_layout, scatter_matrix
 
 AXIS_BITS = 18
 BATCH_BITS = 63 - 3 * AXIS_BITS  # 9 bits: up to 512 scans per batch
@@ -93,7 +94,7 @@ class KernelMap:
         return int(self.in_rows.numel()) + (self.num_out if self.identity >= 0 else 0)
 
 
-_PRODUCTS = ('_blocked', '_scatter', '_average')  # what functional.py caches on a map
+_PRODUCTS = ('_blocked', '_scatter', '_average', '_native')  # what functional.py caches on a map
 
 _HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as int64
 _EMPTY = -1  # packed keys are >= 0
@@ -193,10 +194,16 @@ class CoordinateManager:
             raise SparseError('coords is empty: a sparse tensor needs at least one voxel')
         coords = coords.to(torch.int32).contiguous()
         self.device = coords.device
-        batch = coords[:, 0]
-        lo = coords[:, 1:].amin(0).to(torch.int64)
-        hi = coords[:, 1:].amax(0).to(torch.int64)
-        bmin, bmax = int(batch.min()), int(batch.max())
+        kernels = self._kernels()
+        if kernels is not None:
+            bounds = kernels.coord_bounds(coords)  # (2, 4): minima, maxima
+            lo, hi = bounds[0, 1:], bounds[1, 1:]
+            bmin, bmax = int(bounds[0, 0]), int(bounds[1, 0])
+        else:
+            batch = coords[:, 0]
+            lo = coords[:, 1:].amin(0).to(torch.int64)
+            hi = coords[:, 1:].amax(0).to(torch.int64)
+            bmin, bmax = int(batch.min()), int(batch.max())
         if bmin < 0 or bmax >= (1 << BATCH_BITS):
             raise SparseError(f'batch indices must lie in [0, {1 << BATCH_BITS}), got '
                               f'[{bmin}, {bmax}]')
@@ -204,7 +211,7 @@ class CoordinateManager:
         if extent >= MAX_EXTENT:
             raise SparseError(f'coordinates span {extent} voxels on one axis; at most '
                               f'{MAX_EXTENT - 1} are supported (use a larger voxel size)')
-        self.origin = lo - MARGIN  # (3,) int64
+        self.origin = (lo - MARGIN).contiguous()  # (3,) int64
         self._sets: dict[int, _CoordinateSet] = {}
         self._parents: dict[tuple, tuple] = {}
         self._maps: dict[tuple, KernelMap] = {}
@@ -227,6 +234,9 @@ class CoordinateManager:
     # -- keys -------------------------------------------------------------------------------
     def pack(self, coords: torch.Tensor) -> torch.Tensor:
         """int64 keys of ``(N, 4)`` coordinates (stride-1 units)."""
+        kernels = self._kernels()
+        if kernels is not None:
+            return kernels.pack(coords.to(torch.int32), self.origin)
         c = coords.to(torch.int64)
         xyz = c[:, 1:] - self.origin
         return ((c[:, 0] << (3 * AXIS_BITS)) | (xyz[:, 0] << (2 * AXIS_BITS))
@@ -234,6 +244,9 @@ class CoordinateManager:
 
     def unpack(self, keys: torch.Tensor) -> torch.Tensor:
         """``(N, 4) int32`` coordinates of int64 keys."""
+        kernels = self._kernels()
+        if kernels is not None:
+            return kernels.unpack(keys, self.origin)
         out = torch.stack([keys >> (3 * AXIS_BITS), (keys >> (2 * AXIS_BITS)) & _MASK,
                            (keys >> AXIS_BITS) & _MASK, keys & _MASK], dim=1)
         out[:, 1:] += self.origin
@@ -244,6 +257,10 @@ class CoordinateManager:
         """Key increments ``(K,) int64`` of coordinate offsets ``(K, 3)`` (no batch change)."""
         o = offsets.to(torch.int64)
         return (o[:, 0] << (2 * AXIS_BITS)) + (o[:, 1] << AXIS_BITS) + o[:, 2]
+
+    def _kernels(self):
+        """The compiled kernels for this manager's device (CPU only), or None."""
+        return native.module() if self.device.type == 'cpu' else None
 
     # -- coordinate sets ------------------------------------------------------------------------
     def coordinates(self, stride: int) -> torch.Tensor:
@@ -280,12 +297,17 @@ class CoordinateManager:
                 raise SparseError(f'downsampling factor must be >= 2, got {factor}')
             fine = self._set(stride)
             coarse_stride = stride * factor
-            c = fine.coords.to(torch.int64)
-            parent_xyz = _floor_div(c[:, 1:], coarse_stride) * coarse_stride
-            rem = _floor_div(c[:, 1:] - parent_xyz, stride)
-            code = (rem[:, 0] * factor + rem[:, 1]) * factor + rem[:, 2]
-            parent = torch.cat([c[:, :1], parent_xyz], dim=1)
-            uniq, inverse = torch.unique(self.pack(parent), sorted=True, return_inverse=True)
+            kernels = self._kernels()
+            if kernels is not None:
+                uniq, inverse, code = kernels.downsample(fine.keys, self.origin, stride, factor)
+            else:
+                c = fine.coords.to(torch.int64)
+                parent_xyz = _floor_div(c[:, 1:], coarse_stride) * coarse_stride
+                rem = _floor_div(c[:, 1:] - parent_xyz, stride)
+                code = (rem[:, 0] * factor + rem[:, 1]) * factor + rem[:, 2]
+                parent = torch.cat([c[:, :1], parent_xyz], dim=1)
+                uniq, inverse = torch.unique(self.pack(parent), sorted=True,
+                                             return_inverse=True)
             if coarse_stride not in self._sets:
                 self._sets[coarse_stride] = _CoordinateSet(self.unpack(uniq), uniq,
                                                            is_sorted=True)
@@ -308,7 +330,7 @@ class CoordinateManager:
         """Build the maps (and their GEMM blocks and scatter matrices for ``dtype``) of
         ``requests``, in their order (the order a network asked for them)."""
         build = {'_blocked': blocked_pairs, '_scatter': lambda m: scatter_matrix(m, dtype),
-                 '_average': lambda m: average_matrix(m, dtype)}
+                 '_average': lambda m: average_matrix(m, dtype), '_native': native_layout}
         with self._claim_lock:
             self._queued.extend((key[:4], len(key) > 4, [build[name] for name in products])
                                 for key, products in requests)
@@ -438,6 +460,15 @@ class CoordinateManager:
                 self._progress.notify_all()
         return kmap
 
+    def _pairs(self, target: _CoordinateSet, query: torch.Tensor, deltas: torch.Tensor) -> tuple:
+        """(target rows, query rows, counts per offset) of every ``target key == query key +
+        deltas[k]``, grouped by offset, query rows ascending within an offset."""
+        kernels = native.module() if self.device.type == 'cpu' else None
+        if kernels is not None:  # one compiled hashing pass
+            in_rows, out_rows, counts = kernels.query_pairs(target.keys, query, deltas)
+            return in_rows, out_rows, counts.tolist()
+        return self._split(target.lookup(query.unsqueeze(0) + deltas.unsqueeze(1)))
+
     def _split(self, rows: torch.Tensor) -> tuple:
         """Found rows ``(K, n)`` (-1 = absent) -> (offset idx, input rows, output rows, counts)."""
         ok = rows >= 0
@@ -452,8 +483,7 @@ class CoordinateManager:
         volume = offsets.shape[0]
         if kernel_size % 2 == 0:
             deltas = self.key_delta(offsets).to(self.device)
-            in_rows, out_rows, counts = self._split(
-                cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+            in_rows, out_rows, counts = self._pairs(cset, cset.keys, deltas)
             return self._grouped(in_rows, out_rows, counts, list(range(volume)), volume, n, n)
         # 1. Odd kernels are symmetric: offset k and volume-1-k are mirror images, so the pairs
         #    of one are the swapped pairs of the other; the centre is the identity.
@@ -462,8 +492,7 @@ class CoordinateManager:
             in_rows, out_rows, counts = self._column_half_pairs(cset, stride, kernel_size)
         else:
             deltas = self.key_delta(offsets[:centre]).to(self.device)
-            in_rows, out_rows, counts = self._split(
-                cset.lookup(cset.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+            in_rows, out_rows, counts = self._pairs(cset, cset.keys, deltas)
         half = len(counts)
         kmap = self._grouped(torch.cat([in_rows, out_rows]), torch.cat([out_rows, in_rows]),
                              counts + counts, list(range(half)) + [volume - 1 - k
@@ -486,6 +515,12 @@ class CoordinateManager:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return empty, empty, []
         keys, order = cset.sorted()
+        kernels = self._kernels()
+        if kernels is not None:  # the same walk, compiled: a cursor per column
+            in_rows, out_rows, counts = kernels.column_pairs(keys, kernel_size, stride)
+            if order is not None:
+                in_rows, out_rows = order[in_rows], order[out_rows]
+            return in_rows, out_rows, counts.tolist()
         n = keys.numel()
         columns = [(dx, dy) for dx in range(-r, 1) for dy in range(-r, r + 1)
                    if dx < 0 or dy <= 0]
@@ -530,11 +565,17 @@ class CoordinateManager:
         # 2. Kernel size == stride (even): every input row feeds exactly one output, at the
         #    offset given by its position inside the parent cell.
         inverse, code = self.parents(in_stride, factor)
-        order = torch.argsort(code, stable=True)
         volume = factor ** 3
-        counts = torch.bincount(code, minlength=volume).tolist()
+        kernels = self._kernels()
+        if kernels is not None:
+            in_rows, out_rows, counts = kernels.parent_pairs(inverse, code, volume)
+            counts = counts.tolist()
+        else:
+            in_rows = torch.argsort(code, stable=True)
+            out_rows = inverse[in_rows]
+            counts = torch.bincount(code, minlength=volume).tolist()
         num_out = self._sets[in_stride * factor].keys.numel()
-        return self._grouped(order, inverse[order], counts, list(range(volume)), volume,
+        return self._grouped(in_rows, out_rows, counts, list(range(volume)), volume,
                              inverse.numel(), num_out)
 
     def _strided_map(self, in_stride: int, kernel_size: int, factor: int,
@@ -544,7 +585,6 @@ class CoordinateManager:
         coarse = self._set(in_stride * factor)
         offsets = kernel_offsets(kernel_size, dilation) * in_stride
         deltas = self.key_delta(offsets).to(self.device)
-        in_rows, out_rows, counts = self._split(
-            fine.lookup(coarse.keys.unsqueeze(0) + deltas.unsqueeze(1)))
+        in_rows, out_rows, counts = self._pairs(fine, coarse.keys, deltas)
         return self._grouped(in_rows, out_rows, counts, list(range(offsets.shape[0])),
                              offsets.shape[0], fine.keys.numel(), coarse.keys.numel())

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import native
+
 if TYPE_CHECKING:                      # annotations only: coords imports this module
     from .coords import KernelMap
 
@@ -92,7 +94,25 @@ def blocked_pairs(kmap: KernelMap):
 
 
 def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, feats2: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """``relu(conv([feats | feats2]) + bias + residual)`` without gradients (the compiled
+    kernels fuse all of it; the reference path runs it step by step)."""
+    kernels = _native_kernels(feats)
+    if kernels is not None:  # the compiled fused gather-GEMM-scatter
+        pin, pout, seg, block = native_layout(kmap)
+        return kernels.conv_forward(feats, feats2, weight, bias, residual, pin, pout, seg,
+                                    kmap.num_in, kmap.num_out, block, kmap.identity, relu)
+    if feats2 is not None:
+        feats = torch.cat([feats, feats2], dim=1)
+    out = _reference_conv(feats, weight, kmap, bias)
+    if residual is not None:
+        out.add_(residual)  # a fresh buffer: in place is safe
+    return out.relu_() if relu else out
+
+
+def _reference_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     cout = weight.shape[2]
     if not kmap.in_rows.numel():
         if kmap.identity >= 0:
@@ -122,6 +142,34 @@ def _conv_forward(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     else:
         out.index_add_(0, out_rows.view(-1), prod)
     return out[:-1]
+
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled convolution takes
+
+
+def _native_kernels(feats: torch.Tensor):
+    """The compiled kernels when they can run this convolution (CPU, float32 or bfloat16)."""
+    if feats.device.type != 'cpu' or feats.dtype not in NATIVE_DTYPES:
+        return None
+    return native.module()
+
+
+def native_layout(kmap: KernelMap):
+    """The pairs of ``kmap`` regrouped by (block of output rows, kernel offset) for the
+    compiled convolution: ``(in rows, out rows)`` int32, segment starts int64 and the rows
+    per block. Cached on the map; None when the compiled kernels are unavailable."""
+    cached = kmap.__dict__.get('_native')
+    if cached is None:
+        kernels = native.module()
+        if kernels is None:
+            return None
+        block = native.block_rows(kmap.num_out)
+        cached = (*kernels.conv_layout(
+            kmap.in_rows.cpu(), kmap.out_rows.cpu(), torch.tensor(kmap.bounds, dtype=torch.int64),
+            torch.tensor(kmap.kernel_index, dtype=torch.int64), kmap.volume, kmap.num_in,
+            kmap.num_out, block), block)
+        kmap.__dict__['_native'] = cached
+    return cached
 
 
 CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse x dense product supports
@@ -193,33 +241,58 @@ def autocast_dtype(device_type: str):
                 else torch.get_autocast_cpu_dtype())
 
 
-def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``, plus
-    ``bias (Cout,)`` when given.
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-    Under autocast, features and weight are cast to the autocast dtype first (the casts are
+
+def sparse_conv(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
+                bias: torch.Tensor | None = None, *, feats2: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """Sparse convolution ``(N_in, Cin) -> (N_out, Cout)`` over the pairs of ``kmap``, plus
+    ``bias (Cout,)`` and ``residual (N_out, Cout)`` when given, then a ReLU with ``relu``.
+
+    ``feats2 (N_in, Cin2)``: more input channels, as if concatenated to ``feats`` (the weight
+    is ``(K, Cin + Cin2, Cout)``); the compiled kernels read both without concatenating.
+    Under autocast, the tensors are cast to the autocast dtype first (the casts are
     differentiable), so forward and backward always see one dtype.
     """
-    if weight.ndim != 3 or weight.shape[0] != kmap.volume or weight.shape[1] != feats.shape[1]:
+    cin = feats.shape[1] + (0 if feats2 is None else feats2.shape[1])
+    if weight.ndim != 3 or weight.shape[0] != kmap.volume or weight.shape[1] != cin:
         raise ValueError(f'weight {tuple(weight.shape)} does not fit {kmap.volume} kernel '
-                         f'offsets and {feats.shape[1]} input channels')
-    if feats.shape[0] != kmap.num_in:
+                         f'offsets and {cin} input channels')
+    if feats.shape[0] != kmap.num_in or (feats2 is not None and feats2.shape[0] != kmap.num_in):
         raise ValueError(f'{feats.shape[0]} feature rows for {kmap.num_in} input coordinates')
+    if residual is not None and tuple(residual.shape) != (kmap.num_out, weight.shape[2]):
+        raise ValueError(f'residual {tuple(residual.shape)} does not fit {kmap.num_out} '
+                         f'outputs of {weight.shape[2]} channels')
     device_type = feats.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
+        def cast(t):
+            return None if t is None else t.to(dtype)
+        feats, weight, bias, feats2, residual = map(cast, (feats, weight, bias, feats2, residual))
+        if not _needs_autograd(feats, weight, bias, feats2, residual) and _native_kernels(feats):
+            # the compiled kernels are not autocast: no need to turn it off around them
+            return _conv_forward(feats.contiguous(), weight, kmap, bias,
+                                 None if feats2 is None else feats2.contiguous(), residual, relu)
         with torch.autocast(device_type, enabled=False):
-            return sparse_conv(feats.to(dtype), weight.to(dtype), kmap,
-                               None if bias is None else bias.to(dtype))
-    if weight.dtype != feats.dtype:
-        raise ValueError(f'features are {feats.dtype} but the weight is {weight.dtype}')
+            return sparse_conv(feats, weight, kmap, bias, feats2=feats2, residual=residual,
+                               relu=relu)
+    for name, t in (('weight', weight), ('feats2', feats2), ('residual', residual)):
+        if t is not None and t.dtype != feats.dtype:
+            raise ValueError(f'features are {feats.dtype} but {name} is {t.dtype}')
     if bias is not None and (bias.shape != (weight.shape[2],) or bias.dtype != feats.dtype):
         raise ValueError(f'bias {tuple(bias.shape)} {bias.dtype} does not fit '
                          f'{weight.shape[2]} output channels of {feats.dtype}')
-    if torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad or (
-            bias is not None and bias.requires_grad)):
+    if _needs_autograd(feats, weight, bias, feats2, residual):
+        if feats2 is not None:
+            feats = torch.cat([feats, feats2], dim=1)
         out = SparseConvFunction.apply(feats, weight, kmap)
-        return out if bias is None else out + bias
+        if bias is not None:
+            out = out + bias
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if relu else out
     # Inference: the bias initialises the output buffer (no extra pass).
-    return _conv_forward(feats.contiguous(), weight, kmap, bias)
+    return _conv_forward(feats.contiguous(), weight, kmap, bias,
+                         None if feats2 is None else feats2.contiguous(), residual, relu)

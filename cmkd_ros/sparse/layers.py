@@ -171,21 +171,29 @@ class ConvBN(nn.Sequential):
             self.__dict__.setdefault('_folded', {})[dtype] = (key, result)
         return result
 
-    def forward(self, x):
+    def forward(self, x, residual=None, relu: bool = False):
+        """``bn(conv(x)) + residual``, then the layer's activation (a ReLU also with ``relu``);
+        ``residual`` a tensor on the output coordinates, or None. At inference the compiled
+        kernels add the residual and apply the ReLU inside the convolution."""
         conv, bn = self[0], self[1]
+        own_relu = len(self) > 2 and isinstance(self[2], SparseReLU)
         if self.training or bn.training or bn.running_mean is None:
             # Training updates the running statistics in place without bumping their version
             # counters: drop the folded cache.
             self.__dict__.pop('_folded', None)
-            return super().forward(x)
-        weight, bias = self.folded(autocast_dtype(x.features.device.type))
-        out = x.conv(weight, conv.kernel_size, conv.stride, conv.dilation, conv.transposed,
-                     bias=bias)
-        if len(self) < 3:
-            return out
-        if isinstance(self[2], SparseReLU) and not torch.is_grad_enabled():
-            return out.replace(out.features.relu_())  # a fresh buffer: in place is safe
-        return self[2](out)
+            out = bn(conv(x))
+            if residual is not None:
+                out = out.replace(out.features + residual.features)
+            if len(self) > 2:
+                out = self[2](out)
+            return out.replace(torch.relu(out.features)) if relu and not own_relu else out
+        weight, bias = self.folded(autocast_dtype(x.device.type))
+        if len(self) > 2 and not own_relu:  # another activation module
+            out = self[2](x.conv(weight, conv.kernel_size, conv.stride, conv.dilation,
+                                 conv.transposed, bias=bias, residual=residual))
+            return out.replace(torch.relu(out.features)) if relu else out
+        return x.conv(weight, conv.kernel_size, conv.stride, conv.dilation, conv.transposed,
+                      bias=bias, residual=residual, relu=relu or own_relu)
 
 
 class ConvBNReLU(ConvBN):

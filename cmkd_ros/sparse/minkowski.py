@@ -103,10 +103,22 @@ class MinkowskiTensor:
     def replace(self, features: torch.Tensor) -> MinkowskiTensor:
         return self._wrap(features, self.me.coordinate_map_key)
 
+    @property
+    def device(self) -> torch.device:
+        return self.me.F.device
+
     def conv(self, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
-             transposed: bool = False, bias: torch.Tensor | None = None) -> MinkowskiTensor:
+             transposed: bool = False, bias: torch.Tensor | None = None,
+             residual: MinkowskiTensor | None = None, relu: bool = False) -> MinkowskiTensor:
         out = self._conv(weight, kernel_size, stride, dilation, transposed)
-        return out if bias is None else out.replace(out.features + bias)
+        feats = out.features
+        if bias is not None:
+            feats = feats + bias
+        if residual is not None:
+            feats = feats + residual.features
+        if relu:
+            feats = torch.relu(feats)
+        return out if feats is out.features else out.replace(feats)
 
     def _conv(self, weight, kernel_size, stride, dilation, transposed) -> MinkowskiTensor:
         ME = self.ME

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .coords import CoordinateManager, SparseError
-from .functional import average_matrix, sparse_conv
+from .functional import NATIVE_DTYPES, average_matrix, native_layout, sparse_conv
 
 POOL_KINDS = ('max', 'avg')
 
@@ -35,9 +36,22 @@ class SparseTensor:
         if features.shape[0] != n:
             raise SparseError(f'{features.shape[0]} feature rows for {n} coordinates at '
                               f'stride {stride}')
-        self.features = features
+        self._features = features
+        self._second = None  # more channels of a lazy concatenation (see cat)
         self.stride = int(stride)
         self.manager = manager
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``(N, C)``; a lazy concatenation (:meth:`cat`) is made here on first use."""
+        if self._second is not None:
+            self._features = torch.cat([self._features, self._second], dim=1)
+            self._second = None
+        return self._features
+
+    @property
+    def device(self) -> torch.device:
+        return self._features.device
 
     @property
     def coords(self) -> torch.Tensor:
@@ -49,7 +63,7 @@ class SparseTensor:
         return self.features
 
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return self._features.shape[0]
 
     def __repr__(self) -> str:
         return (f'SparseTensor(n={len(self)}, channels={self.features.shape[1]}, '
@@ -61,8 +75,10 @@ class SparseTensor:
 
     # -- operations used by the layers --------------------------------------------------------
     def conv(self, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
-             transposed: bool = False, bias: torch.Tensor | None = None) -> SparseTensor:
-        """Sparse convolution with weight ``(k^3, Cin, Cout)`` (offsets z fastest), optional bias.
+             transposed: bool = False, bias: torch.Tensor | None = None,
+             residual: SparseTensor | None = None, relu: bool = False) -> SparseTensor:
+        """Sparse convolution with weight ``(k^3, Cin, Cout)`` (offsets z fastest), optional bias,
+        then ``+ residual`` (a tensor on the output coordinates) and a ReLU with ``relu``.
 
         ``stride == 1``: output on the input coordinates (submanifold). ``stride > 1``: output on
         the coarser coordinates ``floor(c / (s r)) * s r``. ``transposed``: output on the cached
@@ -75,11 +91,18 @@ class SparseTensor:
             target = self.stride // stride
             kmap = self.manager.kernel_map(target, kernel_size, stride, dilation,
                                            transposed=True)
-            return SparseTensor(sparse_conv(self.features, weight, kmap, bias), stride=target,
-                                manager=self.manager)
-        kmap = self.manager.kernel_map(self.stride, kernel_size, stride, dilation)
-        return SparseTensor(sparse_conv(self.features, weight, kmap, bias),
-                            stride=self.stride * stride, manager=self.manager)
+        else:
+            target = self.stride * stride
+            kmap = self.manager.kernel_map(self.stride, kernel_size, stride, dilation)
+        if residual is not None and (residual.manager is not self.manager
+                                     or residual.stride != target):
+            raise SparseError(f'the residual lies at stride {residual.stride}, the output at '
+                              f'{target} (or on other coordinates)')
+        feats, second = (self._features, self._second) if self._second is not None else (
+            self.features, None)
+        out = sparse_conv(feats, weight, kmap, bias, feats2=second, relu=relu,
+                          residual=None if residual is None else residual.features)
+        return SparseTensor(out, stride=target, manager=self.manager)
 
     def pool(self, kind: str, kernel_size: int, stride: int) -> SparseTensor:
         """Max or average (over present inputs) pooling to the stride ``self.stride * stride``."""
@@ -89,6 +112,13 @@ class SparseTensor:
         if kmap.identity >= 0:
             raise SparseError('pooling needs stride > 1 or an even kernel')
         feats = self.features
+        kernels = native.module() if feats.device.type == 'cpu' else None
+        if kernels is not None and feats.dtype in NATIVE_DTYPES and not (
+                torch.is_grad_enabled() and feats.requires_grad):
+            pin, pout, seg, block = native_layout(kmap)
+            out = kernels.pool_forward(feats.contiguous(), pin, pout, seg, kmap.volume,
+                                       kmap.num_in, kmap.num_out, block, kind == 'avg')
+            return SparseTensor(out, stride=self.stride * stride, manager=self.manager)
         if kind == 'avg' and feats.device.type == 'cpu':
             # one row-parallel sparse product, weights 1 / count (16-bit features in float32)
             average = average_matrix(kmap, feats.dtype)
@@ -120,4 +150,11 @@ class SparseTensor:
         if other.manager is not self.manager or other.stride != self.stride:
             raise SparseError('cat needs tensors on the same coordinates (same manager and '
                               f'stride); got strides {self.stride} and {other.stride}')
-        return self.replace(torch.cat([self.features, other.features], dim=1))
+        first, second = self.features, other.features
+        if (native.module() is not None and first.device.type == 'cpu'
+                and not torch.is_grad_enabled() and first.dtype == second.dtype):
+            # Lazy: a compiled convolution reads both parts; anything else concatenates.
+            out = self.replace(first)
+            out._second = second
+            return out
+        return self.replace(torch.cat([first, second], dim=1))
