@@ -62,8 +62,8 @@ SIZES = {'small': Size(40, 0.5, 24, 1500, 1500), 'full': Size(80, 0.5, 48, 4000,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
     parser.add_argument('--size', choices=sorted(SIZES), default='small',
-                        help='small: about 8 minutes on a quiet 2-core machine; full: better '
-                        'numbers, about 20 minutes')
+                        help='small: about 8.5 minutes on a quiet 2-core machine; full: better '
+                        'numbers, about 19 minutes (docs/demo.md)')
     parser.add_argument('--heldout-seed', type=int, default=HELDOUT_SEED,
                         help=f'world seed of the held-out street (default {HELDOUT_SEED}, the '
                         'test street; the settings were chosen on streets 41 and 42, '
