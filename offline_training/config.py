@@ -30,6 +30,9 @@ DISTILLATION_METHODS = ('udakd', 'fskd')
 FORMAT_CLASS_MAPS = {'nuscenes': 'nuscenes_lidarseg16', 'semantickitti': 'semantickitti19'}
 CLASS_BALANCE_KINDS = ('none', 'inverse_sqrt')
 
+# Layouts of point data sets (data.format): training, evaluation and their readers.
+POINT_DATA_FORMATS = ('pairs', 'nuscenes', 'semantickitti')
+
 
 @dataclass(frozen=True)
 class DataSection:
@@ -38,7 +41,7 @@ class DataSection:
     format: str = setting('pairs', 'layout of data.train and data.val: pairs (cmkd sim --format '
                           'frames, the collect node output), nuscenes (lidarseg, six cameras) or '
                           'semantickitti (color cameras image_2 and image_3)',
-                          choices=('pairs', 'nuscenes', 'semantickitti'))
+                          choices=POINT_DATA_FORMATS)
     train: str = setting('', 'folder to train on: a pair dataset, a nuScenes data root (holding '
                          'v1.0-*/, samples/, lidarseg/) or a SemanticKITTI root (holding '
                          'sequences/), as data.format says')

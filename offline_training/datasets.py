@@ -51,6 +51,7 @@ from cmkd_ros.config import build, to_dict
 from cmkd_ros.pairs import PairReader
 from cmkd_ros.projection import (CorrespondenceConfig, Correspondences, compute_correspondences,
                                  correspondence_settings_hash)
+from offline_training.config import POINT_DATA_FORMATS
 from offline_training.readers.base import Frame
 
 IGNORE = 255
@@ -446,7 +447,7 @@ class SemanticKITTIDataset(ScanDataset):
                 'sequences': list(self.reader.sequences), 'scans': len(self)}
 
 
-FORMATS = ('pairs', 'nuscenes', 'semantickitti')
+FORMATS = POINT_DATA_FORMATS
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,6 +32,7 @@ from cmkd_ros.config import PRECISION_CHOICES
 from cmkd_ros.metrics import ConfusionMatrix
 from cmkd_ros.models.student import resolve_device
 from cmkd_ros.progress import progress_bar
+from offline_training.config import POINT_DATA_FORMATS
 
 GROUPS = ('all', 'seen', 'unseen')
 
@@ -286,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--data', required=True,
                         help='pair dataset folder, nuScenes dataroot or SemanticKITTI root')
     parser.add_argument('--format', default='pairs',
-                        choices=('pairs', 'nuscenes', 'semantickitti'),
+                        choices=POINT_DATA_FORMATS,
                         help='layout of --data (default: pairs)')
     parser.add_argument('--version', default='',
                         help='nuScenes version folder (default: the one in --data)')
