@@ -60,14 +60,38 @@ def save_bev_comparison(path: str, xyz: np.ndarray, truth: np.ndarray, predicted
     plt.close(fig)
 
 
+def draw_points(image: np.ndarray, uv: np.ndarray, colors: np.ndarray, depth: np.ndarray,
+                radius: int = 2) -> np.ndarray:
+    """Copy of RGB ``image`` with discs at ``uv`` (M, 2); near points drawn over far ones."""
+    out = image.copy()
+    H, W = out.shape[:2]
+    order = np.argsort(-depth, kind='stable')                # far first, near last
+    px = np.rint(uv[order]).astype(np.int64)
+    col = colors[order]
+    offsets = [(dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+               if dx * dx + dy * dy <= radius * radius + radius]
+    # one vectorized assignment per disc offset; for repeated pixels the last (nearest) wins
+    for dx, dy in offsets:
+        u, v = px[:, 0] + dx, px[:, 1] + dy
+        ok = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        out[v[ok], u[ok]] = col[ok]
+    return out
+
+
 def save_camera_labels(path: str, image: np.ndarray, uv: np.ndarray, labels: np.ndarray,
-                       depth: np.ndarray, class_colors: np.ndarray, radius: int = 2) -> None:
+                       depth: np.ndarray, class_colors: np.ndarray, radius: int = 2,
+                       min_width: int = 960) -> None:
     """RGB ``image`` (H, W, 3) with points at pixels ``uv`` (M, 2) colored by ``labels`` (M,),
-    nearer points over farther ones (``depth`` (M,) metres), written as PNG."""
+    nearer points over farther ones (``depth`` (M,) metres), written as PNG. Images narrower
+    than ``min_width`` are enlarged by a whole factor (pixels kept sharp) so that the points
+    stay readable."""
     import cv2
 
-    from cmkd_ros.tools.overlay import draw_points
+    scale = max(1, -(-min_width // image.shape[1]))
+    if scale > 1:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        uv = (np.asarray(uv, dtype=np.float64) + 0.5) * scale - 0.5
     colors = (_colors(np.asarray(labels), class_colors) * 255).astype(np.uint8)
-    drawn = draw_points(image, uv, colors, depth, radius=radius)
+    drawn = draw_points(image, uv, colors, depth, radius=radius * scale // 2 + (scale > 1))
     if not cv2.imwrite(path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
         raise OSError(f'cannot write {path}')

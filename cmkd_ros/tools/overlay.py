@@ -36,6 +36,7 @@ from cmkd_ros.calibration import (CalibrationError, RigCalibration, load_kitti_c
 from cmkd_ros.config import ConfigError, build, parse_overrides, to_dict
 from cmkd_ros.occlusion import camera_baselines
 from cmkd_ros.projection import CorrespondenceConfig, compute_correspondences
+from cmkd_ros.viz import draw_points
 
 COLOR_MODES = ('depth', 'label', 'intensity')
 HIDDEN_COLOR = (255, 0, 255)
@@ -356,24 +357,6 @@ def point_colors(values: np.ndarray, mode: str, *, max_depth: float = 60.0,
         scaled = np.clip(values / max(hi, 1e-6), 0.0, 1.0)
     lut = (scaled * 255).astype(np.uint8).reshape(-1, 1)
     return cv2.applyColorMap(lut, cv2.COLORMAP_TURBO).reshape(-1, 3)[:, ::-1].copy()
-
-
-def draw_points(image: np.ndarray, uv: np.ndarray, colors: np.ndarray, depth: np.ndarray,
-                radius: int = 2) -> np.ndarray:
-    """Copy of RGB ``image`` with discs at ``uv`` (M, 2); near points drawn over far ones."""
-    out = image.copy()
-    H, W = out.shape[:2]
-    order = np.argsort(-depth, kind='stable')                # far first, near last
-    px = np.rint(uv[order]).astype(np.int64)
-    col = colors[order]
-    offsets = [(dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
-               if dx * dx + dy * dy <= radius * radius + radius]
-    # one vectorized assignment per disc offset; for repeated pixels the last (nearest) wins
-    for dx, dy in offsets:
-        u, v = px[:, 0] + dx, px[:, 1] + dy
-        ok = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-        out[v[ok], u[ok]] = col[ok]
-    return out
 
 
 class CameraOverlay(NamedTuple):
