@@ -26,18 +26,7 @@ MAX_JOBS="${MAX_JOBS:-2}"
 export MAX_JOBS
 
 # 1. Choose the Python interpreter: the venv given as argument, else the active one.
-if [[ $# -ge 1 ]]; then
-    VENV="$1"
-    PYTHON="$VENV/bin/python"
-elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
-    PYTHON="$VIRTUAL_ENV/bin/python"
-else
-    PYTHON="$(command -v python3)"
-fi
-if [[ ! -x "$PYTHON" ]]; then
-    echo "error: no python interpreter at $PYTHON" >&2
-    exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/venv_python.sh"
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)')" || {
     echo "error: torch is not importable by $PYTHON; install torch first" >&2
     exit 2

@@ -14,17 +14,7 @@
 # slower); CMKD_REQUIRE_NATIVE=1 makes a failed build an error.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ $# -ge 1 ]]; then
-    PYTHON="$1/bin/python"
-elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
-    PYTHON="$VIRTUAL_ENV/bin/python"
-else
-    PYTHON="$(command -v python3)"
-fi
-if [[ ! -x "$PYTHON" ]]; then
-    echo "error: no python interpreter at $PYTHON" >&2
-    exit 2
-fi
+source "$ROOT/scripts/venv_python.sh"
 run() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$@"; }
 if run -c 'import sys; from cmkd_ros.sparse import native
 sys.exit(0 if native.library_path().exists() else 1)' 2>/dev/null; then
