@@ -135,8 +135,11 @@ def test_pictures_show_the_students_labels_in_bev_and_in_a_camera(pairs, tmp_pat
     data = dataset.get_data(0)
     cam = int(np.bincount(data['corr_camera']).argmax())
     picture = cv2.cvtColor(cv2.imread(paths[1]), cv2.COLOR_BGR2RGB)
-    assert picture.shape == data['images'][cam].shape
-    changed = np.any(picture != data['images'][cam], axis=2)
+    image = data['images'][cam]
+    scale = picture.shape[1] // image.shape[1]               # small images are enlarged
+    assert scale >= 1 and picture.shape == (image.shape[0] * scale, image.shape[1] * scale, 3)
+    enlarged = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    changed = np.any(picture != enlarged, axis=2)
     assert np.all(picture[changed] == road_rgb)
-    uv = np.rint(data['corr_uv'][data['corr_camera'] == cam]).astype(int)
+    uv = np.rint((data['corr_uv'][data['corr_camera'] == cam] + 0.5) * scale - 0.5).astype(int)
     assert changed[uv[:, 1], uv[:, 0]].all()
