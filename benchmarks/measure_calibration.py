@@ -11,12 +11,19 @@
   20 cm (random axes, seeded) on 1, 3 and 10 synthetic frames; prints the residual rotation
   and camera position error of the optimum found, whether it was accepted (converged) and the
   disagreement of the two halves of the data.
+* ``time``: the time offset search on the synthetic drive with its images stamped 0, 10, 25 or
+  50 ms before their capture: alone (the true extrinsic; 1, 3 and 10 frames) and, on 10
+  frames at 25 and 50 ms, together with an extrinsic 2 degrees and 20 cm off (``refine`` with
+  ``time_offset``); prints the offset found, its residual and the halves' disagreement.
+* ``outline``: where the silhouette points (true calibration, 10 frames) lie against the
+  outlines of the synthetic depth images, by kind, height and range.
 * ``mi`` (the alternative considered): mutual information between LiDAR intensity and image
   gray level (Pandey et al.) along each rotation axis on the real samples; prints where its
   maximum lies (degrees from the calibration) and its peak-to-edge ratio.
 
-Usage: ``python benchmarks/measure_calibration.py [--part health|refine|mi ...]
-[--width 640 --height 360] [--perturbations 8] [--trials 2] [--json out.json]``.
+Usage: ``python benchmarks/measure_calibration.py [--part health|refine|time|outline|mi ...]
+[--width 640 --height 360] [--perturbations 8] [--trials 2] [--no-measured] [--viewpoint]
+[--json out.json]`` (``--no-measured``, ``--viewpoint``: the variants compared in the docs).
 Figures and their reading: docs/calibration.md.
 """
 from __future__ import annotations

@@ -744,8 +744,8 @@ def _evaluate(frames: CameraFrames, x: np.ndarray, depth: float,
 
 def _search(frames: CameraFrames, active: np.ndarray, limits: np.ndarray,
             depth: float) -> np.ndarray:
-    """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic: the
-    move ``x`` (see :func:`_evaluate`) of the best score."""
+    """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic and
+    stamps: the move ``x`` (see :func:`_evaluate`) of the best score."""
     x = np.zeros(7)
     f = frames.focal_px
     for scale in frames.scales:
