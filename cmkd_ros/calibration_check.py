@@ -11,8 +11,9 @@ silhouette points, over every frame given, minus the mean under other points of 
 * :func:`silhouettes` finds the silhouette points of one sweep, :func:`edge_maps` the
   gradients of one image; :class:`CameraFrames` holds a camera's prepared frames (motion
   compensated when the frame has point times, camera stamps and ego poses).
-* :func:`refine` searches the extrinsic (rotation, optionally translation) that maximizes the
-  score, coarse to fine, and reports whether the optimum is constrained by the data.
+* :func:`refine` searches the extrinsic (rotation, optionally translation and the camera's
+  time offset) that maximizes the score, coarse to fine, and reports whether the optimum is
+  constrained by the data; :func:`estimate_time_offset` searches the time offset alone.
 * :func:`check_alignment` is the health metric of one camera; :class:`HealthMonitor` keeps
   the last sweeps of every camera and reports their health (the collect node's core).
 
