@@ -11,8 +11,9 @@ silhouette points, over every frame given, minus the mean under other points of 
 * :func:`silhouettes` finds the silhouette points of one sweep, :func:`edge_maps` the
   gradients of one image; :class:`CameraFrames` holds a camera's prepared frames (motion
   compensated when the frame has point times, camera stamps and ego poses).
-* :func:`refine` searches the extrinsic (rotation, optionally translation) that maximizes the
-  score, coarse to fine, and reports whether the optimum is constrained by the data.
+* :func:`refine` searches the extrinsic (rotation, optionally translation and the camera's
+  time offset) that maximizes the score, coarse to fine, and reports whether the optimum is
+  constrained by the data; :func:`estimate_time_offset` searches the time offset alone.
 * :func:`check_alignment` is the health metric of one camera; :class:`HealthMonitor` keeps
   the last sweeps of every camera and reports their health (the collect node's core).
 
@@ -22,6 +23,7 @@ Measured figures and limits: docs/calibration.md. ROS-free; ``cmkd calibrate``
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.config import setting
-from cmkd_ros.motion import invert, matrix_to_rotvec, rotvec_to_matrix
+from cmkd_ros.motion import MotionError, invert, matrix_to_rotvec, rotvec_to_matrix
 from cmkd_ros.projection import prepare_rig, project_points
 
 MIN_RANGE_M = 1.0            # returns nearer than this (the car itself) are ignored
@@ -343,6 +345,8 @@ class _View:
     inner: np.ndarray
     gradients: tuple
     maps: dict = field(default_factory=dict)
+    capture_ns: int | None = None    # the camera's capture time the points are moved to
+    trajectory: object = None        # ego poses (T_world_lidar) around it, for time shifts
 
 
 @dataclass
@@ -359,6 +363,7 @@ class CameraFrames:
     blur_px: float = 0.0          # image blur before edges; 0: half the LiDAR's azimuth step
     oriented: bool = True         # compare each point with the gradient across its edge
     matched: bool = True          # compare each point at a scale no finer than its own blur
+    viewpoint: bool = False       # drop top edges between the LiDAR's and camera's heights
     views: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -375,13 +380,16 @@ class CameraFrames:
 
     def add(self, xyz: np.ndarray, rgb: np.ndarray, *, ring: np.ndarray | None = None,
             T_capture_sweep: np.ndarray | None = None,
-            found: Silhouettes | None = None) -> int:
+            found: Silhouettes | None = None, capture_ns: int | None = None,
+            trajectory=None) -> int:
         """Prepare one frame; returns its silhouette points in front of the camera.
 
         ``xyz`` (N, 3) LiDAR frame, ``rgb`` (H, W, 3) uint8. ``T_capture_sweep`` (4, 4) moves
         the sweep's points into the LiDAR frame at the camera's capture time (motion
         compensation), optional; ``found``: the sweep's :func:`silhouettes` when already
-        computed (several cameras share one sweep).
+        computed (several cameras share one sweep). ``capture_ns`` (that capture time) and
+        ``trajectory`` (the ego poses around it) let :meth:`shifted` and
+        :func:`estimate_time_offset` move the points to other capture times.
         """
         cam = self.camera
         image = np.asarray(rgb)
@@ -400,6 +408,13 @@ class CameraFrames:
         # keep points that some calibration near this one could put in the image
         R, t = cam.T_cam_lidar[:3, :3], cam.T_cam_lidar[:3, 3]
         front = (pts @ R.T + t)[:, 2] > 0.5
+        if self.viewpoint:
+            # a top edge between the LiDAR's and the camera's heights: one sees the top
+            # surface from above, the other from below, and their outlines are different
+            # 3D edges (a car roof's far edge, its near edge): not a silhouette this camera sees
+            centre = float(-(R.T @ t)[2])
+            top = tangent[:, 2] > 0.5
+            front &= ~(top & (pts[:, 2] > min(0.0, centre)) & (pts[:, 2] < max(0.0, centre)))
         pts, weight, tangent, blur = pts[front], weight[front], tangent[front], blur[front]
         inner = inner[(inner @ R.T + t)[:, 2] > 0.5]
         # the direction of each edge's normal in the image: the step towards the far side
@@ -421,8 +436,38 @@ class CameraFrames:
         self.views.append(_View(pts, weight, across.astype(np.float32),
                                 least.astype(np.float32), inner,
                                 (np.rint(gx * 255).astype(np.uint8),
-                                 np.rint(gy * 255).astype(np.uint8))))
+                                 np.rint(gy * 255).astype(np.uint8)),
+                                capture_ns=None if capture_ns is None else int(capture_ns),
+                                trajectory=trajectory))
         return int(front.sum())
+
+    def with_extrinsic(self, T_cam_lidar: np.ndarray) -> 'CameraFrames':
+        """The same frames (shared) for the camera with another ``T_cam_lidar``."""
+        return dataclasses.replace(self, camera=with_extrinsic(self.camera, T_cam_lidar),
+                                   views=self.views)
+
+    def shifted(self, offset_ns: int) -> 'CameraFrames':
+        """The same frames as if each image had been captured ``offset_ns`` later: the
+        points move with the ego between the two times (the image maps are shared)."""
+        out = CameraFrames(self.camera, self.max_width, self.scales, self.blur_px,
+                           self.oriented, self.matched, self.viewpoint)
+        for v in self.views:
+            if v.capture_ns is None or v.trajectory is None:
+                raise AlignmentError('a time offset needs each frame\'s capture time and '
+                                     'ego poses (a bag with odometry, pairs with ego poses)')
+            if offset_ns:
+                # LiDAR frame at t -> world -> LiDAR frame at t + offset
+                T_world = v.trajectory.pose_at(np.array([v.capture_ns, v.capture_ns
+                                                         + int(offset_ns)], np.int64))
+                D = invert(T_world[1]) @ T_world[0]
+                R, t = D[:3, :3].astype(np.float32), D[:3, 3].astype(np.float32)
+                points, inner = v.points @ R.T + t, v.inner @ R.T + t
+            else:
+                points, inner = v.points, v.inner
+            out.views.append(_View(points, v.weights, v.across, v.least_scale, inner,
+                                   v.gradients, v.maps, v.capture_ns + int(offset_ns),
+                                   v.trajectory))
+        return out
 
     def release(self) -> None:
         """Drop the spread edge maps (they are made again when next needed)."""
@@ -485,12 +530,13 @@ class CameraFrames:
         out = []
         for parity in (0, 1):
             half = CameraFrames(self.camera, self.max_width, self.scales, self.blur_px,
-                                self.oriented, self.matched)
+                                self.oriented, self.matched, self.viewpoint)
             for v in self.views:
                 pick = _sector(v.points, sector_deg) == parity
                 inner = v.inner[_sector(v.inner, sector_deg) == parity]
                 half.views.append(_View(v.points[pick], v.weights[pick], v.across[pick],
-                                        v.least_scale[pick], inner, v.gradients, v.maps))
+                                        v.least_scale[pick], inner, v.gradients, v.maps,
+                                        v.capture_ns, v.trajectory))
             out.append(half)
         return out[0], out[1]
 
@@ -552,7 +598,8 @@ def _bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 def prepare_sweep(xyz: np.ndarray, *, ring: np.ndarray | None = None,
                   point_time_ns: np.ndarray | None = None,
-                  capture_ns: np.ndarray | None = None, trajectory=None
+                  capture_ns: np.ndarray | None = None, trajectory=None,
+                  measured: bool = True
                   ) -> tuple[np.ndarray, np.ndarray | None, Silhouettes]:
     """One sweep made ready for every camera: ``(xyz_ref, T_capture_ref, silhouettes)``.
 
@@ -560,14 +607,33 @@ def prepare_sweep(xyz: np.ndarray, *, ring: np.ndarray | None = None,
     ``trajectory`` (T_world_lidar poses), the points are motion compensated into one reference
     frame and ``T_capture_ref`` (C, 4, 4) moves them on to each camera's capture time (pass
     ``T_capture_ref[c]`` to :meth:`CameraFrames.add`); otherwise ``xyz`` as it is and None.
+    The silhouettes are found in the sweep as measured (ranges and angles seen from where the
+    LiDAR was at each return), then moved into the reference frame with their returns
+    (``measured=False``: found in the compensated cloud, whose origin is not where the LiDAR
+    was; measured worse in docs/calibration.md).
     """
     xyz = np.asarray(xyz, dtype=np.float32)
-    T = None
-    if trajectory is not None and point_time_ns is not None and capture_ns is not None:
-        from cmkd_ros.motion import compensation_transforms
-        xyz, T = compensation_transforms(xyz, np.asarray(point_time_ns, np.int64),
-                                         np.asarray(capture_ns, np.int64), trajectory)
-    return xyz, T, silhouettes(xyz, ring)
+    if trajectory is None or point_time_ns is None or capture_ns is None:
+        return xyz, None, silhouettes(xyz, ring)
+    from cmkd_ros.motion import compensation_transforms
+    times = np.asarray(point_time_ns, np.int64)
+    capture = np.asarray(capture_ns, np.int64)
+    ref, T = compensation_transforms(xyz, times, capture, trajectory)
+    if not measured:
+        return ref, T, silhouettes(ref, ring)
+    found = silhouettes(xyz, ring)
+    # each silhouette point moves as its return: LiDAR frame at its time -> reference frame
+    ref_ns = int(np.round(capture.astype(np.float64).mean()))
+    t = np.broadcast_to(times, (xyz.shape[0],))[found.index]
+    M = invert(trajectory.pose_at(ref_ns)[0]) @ trajectory.pose_at(t)
+    R, tr = M[:, :3, :3], M[:, :3, 3]
+
+    def rotate(v):
+        return np.einsum('mij,mj->mi', R, v).astype(np.float32)
+
+    moved = dataclasses.replace(found, points=(rotate(found.points) + tr).astype(np.float32),
+                                tangent=rotate(found.tangent))
+    return ref, T, moved
 
 
 def perturb(T_cam_lidar: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -606,23 +672,33 @@ class RefineResult:
     sharpness: dict                  # score drop per parameter at the optimum (constraint)
     found_T_cam_lidar: np.ndarray | None = None   # the optimum, even when not accepted
     spread: dict = field(default_factory=dict)       # disagreement of the two data halves
+    time_offset_ns: int | None = None    # with time_offset: add to time_offset_ns (converged)
+    found_time_offset_ns: int | None = None          # the optimum, even when not accepted
 
     def to_dict(self) -> dict:
-        return {'camera': self.camera, 'converged': self.converged, 'reason': self.reason,
-                'frames': self.frames, 'edge_points': self.edge_points,
-                'initial_score': round(self.initial_score, 4), 'score': round(self.score, 4),
-                'rotation_change_deg': round(self.rotation_change_deg, 3),
-                'translation_change_cm': round(100 * self.translation_change_m, 2),
-                'halves_disagree': {
-                    'rotation_deg': round(self.spread.get('rotation_deg', math.nan), 3),
-                    'translation_cm': round(100 * self.spread.get('translation_m', math.nan),
-                                            2)} if self.spread else None,
-                'sharpness': {k: round(v, 4) for k, v in self.sharpness.items()}}
+        out = {'camera': self.camera, 'converged': self.converged, 'reason': self.reason,
+               'frames': self.frames, 'edge_points': self.edge_points,
+               'initial_score': round(self.initial_score, 4), 'score': round(self.score, 4),
+               'rotation_change_deg': round(self.rotation_change_deg, 3),
+               'translation_change_cm': round(100 * self.translation_change_m, 2),
+               'halves_disagree': {
+                   'rotation_deg': round(self.spread.get('rotation_deg', math.nan), 3),
+                   'translation_cm': round(100 * self.spread.get('translation_m', math.nan),
+                                           2)} if self.spread else None,
+               'sharpness': {k: round(v, 4) for k, v in self.sharpness.items()}}
+        if self.found_time_offset_ns is not None:
+            out['time_offset_ms'] = round(self.time_offset_ns * 1e-6, 2) \
+                if self.time_offset_ns is not None else None
+            out['found_time_offset_ms'] = round(self.found_time_offset_ns * 1e-6, 2)
+            if self.spread:
+                out['halves_disagree']['time_ms'] = round(self.spread.get('time_ms', math.nan), 2)
+        return out
 
 
 # rotations about the camera's x (right: pitch), y (down: yaw), z (optical axis: roll) axes,
-# then translations along them
-PARAMETERS = ('pitch', 'yaw', 'roll', 'x', 'y', 'z')
+# then translations along them, then the shift of the capture times (ms)
+PARAMETERS = ('pitch', 'yaw', 'roll', 'x', 'y', 'z', 'time')
+TIME_PROBE_MS = 20.0         # the time offset's sharpness is measured this far away
 
 
 def _pattern_search(objective, x0: np.ndarray, steps: np.ndarray, min_steps: np.ndarray,
@@ -659,28 +735,38 @@ def _move(T0: np.ndarray, x: np.ndarray, depth: float) -> np.ndarray:
     return perturb(T0, np.r_[x[:3] + comp, x[3:6]])
 
 
+def _evaluate(frames: CameraFrames, x: np.ndarray, depth: float,
+              scale: float | None = None) -> float:
+    """Score of the move ``x`` (6 extrinsic parameters, see :func:`_move`, and the shift of
+    the capture times in ms)."""
+    T = _move(frames.camera.T_cam_lidar, x, depth)
+    return _score_at(frames, T, x[6] * 1e6, scale) if x[6] else frames.score(T, scale)
+
+
 def _search(frames: CameraFrames, active: np.ndarray, limits: np.ndarray,
             depth: float) -> np.ndarray:
-    """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic: the
-    move ``x`` (see :func:`_move`) of the best score."""
-    T0 = frames.camera.T_cam_lidar
-    x = np.zeros(6)
+    """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic and
+    stamps: the move ``x`` (see :func:`_evaluate`) of the best score."""
+    x = np.zeros(7)
     f = frames.focal_px
     for scale in frames.scales:
-        # step sizes follow the scale: about a scale's worth of pixels at 20 m
+        # step sizes follow the scale: about a scale's worth of pixels at 20 m (10 ms of
+        # time at the coarsest scale: 10 cm of travel at 10 m/s)
         rot_step = min(limits[0], scale / f)
         tr_step = min(limits[3], max(0.01, 20.0 * scale / f))
-        steps = np.array([rot_step] * 3 + [tr_step] * 3)
-        min_steps = np.array([math.radians(0.02)] * 3 + [0.003] * 3)
-        x, _ = _pattern_search(lambda p, s=scale: frames.score(_move(T0, p, depth), s), x,
-                               steps, np.maximum(min_steps, steps / 16), active, limits)
+        steps = np.array([rot_step] * 3 + [tr_step] * 3 + [10.0 * scale / SCALES_PX[0]])
+        min_steps = np.array([math.radians(0.02)] * 3 + [0.003] * 3 + [0.5])
+        x, _ = _pattern_search(lambda p, s=scale: _evaluate(frames, p, depth, s), x,
+                               steps, np.maximum(min_steps, steps / 16), active, limits,
+                               max_evals=900 if active[6] else 600)
     return x
 
 
 def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: float = 3.0,
            max_translation_m: float = 0.3, max_spread_deg: float = 0.5,
            max_spread_m: float = 0.1, min_sharpness: float = 0.004,
-           verify: bool = True) -> RefineResult:
+           verify: bool = True, time_offset: bool = False, max_offset_ms: float = 100.0,
+           max_spread_ms: float = 10.0) -> RefineResult:
     """Search the extrinsic of ``frames.camera`` that best aligns silhouettes with image edges.
 
     Coarse to fine over the scales of ``frames``; rotation within ``max_rotation_deg`` of the
@@ -692,7 +778,12 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
     limits, every searched parameter changing the score (0.5 degree or 5 cm away from the
     optimum the fine score drops by ``min_sharpness``, a quarter of it for translations) and
     the halves agreeing; otherwise the result keeps the initial extrinsic and ``reason`` says
-    what was missing.
+    what was missing. With ``time_offset`` the shift of every image's capture time (within
+    ``max_offset_ms``) is searched together with the extrinsic (the frames need capture times
+    and ego poses, see :meth:`CameraFrames.add`): a translation along the direction of travel
+    and a time offset move the points alike, and only the search over both finds where they
+    agree (the speed changes between frames). Its score must drop by ``min_sharpness`` / 4
+    ``TIME_PROBE_MS`` away and its halves agree within ``max_spread_ms``.
     """
     cam = frames.camera
     T0 = cam.T_cam_lidar
@@ -707,23 +798,28 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
         result.reason = (f'too little structure: {n_in_view} silhouette points in view '
                          f'(need {MIN_EDGE_POINTS}); add frames with nearby objects')
         return result
-    active = np.array([True] * 3 + [translation] * 3)
+    if time_offset:
+        frames.shifted(0)                   # raises when capture times or ego poses lack
+    active = np.array([True] * 3 + [translation] * 3 + [time_offset])
     depth = frames.median_depth(T0)
     # the explicit rotation also makes up for the rotation that comes with a translation
     room = max_translation_m / depth if translation else 0.0
-    limits = np.array([math.radians(max_rotation_deg) + room] * 3 + [max_translation_m] * 3)
+    limits = np.array([math.radians(max_rotation_deg) + room] * 3 + [max_translation_m] * 3
+                      + [max_offset_ms])
     x = _search(frames, active, limits, depth)
     T = _move(T0, x, depth)
-    best = frames.score(T)
+    best = _evaluate(frames, x, depth)
     result.found_T_cam_lidar = T
     result.score = best
-    # how constrained each parameter is: the score drop half a degree / 5 cm away
+    if time_offset:
+        result.found_time_offset_ns = int(round(x[6] * 1e6))
+    # how constrained each parameter is: the score drop half a degree / 5 cm / 20 ms away
     for i, name in enumerate(PARAMETERS):
         if active[i]:
-            delta = np.zeros(6)
-            delta[i] = math.radians(0.5) if i < 3 else 0.05
-            result.sharpness[name] = best - 0.5 * (frames.score(_move(T0, x + delta, depth))
-                                                   + frames.score(_move(T0, x - delta, depth)))
+            delta = np.zeros(7)
+            delta[i] = math.radians(0.5) if i < 3 else 0.05 if i < 6 else TIME_PROBE_MS
+            result.sharpness[name] = best - 0.5 * (_evaluate(frames, x + delta, depth)
+                                                   + _evaluate(frames, x - delta, depth))
     weak = [k for k, v in result.sharpness.items()
             if v < (min_sharpness if k in PARAMETERS[:3] else min_sharpness / 4)]
     rotation = x[:3] + np.array([x[4] / depth, -x[3] / depth, 0.0])
@@ -731,6 +827,7 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
                 if abs(rotation[i]) > 0.98 * math.radians(max_rotation_deg)]
     at_limit += [PARAMETERS[i] for i in range(3, 6)
                  if active[i] and abs(x[i]) > 0.98 * max_translation_m]
+    at_limit += ['time'] if time_offset and abs(x[6]) > 0.98 * max_offset_ms else []
     if weak:
         result.reason = (f'the data does not constrain {", ".join(weak)} (the score changes '
                          f'by less than {min_sharpness} there); add frames with more '
@@ -738,23 +835,160 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
         return result
     if at_limit:
         result.reason = (f'the optimum of {", ".join(at_limit)} lies at the search limit '
-                         f'({max_rotation_deg} deg, {100 * max_translation_m:.0f} cm): the '
+                         f'({max_rotation_deg} deg, {100 * max_translation_m:.0f} cm'
+                         f'{f", {max_offset_ms:g} ms" if time_offset else ""}): the '
                          'input calibration is too far off, or the data misleads')
         return result
     if verify:
-        halves = [_move(T0, _search(h, active, limits, depth), depth) for h in frames.halves()]
-        rot, pos = extrinsic_error(*halves)
+        xs = [_search(h, active, limits, depth) for h in frames.halves()]
+        rot, pos = extrinsic_error(*(_move(T0, h, depth) for h in xs))
+        ms = abs(xs[0][6] - xs[1][6])
         result.spread = {'rotation_deg': rot, 'translation_m': pos if translation else 0.0}
-        if rot > max_spread_deg or (translation and pos > max_spread_m):
+        if time_offset:
+            result.spread['time_ms'] = ms
+        if rot > max_spread_deg or (translation and pos > max_spread_m) or ms > max_spread_ms:
             result.reason = (f'the two halves of the data disagree by {rot:.2f} deg and '
-                             f'{100 * pos:.1f} cm (allowed {max_spread_deg} deg, '
-                             f'{100 * max_spread_m:.0f} cm): the optimum is not reproducible; '
-                             'add frames with more structure')
+                             f'{100 * pos:.1f} cm{f" and {ms:.1f} ms" if time_offset else ""} '
+                             f'(allowed {max_spread_deg} deg, {100 * max_spread_m:.0f} cm'
+                             f'{f", {max_spread_ms:g} ms" if time_offset else ""}): the '
+                             'optimum is not reproducible; add frames with more structure')
             return result
     result.converged = True
+    if time_offset:
+        result.time_offset_ns = result.found_time_offset_ns if best > initial else 0
     if best > initial:
         result.T_cam_lidar = T
         result.rotation_change_deg, result.translation_change_m = extrinsic_error(T, T0)
+    return result
+
+
+@dataclass
+class TimeOffsetResult:
+    """Outcome of :func:`estimate_time_offset` for one camera."""
+
+    camera: str
+    offset_ns: int                   # add to the camera's time_offset_ns (0: not converged)
+    initial_score: float
+    score: float
+    converged: bool
+    reason: str                      # why not converged ('' when converged)
+    frames: int
+    edge_points: int
+    ego_motion_m: float = 0.0        # median ego travel over probe_ms around the captures
+    sharpness: float = 0.0           # score drop probe_ms away from the optimum
+    found_offset_ns: int | None = None   # the optimum, even when not accepted
+    spread_ms: float | None = None   # disagreement of the two data halves
+
+    def to_dict(self) -> dict:
+        return {'camera': self.camera, 'converged': self.converged, 'reason': self.reason,
+                'frames': self.frames, 'edge_points': self.edge_points,
+                'offset_ms': round(self.offset_ns * 1e-6, 2),
+                'found_offset_ms': None if self.found_offset_ns is None else
+                round(self.found_offset_ns * 1e-6, 2),
+                'initial_score': round(self.initial_score, 4), 'score': round(self.score, 4),
+                'ego_motion_cm': round(100 * self.ego_motion_m, 2),
+                'sharpness': round(self.sharpness, 4),
+                'halves_disagree_ms': None if self.spread_ms is None else
+                round(self.spread_ms, 2)}
+
+
+def _score_at(frames: CameraFrames, T: np.ndarray, offset_ns: float,
+              scale: float | None = None) -> float:
+    """Score of ``T`` with every capture time shifted by ``offset_ns``; -inf where the ego
+    poses do not reach."""
+    try:
+        return frames.shifted(int(round(offset_ns))).score(T, scale)
+    except MotionError:
+        return -math.inf
+
+
+def _offset_search(frames: CameraFrames, T: np.ndarray, limit_ns: float) -> int:
+    """Coarse to fine grid search of the capture time shift (ns) of the best score."""
+    x, step, half = 0.0, limit_ns / 10, limit_ns
+    for scale in frames.scales:
+        grid = np.arange(x - half, x + half + step / 2, step)
+        grid = grid[np.abs(grid) <= limit_ns + 1.0]
+        values = [_score_at(frames, T, g, scale) for g in grid]
+        x = float(grid[int(np.argmax(values))])
+        half, step = 2 * step, step / 2
+    return int(round(x))
+
+
+def estimate_time_offset(frames: CameraFrames, *, max_offset_ms: float = 100.0,
+                         probe_ms: float = 20.0, min_motion_m: float = 0.02,
+                         min_sharpness: float = 0.002, max_spread_ms: float = 10.0,
+                         verify: bool = True) -> TimeOffsetResult:
+    """The camera-LiDAR time offset that best aligns silhouettes with image edges.
+
+    A 1-D search (coarse to fine over the scales of ``frames``) of the shift of every image's
+    capture time within ``max_offset_ms``, the extrinsic held at ``frames.camera``'s: the
+    points move with the ego between the LiDAR's and the shifted capture time, so the frames
+    need capture times and ego poses (:meth:`CameraFrames.add`). Converged means: enough
+    silhouette points in view, an ego that moves (at least ``min_motion_m`` in ``probe_ms``,
+    median over the frames: a standing car shows no offset), a score that drops by
+    ``min_sharpness`` ``probe_ms`` away from the optimum, the optimum inside the limit, and
+    (with ``verify``) the two halves of the data (alternate 10-degree sectors) agreeing
+    within ``max_spread_ms``; otherwise ``offset_ns`` is 0 and ``reason`` says why.
+    """
+    cam = frames.camera
+    T = cam.T_cam_lidar
+    n = frames.points_in_view(T) if frames.views else 0
+    initial = frames.score(T) if frames.views else 0.0
+    result = TimeOffsetResult(cam.name, 0, initial, initial, False, '', len(frames.views), n)
+    if not frames.views:
+        result.reason = 'no frames'
+        return result
+    probe = int(round(probe_ms * 1e6))
+    travel = []
+    for v in frames.views:
+        if v.capture_ns is None or v.trajectory is None:
+            raise AlignmentError('a time offset needs each frame\'s capture time and ego '
+                                 'poses (a bag with odometry, pairs with ego poses)')
+        try:
+            ends = v.trajectory.pose_at(np.array([v.capture_ns - probe // 2,
+                                                  v.capture_ns + probe // 2], np.int64))
+        except MotionError as exc:
+            result.reason = f'the ego poses do not cover a capture time: {exc}'
+            return result
+        travel.append(float(np.linalg.norm(ends[1, :3, 3] - ends[0, :3, 3])))
+    result.ego_motion_m = float(np.median(travel))
+    if n < MIN_EDGE_POINTS:
+        result.reason = (f'too little structure: {n} silhouette points in view '
+                         f'(need {MIN_EDGE_POINTS}); add frames with nearby objects')
+        return result
+    if result.ego_motion_m < min_motion_m:
+        result.reason = (f'the ego moves {100 * result.ego_motion_m:.1f} cm in {probe_ms:g} ms '
+                         f'(need {100 * min_motion_m:g} cm): a time offset does not show when '
+                         'the drive does not move; use frames where the car drives')
+        return result
+    limit = max_offset_ms * 1e6
+    best = _offset_search(frames, T, limit)
+    result.found_offset_ns = best
+    result.score = _score_at(frames, T, best)
+    result.sharpness = result.score - 0.5 * (_score_at(frames, T, best - probe)
+                                             + _score_at(frames, T, best + probe))
+    if not math.isfinite(result.score):
+        result.reason = 'the ego poses do not cover the capture times (odometry missing)'
+        return result
+    if not result.sharpness >= min_sharpness:
+        result.reason = (f'the score changes by {result.sharpness:.4f} {probe_ms:g} ms away '
+                         f'from the optimum (need {min_sharpness}): the data does not '
+                         'constrain the time offset; add frames with nearby objects at speed')
+        return result
+    if abs(best) > 0.98 * limit:
+        result.reason = (f'the optimum ({best * 1e-6:+.1f} ms) lies at the search limit '
+                         f'({max_offset_ms:g} ms): the offset is larger, or the data misleads')
+        return result
+    if verify:
+        a, b = (_offset_search(h, T, limit) for h in frames.halves())
+        result.spread_ms = abs(a - b) * 1e-6
+        if result.spread_ms > max_spread_ms:
+            result.reason = (f'the two halves of the data disagree by {result.spread_ms:.1f} '
+                             f'ms (allowed {max_spread_ms:g}): the optimum is not '
+                             'reproducible; add frames')
+            return result
+    result.converged = True
+    result.offset_ns = best
     return result
 
 

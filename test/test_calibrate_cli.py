@@ -83,6 +83,32 @@ def test_check_a_bag_calibration(bag, world, tmp_path, capsys):
     assert good['misalignment_deg'] < 0.4 < 1.0 < bad['misalignment_deg']
 
 
+def test_time_offset_from_a_bag(world, tmp_path, capsys):
+    """A driver that stamps its images 30 ms before they are captured: --time-offset finds
+    it from a bag with odometry (three sweeps 7 apart: different scenes and speeds) and writes
+    it as the camera's time_offset_ns."""
+    from cmkd_ros.bag import SimBagWriter
+    delay = 30_000_000
+    path = tmp_path / 'late'
+    with SimBagWriter(str(path), world.calibration, 'mcap', 'raw',
+                      static_transforms=world.static_transforms()) as writer:
+        for frame in (world.frame(7 * i) for i in range(3)):
+            writer.write_frame(dataclasses.replace(
+                frame, camera_stamp_ns=frame.camera_stamp_ns - delay))
+    out = tmp_path / 'out'
+    assert cli_main(['calibrate', str(path), '--time-offset', '--no-extrinsic', '--frames',
+                     '3', '--out', str(out)]) == 0
+    name = world.calibration.names[0]
+    assert f'{name}: time offset +' in capsys.readouterr().out
+    written = RigCalibration.load(str(out / 'calibration.yaml')).camera(name)
+    assert abs(written.time_offset_ns - delay) < 2_500_000, written.time_offset_ns
+    np.testing.assert_array_equal(written.T_cam_lidar, world.calibration.camera(name)
+                                  .T_cam_lidar)
+    report = json.loads((out / 'report.json').read_text())['cameras'][name]
+    assert report['converged'] and report['frames'] == 3
+    assert report['halves_disagree_ms'] < 5.0
+
+
 @pytest.fixture()
 def kitti_files(data_dir, tmp_path):
     folder = data_dir / 'kitti_000008'
@@ -136,3 +162,7 @@ def test_bad_inputs_give_clear_errors(kitti_files, capsys):
     # an unknown camera
     assert run_cloud(kitti_files, d / 'scan.bin', extra=['--cameras', 'CAM3']) == 2
     assert "--cameras ['CAM3'] not in the calibration" in capsys.readouterr().err
+    # a time offset from a single cloud without point times or ego poses
+    assert run_cloud(kitti_files, d / 'scan.bin', extra=['--time-offset']) == 2
+    assert '--time-offset needs camera stamps, point times and ego poses' in \
+        capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The calibration health metric (cmkd_ros.calibration_check) on synthetic and real frames."""
+import dataclasses
 import json
 import math
 
@@ -175,3 +176,49 @@ def test_health_monitor_verdicts(sim_frames):
     # an unusable image is counted in the message, not raised
     out = monitor.add(fr.xyz, {rig.names[0]: np.zeros_like(fr.images[0])}, ring=fr.ring)
     assert 'unusable' in out[rig.names[0]].message
+
+
+def offset_frames(frames, offset_ms, camera=None):
+    """The frames' camera with its images stamped ``offset_ms`` before their capture (the
+    driver's stamps), prepared with capture times and ego poses for a time offset search."""
+    cam = camera or frames[0].calibration.cameras[0]
+    prepared = cc.CameraFrames(cam)
+    for fr in frames:
+        stamps = fr.camera_stamp_ns - int(round(offset_ms * 1e6))
+        traj = fr.trajectory()
+        ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, point_time_ns=fr.point_time_ns,
+                                         capture_ns=stamps, trajectory=traj)
+        prepared.add(ref, fr.images[0], ring=fr.ring, T_capture_sweep=T[0], found=found,
+                     capture_ns=int(stamps[0]), trajectory=traj)
+    return prepared
+
+
+def test_time_offset_is_recovered(sim_frames):
+    """Images captured 30 ms after their stamps: the search finds the 30 ms (the ego drives
+    5 to 15 m/s), both halves of the data agree, and the stamps as they are score worse."""
+    frames = offset_frames(sim_frames, 30.0)
+    result = cc.estimate_time_offset(frames)
+    assert result.converged, result.reason
+    assert abs(result.offset_ns * 1e-6 - 30.0) < 2.5, result.to_dict()
+    assert result.spread_ms < 5.0 and result.ego_motion_m > 0.05
+    assert result.score > result.initial_score + 0.02
+    # the same frames with the right stamps: no offset left
+    right = cc.estimate_time_offset(offset_frames(sim_frames, 0.0), verify=False)
+    assert right.converged and abs(right.offset_ns) < 2_500_000, right.to_dict()
+    # frames without capture times or ego poses cannot be searched
+    bare = cc.CameraFrames(frames.camera)
+    bare.views = [dataclasses.replace(v, trajectory=None) for v in frames.views]
+    with pytest.raises(cc.AlignmentError, match='capture time and ego poses'):
+        cc.estimate_time_offset(bare)
+
+
+def test_time_offset_is_refused_when_the_car_stands():
+    """A car that stands still: every offset shows the same picture, so the search refuses
+    instead of writing an offset."""
+    from cmkd_ros.sim import SimWorld
+    world = SimWorld({'seed': 5, 'cameras': {'count': 1, 'width': 320, 'height': 180},
+                      'ego': {'speed_min_mps': 0.0, 'speed_max_mps': 0.0}}, workers=1)
+    frames = offset_frames([world.frame(0)], 30.0)
+    result = cc.estimate_time_offset(frames)
+    assert not result.converged and result.offset_ns == 0
+    assert result.ego_motion_m < 1e-6 and 'does not move' in result.reason, result.reason

@@ -14,13 +14,20 @@ compensated. Writes into ``--out``:
 * ``report.json``: per camera the scores before and after, the change, how well the data
   constrains each parameter, and why a camera was not refined.
 
-Exit status: 0 every camera converged, 3 some camera kept its input extrinsic (too little
-structure, unconstrained parameters, an unusable image), 2 bad input. ``--check`` only reports
-each camera's calibration health (:func:`cmkd_ros.calibration_check.check_alignment`).
+``--time-offset`` also estimates each camera's time offset to the LiDAR (the images are
+captured later than their stamps say) from sweeps with point times, camera stamps and ego
+poses, and writes it into ``time_offset_ns`` (added to the input one);
+``--no-extrinsic`` leaves the extrinsic as it is.
+
+Exit status: 0 every camera converged, 3 some camera kept its input extrinsic or time offset
+(too little structure, unconstrained parameters, an unusable image, a drive that does not
+move), 2 bad input. ``--check`` only reports each camera's calibration health
+(:func:`cmkd_ros.calibration_check.check_alignment`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +37,8 @@ import numpy as np
 
 from cmkd_ros.calibration import CalibrationError, RigCalibration
 from cmkd_ros.calibration_check import (AlignmentError, CameraFrames, check_alignment,
-                                        prepare_sweep, refine, with_extrinsic)
+                                        estimate_time_offset, prepare_sweep, refine,
+                                        with_extrinsic)
 from cmkd_ros.tools.overlay import OverlayError, OverlayFrame
 
 NOT_CONVERGED = 3
@@ -63,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'size, the most precise)')
     parser.add_argument('--check', action='store_true',
                         help='only report each camera\'s calibration health (no refinement)')
+    parser.add_argument('--time-offset', action='store_true',
+                        help='also estimate each camera\'s time offset to the LiDAR (needs '
+                             'point times and ego poses: a bag with odometry, pairs) and '
+                             'write it as time_offset_ns')
+    parser.add_argument('--max-time-offset-ms', type=float, default=100.0,
+                        help='search the time offset at most this far from the input one (ms)')
+    parser.add_argument('--extrinsic', action=argparse.BooleanOptionalAction, default=True,
+                        help='refine the extrinsic (--no-extrinsic with --time-offset: only '
+                             'the time offset)')
 
 
 def _frame_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -125,7 +142,9 @@ def prepare_cameras(frames: list[OverlayFrame], names: list[str], max_width: int
             overlap[n] += _in_image(frame, c)
             try:
                 cams[n].add(ref, frame.images[c], ring=frame.ring, found=found,
-                            T_capture_sweep=None if T is None else T[c])
+                            T_capture_sweep=None if T is None else T[c],
+                            capture_ns=None if capture is None else int(capture[c]),
+                            trajectory=None if capture is None else frame.trajectory)
             except AlignmentError as exc:
                 problems.setdefault(n, f'{frame.name}: {exc}')
     for n in names:
@@ -183,7 +202,20 @@ def run(args: argparse.Namespace) -> int:
             raise OverlayError('--frames and --stride must be >= 1')
         if args.max_rotation_deg <= 0 or args.max_translation_cm <= 0:
             raise OverlayError('--max-rotation-deg and --max-translation-cm must be > 0')
+        if not args.extrinsic and not args.time_offset:
+            raise OverlayError('--no-extrinsic leaves nothing to do without --time-offset')
+        if args.time_offset and args.check:
+            raise OverlayError('--check reports the extrinsic only; drop --time-offset')
+        if not 0 < args.max_time_offset_ms <= 1000:
+            raise OverlayError('--max-time-offset-ms must be in (0, 1000]')
         frames = load_frames(_frame_args(args))
+        if args.time_offset:
+            lacking = [f.name for f in frames if f.trajectory is None or
+                       f.point_time_ns is None or f.camera_stamp_ns is None]
+            if lacking:
+                raise OverlayError(f'--time-offset needs camera stamps, point times and ego '
+                                   f'poses (a bag with odometry, or pairs); {lacking[0]} has '
+                                   'not all of them')
         rig_in = frames[0].rig
         if args.calibration and os.path.isfile(args.calibration):
             rig_in = RigCalibration.load(args.calibration)     # every camera, for the output
@@ -213,37 +245,32 @@ def run(args: argparse.Namespace) -> int:
                   f'points, {health["frames"]} frames)')
         _write_json(os.path.join(args.out, 'report.json'), report)
         return 0 if not problems else NOT_CONVERGED
-    refined = {}
-    labels = {}
+    refined, offsets, labels, failed = {}, {}, {}, 0
     for n in names:
         if n in problems:
             report['cameras'][n] = {'converged': False, 'reason': problems[n]}
             print(f'{n}: NOT refined, input extrinsic kept: {problems[n]}')
+            failed += 1
             continue
-        result = refine(cams[n], translation=args.translation,
-                        max_rotation_deg=args.max_rotation_deg,
-                        max_translation_m=args.max_translation_cm / 100)
-        report['cameras'][n] = result.to_dict()
-        if result.converged:
-            refined[n] = result.T_cam_lidar
-            print(f'{n}: refined from {result.frames} frame(s), {result.edge_points} '
-                  f'silhouette points: rotation {result.rotation_change_deg:.3f} deg, '
-                  f'translation {100 * result.translation_change_m:.1f} cm, score '
-                  f'{result.initial_score:.3f} -> {result.score:.3f}')
-        else:
-            print(f'{n}: NOT refined, input extrinsic kept: {result.reason}')
-        after = (f'refined: score {result.score:.3f}, moved {result.rotation_change_deg:.2f} '
-                 f'deg {100 * result.translation_change_m:.1f} cm' if result.converged else
-                 'not refined: ' + result.reason[:80])
-        labels[n] = (f'input calibration: score {result.initial_score:.3f}', after)
-    rig_out = RigCalibration(tuple(
-        with_extrinsic(c, refined[c.name]) if c.name in refined else c
-        for c in rig_in.cameras), rig_in.lidar_frame)
+        entry, T, offset, words = _calibrate_camera(cams[n], args)
+        report['cameras'][n] = entry
+        failed += not entry['converged']
+        if T is not None:
+            refined[n] = T
+        if offset is not None:
+            offsets[n] = offset
+        labels[n] = (f'input calibration: score {cams[n].score(cams[n].camera.T_cam_lidar):.3f}',
+                     words)
+
+    def updated(cameras):
+        return tuple(dataclasses.replace(
+            with_extrinsic(c, refined.get(c.name, c.T_cam_lidar)),
+            time_offset_ns=int(c.time_offset_ns) + offsets.get(c.name, 0)) for c in cameras)
+
+    rig_out = RigCalibration(updated(rig_in.cameras), rig_in.lidar_frame)
     try:
         rig_out.save(os.path.join(args.out, 'calibration.yaml'))
-        after = RigCalibration(tuple(
-            with_extrinsic(c, refined[c.name]) if c.name in refined else c
-            for c in frames[0].rig.cameras), frames[0].rig.lidar_frame)
+        after = RigCalibration(updated(frames[0].rig.cameras), frames[0].rig.lidar_frame)
         for n, picture in _before_after(frames[0], frames[0].rig, after, labels).items():
             path = os.path.join(args.out, f'{n}_before_after.png')
             if not cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
@@ -252,9 +279,43 @@ def run(args: argparse.Namespace) -> int:
     except (OverlayError, CalibrationError, ValueError) as exc:
         print(f'cmkd calibrate: {exc}', file=sys.stderr)
         return 2
-    print(f'{os.path.join(args.out, "calibration.yaml")}: {len(refined)} of {len(names)} '
-          'camera(s) refined')
-    return 0 if len(refined) == len(names) else NOT_CONVERGED
+    print(f'{os.path.join(args.out, "calibration.yaml")}: {len(names) - failed} of '
+          f'{len(names)} camera(s) calibrated')
+    return 0 if not failed else NOT_CONVERGED
+
+
+def _calibrate_camera(frames: CameraFrames, args: argparse.Namespace
+                      ) -> tuple[dict, np.ndarray | None, int | None, str]:
+    """Refine one camera as ``args`` ask: ``(its report, refined T_cam_lidar or None, time
+    offset change (ns) or None, picture caption)``."""
+    name = frames.camera.name
+    if not args.extrinsic:                         # the time offset alone (1-D)
+        timing = estimate_time_offset(frames, max_offset_ms=args.max_time_offset_ms)
+        if timing.converged:
+            print(f'{name}: time offset {timing.offset_ns * 1e-6:+.1f} ms (the images are '
+                  'captured that much later than their stamps and the input time_offset_ns '
+                  f'say), score {timing.initial_score:.3f} -> {timing.score:.3f}')
+            return (timing.to_dict(), None, timing.offset_ns,
+                    f'time offset {timing.offset_ns * 1e-6:+.1f} ms')
+        print(f'{name}: time offset NOT estimated, input time_offset_ns kept: {timing.reason}')
+        return timing.to_dict(), None, None, 'time offset not estimated: ' + timing.reason[:60]
+    result = refine(frames, translation=args.translation,
+                    max_rotation_deg=args.max_rotation_deg,
+                    max_translation_m=args.max_translation_cm / 100,
+                    time_offset=args.time_offset, max_offset_ms=args.max_time_offset_ms)
+    if not result.converged:
+        kept = 'input extrinsic and time offset' if args.time_offset else 'input extrinsic'
+        print(f'{name}: NOT refined, {kept} kept: {result.reason}')
+        return result.to_dict(), None, None, 'not refined: ' + result.reason[:80]
+    offset = result.time_offset_ns if args.time_offset else None
+    timing = '' if offset is None else f', time offset {offset * 1e-6:+.1f} ms'
+    print(f'{name}: refined from {result.frames} frame(s), {result.edge_points} silhouette '
+          f'points: rotation {result.rotation_change_deg:.3f} deg, translation '
+          f'{100 * result.translation_change_m:.1f} cm{timing}, score '
+          f'{result.initial_score:.3f} -> {result.score:.3f}')
+    return (result.to_dict(), result.T_cam_lidar, offset,
+            f'refined: score {result.score:.3f}, moved {result.rotation_change_deg:.2f} deg '
+            f'{100 * result.translation_change_m:.1f} cm{timing}')
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -17,7 +17,8 @@ SUBCOMMANDS = {
     'rig': ('cmkd_ros.rig', 'rig calibration YAML from a bag\'s /tf_static and CameraInfo'),
     'overlay': ('cmkd_ros.tools.overlay', 'draw projected LiDAR points over camera images (PNG)'),
     'calibrate': ('cmkd_ros.tools.calibrate',
-                  'refine camera extrinsics from the data (LiDAR silhouettes on image edges)'),
+                  'refine camera extrinsics and time offsets from the data (LiDAR silhouettes '
+                  'on image edges)'),
     'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
     'teacher': ('offline_training.teacher_import', 'import a pretrained 2D network as a teacher'),
     'evaluate': ('offline_training.evaluate', 'score a student (pairs, nuScenes, SemanticKITTI)'),
