@@ -8,11 +8,12 @@ recorded rate (the LiDAR at 10 Hz; time jumps back at each loop, as with a loopi
 ``bench_segment_node.py``); the collect node records a pair every ``--record-interval`` s of
 stamp time, with odometry. Every 10 s the resident memory (``VmRSS``), open file descriptors
 and threads of both processes are sampled. Printed: those figures after 1 minute and at the
-end (goal: memory within 5 %, file descriptors and threads unchanged), the memory each minute
-(with the scans the segment node had processed: its heap grows over the first few hundred
-distinct scans, then stays flat), the scans published, labeled and dropped, and the collect
+end (goal: memory within 5 %, file descriptors and threads unchanged), its anonymous part (the
+heap; the rest is libraries and Fast DDS shared memory), the memory each minute (with the scans
+the segment node had processed), the scans published, labeled and dropped, and the collect
 node's counters (sets synchronized and dropped, pairs written, failed writes). A node that
-dies ends the run with its exit code.
+dies ends the run with its exit code. ``bench_pipeline_memory.py`` follows the segment
+pipeline's memory scan by scan, without ROS.
 
 Usage: ``python benchmarks/soak_nodes.py [--minutes 10] [--cameras 3] [--frames 100]
 [--record-interval 1.0] [--keep]``.
@@ -35,13 +36,16 @@ from bench_segment_node import (BackgroundNode, bench_env, make_checkpoint,  # n
 
 
 def proc_figures(pid: int) -> dict:
-    """Resident memory (MB), open file descriptors and threads of process ``pid``."""
+    """Resident memory (MB: all, and its anonymous part, the heap; the rest is mapped
+    libraries and the Fast DDS shared-memory segments), open file descriptors and threads of
+    process ``pid``."""
     out = {'fds': len(os.listdir(f'/proc/{pid}/fd'))}
+    names = {'VmRSS': 'rss_mb', 'RssAnon': 'anon_mb'}
     with open(f'/proc/{pid}/status', encoding='ascii') as fh:
         for line in fh:
             key, _, value = line.partition(':')
-            if key == 'VmRSS':
-                out['rss_mb'] = int(value.split()[0]) / 1024
+            if key in names:
+                out[names[key]] = int(value.split()[0]) / 1024
             elif key == 'Threads':
                 out['threads'] = int(value)
     return out
@@ -178,16 +182,18 @@ def main() -> int:
     minute = min(samples, key=lambda s: abs(s[0] - 60.0)) if samples else None
     last = samples[-1] if samples else None
     print(f'soak {args.minutes:g} min: {len(names)} cameras, bag of {args.frames} sweeps at '
-          f'10 Hz replayed in a loop; work folder {work}')
+          f'10 Hz replayed in a loop; work folder {work}; load average at the end '
+          + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
     if died:
         print(f'NODE DIED: {died} (see the logs in {work})')
     if minute and last:
         print(f'{"process":14s} {"RSS @%.0fs" % minute[0]:>11s} {"RSS @%.0fs" % last[0]:>11s} '
-              f'{"change":>8s} {"fds":>9s} {"threads":>9s}')
+              f'{"change":>8s} {"anon (heap)":>15s} {"fds":>9s} {"threads":>9s}')
         for name in procs:
             a, b = minute[1][name], last[1][name]
             change = (b['rss_mb'] - a['rss_mb']) / a['rss_mb']
             print(f'{name:14s} {a["rss_mb"]:9.0f}MB {b["rss_mb"]:9.0f}MB {change:+8.1%} '
+                  f'{a["anon_mb"]:6.0f}->{b["anon_mb"]:<6.0f}MB '
                   f'{a["fds"]:4d}->{b["fds"]:<4d} {a["threads"]:4d}->{b["threads"]:<4d}')
         peak = {n: max(s[1][n]['rss_mb'] for s in samples) for n in procs}
         print('RSS peak: ' + ', '.join(f'{n} {v:.0f} MB' for n, v in peak.items()))

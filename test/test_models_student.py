@@ -1,4 +1,5 @@
 """Student network: MinkUNet, DA module, shared classifier, predict (pure-PyTorch backend)."""
+import re
 import threading
 
 import numpy as np
@@ -154,6 +155,38 @@ def test_bfloat16_and_float16_inference_follow_float32(scan, device):
             student.predict(scan[:, :3], scan[:, 3], precision='float16')
     with pytest.raises(ValueError, match='precision must be one of'):
         student.predict(scan[:, :3], scan[:, 3], precision='int8')
+
+
+def test_cpu_bfloat16_linear_heads_run_on_bucketed_row_counts(scan, capfd):
+    """oneDNN builds and caches a 16-bit GEMM for every row count, so a node whose scans all
+    have their own voxel count grew with each scan: on the CPU the linear heads (shortcut,
+    projection, classifier) run on rows padded to buckets, so scans of six sizes share the
+    GEMMs of at most two buckets, and the outputs keep one row per voxel."""
+    verbose, on = torch.backends.mkldnn.verbose, torch.backends.mkldnn.VERBOSE_ON
+    with verbose(on), torch.autocast('cpu', dtype=torch.bfloat16):
+        torch.nn.Linear(64, 16)(torch.randn(1000, 64))  # what the heads did before
+    if 'matmul' not in capfd.readouterr().out:
+        pytest.skip('this CPU runs bfloat16 linear layers without oneDNN')
+    for student in (make_student(), make_student(use_da=False)):
+        voxels = set()
+        with verbose(on):
+            for n in range(len(scan), len(scan) - 600, -100):
+                coords, feats, _ = voxel_input(scan[:n])
+                voxels.add(coords.shape[0])
+                with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+                    out = student.eval()(coords, feats)
+                assert out['logits'].shape == (coords.shape[0], 5)
+        rows = {int(m) for m in re.findall(r'matmul.*,(\d+)x\d+:\d+x\d+,', capfd.readouterr().out)}
+        assert len(voxels) >= 4 and rows and len(rows) <= 2, (voxels, rows)
+        assert all(r % 1024 == 0 for r in rows), rows
+
+
+def test_padded_rows_bounds_the_row_counts_and_the_padding():
+    from cmkd_ros.models.student import padded_rows
+    assert [padded_rows(n) for n in (0, 1, 1024, 1025, 20773)] == [0, 1024, 1024, 2048, 21504]
+    for n in (5_000, 33_000, 70_001, 262_144, 299_999):
+        assert n <= padded_rows(n) <= n * 1.0625
+    assert len({padded_rows(n) for n in range(131_073, 262_145, 97)}) == 16
 
 
 def test_prepared_scans_reuse_the_maps_of_the_last_forward_pass(scan):

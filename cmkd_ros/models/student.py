@@ -39,6 +39,25 @@ def native_bfloat16(device: torch.device | str = 'cpu') -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def dense(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a linear layer on per-voxel features ``(V, C)``; on the CPU under
+    autocast with V padded to a bucket (:func:`padded_rows`). oneDNN builds a 16-bit GEMM for
+    each row count and caches up to 1,024 of them with their buffers: as every scan has its
+    own voxel count, a node grew by about 1.6 MB a scan (docs/results.md, Soak). Buckets bound
+    the GEMMs to a few per sensor, each built once (float32 instead cost 7 ms a scan)."""
+    if x.device.type != 'cpu' or autocast_dtype('cpu') is None:
+        return layer(x)
+    rows = x.shape[0]
+    return layer(torch.nn.functional.pad(x, (0, 0, 0, padded_rows(rows) - rows)))[:rows]
+
+
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of 1,024 or of 1/16 of its power of two if larger:
+    at most 16 sizes per octave, at most 1,023 rows or 6.25 % of padding."""
+    step = max(1024, 1 << max(0, rows.bit_length() - 5))
+    return -(-rows // step) * step
+
+
 def resolve_device(name: str | torch.device = 'auto', index: int | None = None) -> torch.device:
     """The torch device of a ``device`` setting: ``auto`` (CUDA when available, else the
     CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``index`` picks the GPU of a bare ``cuda`` or
@@ -87,7 +106,8 @@ def resolve_precision(precision: str, device: torch.device | str = 'cpu',
 def precision_context(precision: str, device: torch.device | str = 'cpu',
                       backend: str = 'torch'):
     """Context for inference arithmetic in ``precision`` on ``device``: nothing for float32,
-    else autocast (weights stay float32; convolutions, GEMMs and gathers run in 16 bits).
+    else autocast (weights stay float32; convolutions, GEMMs and gathers run in 16 bits; on
+    the CPU the linear heads on padded rows: :func:`dense`).
     float16 is CUDA only (CPUs have no fast float16 GEMM; bfloat16 is the CPU choice), and
     16-bit arithmetic needs the torch backend (``backend`` as resolved for ``device``).
     ``auto``: :func:`resolve_precision`."""
@@ -282,10 +302,11 @@ class Student(nn.Module):
         if self.config.use_da:
             pseudo2d = in_input_order(self.projection(x))
             if self.config.da_residual:
-                pseudo2d = pseudo2d + self.shortcut(backbone)
+                pseudo2d = pseudo2d + dense(self.shortcut, backbone)
         else:
-            pseudo2d = self.projection(backbone)
-        return {'backbone': backbone, 'pseudo2d': pseudo2d, 'logits': self.classifier(pseudo2d)}
+            pseudo2d = dense(self.projection, backbone)
+        return {'backbone': backbone, 'pseudo2d': pseudo2d,
+                'logits': dense(self.classifier, pseudo2d)}
 
     def load_classifier(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         freeze: bool = True) -> None:
