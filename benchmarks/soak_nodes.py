@@ -62,9 +62,9 @@ def render_bag(path: str, frames: int, cameras: int) -> None:
 
 
 def diag_values(statuses: dict, node: str) -> dict:
-    """The latest /diagnostics key-values of ``node``."""
-    status = statuses.get(node)
-    return {kv.key: kv.value for kv in status.values} if status is not None else {}
+    """The latest /diagnostics key-values of ``node``, over all its statuses (the collect node
+    publishes one for its counters and one per camera's calibration health)."""
+    return dict(statuses.get(node, {}))
 
 
 def main() -> int:
@@ -126,7 +126,8 @@ def main() -> int:
     def on_diagnostics(msg):
         with lock:
             for status in msg.status:
-                statuses[status.name.split(':')[0]] = status
+                statuses.setdefault(status.name.split(':')[0], {}).update(
+                    (kv.key, kv.value) for kv in status.values)
 
     from diagnostic_msgs.msg import DiagnosticArray
     client.node.create_subscription(PointCloud2, '/lidar/points', on_input,
