@@ -143,15 +143,19 @@ def plot_embeddings(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
 @torch.no_grad()
 def agreement_per_class(teacher: torch.nn.Module, students: dict, dataset, *,
                         class_names: Sequence[str]) -> dict:
-    """On the points some camera sees: per ground-truth class, the fraction of points where
-    each student's class is the teacher's label of the point (``students``: name -> student,
-    one voxel size each). Returns ``{name: {class: fraction or None}}`` plus ``points``
-    (``{class: count}``)."""
+    """On the points some camera sees, per ground-truth class: the fraction of points where
+    each student's class is the teacher's label of the point (``agreement``), and the same
+    on the points the teacher labels wrong (``copied``: the teacher's mistakes the student
+    repeats). ``students``: name -> student (one voxel size each). Returns ``{'agreement' |
+    'copied': {name: {class: fraction or None}}, 'points' | 'teacher_wrong': {class: count}}``.
+    """
     from offline_training.datasets import IGNORE, SparseCollate
     from offline_training.evaluate import teacher_point_labels
     k = len(class_names)
     agree = {name: torch.zeros(k, dtype=torch.int64) for name in students}
+    copied = {name: torch.zeros(k, dtype=torch.int64) for name in students}
     total = torch.zeros(k, dtype=torch.int64)
+    wrong_total = torch.zeros(k, dtype=torch.int64)
     for student in students.values():
         student.eval()
     for index in range(len(dataset)):
@@ -159,40 +163,52 @@ def agreement_per_class(teacher: torch.nn.Module, students: dict, dataset, *,
         batch = SparseCollate(1.0)([sample])
         teacher_labels = teacher_point_labels(teacher, batch, k)
         keep = batch['visible_any'] & (batch['labels'] != IGNORE)
-        gt = batch['labels'][keep]
+        gt, said = batch['labels'][keep], teacher_labels[keep]
+        wrong = said != gt
         total += torch.bincount(gt, minlength=k)
+        wrong_total += torch.bincount(gt[wrong], minlength=k)
         for name, student in students.items():
             sb = SparseCollate(float(student.voxel_size))([sample])
-            pred = student(sb['coords'], sb['vfeats'])['logits'].argmax(1)[sb['inverse']]
-            same = (pred[keep] == teacher_labels[keep]).long()
-            agree[name] += torch.bincount(gt, weights=same.double(), minlength=k).long()
-    result = {name: {class_names[c]: (float(agree[name][c] / total[c]) if total[c] else None)
-                     for c in range(k)} for name in students}
-    result['points'] = {class_names[c]: int(total[c]) for c in range(k)}
-    return result
+            pred = student(sb['coords'], sb['vfeats'])['logits'].argmax(1)[sb['inverse']][keep]
+            same = pred == said
+            agree[name] += torch.bincount(gt[same], minlength=k)
+            copied[name] += torch.bincount(gt[same & wrong], minlength=k)
+
+    def fractions(counts, of):
+        return {name: {class_names[c]: (float(counts[name][c] / of[c]) if of[c] else None)
+                       for c in range(k)} for name in students}
+
+    return {'agreement': fractions(agree, total), 'copied': fractions(copied, wrong_total),
+            'points': {class_names[c]: int(total[c]) for c in range(k)},
+            'teacher_wrong': {class_names[c]: int(wrong_total[c]) for c in range(k)}}
 
 
-def plot_agreement(agreement: dict, path: str, title: str = '') -> None:
-    """Grouped bars: per class (with points), each student's agreement with its teacher."""
+def plot_agreement(agreement: dict, path: str) -> None:
+    """Grouped bars per class (with points): each student's agreement with its teacher (top)
+    and the share of the teacher's mistakes it repeats (bottom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    names = [n for n in agreement if n != 'points']
+    names = list(agreement['agreement'])
     classes = [c for c, count in agreement['points'].items() if count]
-    fig = Figure(figsize=(max(6.0, 0.6 * len(classes) + 2), 4.5), dpi=100)
+    fig = Figure(figsize=(max(6.0, 0.6 * len(classes) + 2), 7.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(names))
-    for j, name in enumerate(names):
-        values = [agreement[name][c] for c in classes]
-        ax.bar(np.arange(len(classes)) + (j - (len(names) - 1) / 2) * width, values, width,
-               label=name)
-    ax.set_xticks(range(len(classes)), labels=classes, rotation=60, ha='right', fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel('points where the student predicts\nthe teacher\'s label', fontsize=8)
-    ax.set_title(title or 'teacher-student agreement per class (points a camera sees)',
-                 fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis='y', alpha=0.3)
+    panels = (('agreement', 'points', 'agreement with the teacher (points a camera sees)'),
+              ('copied', 'teacher_wrong', "the teacher's mistakes the student repeats"))
+    for i, (key, counts, title) in enumerate(panels):
+        ax = fig.add_subplot(2, 1, i + 1)
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            values = [agreement[key][name][c] for c in classes]
+            ax.bar(np.arange(len(classes)) + (j - (len(names) - 1) / 2) * width,
+                   [np.nan if v is None else v for v in values], width, label=name)
+        labels = [f'{c}\n({agreement[counts][c]})' for c in classes]
+        ax.set_xticks(range(len(classes)), labels=labels, rotation=60, ha='right', fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel('fraction of points', fontsize=8)
+        ax.set_title(f'{title}; (n) points', fontsize=9)
+        ax.grid(axis='y', alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7, ncol=len(names))
     fig.tight_layout()
     fig.savefig(path)
 

@@ -79,9 +79,14 @@ def test_agreement_counts_points_where_student_and_teacher_agree(tmp_path):
     gt = sample['labels'][sample['visible_any'] & (sample['labels'] != IGNORE)]
     counts = torch.bincount(gt, minlength=K).tolist()
     assert list(result['points'].values()) == counts and sum(counts) > 0
+    # the teacher says car everywhere: wrong on every seen point that is not a car
+    wrong = [0 if c == car else n for c, n in enumerate(counts)]
+    assert list(result['teacher_wrong'].values()) == wrong
     for c, name in enumerate(SYNTHETIC.names):
         expected = (1.0, 0.0) if counts[c] else (None, None)
-        assert (result['car'][name], result['road'][name]) == expected
+        assert (result['agreement']['car'][name], result['agreement']['road'][name]) == expected
+        expected = (1.0, 0.0) if wrong[c] else (None, None)  # the car student copies them all
+        assert (result['copied']['car'][name], result['copied']['road'][name]) == expected
     path = tmp_path / 'agreement.png'
     plot_agreement(result, str(path))
     assert path.stat().st_size > 1000
