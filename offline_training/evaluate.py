@@ -107,18 +107,38 @@ def evaluate_student(student: torch.nn.Module, dataset, *, voxel_size: float | N
 
 
 @torch.no_grad()
+def teacher_point_labels(teacher: torch.nn.Module, batch: dict, num_classes: int,
+                         device: str | torch.device = 'cpu') -> torch.Tensor:
+    """The class of the mean teacher softmax at each point's pixels, ``(N,) int64`` on the CPU,
+    for one collated batch (:class:`~offline_training.datasets.SparseCollate`); only the
+    points of ``batch['visible_any']`` have pixels (the others get class 0)."""
+    from offline_training.losses import sample_image_features
+    images = batch['images'].to(device)
+    feats = sample_image_features(teacher.features(images.float() / 255.0),
+                                  batch['corr_image'].to(device),
+                                  batch['corr_uv'].to(device), tuple(images.shape[-2:]))
+    logits = teacher.classifier(feats[:, :, None, None])[:, :, 0, 0]
+    if logits.shape[1] != num_classes:
+        raise ValueError(f'the teacher has {logits.shape[1]} classes, class_names '
+                         f'{num_classes}')
+    votes = torch.zeros(batch['labels'].shape[0], num_classes, device=device)
+    votes.index_add_(0, batch['corr_point'].to(device), logits.float().softmax(1))
+    return votes.argmax(1).cpu()
+
+
+@torch.no_grad()
 def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: Sequence[str],
                             device: str | torch.device = 'cpu',
                             max_scans: int | None = None) -> dict:
     """mIoU of the 2D teacher's labels carried to the LiDAR points by the correspondences.
 
     Each point some camera sees gets the class of the mean teacher softmax at its pixels (the
-    target FSKD distils); the result (``seen`` group, :meth:`ConfusionMatrix.summary`) is what a
-    zero-shot student could reach on those points by copying its teacher, no more.
-    ``dataset``: a :class:`ScanDataset` with images and correspondences.
+    target FSKD distils, :func:`teacher_point_labels`); the result (``seen`` group,
+    :meth:`ConfusionMatrix.summary`) is what a zero-shot student could reach on those points by
+    copying its teacher, no more. ``dataset``: a :class:`ScanDataset` with images and
+    correspondences.
     """
     from offline_training.datasets import SparseCollate
-    from offline_training.losses import sample_image_features
     num_classes = len(class_names)
     device = resolve_device(device)
     collate = SparseCollate(1.0)  # the voxels are not used
@@ -126,18 +146,9 @@ def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: S
     count = len(dataset) if max_scans is None else min(len(dataset), max_scans)
     for index in range(count):
         batch = collate([dataset[index]])
-        images = batch['images'].to(device)
-        feats = sample_image_features(teacher.features(images.float() / 255.0),
-                                      batch['corr_image'].to(device),
-                                      batch['corr_uv'].to(device), tuple(images.shape[-2:]))
-        logits = teacher.classifier(feats[:, :, None, None])[:, :, 0, 0]
-        if logits.shape[1] != num_classes:
-            raise ValueError(f'the teacher has {logits.shape[1]} classes, class_names '
-                             f'{num_classes}')
-        votes = torch.zeros(batch['labels'].shape[0], num_classes, device=device)
-        votes.index_add_(0, batch['corr_point'].to(device), logits.float().softmax(1))
+        labels = teacher_point_labels(teacher, batch, num_classes, device)
         seen = batch['visible_any']
-        matrix.update(batch['labels'][seen], votes.argmax(1).cpu()[seen])
+        matrix.update(batch['labels'][seen], labels[seen])
     return {'seen': matrix.summary(class_names), 'num_scans': count}
 
 

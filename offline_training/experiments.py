@@ -2,18 +2,28 @@
 
 ``cmkd train experiments --out DIR`` (or ``python -m offline_training.experiments --out DIR``):
 
-1. render training scenes and held-out test scenes (different world seeds: different streets);
-2. train the 2D teacher on the training images; score it on the test images (2D mIoU);
-3. train students on the training scans and score them on the test scans (3D mIoU, all points
+1. render training scenes and the scenes it scores on (different world seeds: different
+   streets): the validation worlds in the ``validation`` stage (settings are chosen there), the
+   test worlds in the ``test`` stage (scored once, at the end: a second test stage on the same
+   output is refused unless ``force``); ``rig=second`` renders every world with a second camera
+   rig and LiDAR on which no choice is made (test stage only);
+2. train the 2D teacher on the training images; score it on the scored images (2D mIoU);
+3. train students on the training scans and score them on the scored scans (3D mIoU, all points
    and points no camera sees), ``repeats`` times with consecutive seeds:
-   - ``fskd``: FSKD zero-shot (no 3D labels; shared frozen teacher classifier);
+   - ``fskd``: FSKD zero-shot (no 3D labels; shared frozen teacher classifier; the project's DA
+     module: linear shortcut, pooling rate 2);
+   - ``fskd_paper_da``: FSKD with the paper's DA module (three self-calibrated layers, pooling
+     rate 4, no shortcut);
    - ``udakd_finetune``: UDAKD pre-training, then fine-tuning on ``label_fraction`` of the
      labeled scans;
    - ``finetune_scratch``: the same fine-tuning from random weights (what UDAKD is worth);
    - ``supervised``: every 3D label, the same network (the upper bound);
    - ``fskd_no_da``: FSKD without the DA module (ablation);
    - ``fskd_no_occlusion``: FSKD with correspondences kept for occluded points (ablation);
-4. write ``results.json`` and ``results.md`` (the table of docs/results.md).
+4. score the zero-shot students also by a linear probe on their frozen features
+   (:mod:`offline_training.probe`) and draw the pictures (:mod:`offline_training.pictures`);
+5. write ``results.json`` and ``results.md`` (the table of docs/results.md, headed by which
+   worlds served for what).
 
 Every stage writes into its own folder and is skipped when its results exist, so an interrupted
 run continues where it stopped. Settings: :class:`ExperimentsConfig` (``key=value`` overrides).
@@ -29,11 +39,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cmkd_ros.config import PRECISION_CHOICES, build, load, setting, to_dict
+from cmkd_ros.config import ConfigError, PRECISION_CHOICES, build, load, setting, to_dict
 from offline_training.config import TEACHER_RENAMED, move_renamed_teacher_settings
 
-RUNS = ('fskd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
-        'fskd_no_occlusion')
+RUNS = ('fskd', 'fskd_paper_da', 'udakd_finetune', 'finetune_scratch', 'supervised',
+        'fskd_no_da', 'fskd_no_occlusion')
+STAGES = ('validation', 'test')
+RIGS = ('main', 'second')
+# Zero-shot runs whose frozen features the linear probe scores (UDAKD: the usual protocol for
+# pre-trained features; its shared-classifier score leaves the InfoNCE feature scale free).
+PROBE_RUNS = ('udakd', 'fskd', 'fskd_paper_da', 'fskd_no_da')
+
+
+class ExperimentsError(ValueError):
+    """The protocol refuses: a second test stage, another stage's folder, stale data."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +63,33 @@ class ExperimentsConfig:
     seed: int = setting(0, 'training seed of the teacher and of every student run', ge=0)
     repeats: int = setting(1, 'train every student run this many times, seeds seed, seed+1, ...;'
                            ' the table gives mean and standard deviation', ge=1)
+    stage: str = setting('validation', 'validation: score on val_worlds (settings are chosen '
+                         'there); test: score on test_worlds, once (refused a second time in '
+                         'the same out_dir unless force)', choices=STAGES)
+    force: bool = setting(False, 'run the test stage again in an out_dir where it already ran')
     train_worlds: tuple[int, ...] = setting((1, 2, 3, 4), 'world seeds of the training streets')
-    test_worlds: tuple[int, ...] = setting((101, 102), 'world seeds of the held-out streets')
+    val_worlds: tuple[int, ...] = setting(
+        (101, 102, 201, 202), 'world seeds of the validation streets (runs A-M were tuned on '
+        '101, 102 and 201, 202)')
+    test_worlds: tuple[int, ...] = setting(
+        (301, 302), 'world seeds of the test streets, scored once by the test stage (fresh on '
+        '2026-12-06: no run before has seen them)')
+    rig: str = setting('main', 'sensors of every world: main (sim) or second (second_rig; test '
+                       'stage only, no choice is made on it)', choices=RIGS)
     frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
     frame_stride: int = setting(6, 'keep every n-th sweep of the drive (10 Hz LiDAR)', ge=1)
     sim: dict[str, Any] = setting(
         default_factory=lambda: {'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0},
                                  'cameras': {'count': 6, 'width': 256, 'height': 144}},
-        help='SimConfig overrides (cmkd_ros.sim.config) shared by train and test worlds')
+        help='SimConfig overrides (cmkd_ros.sim.config) of the main rig, shared by every world')
+    second_rig: dict[str, Any] = setting(
+        default_factory=lambda: {
+            'lidar': {'preset': 'vlp32c', 'horizontal_resolution_deg': 2.0, 'height_m': 1.95},
+            'cameras': {'count': 5, 'width': 224, 'height': 160, 'horizontal_fov_deg': 85.0,
+                        'mount_forward_m': 0.9, 'mount_side_m': 0.8,
+                        'mount_below_lidar_m': 0.5, 'pitch_deg': 4.0}},
+        help='SimConfig overrides of the second rig (rig=second), used instead of sim: another '
+        'LiDAR (beam table, range) and another camera layout, resolution and field of view')
     threads: int = setting(1, 'torch intra-op threads per training process', ge=1)
     parallel: int = setting(2, 'trainings run at the same time (one process each)', ge=1)
     teacher_steps: int = setting(4000, 'teacher optimizer steps', ge=1)
@@ -85,7 +123,33 @@ class ExperimentsConfig:
                                    help='extra data keys of every student run (TrainConfig.data)')
     loss: dict[str, Any] = setting(default_factory=dict,
                                    help='loss keys of the distillation runs (TrainConfig.loss)')
-    runs: tuple[str, ...] = setting(RUNS, 'which student runs to do', choices=RUNS)
+    runs: tuple[str, ...] = setting(RUNS, 'which student runs to do (udakd: the UDAKD '
+                                    'pre-training alone, which udakd_finetune includes)',
+                                    choices=RUNS + ('udakd',))
+    probe_steps: int = setting(200, 'L-BFGS iterations of the linear probe on frozen features '
+                               '(0: no probe)', ge=0)
+    pictures: bool = setting(True, 'draw the feature embeddings (with and without DA) and the '
+                             'teacher-student agreement per class')
+
+    def validate(self) -> None:
+        if self.rig == 'second' and self.stage != 'test':
+            raise ConfigError('rig: the second rig is for the test stage only (no choice is '
+                              'made on it); set stage=test')
+        train, val, test = set(self.train_worlds), set(self.val_worlds), set(self.test_worlds)
+        shared = (train & val) | (train & test) | (val & test)
+        if shared:
+            raise ConfigError(f'train_worlds, val_worlds and test_worlds must not share a world '
+                              f'(shared: {sorted(shared)})')
+
+    @property
+    def eval_worlds(self) -> tuple[int, ...]:
+        """The worlds this stage scores on."""
+        return self.test_worlds if self.stage == 'test' else self.val_worlds
+
+    @property
+    def rig_sim(self) -> dict:
+        """SimConfig overrides of this run's rig."""
+        return dict(self.second_rig if self.rig == 'second' else self.sim)
 
     @classmethod
     def expand_settings(cls, data: Mapping[str, Any]) -> dict:
@@ -112,7 +176,14 @@ def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
     from cmkd_ros.sim.simulator import SimWorld
     from offline_training.datasets import store_correspondences
     done = os.path.join(root, 'COMPLETE')
+    what = json.dumps({'worlds': list(worlds), 'frames': frames, 'stride': stride, 'sim': sim},
+                      sort_keys=True)
     if os.path.exists(done):
+        with open(done, encoding='utf-8') as fh:
+            held = fh.read()
+        if held and held != what:  # (folders written before this check hold an empty file)
+            raise ExperimentsError(f'{root} holds other worlds or another rig ({held}); use '
+                                   'another out_dir')
         return root
     if os.path.isdir(root):
         import shutil
@@ -125,8 +196,32 @@ def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
             writer.write(store_correspondences(world.frame(k * stride).to_pair()))
     if len(PairReader(root)) != len(worlds) * frames:
         raise RuntimeError(f'{root}: expected {len(worlds) * frames} pairs')
-    open(done, 'w').close()
+    with open(done, 'w', encoding='utf-8') as fh:
+        fh.write(what)
     return root
+
+
+def claim_stage(cfg: ExperimentsConfig) -> dict:
+    """Record this run's stage in ``out_dir/stage.json``; refuse another stage's folder and a
+    second test stage (the test worlds are scored once) unless ``cfg.force``."""
+    path = os.path.join(cfg.out_dir, 'stage.json')
+    claim = {'stage': cfg.stage, 'rig': cfg.rig, 'train_worlds': list(cfg.train_worlds),
+             'eval_worlds': list(cfg.eval_worlds)}
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as fh:
+            held = json.load(fh)
+        if {k: held.get(k) for k in claim} != claim:
+            raise ExperimentsError(f'{cfg.out_dir} holds another stage ({held}); use another '
+                                   'out_dir')
+        if cfg.stage == 'test' and not cfg.force:
+            raise ExperimentsError(
+                f'the test stage already ran in {cfg.out_dir} (started {held.get("started")}): '
+                'the test worlds are scored once; force=true runs it again')
+    claim['started'] = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as fh:
+        json.dump(claim, fh, indent=2)
+    return claim
 
 
 def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -> dict:
@@ -154,6 +249,8 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
         'supervised': ('supervised', {**common, 'steps': cfg.student_steps,
                                       'share_teacher_classifier': False,
                                       'freeze_classifier': False}),
+        'fskd_paper_da': ('fskd', _merge(distill, {'student': {
+            'use_da': True, 'da_layers': 3, 'da_pool': 4, 'da_residual': False}})),
         'fskd_no_da': ('fskd', _merge(distill, {'student': {'use_da': False}})),
         'fskd_no_occlusion': ('fskd', _merge(distill, {'data': {'occlusion': False}})),
     }
@@ -201,17 +298,19 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
     import multiprocessing
     root = cfg.out_dir
     os.makedirs(root, exist_ok=True)
+    claim = claim_stage(cfg)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    # 1. Data: training and held-out streets.
+    # 1. Data: training streets and the streets this stage scores on.
     train_dir = render_worlds(os.path.join(root, 'data', 'train'), cfg.train_worlds,
-                              cfg.frames_per_world, cfg.frame_stride, cfg.sim)
-    test_dir = render_worlds(os.path.join(root, 'data', 'test'), cfg.test_worlds,
-                             cfg.frames_per_world, cfg.frame_stride, cfg.sim)
+                              cfg.frames_per_world, cfg.frame_stride, cfg.rig_sim)
+    eval_dir = render_worlds(os.path.join(root, 'data', 'val' if cfg.stage == 'validation'
+                                          else 'test'), cfg.eval_worlds,
+                             cfg.frames_per_world, cfg.frame_stride, cfg.rig_sim)
     timings['data'] = time.monotonic() - start
     # 2. Jobs: name -> (what it waits for, function, arguments).
     teacher_path = os.path.join(root, 'teacher', 'teacher.pt')
-    specs = _student_runs(cfg, train_dir, test_dir, teacher_path)
+    specs = _student_runs(cfg, train_dir, eval_dir, teacher_path)
     wanted = []
     for name in cfg.runs:
         if name == 'udakd_finetune':
@@ -219,7 +318,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
         wanted.append(name)
     jobs = {'teacher': ((), _teacher_job, _merge({
         'out_dir': os.path.join(root, 'teacher'), 'seed': cfg.seed, 'steps': cfg.teacher_steps,
-        'data': {'train': train_dir, 'val': test_dir, 'batch_size': cfg.teacher_batch_size},
+        'data': {'train': train_dir, 'val': eval_dir, 'batch_size': cfg.teacher_batch_size},
         'optim': {'lr': cfg.teacher_lr}, 'model': dict(cfg.teacher_model), 'device': 'cpu',
         'precision': cfg.teacher_precision, 'threads': cfg.threads, 'progress': False},
         dict(cfg.teacher_options)))}
@@ -266,10 +365,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
                 print(f'[experiments] {name} done after {timings[name]:.0f} s '
                       f'({results[name].get("seconds", 0):.0f} s of training)', flush=True)
     teacher_summary = dict(results.pop('teacher'))
-    teacher_summary['transfer'] = _label_transfer(teacher_path, test_dir, cfg.threads)
-    # CPU seconds of this process and its finished workers: the budget on a shared machine.
-    usage = [resource.getrusage(resource.RUSAGE_SELF),
-             resource.getrusage(resource.RUSAGE_CHILDREN)]
+    teacher_summary['transfer'] = _label_transfer(teacher_path, eval_dir, cfg.threads)
     students: dict[str, dict] = {}
     for job, result in results.items():  # the first seed's result; every seed's under 'seeds'
         name, seed = seeds[job]
@@ -279,7 +375,27 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
         entry['seconds'] += result.get('seconds') or 0.0
         if job == name:
             entry['eval'] = result.get('eval')
-    summary = {'config': to_dict(cfg), 'teacher': teacher_summary, 'students': students,
+    # 4. The linear probe on frozen features and the pictures (each cached in its folder).
+    for job in results:
+        name, seed = seeds[job]
+        if name in PROBE_RUNS and cfg.probe_steps:
+            probe = _probe(jobs[job][2]['out_dir'], train_dir, eval_dir, cfg)
+            students[name].setdefault('probe_seeds', {})[seed] = probe
+            if job == name:
+                students[name]['probe'] = probe
+    timings['probe'] = time.monotonic() - start
+    pictures = None
+    if cfg.pictures:
+        pictures = _pictures(root, teacher_path, eval_dir, cfg)
+        timings['pictures'] = time.monotonic() - start
+    # CPU seconds of this process and its finished workers: the budget on a shared machine.
+    usage = [resource.getrusage(resource.RUSAGE_SELF),
+             resource.getrusage(resource.RUSAGE_CHILDREN)]
+    protocol = {'stage': cfg.stage, 'rig': cfg.rig, 'sim': cfg.rig_sim,
+                'train_worlds': list(cfg.train_worlds), 'eval_worlds': list(cfg.eval_worlds),
+                'started': claim['started']}
+    summary = {'config': to_dict(cfg), 'protocol': protocol, 'teacher': teacher_summary,
+               'students': students, 'pictures': pictures,
                'done_after_s': timings, 'total_s': time.monotonic() - start,
                'cpu_s': sum(u.ru_utime + u.ru_stime for u in usage)}
     with open(os.path.join(root, 'results.json'), 'w', encoding='utf-8') as fh:
@@ -291,8 +407,8 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
     return summary
 
 
-def _label_transfer(teacher_path: str, test_dir: str, threads: int) -> dict:
-    """The teacher's labels carried to the test points (cached in ``teacher/transfer.json``)."""
+def _label_transfer(teacher_path: str, eval_dir: str, threads: int) -> dict:
+    """The teacher's labels carried to the scored points (cached in ``teacher/transfer.json``)."""
     path = os.path.join(os.path.dirname(teacher_path), 'transfer.json')
     if os.path.exists(path):
         with open(path, encoding='utf-8') as fh:
@@ -303,12 +419,44 @@ def _label_transfer(teacher_path: str, test_dir: str, threads: int) -> dict:
     from offline_training.evaluate import evaluate_label_transfer
     torch.set_num_threads(threads)
     teacher = load_teacher(teacher_path)
-    result = evaluate_label_transfer(teacher, PairDataset(test_dir, label_images=False),
+    result = evaluate_label_transfer(teacher, PairDataset(eval_dir, label_images=False),
                                      class_names=teacher.class_map.names)
     with open(path + '.tmp', 'w', encoding='utf-8') as fh:
         json.dump(result, fh, indent=2, default=float)
     os.replace(path + '.tmp', path)
     return result
+
+
+def _probe(run_dir: str, train_dir: str, eval_dir: str, cfg: ExperimentsConfig) -> dict:
+    """Linear probe on the run's frozen pseudo-2D features (cached in ``probe.json``)."""
+    path = os.path.join(run_dir, 'probe.json')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as fh:
+            return json.load(fh)
+    import torch
+    from offline_training.probe import probe_checkpoint
+    torch.set_num_threads(cfg.threads * cfg.parallel)
+    result = probe_checkpoint(os.path.join(run_dir, 'student.pt'), train_dir, eval_dir,
+                              steps=cfg.probe_steps, seed=cfg.seed)
+    with open(path + '.tmp', 'w', encoding='utf-8') as fh:
+        json.dump(result, fh, indent=2, default=float)
+    os.replace(path + '.tmp', path)
+    return result
+
+
+def _pictures(root: str, teacher_path: str, eval_dir: str, cfg: ExperimentsConfig) -> dict:
+    """Feature embeddings with and without DA, teacher-student agreement per class (first
+    seed; ``pictures/``)."""
+    import torch
+    from offline_training.pictures import experiment_pictures
+    torch.set_num_threads(cfg.threads * cfg.parallel)
+    wanted = [n for n in ('fskd', 'fskd_paper_da', 'fskd_no_da', 'supervised') if n in cfg.runs]
+    checkpoints = {n: os.path.join(root, 'runs', n, 'student.pt') for n in wanted}
+    if not checkpoints:
+        return {}
+    return experiment_pictures(os.path.join(root, 'pictures'), teacher_path, eval_dir,
+                               checkpoints, embed_runs=('fskd', 'fskd_paper_da', 'fskd_no_da'),
+                               seed=cfg.seed)
 
 
 def _cached(folder: str, make) -> dict:
@@ -346,38 +494,56 @@ def _miou(result: dict | None, group: str | None = None) -> float | None:
     return None if value is None else float(value)
 
 
+def describe_protocol(protocol: dict | None) -> str:
+    """Which worlds served for what and which rig rendered them (the line above the table)."""
+    if not protocol:
+        return ''
+    worlds = ', '.join(str(w) for w in protocol['eval_worlds'])
+    kind = 'test worlds (scored once)' if protocol['stage'] == 'test' else 'validation worlds'
+    return (f'Stage {protocol["stage"]}: trained on worlds '
+            f'{", ".join(str(w) for w in protocol["train_worlds"])}, scored on the {kind} '
+            f'{worlds}; rig {protocol["rig"]} (SimConfig overrides '
+            f'`{json.dumps(protocol["sim"], sort_keys=True)}`).\n\n')
+
+
+ROW_NAMES = {'fskd': 'FSKD (DA: shortcut, pool 2)', 'udakd': 'UDAKD (shared classifier)',
+             'fskd_paper_da': "FSKD, the paper's DA (pool 4, no shortcut)",
+             'udakd_finetune': 'UDAKD + fine-tune', 'finetune_scratch': 'fine-tune from scratch',
+             'supervised': 'supervised (upper bound)', 'fskd_no_da': 'FSKD without DA',
+             'fskd_no_occlusion': 'FSKD without occlusion test'}
+
+
 def results_table(summary: dict) -> str:
-    """Markdown table of the experiments (mIoU in %, ratio to the supervised upper bound).
+    """Markdown table of the experiments (mIoU in %, ratio to the supervised upper bound),
+    headed by :func:`describe_protocol`; the last column is the linear probe on the frozen
+    pseudo-2D features (:mod:`offline_training.probe`), all points.
 
     With several seeds a cell is ``mean ± std`` over the seeds and the ratio is of the means.
     """
     rows = ['| model | 3D labels used | mIoU all points | mIoU seen points | '
-            'mIoU unseen points | % of supervised |', '|---|---|---|---|---|---|']
+            'mIoU unseen points | % of supervised | linear probe, all points |',
+            '|---|---|---|---|---|---|---|']
     teacher = summary['teacher'].get('eval', {})
-    rows.append(f'| teacher (2D, test images) | - | {_pct(_miou(teacher))} | - | - | - |')
+    rows.append(f'| teacher (2D, scored images) | - | {_pct(_miou(teacher))} | - | - | - | - |')
     transfer = _miou(summary['teacher'].get('transfer'), 'seen')
     rows.append(f'| teacher labels carried to the seen points | - | - | {_pct(transfer)} | - | '
-                '- |')
+                '- | - |')
     students = summary['students']
     upper = _mean_std(_seed_mious(students.get('supervised', {}), 'all'))[0]
-    labels = {'fskd': 'none (zero-shot)', 'udakd': 'none (zero-shot)',
-              'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot',
-              'supervised': 'all', 'fskd_no_da': 'none (zero-shot)',
-              'fskd_no_occlusion': 'none (zero-shot)'}
-    names = {'fskd': 'FSKD', 'udakd': 'UDAKD (shared classifier)',
-             'udakd_finetune': 'UDAKD + fine-tune', 'finetune_scratch': 'fine-tune from scratch',
-             'supervised': 'supervised (upper bound)', 'fskd_no_da': 'FSKD without DA',
-             'fskd_no_occlusion': 'FSKD without occlusion test'}
-    order = ('fskd', 'udakd', 'udakd_finetune', 'finetune_scratch', 'supervised', 'fskd_no_da',
-             'fskd_no_occlusion')
+    labels = {'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot', 'supervised': 'all'}
+    order = ('fskd', 'fskd_paper_da', 'udakd', 'udakd_finetune', 'finetune_scratch',
+             'supervised', 'fskd_no_da', 'fskd_no_occlusion')
     for key in sorted(students, key=lambda k: order.index(k) if k in order else len(order)):
         miou = _mean_std(_seed_mious(students[key], 'all'))[0]
         cells = [_pct(*_mean_std(_seed_mious(students[key], group)))
                  for group in ('all', 'seen', 'unseen')]
         ratio = '-' if upper in (None, 0) or miou is None else f'{100 * miou / upper:.0f}%'
-        rows.append(f'| {names.get(key, key)} | {labels.get(key, "?")} | '
-                    f'{" | ".join(cells)} | {ratio} |')
-    return '\n'.join(rows) + '\n'
+        probes = list((students[key].get('probe_seeds') or {}).values())
+        probe = _pct(*_mean_std([v for v in (_miou(p.get('eval'), 'all') for p in probes)
+                                 if v is not None]))
+        rows.append(f'| {ROW_NAMES.get(key, key)} | {labels.get(key, "none (zero-shot)")} | '
+                    f'{" | ".join(cells)} | {ratio} | {probe} |')
+    return describe_protocol(summary.get('protocol')) + '\n'.join(rows) + '\n'
 
 
 def _pct(value: float | None, std: float | None = None) -> str:
@@ -394,7 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('overrides', nargs='*', metavar='key=value')
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f'out_dir={args.out}'] if args.out else [])
-    run_experiments(load(ExperimentsConfig, args.config, overrides))
+    try:
+        run_experiments(load(ExperimentsConfig, args.config, overrides))
+    except (ConfigError, ExperimentsError) as exc:
+        print(f'experiments: {exc}', file=sys.stderr)
+        return 2
     return 0
 
 

@@ -284,7 +284,7 @@ def test_minkunet_presets_have_the_documented_depth():
     assert build_minkunet('small', 2).out_channels == 32
 
 
-def _dense_reference_sc(layer, coords, feats):
+def _dense_reference_sc(layer, coords, feats, pool=2):
     """Self-calibrated conv on a dense grid (zero outside the voxels), BN in eval mode."""
     size = 8
     grid = torch.zeros(1, feats.shape[1], size, size, size, dtype=feats.dtype)
@@ -313,31 +313,33 @@ def _dense_reference_sc(layer, coords, feats):
         x1, x2 = conv(layer.mix[0], grid, mask), conv(layer.mix[1], grid, mask)
     else:                      # channel halves
         x1, x2 = grid[:, :layer.split], grid[:, layer.split:]
-    coarse_mask = F.max_pool3d(mask, 2)
-    pooled = F.avg_pool3d(x1, 2) / F.avg_pool3d(mask, 2).clamp(min=1e-9)
+    coarse_mask = F.max_pool3d(mask, pool)
+    pooled = F.avg_pool3d(x1, pool) / F.avg_pool3d(mask, pool).clamp(min=1e-9)
     context = conv(layer.coarse, pooled, coarse_mask)
-    context = context.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    for dim in (2, 3, 4):
+        context = context.repeat_interleave(pool, dim)
     gate = torch.sigmoid(x1 + context * mask)
     y1 = conv(layer.project, conv(layer.gated, x1, mask) * gate, mask)
     out = torch.cat([y1, conv(layer.plain, x2, mask)], dim=1)
     return out[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].T
 
 
-@pytest.mark.parametrize('final', [False, True])
-@pytest.mark.parametrize('mix', [True, False])
-def test_self_calibrated_conv_matches_dense_reference(final, mix):
+@pytest.mark.parametrize('final,mix,pool', [(False, True, 2), (True, True, 2),
+                                             (False, False, 2), (True, False, 2),
+                                             (True, True, 4)])
+def test_self_calibrated_conv_matches_dense_reference(final, mix, pool):
     gen = torch.Generator().manual_seed(3)
     coords = (torch.rand(8, 8, 8, generator=gen) < 0.3).nonzero().to(torch.int32)
     coords = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32), coords], 1)
     feats = torch.randn(coords.shape[0], 6, generator=gen, dtype=torch.float64)
-    layer = SelfCalibratedConv(6, 5, final=final, mix=mix).double().eval()
+    layer = SelfCalibratedConv(6, 5, pool=pool, final=final, mix=mix).double().eval()
     for bn in [m for m in layer.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
         bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
         bn.running_var.uniform_(0.5, 2.0, generator=gen)
         bn.weight.data.uniform_(0.5, 1.5, generator=gen)
         bn.bias.data.uniform_(-0.5, 0.5, generator=gen)
     out = layer(SparseTensor(feats, coords)).features
-    ref = _dense_reference_sc(layer, coords, feats)
+    ref = _dense_reference_sc(layer, coords, feats, pool)
     assert out.shape == (coords.shape[0], 5)
     assert float((out.detach() - ref.detach()).norm() / ref.detach().norm()) < 1e-10
 
@@ -369,6 +371,30 @@ def test_residual_da_module_adds_a_linear_projection(scan):
     expected = student.shortcut(out['backbone'])
     assert torch.allclose(out['pseudo2d'], expected, atol=1e-6)
     assert not make_student(da_residual=False).state_dict().keys() & {'shortcut.weight'}
+
+
+def test_paper_da_module_has_three_layers_pooling_by_4_and_no_shortcut(scan):
+    """The paper's DA module (student.da_pool=4, da_residual=false): three self-calibrated
+    layers whose calibration branches pool by 4, the pseudo-2D features are the DA output
+    alone; the current default pools by 2 and adds the linear shortcut."""
+    paper = make_student(da_pool=4, da_residual=False).eval()
+    layers = [m for m in paper.projection.modules() if isinstance(m, SelfCalibratedConv)]
+    assert len(layers) == 3
+    assert all(m.down.stride == 4 and m.down.kernel_size == 4 for m in layers)
+    assert not hasattr(paper, 'shortcut')
+    coords, feats, _ = voxel_input(scan)
+    with torch.no_grad():
+        out = paper(coords, feats)
+        da_only = paper.projection(SparseTensor(out['backbone'], coords))
+    assert out['pseudo2d'].shape == (coords.shape[0], TINY['feature_dim'])
+    assert out['logits'].shape == (coords.shape[0], TINY['num_classes'])
+    assert torch.allclose(out['pseudo2d'], da_only.features, atol=1e-5)
+    current = make_student()
+    assert current.config.da_pool == 2 and hasattr(current, 'shortcut')
+    assert all(m.down.stride == 2 for m in current.projection.modules()
+               if isinstance(m, SelfCalibratedConv))
+    with pytest.raises(ConfigError, match='da_pool'):
+        build(StudentConfig, {**TINY, 'da_pool': 1})
 
 
 @pytest.mark.parametrize('mix', [True, False])

@@ -1,20 +1,29 @@
-"""The experiments command on a tiny budget: every row is produced, a rerun skips finished work."""
+"""The experiments command on a tiny budget: every row is produced, a rerun skips finished work,
+the test stage runs once."""
 import json
 import time
 
 import pytest
+import yaml
 
-from offline_training.experiments import RUNS, ExperimentsConfig, results_table, run_experiments
+from offline_training.experiments import (RUNS, ExperimentsConfig, ExperimentsError,
+                                          results_table, run_experiments)
 from cmkd_ros.config import build
+from cmkd_ros.pairs import PairReader
 
 pytestmark = pytest.mark.slow
 
-TINY = {'train_worlds': [1], 'test_worlds': [9], 'frames_per_world': 3, 'frame_stride': 3,
+TINY = {'train_worlds': [1], 'val_worlds': [9], 'test_worlds': [10], 'frames_per_world': 3,
+        'frame_stride': 3, 'probe_steps': 20,
         'sim': {'lidar': {'beams': 8, 'horizontal_resolution_deg': 2.0},
                 'cameras': {'count': 2, 'width': 64, 'height': 48}},
         'teacher_steps': 3, 'teacher_batch_size': 2, 'teacher_options': {'crop_size': [48, 64]},
         'teacher_model': {'arch': 'small', 'feature_dim': 16, 'width': 8},
         'student_steps': 3, 'finetune_steps': 2, 'label_fraction': 0.5, 'parallel': 2}
+
+
+def worlds_of(folder):
+    return yaml.safe_load((folder / 'dataset.yaml').read_text())['worlds']
 
 
 def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
@@ -32,20 +41,61 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
     _, fskd = load_checkpoint(tmp_path / 'runs' / 'fskd' / 'student.pt')
     _, no_occlusion = load_checkpoint(tmp_path / 'runs' / 'fskd_no_occlusion' / 'student.pt')
     assert fskd['config'].use_da and not no_da['config'].use_da
+    _, paper = load_checkpoint(tmp_path / 'runs' / 'fskd_paper_da' / 'student.pt')
+    assert (fskd['config'].da_pool, fskd['config'].da_residual) == (2, True)
+    assert (paper['config'].da_pool, paper['config'].da_residual) == (4, False)
+    assert paper['config'].use_da and paper['config'].da_layers == 3
     assert fskd['extra']['train_config']['data']['occlusion']
     assert not no_occlusion['extra']['train_config']['data']['occlusion']
     finetuned = json.loads((tmp_path / 'runs' / 'udakd_finetune' / 'summary.json').read_text())
     assert finetuned['steps'] == 2
     _, info = load_checkpoint(tmp_path / 'runs' / 'udakd_finetune' / 'student.pt')
     assert info['extra']['train_config']['init_from'].endswith('udakd/student.pt')
+    # The probe scores the zero-shot students' frozen features; the pictures are drawn.
+    for name in ('udakd', 'fskd', 'fskd_paper_da', 'fskd_no_da'):
+        probe = summary['students'][name]['probe']
+        assert 0.0 <= probe['eval']['all']['miou'] <= 1.0 and probe['eval']['num_scans'] == 3
+        assert (tmp_path / 'runs' / name / 'probe.json').exists()
+    assert 'probe' not in summary['students']['supervised']
+    for picture in ('embedding.png', 'agreement.png'):
+        assert (tmp_path / 'pictures' / picture).stat().st_size > 1000
+    agreement = summary['pictures']['agreement']
+    assert set(agreement['copied']) == {'fskd', 'fskd_paper_da', 'fskd_no_da', 'supervised'}
+    # Scored on the validation world only.
+    assert summary['protocol']['eval_worlds'] == [9]
+    assert worlds_of(tmp_path / 'data' / 'val') == [9]
+    assert not (tmp_path / 'data' / 'test').exists()
     table = (tmp_path / 'results.md').read_text()
     assert table == results_table(summary)
-    assert table.count('\n') == 2 + 2 + len(RUNS) + 1
+    assert table.startswith('Stage validation: trained on worlds 1, scored on the validation '
+                            'worlds 9;')
+    assert table.count('\n') == 2 + 2 + 2 + len(RUNS) + 1
     # Everything is cached: a second call only reads the summaries.
     begin = time.monotonic()
     again = run_experiments(config)
     assert time.monotonic() - begin < 10
     assert again['students']['fskd']['eval'] == summary['students']['fskd']['eval']
+    with pytest.raises(ExperimentsError, match='another stage'):
+        run_experiments(build(ExperimentsConfig, {**TINY, 'out_dir': str(tmp_path),
+                                                  'stage': 'test'}))
+
+
+def test_test_stage_on_the_second_rig_scores_the_test_worlds_once(tmp_path):
+    second = {'lidar': {'preset': 'vlp32c', 'horizontal_resolution_deg': 2.0},
+              'cameras': {'count': 1, 'width': 64, 'height': 48}}
+    values = {**TINY, 'out_dir': str(tmp_path), 'stage': 'test', 'rig': 'second',
+              'second_rig': second, 'runs': ['supervised'], 'pictures': False}
+    summary = run_experiments(build(ExperimentsConfig, values))
+    assert summary['protocol']['eval_worlds'] == [10]
+    for part, worlds in (('train', [1]), ('test', [10])):
+        assert worlds_of(tmp_path / 'data' / part) == worlds
+        pair = PairReader(str(tmp_path / 'data' / part))[0]
+        assert len(pair.camera_names) == 1              # the second rig's camera
+        assert len(set(pair.ring.tolist())) > 8         # and its 32-beam LiDAR (TINY: 8)
+    assert summary['students']['supervised']['eval']['num_scans'] == 3
+    assert 'rig second' in (tmp_path / 'results.md').read_text()
+    with pytest.raises(ExperimentsError, match='scored once'):
+        run_experiments(build(ExperimentsConfig, values))
 
 
 def test_repeats_train_every_run_per_seed_and_report_mean_and_std(tmp_path):

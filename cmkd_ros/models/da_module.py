@@ -76,7 +76,8 @@ class SelfCalibratedConv(nn.Module):
 class DAModule(nn.Module):
     """``layers`` self-calibrated convolutions (ReLU between): ``(N, C) -> (N, D)``.
 
-    ``hidden``: output width of all but the last layer (0 = D); narrower is cheaper. ``mix``: see
+    ``pool``: stride factor of every layer's calibration branch (SCNet: 4). ``hidden``: output
+    width of all but the last layer (0 = D); narrower is cheaper. ``mix``: see
     :class:`SelfCalibratedConv`.
     """
 

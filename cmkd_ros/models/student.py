@@ -148,6 +148,8 @@ class StudentConfig:
     da_layers: int = setting(3, 'self-calibrated convolution layers in the DA module', ge=1)
     da_width: int = setting(0, 'width between the DA layers; 0 = feature_dim (narrower is '
                             'faster)', ge=0)
+    da_pool: int = setting(2, 'pooling rate of the calibration branch of each DA layer (SCNet '
+                           'and the paper: 4; checkpoints without this key: 2)', ge=2, le=8)
     da_mix: bool = setting(True, 'DA layers feed both branches from 1x1x1 convolutions of all '
                            'channels (false: channel halves, two separate towers; checkpoints '
                            'without this key)')
@@ -215,7 +217,8 @@ class Student(nn.Module):
         width = self.backbone.out_channels
         if config.use_da:
             self.projection = DAModule(width, config.feature_dim, config.da_layers,
-                                       hidden=config.da_width, mix=config.da_mix)
+                                       pool=config.da_pool, hidden=config.da_width,
+                                       mix=config.da_mix)
             if config.da_residual:
                 self.shortcut = nn.Linear(width, config.feature_dim)
         else:

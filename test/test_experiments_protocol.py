@@ -1,0 +1,86 @@
+"""The experiments' protocol: validation and test worlds, the test stage scored once, the
+second rig for the test stage only, the table naming which worlds served for what."""
+import json
+
+import pytest
+
+from cmkd_ros.config import ConfigError, build
+from offline_training.experiments import (ExperimentsConfig, ExperimentsError, claim_stage,
+                                          render_worlds, results_table)
+
+
+def config(tmp_path, **values):
+    return build(ExperimentsConfig, {'out_dir': str(tmp_path), **values})
+
+
+def test_defaults_keep_train_validation_and_test_worlds_apart(tmp_path):
+    cfg = config(tmp_path)
+    assert cfg.stage == 'validation' and cfg.eval_worlds == cfg.val_worlds
+    assert not set(cfg.test_worlds) & set(cfg.val_worlds + cfg.train_worlds)
+    assert {101, 102} <= set(cfg.val_worlds)  # tuned on by runs A-M: no test worlds any more
+    assert config(tmp_path, stage='test').eval_worlds == cfg.test_worlds
+    assert cfg.rig_sim == cfg.sim
+    second = config(tmp_path, stage='test', rig='second')
+    assert second.rig_sim == second.second_rig != cfg.sim
+    with pytest.raises(ConfigError, match='second rig is for the test stage'):
+        config(tmp_path, rig='second')
+    with pytest.raises(ConfigError, match=r'shared: \[101\]'):
+        config(tmp_path, test_worlds=[101])
+
+
+def test_the_test_stage_runs_once_per_folder_unless_forced(tmp_path):
+    validation = config(tmp_path / 'val')
+    claim_stage(validation)
+    claim_stage(validation)  # a validation stage continues or grows freely
+    with pytest.raises(ExperimentsError, match='another stage'):
+        claim_stage(config(tmp_path / 'val', stage='test'))
+    test = config(tmp_path / 'test', stage='test')
+    first = claim_stage(test)
+    assert json.loads((tmp_path / 'test' / 'stage.json').read_text()) == first
+    with pytest.raises(ExperimentsError, match='scored once'):
+        claim_stage(test)
+    claim_stage(config(tmp_path / 'test', stage='test', force=True))
+    with pytest.raises(ExperimentsError, match='another stage'):
+        claim_stage(config(tmp_path / 'test', stage='test', rig='second', force=True))
+
+
+def test_rendered_worlds_are_checked_against_the_request(tmp_path):
+    sim = {'lidar': {'beams': 4, 'horizontal_resolution_deg': 4.0},
+           'cameras': {'count': 1, 'width': 32, 'height': 24}}
+    root = str(tmp_path / 'data')
+    render_worlds(root, (7,), 1, 1, sim)
+    assert render_worlds(root, (7,), 1, 1, sim) == root  # cached
+    with pytest.raises(ExperimentsError, match='other worlds or another rig'):
+        render_worlds(root, (7,), 1, 1, {**sim, 'lidar': {'beams': 8}})
+    with pytest.raises(ExperimentsError, match='other worlds'):
+        render_worlds(root, (8,), 1, 1, sim)
+
+
+def eval_result(miou):
+    return {g: {'miou': miou} for g in ('all', 'seen', 'unseen')}
+
+
+def test_table_names_the_worlds_and_shows_the_probe():
+    summary = {
+        'protocol': {'stage': 'test', 'rig': 'second', 'sim': {'lidar': {'preset': 'vlp32c'}},
+                     'train_worlds': [1, 2], 'eval_worlds': [301, 302]},
+        'teacher': {'eval': {'miou': 0.5}, 'transfer': {'seen': {'miou': 0.4}}},
+        'students': {
+            'supervised': {'seeds': {0: eval_result(0.8)}},
+            'udakd': {'seeds': {0: eval_result(0.3), 1: eval_result(0.4)},
+                      'probe_seeds': {0: {'eval': eval_result(0.5)},
+                                      1: {'eval': eval_result(0.7)}}},
+            'fskd_paper_da': {'seeds': {0: eval_result(0.6)}}}}
+    table = results_table(summary)
+    head, rows = table.split('\n\n')
+    assert 'Stage test' in head and 'worlds 1, 2' in head and '301, 302' in head
+    assert 'scored once' in head and 'rig second' in head and 'vlp32c' in head
+    rows = rows.splitlines()
+    assert rows[0].endswith('| linear probe, all points |')
+    paper = next(r for r in rows if r.startswith("| FSKD, the paper's DA"))
+    assert paper.endswith('| 75% | - |')
+    udakd = next(r for r in rows if r.startswith('| UDAKD (shared classifier)'))
+    assert udakd.endswith('| 60.0 ± 14.1 |') and '| 35.0 ± 7.1 |' in udakd
+    assert [r.split('|')[1].strip() for r in rows[4:]] == [
+        "FSKD, the paper's DA (pool 4, no shortcut)", 'UDAKD (shared classifier)',
+        'supervised (upper bound)']
