@@ -154,21 +154,16 @@ class Jobs:
                 job.proc.wait()
 
 
-def _parallel(commands: list[tuple[str, ...]], slots: int = 2) -> None:
-    """Run ``cmkd`` commands, ``slots`` at a time."""
-    running: list[subprocess.Popen] = []
+def _parallel(jobs: Jobs, commands: list[tuple[str, ...]], slots: int = 2) -> None:
+    """Run ``cmkd`` commands as :class:`Job` s, ``slots`` at a time (stopped with the demo when
+    one fails); each is named after its ``--out`` folder."""
+    running: list[Job] = []
     for args in commands:
         if len(running) == slots:
-            _check(running.pop(0))
-        print('  $ cmkd ' + ' '.join(args), flush=True)
-        running.append(subprocess.Popen(_command(args)))
-    for proc in running:
-        _check(proc)
-
-
-def _check(proc: subprocess.Popen) -> None:
-    if proc.wait() != 0:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+            running.pop(0).wait()
+        running.append(jobs.start(os.path.basename(args[args.index('--out') + 1]), *args))
+    for job in running:
+        job.wait()
 
 
 def _ros_env() -> dict:
@@ -229,7 +224,7 @@ def _run(args: argparse.Namespace, jobs: Jobs) -> int:
         renders.insert(0, ('sim', '--format', 'frames', '--frames',
                            str(size.heldout_sweeps), '--seed', str(args.heldout_seed),
                            '--out', paths['heldout_pairs'], *common))
-    _parallel(renders)
+    _parallel(jobs, renders)
     if not os.path.exists(paths['labeled_images']):
         _join_pairs(list(parts.values()), paths['labeled_images'])
         shutil.rmtree(os.path.join(out, 'labeled_images_parts'))
