@@ -203,8 +203,13 @@ def render_worlds(root: str, worlds: tuple[int, ...], frames: int, stride: int,
 
 def claim_stage(cfg: ExperimentsConfig) -> dict:
     """Record this run's stage in ``out_dir/stage.json``; refuse another stage's folder and a
-    second test stage (the test worlds are scored once) unless ``cfg.force``."""
+    second test stage (the test worlds are scored once) unless ``cfg.force``.
+
+    An interrupted test stage (no ``results.json`` yet) continues, with exactly the settings it
+    started with: any other setting would be a second scoring."""
     path = os.path.join(cfg.out_dir, 'stage.json')
+    settings = json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
+                                      if k not in ('force', 'out_dir')}))  # as stored
     claim = {'stage': cfg.stage, 'rig': cfg.rig, 'train_worlds': list(cfg.train_worlds),
              'eval_worlds': list(cfg.eval_worlds)}
     if os.path.exists(path):
@@ -214,10 +219,15 @@ def claim_stage(cfg: ExperimentsConfig) -> dict:
             raise ExperimentsError(f'{cfg.out_dir} holds another stage ({held}); use another '
                                    'out_dir')
         if cfg.stage == 'test' and not cfg.force:
-            raise ExperimentsError(
-                f'the test stage already ran in {cfg.out_dir} (started {held.get("started")}): '
-                'the test worlds are scored once; force=true runs it again')
+            scored = os.path.exists(os.path.join(cfg.out_dir, 'results.json'))
+            if scored or held.get('settings') != settings:
+                raise ExperimentsError(
+                    f'the test stage already ran in {cfg.out_dir} (started {held.get("started")}'
+                    f'{"" if scored else ", unfinished, with other settings"}): the test worlds '
+                    'are scored once; force=true runs it again')
+            return held  # continue the interrupted test stage
     claim['started'] = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())
+    claim['settings'] = settings
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(path, 'w', encoding='utf-8') as fh:
         json.dump(claim, fh, indent=2)

@@ -37,6 +37,10 @@ def test_the_test_stage_runs_once_per_folder_unless_forced(tmp_path):
     test = config(tmp_path / 'test', stage='test')
     first = claim_stage(test)
     assert json.loads((tmp_path / 'test' / 'stage.json').read_text()) == first
+    assert claim_stage(test) == first  # interrupted before scoring: continues as it started
+    with pytest.raises(ExperimentsError, match='other settings'):
+        claim_stage(config(tmp_path / 'test', stage='test', repeats=3))
+    (tmp_path / 'test' / 'results.json').write_text('{}')
     with pytest.raises(ExperimentsError, match='scored once'):
         claim_stage(test)
     claim_stage(config(tmp_path / 'test', stage='test', force=True))
