@@ -16,9 +16,7 @@ features D = 64, DA width 32, 0.1 m voxels, 16 classes; ``--set`` changes its St
 e.g. ``--set voxel_size=0.2`` as the demo trains it): timing does not depend on the weights.
 
 Usage: ``python benchmarks/bench_segment_node.py [--seconds 60] [--checkpoint CKPT]
-[--threads 0] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline] [--busy N]
-[--warmup 10]``. With ``--threads 0`` the node chooses its network threads by timing the
-scans of the warm-up (its log line is printed at the end).
+[--threads 0] [--device cpu] [--precision auto|float32|bfloat16] [--no-pipeline] [--busy N]``.
 """
 from __future__ import annotations
 
@@ -183,9 +181,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seconds', type=float, default=60.0, help='timed phase (default 60)')
     parser.add_argument('--rate', type=float, default=10.0, help='scans per second (10)')
-    parser.add_argument('--warmup', type=float, default=10.0,
-                        help='seconds at the rate before the timed phase (default 10: the node '
-                        'chooses its network threads in its first ~5 s with num_threads 0)')
     parser.add_argument('--checkpoint', default=None, help='student checkpoint (default: a '
                         'random small student)')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
@@ -213,8 +208,6 @@ def main() -> int:
     from cmkd_ros.models.checkpoint import load_checkpoint
     from cmkd_ros.pipelines.segment import network_threads
     threads = network_threads(args.threads, args.pipeline)  # what the node will use
-    tuned = args.threads == 0 and args.pipeline and args.device == 'cpu'
-    thread_text = 'tuned (1 to all cores)' if tuned else threads or 'default'
     student_config = load_checkpoint(checkpoint)[1]['config']
     print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '
           f'{student_config.da_width or student_config.feature_dim}, voxel '
@@ -222,7 +215,7 @@ def main() -> int:
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
           f'{args.device}, {resolve_precision(args.precision, args.device)} (precision '
-          f'{args.precision}), {thread_text} network threads (num_threads '
+          f'{args.precision}), {threads or "default"} network threads (num_threads '
           f'{args.threads}), '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')
     from cmkd_ros.sparse import native
@@ -293,11 +286,6 @@ def run(args, checkpoint, scan, threads, tmp) -> int:
             with lock:
                 if len(received) >= 3:
                     break
-        for i in paced(args.rate, args.warmup, stop):            # the node settles
-            stamp += 100_000_000
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
-            pub.publish(msg)
-        time.sleep(0.5)
         with lock:
             received.clear()
             processing.clear()
@@ -337,10 +325,6 @@ def run(args, checkpoint, scan, threads, tmp) -> int:
     print(f'goal: 0 drops -> {"met" if drops == 0 else "NOT met"}; p95 <= 100 ms -> '
           f'{"met" if p95 <= 100 else "NOT met"} ({p95:.1f} ms); load average '
           f'{os.getloadavg()[0]:.1f}')
-    with open(log_path, encoding='utf-8', errors='replace') as fh:
-        for line in fh:                                    # num_threads 0: what it chose
-            if 'network threads:' in line:
-                print('node: ' + line.strip())
     print(f'node log: {log_path}')
     return 0
 

@@ -152,8 +152,8 @@ def main() -> int:
                                                for k in ('compressed', 'info')]
         replay_log = open(os.path.join(work, 'replay.log'), 'wb')
         replay = subprocess.Popen(
-            [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', bag, '--loop', '--topics',
-             *topics, '--wait-for', '/lidar/points', *[camera_topics(n)['compressed'] for n in names]],
+            [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', bag, '--loop', '--topics', *topics,
+             '--wait-for', '/lidar/points', *[camera_topics(n)['compressed'] for n in names]],
             env=env, stdout=replay_log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: counts['inputs'] > 0, 60, 'the replay')
         start = time.monotonic()
@@ -215,8 +215,7 @@ def main() -> int:
     print(f'segment_node: {published} scans published, {answered} labeled, {missing} without '
           f'output ({missing / max(1, published):.1%}); node counters: processed '
           f'{seg.get("processed", "?")}, dropped '
-          f'{seg.get("dropped", 0)}, stamp_backwards {seg.get("stamp_backwards", 0)}, '
-          f'network_threads {seg.get("network_threads", "-")}')
+          f'{seg.get("dropped", 0)}, stamp_backwards {seg.get("stamp_backwards", 0)}')
     print(f'collect_node: synchronized {col.get("synchronized", "?")}, pairs written '
           f'{col.get("pairs_written", 0)} (on disk {pairs}, every {args.record_interval:g} s of '
           f'stamp time), dropped_sets {col.get("dropped_sets", 0)}, sync_evicted '

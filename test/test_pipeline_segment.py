@@ -181,15 +181,3 @@ def test_keep_latest_queue_keeps_only_the_newest_item_and_counts_drops():
     slot.put('stale')
     slot.close()
     assert list(slot.items(drain=False)) == [] and len(slot) == 1
-
-
-def test_network_threads_are_tuned_only_when_left_to_auto(checkpoint, single_torch_thread,
-                                                          monkeypatch):
-    import cmkd_ros.pipelines.segment as segment
-    monkeypatch.setattr(segment, 'available_cores', lambda: 2)
-    auto, _ = _pipeline(checkpoint, num_threads=0)
-    assert auto.tuner is not None and auto.tuner.most == 2 and auto.threads == 1
-    for settings in ({'num_threads': 2}, {'num_threads': 0, 'pipeline': False}):
-        assert _pipeline(checkpoint, **settings)[0].tuner is None
-    monkeypatch.setattr(segment, 'available_cores', lambda: 1)
-    assert _pipeline(checkpoint, num_threads=0)[0].tuner is None

@@ -141,8 +141,7 @@ class SegmentNode(Node):
 
     def _infer_loop(self) -> None:
         """Pipeline stage 2: the network, labels, publish."""
-        tuner = self.pipeline.tuner
-        self._set_threads(tuner.threads if tuner else self.threads)
+        self._set_threads(self.threads)
         for item in self.ready.items(drain=False):
             self._finish(*item)
 
@@ -159,17 +158,6 @@ class SegmentNode(Node):
         self.pub_latency.publish(Float64(data=(done - received) * 1e3))
         self.diag.set('processed', self.processed)
         self.diag.set('last_processing_ms', round(processing_ms, 1))
-        tuner = self.pipeline.tuner
-        decisions = len(tuner.changes) if tuner else 0
-        if tuner and tuner.record(processing_ms / 1e3):
-            self._set_threads(tuner.threads)      # this is the network's thread
-        if tuner and len(tuner.changes) > decisions:
-            threads, medians = tuner.changes[-1]
-            self.diag.set('network_threads', threads)
-            self.get_logger().info(
-                f'network threads: {threads} (median scan time by threads: '
-                + ', '.join(f'{n}: {s * 1e3:.0f} ms' for n, s in medians.items()) + ')',
-                throttle_duration_sec=60.0)
 
     def _prepare(self, msg: PointCloud2):
         """(msg, SegmentJob), or None for a cloud that cannot be decoded (warned)."""

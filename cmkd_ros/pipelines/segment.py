@@ -16,7 +16,6 @@ from cmkd_ros.classes import IGNORE_INDEX, ClassMap
 from cmkd_ros.config import PRECISION_CHOICES, ConfigError, setting
 from cmkd_ros.conversions import scalar_field, xyz_from_cloud
 from cmkd_ros.pipelines.intake import Report, finite_xyz
-from cmkd_ros.pipelines.thread_tuner import ThreadTuner
 
 OUTPUT_FIELDS = ('class_id', 'probability', 'rgb')
 # Largest cloud a node takes by default (parameter max_points): above a 128-beam LiDAR's scan
@@ -34,10 +33,9 @@ class SegmentNodeConfig:
 
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
-    num_threads: int = setting(0, 'torch CPU threads of the network (0: auto: when pipelined '
-                               'on the CPU, 1 to the available cores, chosen by timing the '
-                               'live scans, again when their time moves by 30 % or every '
-                               "3000 scans; else torch's default)", ge=0)
+    num_threads: int = setting(0, 'torch CPU threads of the network (0: auto, the available '
+                               'cores minus the one preparing the scans when pipelined, '
+                               "else torch's default)", ge=0)
     precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AMX, or with AVX512-BF16 without the compiled sparse '
                              'kernels; not on GPUs; labels nearly identical, see '
@@ -76,20 +74,15 @@ class SegmentNodeConfig:
             raise ConfigError('precision: float16 needs a CUDA device; use bfloat16 on the CPU')
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    import os
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return cores or 1
-
-
 def network_threads(num_threads: int, pipeline: bool) -> int:
     """Torch threads of the network: ``num_threads``, or for 0 the cores this process may use
     minus the one the pipelined preparing thread keeps busy (0 = torch's default when not
     pipelined). Two stages with all cores each oversubscribe the CPU."""
     if num_threads > 0 or not pipeline:
         return num_threads
-    return max(1, available_cores() - 1)
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def packed_rgb(colors: np.ndarray) -> np.ndarray:
@@ -278,10 +271,6 @@ class SegmentPipeline:
         self.report = report
         self.config = config
         self.configure(config)            # unknown class names raise here
-        cores = available_cores()
-        # num_threads 0, pipelined on the CPU: the network's threads chosen on the live scans
-        self.tuner = (ThreadTuner(cores) if config.num_threads == 0 and config.pipeline and
-                      config.device == 'cpu' and cores > 1 else None)
 
     def configure(self, config: SegmentNodeConfig) -> None:
         """Take runtime settings (range, classes, min_probability); ValueError for a class name
