@@ -126,17 +126,40 @@ def teacher_point_labels(teacher: torch.nn.Module, batch: dict, num_classes: int
     return votes.argmax(1).cpu()
 
 
-@torch.no_grad()
-def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: Sequence[str],
-                            device: str | torch.device = 'cpu',
-                            max_scans: int | None = None) -> dict:
-    """mIoU of the 2D teacher's labels carried to the LiDAR points by the correspondences.
+def image_point_labels(batch: dict, num_classes: int) -> torch.Tensor:
+    """The majority class of the label images at each point's pixels, ``(N,) int64``, for one
+    collated batch that has ``label_images``: what a perfect teacher would give each point
+    through these correspondences. Points without pixels, or whose pixels are all unlabeled
+    (255), get 255."""
+    label_images = batch['label_images']
+    height, width = label_images.shape[-2:]
+    uv = batch['corr_uv'].round().long()
+    u, v = uv[:, 0].clamp(0, width - 1), uv[:, 1].clamp(0, height - 1)
+    pixel = label_images[batch['corr_image'], v, u]
+    known = pixel < num_classes
+    votes = torch.zeros(batch['labels'].shape[0], num_classes)
+    votes.index_put_((batch['corr_point'][known], pixel[known]),
+                     torch.ones(int(known.sum())), accumulate=True)
+    labels = votes.argmax(1)
+    labels[votes.sum(1) == 0] = 255
+    return labels
 
-    Each point some camera sees gets the class of the mean teacher softmax at its pixels (the
-    target FSKD distils, :func:`teacher_point_labels`); the result (``seen`` group,
-    :meth:`ConfusionMatrix.summary`) is what a zero-shot student could reach on those points by
-    copying its teacher, no more. ``dataset``: a :class:`ScanDataset` with images and
-    correspondences.
+
+@torch.no_grad()
+def evaluate_label_transfer(teacher: torch.nn.Module | None, dataset, *,
+                            class_names: Sequence[str], device: str | torch.device = 'cpu',
+                            max_scans: int | None = None) -> dict:
+    """mIoU of 2D labels carried to the LiDAR points by the correspondences.
+
+    With a ``teacher``, each point some camera sees gets the class of the mean teacher softmax
+    at its pixels (the target FSKD distils, :func:`teacher_point_labels`): what a zero-shot
+    student could reach on those points by copying its teacher, no more. With ``teacher=None``
+    the dataset's label images are carried instead (:func:`image_point_labels`; the dataset
+    must load them): what the correspondences themselves allow (occlusion test, calibration,
+    timing), the ceiling of any teacher; seen points whose pixels are all unlabeled are left
+    out and counted (``unlabeled_pixels``). The result is the ``seen`` group
+    (:meth:`ConfusionMatrix.summary`) and ``num_scans``. ``dataset``: a :class:`ScanDataset`
+    with images and correspondences.
     """
     from offline_training.datasets import SparseCollate
     num_classes = len(class_names)
@@ -144,12 +167,22 @@ def evaluate_label_transfer(teacher: torch.nn.Module, dataset, *, class_names: S
     collate = SparseCollate(1.0)  # the voxels are not used
     matrix = ConfusionMatrix(num_classes)
     count = len(dataset) if max_scans is None else min(len(dataset), max_scans)
+    unlabeled = 0
     for index in range(count):
         batch = collate([dataset[index]])
-        labels = teacher_point_labels(teacher, batch, num_classes, device)
-        seen = batch['visible_any']
+        if teacher is not None:
+            labels = teacher_point_labels(teacher, batch, num_classes, device)
+        elif 'label_images' in batch:
+            labels = image_point_labels(batch, num_classes)
+        else:
+            raise ValueError(f'scan {index} has no label images to carry (teacher=None)')
+        seen = batch['visible_any'] & (labels != 255)
+        unlabeled += int((batch['visible_any'] & (labels == 255)).sum())
         matrix.update(batch['labels'][seen], labels[seen])
-    return {'seen': matrix.summary(class_names), 'num_scans': count}
+    result = {'seen': matrix.summary(class_names), 'num_scans': count}
+    if teacher is None:
+        result['unlabeled_pixels'] = unlabeled
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

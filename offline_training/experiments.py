@@ -375,7 +375,8 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
                 print(f'[experiments] {name} done after {timings[name]:.0f} s '
                       f'({results[name].get("seconds", 0):.0f} s of training)', flush=True)
     teacher_summary = dict(results.pop('teacher'))
-    teacher_summary['transfer'] = _label_transfer(teacher_path, eval_dir, cfg.threads)
+    teacher_summary['transfer'] = _label_transfer(teacher_path, eval_dir, cfg.threads,
+                                                   train_dir)
     students: dict[str, dict] = {}
     for job, result in results.items():  # the first seed's result; every seed's under 'seeds'
         name, seed = seeds[job]
@@ -417,20 +418,39 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
     return summary
 
 
-def _label_transfer(teacher_path: str, eval_dir: str, threads: int) -> dict:
-    """The teacher's labels carried to the scored points (cached in ``teacher/transfer.json``)."""
+TRANSFER_KEYS = ('seen', 'images', 'train_teacher', 'train_images')
+
+
+def _label_transfer(teacher_path: str, eval_dir: str, threads: int,
+                    train_dir: str | None = None) -> dict:
+    """2D labels carried to the seen points (cached in ``teacher/transfer.json``): the
+    teacher's on the scored worlds (``seen``: the ceiling of copying it) and the label images'
+    (``images``: the ceiling the correspondences set); with ``train_dir``, the same two on the
+    training scans (``train_teacher``: FSKD's targets, ``train_images``)."""
     path = os.path.join(os.path.dirname(teacher_path), 'transfer.json')
+    cached = {}
     if os.path.exists(path):
         with open(path, encoding='utf-8') as fh:
-            return json.load(fh)
+            cached = json.load(fh)
+    wanted = TRANSFER_KEYS if train_dir else TRANSFER_KEYS[:2]
+    if all(key in cached for key in wanted):
+        return cached
     import torch
     from cmkd_ros.models.teacher import load_teacher
     from offline_training.datasets import PairDataset
     from offline_training.evaluate import evaluate_label_transfer
     torch.set_num_threads(threads)
     teacher = load_teacher(teacher_path)
-    result = evaluate_label_transfer(teacher, PairDataset(eval_dir, label_images=False),
-                                     class_names=teacher.class_map.names)
+    names = teacher.class_map.names
+    result = dict(cached)
+    for key, source, folder in (('seen', teacher, eval_dir), ('images', None, eval_dir),
+                                ('train_teacher', teacher, train_dir),
+                                ('train_images', None, train_dir)):
+        if key in wanted and key not in result:
+            done = evaluate_label_transfer(source, PairDataset(folder, label_images=source is None),
+                                           class_names=names)
+            result[key] = done['seen']
+            result.setdefault('num_scans', done['num_scans'])
     with open(path + '.tmp', 'w', encoding='utf-8') as fh:
         json.dump(result, fh, indent=2, default=float)
     os.replace(path + '.tmp', path)
@@ -538,6 +558,10 @@ def results_table(summary: dict) -> str:
     transfer = _miou(summary['teacher'].get('transfer'), 'seen')
     rows.append(f'| teacher labels carried to the seen points | - | - | {_pct(transfer)} | - | '
                 '- | - |')
+    images = _miou(summary['teacher'].get('transfer'), 'images')
+    if images is not None:
+        rows.append(f'| label images carried to the seen points (what the correspondences '
+                    f'allow) | - | - | {_pct(images)} | - | - | - |')
     students = summary['students']
     upper = _mean_std(_seed_mious(students.get('supervised', {}), 'all'))[0]
     labels = {'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot', 'supervised': 'all'}
@@ -553,7 +577,14 @@ def results_table(summary: dict) -> str:
                                  if v is not None]))
         rows.append(f'| {ROW_NAMES.get(key, key)} | {labels.get(key, "none (zero-shot)")} | '
                     f'{" | ".join(cells)} | {ratio} | {probe} |')
-    return describe_protocol(summary.get('protocol')) + '\n'.join(rows) + '\n'
+    text = describe_protocol(summary.get('protocol')) + '\n'.join(rows) + '\n'
+    transfer = summary['teacher'].get('transfer') or {}
+    targets, ceiling = _miou(transfer, 'train_teacher'), _miou(transfer, 'train_images')
+    if targets is not None and ceiling is not None:
+        text += (f'\nOn the training scans, FSKD\'s targets (the teacher\'s labels carried to the '
+                 f'seen points) score {_pct(targets)} mIoU, the label images carried '
+                 f'{_pct(ceiling)}.\n')
+    return text
 
 
 def _pct(value: float | None, std: float | None = None) -> str:

@@ -76,6 +76,34 @@ def test_label_transfer_scores_the_seen_points_with_the_teacher_labels(pairs):
         evaluate_label_transfer(teacher, dataset, class_names=SYNTHETIC.names[:5])
 
 
+def test_label_images_carried_give_the_correspondences_ceiling(pairs, tmp_path):
+    """teacher=None carries the label images: on the synthetic renders nearly every seen point
+    gets its own class; label images that say 'car' everywhere give the figures of a student
+    predicting 'car'; a data set without label images is refused."""
+    dataset = PairDataset(pairs)
+    ceiling = evaluate_label_transfer(None, dataset, class_names=SYNTHETIC.names)
+    seen = sum(int(dataset[i]['visible_any'].sum()) for i in range(len(dataset)))
+    assert ceiling['seen']['count'] + ceiling['unlabeled_pixels'] == seen
+    assert ceiling['seen']['accuracy'] > 0.9 and ceiling['seen']['miou'] > 0.7
+
+    car = SYNTHETIC.index('car')
+
+    class AllCar(PairDataset):
+        def get_data(self, i):
+            data = super().get_data(i)
+            data['label_images'] = [np.full_like(im, car) for im in data['label_images']]
+            return data
+
+    transfer = evaluate_label_transfer(None, AllCar(pairs), class_names=SYNTHETIC.names)
+    student = evaluate_student(constant_student(car), dataset, class_names=SYNTHETIC.names)
+    assert transfer['unlabeled_pixels'] == 0
+    assert transfer['seen']['count'] == student['seen']['count']
+    assert transfer['seen']['iou'] == pytest.approx(student['seen']['iou'])
+    with pytest.raises(ValueError, match='no label images'):
+        evaluate_label_transfer(None, PairDataset(pairs, label_images=False),
+                                class_names=SYNTHETIC.names)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(pairs, tmp_path, capsys):
     student = build_student(StudentConfig(**TINY_STUDENT))

@@ -88,3 +88,19 @@ def test_table_names_the_worlds_and_shows_the_probe():
     assert [r.split('|')[1].strip() for r in rows[4:]] == [
         "FSKD, the paper's DA (pool 4, no shortcut)", 'UDAKD (shared classifier)',
         'supervised (upper bound)']
+
+
+def test_table_shows_what_the_correspondences_and_the_targets_allow():
+    summary = {
+        'teacher': {'eval': {'miou': 0.5}, 'transfer': {
+            'seen': {'miou': 0.4}, 'images': {'miou': 0.9}, 'train_teacher': {'miou': 0.7},
+            'train_images': {'miou': 0.95}}},
+        'students': {'supervised': {'seeds': {0: eval_result(0.8)}}}}
+    table = results_table(summary)
+    row = next(r for r in table.splitlines() if r.startswith('| label images carried'))
+    assert '| 90.0 |' in row
+    assert "FSKD's targets" in table and 'score 70.0 mIoU, the label images carried 95.0' in table
+    del summary['teacher']['transfer']['images']
+    del summary['teacher']['transfer']['train_images']
+    table = results_table(summary)
+    assert 'label images carried' not in table      # older results: no such rows

@@ -16,7 +16,7 @@ def tiny_small(**kw):
                           **kw})
 
 
-@pytest.mark.parametrize('stride', [4, 8])
+@pytest.mark.parametrize('stride', [2, 4, 8])
 def test_small_teacher_shapes_and_stride(stride):
     teacher = tiny_small(output_stride=stride).eval()
     images = torch.rand(2, 3, 50, 83)
@@ -96,9 +96,28 @@ def test_save_and_load_round_trip(tmp_path):
         load_teacher(str(path), {'arch': 'small', 'num_classes': 3})
 
 
+def test_stride_2_adds_a_fine_decoder_step_and_keeps_stride_4_checkpoints(tmp_path):
+    """Output stride 2 adds layers (the stem's stride-2 map fused after the stride-4 step);
+    the stride-4 model keeps exactly its former parameters, so older teachers still load, and
+    a stride-2 teacher round-trips through save and load."""
+    four, two = tiny_small(output_stride=4), tiny_small(output_stride=2)
+    keys4, keys2 = set(four.state_dict()), set(two.state_dict())
+    assert keys4 < keys2
+    assert {k.split('.')[1] for k in keys2 - keys4} == {'fine', 'fuse_fine'}
+    assert not any('fine' in k for k in keys4)
+    path = tmp_path / 'stride2.pt'
+    save_teacher(two.eval(), str(path))
+    loaded = load_teacher(str(path))
+    x = torch.rand(1, 3, 30, 44)
+    assert loaded.feature_stride == 2 and loaded.features(x).shape == (1, 16, 15, 22)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), two(x))
+
+
 @pytest.mark.slow
-def test_torchscript_teacher(tmp_path):
-    teacher = tiny_small().eval()
+@pytest.mark.parametrize('stride', [2, 4])
+def test_torchscript_teacher(tmp_path, stride):
+    teacher = tiny_small(output_stride=stride).eval()
     path = tmp_path / 'teacher_ts.pt'
     torch.jit.script(teacher).save(str(path))
     loaded = load_teacher(str(path))
@@ -106,7 +125,8 @@ def test_torchscript_teacher(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), teacher(x))
         torch.testing.assert_close(loaded.features(x), teacher.features(x))
-    assert loaded.feature_stride == 4 and loaded.feature_dim == 16 and loaded.num_classes == 5
+    assert loaded.feature_stride == stride and loaded.feature_dim == 16
+    assert loaded.num_classes == 5
     torch.testing.assert_close(loaded.classifier.weight, teacher.classifier.weight)
 
 

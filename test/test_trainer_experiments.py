@@ -34,7 +34,12 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
         assert 0.0 <= run['eval']['all']['miou'] <= 1.0, name
         assert run['eval']['num_scans'] == 3
     assert 0.0 <= summary['teacher']['eval']['miou'] <= 1.0
-    assert 0.0 <= summary['teacher']['transfer']['seen']['miou'] <= 1.0
+    transfer = summary['teacher']['transfer']
+    assert 0.0 <= transfer['seen']['miou'] <= 1.0
+    # the label images carried through the same correspondences: far above a 3-step teacher
+    assert transfer['images']['miou'] > transfer['seen']['miou'] + 0.2
+    assert transfer['train_images']['miou'] > transfer['train_teacher']['miou'] + 0.2
+    assert 0.0 <= transfer['train_teacher']['miou'] <= 1.0
     # The ablations change exactly what they claim to change.
     from cmkd_ros.models.checkpoint import load_checkpoint
     _, no_da = load_checkpoint(tmp_path / 'runs' / 'fskd_no_da' / 'student.pt')
@@ -69,7 +74,8 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
     assert table == results_table(summary)
     assert table.startswith('Stage validation: trained on worlds 1, scored on the validation '
                             'worlds 9;')
-    assert table.count('\n') == 2 + 2 + 2 + len(RUNS) + 1
+    # protocol line, blank, header, rule, 3 reference rows, the runs, blank, targets line
+    assert table.count('\n') == 2 + 2 + 3 + len(RUNS) + 1 + 2
     # Everything is cached: a second call only reads the summaries.
     begin = time.monotonic()
     again = run_experiments(config)

@@ -50,9 +50,11 @@ class TeacherConfig:
     num_classes: int = setting(12, 'number of classes K of the classifier', ge=1, le=255)
     feature_dim: int = setting(64, 'feature dimension D of features(); DeepLabV3 uses 256',
                                ge=1)
-    output_stride: int = setting(0, 'feature stride: 8 or 16 for ResNets, 4 or 8 for small; '
-                                 '0: the default of the arch (8 ResNets, 4 small)',
-                                 choices=(0, 4, 8, 16))
+    output_stride: int = setting(0, 'feature stride: 8 or 16 for ResNets, 2, 4 or 8 for small '
+                                 '(2: a second decoder step on the stride-2 stem, for thin '
+                                 'objects in small images); 0: the default of the arch (8 '
+                                 'ResNets, 4 small)',
+                                 choices=(0, 2, 4, 8, 16))
     pretrained_path: str | None = setting(
         None, 'optional weights to initialise from (torchvision ResNet/DeepLabV3 state dict or '
         'a saved teacher); matching keys are loaded, the rest stay random')
@@ -72,8 +74,8 @@ class TeacherConfig:
     def validate(self) -> None:
         if self.output_stride == 0:
             return
-        if self.arch == 'small' and self.output_stride not in (4, 8):
-            raise ConfigError(f'output_stride: small teacher supports 4 or 8, got '
+        if self.arch == 'small' and self.output_stride not in (2, 4, 8):
+            raise ConfigError(f'output_stride: small teacher supports 2, 4 or 8, got '
                               f'{self.output_stride}')
         if self.arch != 'small' and self.output_stride not in (8, 16):
             raise ConfigError(f'output_stride: {self.arch} supports 8 or 16, got '
@@ -234,7 +236,8 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
 
 
 class SmallEncoder(nn.Module):
-    """Stride-4 stem and block (the skip), then a stride-8 dilated residual stage (deep)."""
+    """Stride-4 stem and block (the skip), then a stride-8 dilated residual stage (deep); the
+    stem's stride-2 map is the fine skip of output stride 2."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -247,31 +250,48 @@ class SmallEncoder(nn.Module):
                                                 nn.BatchNorm2d(c3))),
             BasicBlock(c3, c3, dilation=2), BasicBlock(c3, c3, dilation=4))
         self.skip_channels = c2
+        self.fine_channels = c1
         self.out_channels = c3
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        skip = self.stage1(self.stem(x))
-        return self.stage2(skip), skip
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(deep stride 8, skip stride 4, fine stride 2) maps."""
+        fine = self.stem[1](self.stem[0](x))
+        skip = self.stage1(self.stem[2](fine))
+        return self.stage2(skip), skip, fine
 
 
 class SmallHead(nn.Module):
-    """Light ASPP at the deep map, then (output stride 4) a decoder fusing the stride-4 skip."""
+    """Light ASPP at the deep map, then (output stride 4 or 2) a decoder fusing the stride-4
+    skip, and (output stride 2) a second step fusing the stem's stride-2 map."""
 
-    def __init__(self, cin: int, skip_channels: int, feature_dim: int, output_stride: int):
+    __constants__ = ['use_fine']    # TorchScript skips the layers a stride-4/8 head lacks
+
+    def __init__(self, cin: int, skip_channels: int, feature_dim: int, output_stride: int,
+                 fine_channels: int = 0):
         super().__init__()
         self.aspp = ASPP(cin, (2, 4, 6), feature_dim, dropout=0.1)
-        self.use_skip = output_stride == 4
+        self.use_skip = output_stride in (2, 4)
+        self.use_fine = output_stride == 2
         self.skip = nn.Sequential(nn.Conv2d(skip_channels, 16, 1, bias=False),
                                   nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         fused = feature_dim + (16 if self.use_skip else 0)
         self.fuse = _conv_bn_relu(fused, feature_dim)
+        if self.use_fine:  # only in stride-2 models: stride-4/8 checkpoints keep their keys
+            self.fine = nn.Sequential(nn.Conv2d(fine_channels, 16, 1, bias=False),
+                                      nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+            self.fuse_fine = _conv_bn_relu(feature_dim + 16, feature_dim)
 
-    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor,
+                fine: torch.Tensor) -> torch.Tensor:
         x = self.aspp(deep)
         if self.use_skip:
             x = F.interpolate(x, size=skip.shape[-2:], mode='bilinear', align_corners=False)
             x = torch.cat([x, self.skip(skip)], dim=1)
-        return self.fuse(x)
+        x = self.fuse(x)
+        if self.use_fine:
+            x = F.interpolate(x, size=fine.shape[-2:], mode='bilinear', align_corners=False)
+            x = self.fuse_fine(torch.cat([x, self.fine(fine)], dim=1))
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,13 +365,13 @@ class SmallTeacher(Teacher):
         super().__init__(cfg, class_map)
         self.backbone = SmallEncoder(cfg.width)
         self.head = SmallHead(self.backbone.out_channels, self.backbone.skip_channels,
-                              cfg.feature_dim, cfg.stride)
+                              cfg.feature_dim, cfg.stride, self.backbone.fine_channels)
 
     @torch.jit.export
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, D, H / s, W / s) pixel features, s = stride."""
-        deep, skip = self.backbone(self.normalize(images))
-        return self.head(deep, skip)
+        deep, skip, fine = self.backbone(self.normalize(images))
+        return self.head(deep, skip, fine)
 
 
 class ScriptedTeacher(nn.Module):
