@@ -277,6 +277,43 @@ def test_transposed_maps_are_cached():
     assert torch.equal(up.in_rows, down.out_rows) and up.num_out == down.num_in
 
 
+def test_maps_and_their_transposes_are_freed_without_the_cyclic_collector():
+    """A map and its transpose make no reference cycle: dropping the scan's coordinates frees
+    every map at once, as reference counting does, not at the next run of Python's cyclic
+    collector (which kept the segment node's maps and their tensors alive for hundreds of scans
+    and grew its heap). The transpose still finds its source's blocks while it exists."""
+    import gc
+    import weakref
+    from cmkd_ros.sparse.functional import blocked_pairs
+    coords, feats = random_voxels(13)
+    manager = SparseTensor(feats, coords).manager
+    manager.parents(1, 2)
+    down = manager.kernel_map(1, 2, 2)
+    up = manager.kernel_map(1, 2, 2, transposed=True)
+    assert up.transposed() is down and down.transposed() is up
+    assert up.transpose_source() is down
+    src_in, src_out, _ = blocked_pairs(down)
+    up_in, up_out, _ = blocked_pairs(up)
+    real = src_out != down.num_out
+    assert torch.equal(up_in[real], src_out[real]) and torch.equal(up_out[real], src_in[real])
+    refs = [weakref.ref(m) for m in (down, up)]
+    gc.disable()
+    try:
+        del manager, down, up
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+    # a transpose that outlives its source makes a new one when asked
+    lone = SparseTensor(feats, coords).manager
+    lone.parents(1, 2)
+    orphan = lone.kernel_map(1, 2, 2, transposed=True)
+    del lone
+    gc.collect()
+    again = orphan.transposed()
+    assert torch.equal(again.in_rows, orphan.out_rows) and again.num_in == orphan.num_out
+    assert again.transposed() is orphan
+
+
 def test_kernel_offsets_order_is_z_fastest():
     offs = kernel_offsets(3)
     assert offs.shape == (27, 3)

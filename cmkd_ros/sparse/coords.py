@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import weakref
 
 import torch
 
@@ -79,15 +80,27 @@ class KernelMap:
 
     def transposed(self) -> KernelMap:
         """The same pairs with inputs and outputs exchanged (for transposed convolutions and
-        input gradients). Made once: ``m.transposed().transposed() is m``."""
+        input gradients). Made once: ``m.transposed().transposed() is m``.
+
+        The map holds its transpose; the transpose refers back weakly (``transpose_source``),
+        so the two make no reference cycle: a cycle kept each scan's maps and their tensors
+        alive until Python's cyclic collector happened to run, a growing heap in the segment
+        node (docs/history.md#soak)."""
         flipped = self.__dict__.get('_transposed')
+        if flipped is None:
+            flipped = self.transpose_source()
         if flipped is None:
             flipped = dataclasses.replace(self, in_rows=self.out_rows, out_rows=self.in_rows,
                                           num_in=self.num_out, num_out=self.num_in)
-            flipped.__dict__['_transpose_of'] = self  # blocked_pairs reuses this map's blocks
-            flipped.__dict__['_transposed'] = self
+            flipped.__dict__['_transpose_of'] = weakref.ref(self)
             self.__dict__['_transposed'] = flipped
         return flipped
+
+    def transpose_source(self) -> KernelMap | None:
+        """The map this one is the transpose of, while it exists (blocked_pairs reuses its
+        blocks), else None."""
+        source = self.__dict__.get('_transpose_of')
+        return None if source is None else source()
 
     @property
     def num_pairs(self) -> int:

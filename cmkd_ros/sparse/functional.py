@@ -61,7 +61,7 @@ def blocked_pairs(kmap: KernelMap):
     cached = kmap.__dict__.get('_blocked')
     if cached is not None:
         return cached
-    source = kmap.__dict__.get('_transpose_of')
+    source = kmap.transpose_source()
     if source is not None:
         # A transposed map: the source's blocks with inputs and outputs exchanged (padding
         # slots, marked by the source's discarded output row, re-aimed at this map's).
