@@ -152,7 +152,8 @@ def main() -> int:
                                                for k in ('compressed', 'info')]
         replay_log = open(os.path.join(work, 'replay.log'), 'wb')
         replay = subprocess.Popen(
-            [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', bag, '--loop', '--topics', *topics,
+            [sys.executable, '-m', 'cmkd_ros.tools.cli', 'replay', bag, '--loop',
+             '--topics', *topics,
              '--wait-for', '/lidar/points', *[camera_topics(n)['compressed'] for n in names]],
             env=env, stdout=replay_log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: counts['inputs'] > 0, 60, 'the replay')
