@@ -285,8 +285,8 @@ class OcclusionSettings:
 
     footprint: float = 0.65
     reach: float = 0.75
-    abs_tolerance: float = 0.5
-    rel_tolerance: float = 0.1
+    abs_tolerance: float = 0.4
+    rel_tolerance: float = 0.075
 
 
 _MAX_ROWS = 1024        # beam rows of a range image (the densest LiDAR has 128)

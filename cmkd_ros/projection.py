@@ -78,10 +78,10 @@ class CorrespondenceConfig:
         0.0, 'expert override: one beam spacing (deg) for every beam; 0 = from the ring field, '
         'else from the sweep\'s elevation statistics', ge=0.0, le=10.0)
     occlusion_abs_tolerance: float = setting(
-        0.5, 'a point is hidden when it is this much (m) plus the relative part farther from '
+        0.4, 'a point is hidden when it is this much (m) plus the relative part farther from '
         'the camera than the nearer points', ge=0.0)
     occlusion_rel_tolerance: float = setting(
-        0.1, 'distance-proportional part of the occlusion tolerance (fraction of the camera '
+        0.075, 'distance-proportional part of the occlusion tolerance (fraction of the camera '
         'distance)', ge=0.0, le=1.0)
     motion_compensation: bool = setting(
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
