@@ -281,7 +281,8 @@ def camera_baselines(rig) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class OcclusionSettings:
-    """Numbers of the test (see the module docstring); defaults chosen in docs/occlusion.md."""
+    """Numbers of the test (see the module docstring); defaults chosen in docs/occlusion.md and
+    used by :class:`cmkd_ros.projection.CorrespondenceConfig` as its own."""
 
     footprint: float = 0.65
     reach: float = 0.75
