@@ -66,11 +66,13 @@ class CorrespondenceConfig:
     occlusion: bool = setting(True, 'drop points hidden behind nearer points of the sweep '
                               '(a z-buffer test that reads the LiDAR scan pattern from the sweep)')
     occlusion_footprint: float = setting(
-        OcclusionSettings.footprint, 'fraction of the sampling step (azimuth step, beam spacing there) that each point '
-        'covers on every side in the occlusion z-buffer; larger hides more', gt=0.0, le=2.0)
+        OcclusionSettings.footprint, 'fraction of the sampling step (azimuth step, beam spacing '
+        'there) that each point covers on every side in the occlusion z-buffer; larger hides '
+        'more', gt=0.0, le=2.0)
     occlusion_reach: float = setting(
-        OcclusionSettings.reach, 'a point with nearer footprints on both sides within this fraction of its '
-        'sampling step is hidden too (holes left by lost returns)', ge=0.0, le=4.0)
+        OcclusionSettings.reach, 'a point with nearer footprints on both sides within this '
+        'fraction of its sampling step is hidden too (holes left by lost returns)', ge=0.0,
+        le=4.0)
     occlusion_azimuth_step_deg: float = setting(
         0.0, 'expert override: the LiDAR azimuth step (deg); 0 = measured on each sweep',
         ge=0.0, le=10.0)
@@ -78,11 +80,11 @@ class CorrespondenceConfig:
         0.0, 'expert override: one beam spacing (deg) for every beam; 0 = from the ring field, '
         'else from the sweep\'s elevation statistics', ge=0.0, le=10.0)
     occlusion_abs_tolerance: float = setting(
-        OcclusionSettings.abs_tolerance, 'a point is hidden when it is this much (m) plus the relative part farther from '
-        'the camera than the nearer points', ge=0.0)
+        OcclusionSettings.abs_tolerance, 'a point is hidden when it is this much (m) plus the '
+        'relative part farther from the camera than the nearer points', ge=0.0)
     occlusion_rel_tolerance: float = setting(
-        OcclusionSettings.rel_tolerance, 'distance-proportional part of the occlusion tolerance (fraction of the camera '
-        'distance)', ge=0.0, le=1.0)
+        OcclusionSettings.rel_tolerance, 'distance-proportional part of the occlusion tolerance '
+        '(fraction of the camera distance)', ge=0.0, le=1.0)
     motion_compensation: bool = setting(
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
         'stamps are given')
