@@ -555,10 +555,10 @@ def results_table(summary: dict) -> str:
             '|---|---|---|---|---|---|---|']
     teacher = summary['teacher'].get('eval', {})
     rows.append(f'| teacher (2D, scored images) | - | {_pct(_miou(teacher))} | - | - | - | - |')
-    transfer = _miou(summary['teacher'].get('transfer'), 'seen')
-    rows.append(f'| teacher labels carried to the seen points | - | - | {_pct(transfer)} | - | '
-                '- | - |')
-    images = _miou(summary['teacher'].get('transfer'), 'images')
+    transfer = summary['teacher'].get('transfer')
+    rows.append(f'| teacher labels carried to the seen points | - | - | '
+                f'{_pct(_miou(transfer, "seen"))} | - | - | - |')
+    images = _miou(transfer, 'images')
     if images is not None:
         rows.append(f'| label images carried to the seen points (what the correspondences '
                     f'allow) | - | - | {_pct(images)} | - | - | - |')
@@ -578,7 +578,6 @@ def results_table(summary: dict) -> str:
         rows.append(f'| {ROW_NAMES.get(key, key)} | {labels.get(key, "none (zero-shot)")} | '
                     f'{" | ".join(cells)} | {ratio} | {probe} |')
     text = describe_protocol(summary.get('protocol')) + '\n'.join(rows) + '\n'
-    transfer = summary['teacher'].get('transfer') or {}
     targets, ceiling = _miou(transfer, 'train_teacher'), _miou(transfer, 'train_images')
     if targets is not None and ceiling is not None:
         text += (f'\nOn the training scans, FSKD\'s targets (the teacher\'s labels carried to the '
