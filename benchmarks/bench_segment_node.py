@@ -207,14 +207,15 @@ def main() -> int:
     from cmkd_ros.models import resolve_precision
     from cmkd_ros.models.checkpoint import load_checkpoint
     from cmkd_ros.pipelines.segment import network_threads
-    threads = network_threads(args.threads, args.pipeline)  # what the node will use
+    precision = resolve_precision(args.precision, args.device)
+    threads = network_threads(args.threads, args.pipeline, precision)  # what the node uses
     student_config = load_checkpoint(checkpoint)[1]['config']
     print(f'student {student_config.arch}, D {student_config.feature_dim}, DA width '
           f'{student_config.da_width or student_config.feature_dim}, voxel '
           f'{student_config.voxel_size} m')
     print(f'scan {args.scan}: {scan.shape[0]} points; checkpoint {checkpoint}'
           f'{"" if args.checkpoint else " (random weights: timing only)"}; device '
-          f'{args.device}, {resolve_precision(args.precision, args.device)} (precision '
+          f'{args.device}, {precision} (precision '
           f'{args.precision}), {threads or "default"} network threads (num_threads '
           f'{args.threads}), '
           f'{"pipelined (2 worker threads)" if args.pipeline else "one worker thread"}')

@@ -306,14 +306,18 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_has_it(checkpoint, mon
     assert len(ids) == 500 and np.all((np.asarray(prob) > 0) & (np.asarray(prob) <= 1))
 
 
-def test_network_threads_leave_a_core_to_the_preparing_thread(monkeypatch):
+def test_network_threads_by_cores_and_precision(monkeypatch):
     import os
     from cmkd_ros.pipelines.segment import network_threads
     assert network_threads(3, True) == 3 and network_threads(3, False) == 3   # as asked
     assert network_threads(0, False) == 0                                      # torch's default
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
-    assert network_threads(0, True) == 1
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
-    assert network_threads(0, True) == 7
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
-    assert network_threads(0, True) == 1
+    cases = {  # cores: (float32, bfloat16) network threads
+        1: (1, 1),
+        2: (2, 1),   # float32 takes both of two cores, 16 bits leaves one to the preparing
+        3: (2, 2),
+        8: (7, 7)}
+    for cores, expected in cases.items():
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert (network_threads(0, True, 'float32'),
+                network_threads(0, True, 'bfloat16')) == expected, cores

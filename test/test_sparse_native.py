@@ -7,6 +7,9 @@ pooling and whole students must agree. The comparisons run only where the kernel
 missing build into a failure instead of a smaller test set.
 """
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -316,3 +319,48 @@ def test_conv_module_with_a_second_input_tensor_keeps_one_weight():
         lazy = layer(joined).features
         eager = layer(x.replace(torch.cat([feats, feats], 1))).features
     assert rel_err(lazy, eager) < 1e-6
+
+
+@needs_native
+def test_kernels_let_other_python_threads_run():
+    """A compiled kernel releases the GIL while it runs (the segment node's preparing thread and
+    the kernel-map builder run beside the network): a thread that only needs the GIL for a
+    moment every millisecond makes progress during a long convolution. The switch interval is
+    raised to 1 s so that a kernel holding the GIL would block that thread for its whole run."""
+    side = torch.arange(40, dtype=torch.int32)
+    grid = torch.stack(torch.meshgrid(side, side, side, indexing='ij'), -1).reshape(-1, 3)
+    coords = torch.cat([torch.zeros(grid.shape[0], 1, dtype=torch.int32), grid], 1)
+    kmap = CoordinateManager(coords).kernel_map(1, 3)
+    feats = torch.randn(coords.shape[0], 32)
+    weight = torch.randn(27, 32, 32)
+    kernels = native.module()
+    layout = native_layout(kmap)
+
+    def convolve():
+        return kernels.conv_forward(feats, None, weight, None, None, *layout[:3], kmap.num_in,
+                                    kmap.num_out, layout[3], kmap.identity, False)
+
+    ticks, stop = [0], threading.Event()
+
+    def ticker():
+        while not stop.wait(0.001):
+            ticks[0] += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        during = []
+        for _ in range(3):
+            before = ticks[0]
+            start = time.perf_counter()
+            convolve()
+            elapsed = time.perf_counter() - start
+            during.append((ticks[0] - before, elapsed))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old_interval)
+    # at least one tick per 10 ms of kernel time (about 10 per 10 ms when the GIL is free)
+    assert all(n >= max(1, int(elapsed / 0.01)) for n, elapsed in during), during

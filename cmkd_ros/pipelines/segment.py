@@ -34,8 +34,8 @@ class SegmentNodeConfig:
     checkpoint: str = setting('', 'student checkpoint file written by cmkd train (required)')
     device: str = setting('cpu', 'torch device for inference: cpu, cuda or cuda:N')
     num_threads: int = setting(0, 'torch CPU threads of the network (0: auto, the available '
-                               'cores minus the one preparing the scans when pipelined, '
-                               "else torch's default)", ge=0)
+                               'cores minus the one preparing the scans when pipelined, but '
+                               "both of two cores in float32; else torch's default)", ge=0)
     precision: str = setting('auto', 'inference arithmetic: float32; bfloat16 (faster on '
                              'CPUs with AMX, or with AVX512-BF16 without the compiled sparse '
                              'kernels; not on GPUs; labels nearly identical, see '
@@ -74,15 +74,24 @@ class SegmentNodeConfig:
             raise ConfigError('precision: float16 needs a CUDA device; use bfloat16 on the CPU')
 
 
-def network_threads(num_threads: int, pipeline: bool) -> int:
-    """Torch threads of the network: ``num_threads``, or for 0 the cores this process may use
-    minus the one the pipelined preparing thread keeps busy (0 = torch's default when not
-    pipelined). Two stages with all cores each oversubscribe the CPU."""
+def network_threads(num_threads: int, pipeline: bool, precision: str = 'float32') -> int:
+    """Torch threads of the network: ``num_threads``, or for 0 (pipelined) the cores this
+    process may use minus the one the preparing thread keeps busy, except that a float32
+    network on two cores takes both (0 = torch's default when not pipelined).
+
+    On two cores a float32 scan of the small student needs most of one core's 100 ms (10 Hz),
+    so the network gains more from the second core than the preparing thread (about a sixth
+    of a core) loses; in 16 bits one core suffices and a second network thread only adds
+    contention when another process takes a core (docs/results.md#segment_node-real-time).
+    """
     if num_threads > 0 or not pipeline:
         return num_threads
     import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    cores = cores or 1
+    if precision == 'float32':
+        return max(min(cores, 2), cores - 1)
+    return max(1, cores - 1)
 
 
 def packed_rgb(colors: np.ndarray) -> np.ndarray:
@@ -265,9 +274,14 @@ class SegmentPipeline:
     """
 
     def __init__(self, config: SegmentNodeConfig, report: Report):
-        self.threads = network_threads(config.num_threads, config.pipeline)
         self.predictor, self.class_map = load_predictor(
-            config.checkpoint, config.device, self.threads, config.precision, config.pipeline)
+            config.checkpoint, config.device, config.num_threads, config.precision,
+            config.pipeline)
+        self.threads = network_threads(config.num_threads, config.pipeline,
+                                       self.predictor.precision)
+        if self.threads > 0:  # for this thread; the node's workers set their own
+            import torch
+            torch.set_num_threads(self.threads)
         self.report = report
         self.config = config
         self.configure(config)            # unknown class names raise here

@@ -1066,28 +1066,33 @@ at::Tensor pool_forward(at::Tensor feats, at::Tensor pin, at::Tensor pout,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // No kernel touches a Python object, so each lets go of the GIL while it runs: another
+  // Python thread (the segment node's preparing thread, the kernel-map builder) goes on.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "cmkd_ros sparse convolution kernels (CPU)";
-  m.def("coord_bounds", &coord_bounds, "column minima and maxima of (N, 4) int32 coords");
-  m.def("pack", &pack, "int64 keys of coordinates", py::arg("coords"), py::arg("origin"));
-  m.def("unpack", &unpack, "coordinates of keys", py::arg("keys"), py::arg("origin"));
+  m.def("coord_bounds", &coord_bounds, "column minima and maxima of (N, 4) int32 coords",
+        nogil);
+  m.def("pack", &pack, "int64 keys of coordinates", nogil, py::arg("coords"),
+        py::arg("origin"));
+  m.def("unpack", &unpack, "coordinates of keys", nogil, py::arg("keys"), py::arg("origin"));
   m.def("downsample", &downsample, "parent keys, parent row and child code of every key",
-        py::arg("keys"), py::arg("origin"), py::arg("stride"), py::arg("factor"));
-  m.def("parent_pairs", &parent_pairs, "pairs of a kernel-2 stride-2 map", py::arg("inverse"),
-        py::arg("code"), py::arg("volume"));
-  m.def("query_pairs", &query_pairs, "kernel-map pairs by hashing",
+        nogil, py::arg("keys"), py::arg("origin"), py::arg("stride"), py::arg("factor"));
+  m.def("parent_pairs", &parent_pairs, "pairs of a kernel-2 stride-2 map", nogil,
+        py::arg("inverse"), py::arg("code"), py::arg("volume"));
+  m.def("query_pairs", &query_pairs, "kernel-map pairs by hashing", nogil,
         py::arg("target_keys"), py::arg("query_keys"), py::arg("deltas"));
   m.def("column_pairs", &column_pairs, "first-half pairs of an odd kernel over sorted keys",
-        py::arg("sorted_keys"), py::arg("kernel_size"), py::arg("stride"));
-  m.def("conv_layout", &conv_layout, "pairs by (output block, offset)", py::arg("in_rows"),
-        py::arg("out_rows"), py::arg("group_bounds"), py::arg("group_k"), py::arg("volume"),
-        py::arg("num_in"), py::arg("num_out"), py::arg("block_rows"));
+        nogil, py::arg("sorted_keys"), py::arg("kernel_size"), py::arg("stride"));
+  m.def("conv_layout", &conv_layout, "pairs by (output block, offset)", nogil,
+        py::arg("in_rows"), py::arg("out_rows"), py::arg("group_bounds"), py::arg("group_k"),
+        py::arg("volume"), py::arg("num_in"), py::arg("num_out"), py::arg("block_rows"));
   m.def("use_amx", &use_amx, "bfloat16 convolutions on AMX tiles on/off; whether they run",
-        py::arg("on"));
-  m.def("conv_forward", &conv_forward, "fused gather-GEMM-scatter convolution",
+        nogil, py::arg("on"));
+  m.def("conv_forward", &conv_forward, "fused gather-GEMM-scatter convolution", nogil,
         py::arg("feats"), py::arg("feats2"), py::arg("weight"), py::arg("bias"),
         py::arg("residual"), py::arg("pin"), py::arg("pout"), py::arg("seg"), py::arg("num_in"),
         py::arg("num_out"), py::arg("block_rows"), py::arg("identity"), py::arg("relu"));
-  m.def("pool_forward", &pool_forward, "max or average pooling over a layout",
+  m.def("pool_forward", &pool_forward, "max or average pooling over a layout", nogil,
         py::arg("feats"), py::arg("pin"), py::arg("pout"), py::arg("seg"), py::arg("volume"),
         py::arg("num_in"), py::arg("num_out"), py::arg("block_rows"), py::arg("average"));
 }
