@@ -181,23 +181,3 @@ def test_keep_latest_queue_keeps_only_the_newest_item_and_counts_drops():
     slot.put('stale')
     slot.close()
     assert list(slot.items(drain=False)) == [] and len(slot) == 1
-
-
-def test_queue_wait_empty_returns_when_the_taker_has_the_item():
-    """The segment node's preparing thread takes its next scan only once the network has taken
-    the last one (``wait_empty``), so it spends no work on scans that would be replaced."""
-    ready = WorkQueue(1)
-    assert ready.wait_empty(timeout=0.01)                       # nothing waiting
-    ready.put('scan')
-    start = time.monotonic()
-    assert not ready.wait_empty(timeout=0.05)                   # still waiting: times out
-    assert time.monotonic() - start >= 0.04
-    taken = []
-    taker = threading.Timer(0.1, lambda: taken.append(ready.take(timeout=1)))
-    taker.start()
-    assert ready.wait_empty(timeout=5)                          # woken by the take
-    taker.join()
-    assert taken == ['scan']
-    ready.put('last')
-    ready.close()
-    assert not ready.wait_empty(timeout=5)                      # closed: returns at once

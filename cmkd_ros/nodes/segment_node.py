@@ -132,16 +132,12 @@ class SegmentNode(Node):
 
     def _prepare_loop(self) -> None:
         """Pipeline stage 1: decode, select points, voxels (one thread); then, while stage 2
-        already runs the network on that scan, its kernel maps. The next scan is taken only
-        once stage 2 has taken this one: when the network falls behind, scans are dropped
-        before any work is spent on them, not after."""
+        already runs the network on that scan, its kernel maps."""
         self._set_threads(1)
         for item in self._prepared_scans():
             if self.ready.put(item):
                 self._count_drop()
             self._guarded(self.pipeline.build_maps, item[0][1])
-            while not self.ready.wait_empty(0.2) and not self.ready.closed:
-                pass
 
     def _infer_loop(self) -> None:
         """Pipeline stage 2: the network, labels, publish."""

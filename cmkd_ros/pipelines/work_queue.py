@@ -40,18 +40,7 @@ class WorkQueue:
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
-            if not self._items:
-                return None
-            item = self._items.popleft()
-            self._cond.notify_all()  # wait_empty
-            return item
-
-    def wait_empty(self, timeout: float | None = None) -> bool:
-        """Wait until no item is waiting (a taker has them all) or the queue is closed; True
-        when empty."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._items or self._closed, timeout)
-            return not self._items
+            return self._items.popleft() if self._items else None
 
     def items(self, poll_s: float = 0.2, drain: bool = True) -> Iterator[Any]:
         """Yield items as they come until :meth:`close` (then, with ``drain``, the ones still
