@@ -94,6 +94,29 @@ def network_threads(num_threads: int, pipeline: bool, precision: str = 'float32'
     return max(1, cores - 1)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep freed heap memory in the process instead of handing it back to the OS (glibc).
+
+    A scan's temporaries (about 20 MB) are freed after every scan; with glibc's defaults the
+    larger ones are unmapped or trimmed and faulted back in, zeroed, by the next scan (about
+    5,000 page faults per nuScenes-size scan here). Blocks under ``mmap_threshold`` now come
+    from the heap, and up to ``trim_threshold`` of free heap stays mapped. Process-wide; True
+    where it took effect (glibc), False elsewhere (other C libraries: unchanged).
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt     # the C library this process already uses
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and
+                mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 def packed_rgb(colors: np.ndarray) -> np.ndarray:
     """(N, 3) uint8 RGB -> (N,) float32 holding 0x00RRGGBB (PCL / RViz ``rgb`` convention)."""
     colors = np.asarray(colors, dtype=np.uint32).reshape(-1, 3)
@@ -274,6 +297,8 @@ class SegmentPipeline:
     """
 
     def __init__(self, config: SegmentNodeConfig, report: Report):
+        if config.device == 'cpu':
+            keep_freed_memory()  # no page faults on each scan's temporaries
         self.predictor, self.class_map = load_predictor(
             config.checkpoint, config.device, config.num_threads, config.precision,
             config.pipeline)
