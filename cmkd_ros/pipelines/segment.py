@@ -222,16 +222,14 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the student
 
-def load_predictor(path: str, device: str, num_threads: int = 0, precision: str = 'float32',
+def load_predictor(path: str, device: str, precision: str = 'float32',
                    pipelined: bool = True) -> tuple['StudentPredictor', ClassMap]:
     """(predict(xyz, intensity) -> (class_id, probability), ClassMap) from a student checkpoint
     (inference in ``precision``: float32, bfloat16, float16 or auto; ``pipelined``: see
-    :class:`StudentPredictor`)."""
-    import torch
+    :class:`StudentPredictor`). Torch threads are the caller's (:class:`SegmentPipeline` sets
+    them from the resolved precision)."""
     from cmkd_ros.models import resolve_device
     from cmkd_ros.models.checkpoint import load_checkpoint
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
     student, info = load_checkpoint(path, map_location=resolve_device(device))
     class_map = ClassMap(tuple(info['class_names']), tuple(map(tuple, info['class_colors'])))
     return StudentPredictor(student, precision, pipelined), class_map
@@ -300,8 +298,7 @@ class SegmentPipeline:
         if config.device == 'cpu':
             keep_freed_memory()  # no page faults on each scan's temporaries
         self.predictor, self.class_map = load_predictor(
-            config.checkpoint, config.device, config.num_threads, config.precision,
-            config.pipeline)
+            config.checkpoint, config.device, config.precision, config.pipeline)
         self.threads = network_threads(config.num_threads, config.pipeline,
                                        self.predictor.precision)
         if self.threads > 0:  # for this thread; the node's workers set their own
