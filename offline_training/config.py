@@ -183,6 +183,12 @@ class TrainConfig(RunSettings):
                                              'student (needs teacher.checkpoint)')
     freeze_classifier: bool = setting(True, 'keep the student classifier frozen (FSKD: the '
                                       "teacher's shared classifier)")
+    prior_correction: float = setting(
+        0.5, "fskd with the teacher's classifier: this fraction of the teacher's training "
+        'class weights (kept in teachers from cmkd train teacher) is taken out of the final '
+        "student's classifier bias (logits - f log w): a class-weighted teacher, and so its "
+        'student, over-predicts the up-weighted classes. 0: off (docs/training.md)',
+        ge=0.0, le=1.0)
     data: DataSection = setting(default_factory=DataSection)
     optim: OptimSection = setting(default_factory=OptimSection)
     loss: LossSection = setting(default_factory=LossSection)

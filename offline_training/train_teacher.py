@@ -488,7 +488,8 @@ def train_teacher_from_config(config: TeacherTrainConfig) -> dict:
                                       class_map=class_map).fit()
     os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, 'teacher.pt')
-    save_teacher(teacher, path, class_map)
+    weighted = config.loss.class_balance != 'none'
+    save_teacher(teacher, path, class_map, history['class_weights'] if weighted else None)
     summary = {'teacher': path, 'steps': config.steps, 'seconds': history['seconds'],
                'loss': history['loss'][-1] if history['loss'] else None,
                'eval': history.get('val'), 'config': to_dict(config)}

@@ -812,6 +812,7 @@ class Trainer:
                    'world_size': self.world_size, 'device': self.device.type,
                    'amp': self.use_amp, 'train_split': self.train_split}
         if self.rank == 0:
+            summary['class_prior_shift'] = self.correct_class_prior()
             summary['student'] = self.export_student()
             if cfg.data.val:
                 summary['eval'] = self.evaluate()
@@ -820,6 +821,23 @@ class Trainer:
         return summary
 
     # -- outputs ----------------------------------------------------------------------------
+
+    def correct_class_prior(self) -> list[float] | None:
+        """FSKD with the teacher's classifier: take ``prior_correction`` of the teacher's
+        training class weights out of the student's classifier bias (logged); the (K,) shift,
+        or None when there is nothing to correct."""
+        cfg = self.config
+        weights = getattr(self.teacher, 'class_weights', None)
+        if cfg.method != 'fskd' or not cfg.share_teacher_classifier or not cfg.prior_correction:
+            return None
+        if weights is None:
+            LOG.info('prior_correction: the teacher carries no training class weights '
+                     '(unweighted, or not from cmkd train teacher): classifier kept')
+            return None
+        shift = self.student.shift_class_prior(weights, cfg.prior_correction).tolist()
+        LOG.info('prior_correction %.2f: classifier bias shifted by %s', cfg.prior_correction,
+                 ', '.join(f'{n} {v:+.2f}' for n, v in zip(self.class_map.names, shift)))
+        return shift
 
     def export_student(self) -> str:
         """Save the student for inference (``out_dir/student.pt``) with its class map."""

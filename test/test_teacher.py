@@ -94,6 +94,18 @@ def test_save_and_load_round_trip(tmp_path):
                                  'num_classes': 4})
     with pytest.raises(TeacherError, match='holds a small teacher'):
         load_teacher(str(path), {'arch': 'small', 'num_classes': 3})
+    assert loaded.class_weights is None                 # trained without class weights
+
+
+def test_training_class_weights_travel_with_the_teacher(tmp_path):
+    teacher = build_teacher({'arch': 'small', 'width': 8, 'feature_dim': 16}, SYNTHETIC).eval()
+    weights = [0.5 + 0.25 * k for k in range(SYNTHETIC.num_classes)]
+    path = tmp_path / 'weighted.pt'
+    save_teacher(teacher, str(path), class_weights=weights)
+    torch.testing.assert_close(load_teacher(str(path)).class_weights, torch.tensor(weights))
+    for bad in (weights[:-1], [0.0] + weights[1:]):
+        with pytest.raises(TeacherError, match='positive values'):
+            save_teacher(teacher, str(tmp_path / 'bad.pt'), class_weights=bad)
 
 
 def test_stride_2_adds_a_fine_decoder_step_and_keeps_stride_4_checkpoints(tmp_path):

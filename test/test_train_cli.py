@@ -10,6 +10,7 @@ import yaml
 from cmkd_ros.tools import cli
 from cmkd_ros.config import ConfigError
 from cmkd_ros.models.checkpoint import load_checkpoint
+from cmkd_ros.models.teacher import load_teacher
 from offline_training.config import load_teacher_config, load_train_config
 from offline_training.experiments import render_worlds
 
@@ -67,11 +68,13 @@ def test_teacher_then_fskd_end_to_end(tmp_path):
         run + ['teacher', '--config', os.path.join(CONFIG, 'teacher.yaml'), f'train={train}',
                f'val={val}', f'out_dir={tmp_path / "teacher"}', 'steps=3', 'batch_size=2',
                'threads=1', 'model.width=8', 'model.feature_dim=16',
-               'options={crop_size: [48, 64]}'],
+               'options={crop_size: [48, 64]}', 'loss.class_balance=inverse_sqrt'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert teacher.returncode == 0, teacher.stderr[-2000:]
     teacher_path = tmp_path / 'teacher' / 'teacher.pt'
     assert 0.0 <= json.loads(teacher.stdout.splitlines()[-1])['miou'] <= 1.0
+    weights = load_teacher(str(teacher_path)).class_weights       # inverse_sqrt: kept
+    assert weights.shape == (12,) and bool((weights > 0).all())
     fskd = subprocess.run(
         run + ['fskd', '--config', os.path.join(CONFIG, 'fskd.yaml'), f'data.train={train}',
                f'data.val={val}', f'teacher.checkpoint={teacher_path}',
@@ -81,6 +84,7 @@ def test_teacher_then_fskd_end_to_end(tmp_path):
     assert fskd.returncode == 0, fskd.stderr[-2000:]
     printed = json.loads(fskd.stdout.splitlines()[-1])
     assert printed['steps'] == 3 and set(printed['losses']) == {'feature', 'semantic', 'total'}
+    assert printed['class_prior_shift'] == pytest.approx((-0.5 * weights.log()).tolist())
     result = json.loads((tmp_path / 'fskd' / 'eval.json').read_text())
     assert 0.0 <= result['all']['miou'] <= 1.0 and result['num_scans'] == 2
     student, info = load_checkpoint(tmp_path / 'fskd' / 'student.pt')

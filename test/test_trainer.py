@@ -88,6 +88,33 @@ def test_fskd_keeps_teacher_frozen_and_shares_its_classifier(tiny, tmp_path):
     assert changed, 'the student backbone did not train'
 
 
+def test_fskd_takes_part_of_the_teachers_class_weighting_out_of_its_classifier(tiny, tmp_path):
+    """A teacher trained with class weights w over-predicts the up-weighted classes: the final
+    FSKD student's shared classifier bias moves by -prior_correction * log w (0: unchanged)."""
+    weights = torch.linspace(0.5, 4.0, SYNTHETIC.num_classes)
+    weighted = str(tmp_path / 'weighted_teacher.pt')
+    save_teacher(load_teacher(tiny['teacher']), weighted, class_weights=weights.tolist())
+    biases = {}
+    for fraction in (0.5, 0.0):
+        out = tmp_path / f'prior_{fraction}'
+        config = make_config(tiny, 'fskd', out, 'steps=2', f'teacher.checkpoint={weighted}',
+                             f'prior_correction={fraction}')
+        trainer = T.Trainer(config)
+        summary = trainer.fit()
+        student, _ = load_checkpoint(out / 'student.pt')
+        torch.testing.assert_close(student.classifier.bias, trainer.student.classifier.bias)
+        biases[fraction] = student.classifier.bias
+        expected = None if fraction == 0 else (-fraction * torch.log(weights)).tolist()
+        if expected is None:
+            assert summary['class_prior_shift'] is None
+        else:
+            torch.testing.assert_close(torch.tensor(summary['class_prior_shift']),
+                                       torch.tensor(expected))
+    teacher_bias = load_teacher(weighted).classifier.bias
+    torch.testing.assert_close(biases[0.0], teacher_bias)
+    torch.testing.assert_close(biases[0.5], teacher_bias - 0.5 * torch.log(weights))
+
+
 def test_no_distillation_gradient_for_points_without_pixels(tiny, tmp_path):
     config = make_config(tiny, 'fskd', tmp_path / 'grad')
     trainer = T.Trainer(config)

@@ -333,6 +333,20 @@ class Student(nn.Module):
         self.classifier.requires_grad_(not freeze)
 
     @torch.no_grad()
+    def shift_class_prior(self, class_weights, fraction: float) -> torch.Tensor:
+        """Logits minus ``fraction * log(class_weights)`` from now on (the classifier bias):
+        takes that part of a class weighting of training back out of the predictions.
+        Returns the (K,) shift added to the bias."""
+        weights = torch.as_tensor(class_weights, dtype=torch.float32).reshape(-1)
+        bias = self.classifier.bias
+        if weights.numel() != bias.numel() or bool((weights <= 0).any()):
+            raise ValueError(f'class weights: need {bias.numel()} positive values, got '
+                             f'{weights.tolist()}')
+        shift = (-float(fraction) * torch.log(weights)).to(bias.device, bias.dtype)
+        bias.add_(shift)
+        return shift.cpu()
+
+    @torch.no_grad()
     def predict(self, xyz, intensity=None,
                 precision: str = 'float32') -> tuple[torch.Tensor, torch.Tensor]:
         """Per-point class ``(N,) int64`` and probability ``(N,) float32`` of one scan.

@@ -15,7 +15,9 @@ the student's pseudo-2D features) and ``classifier`` is the 1x1 convolution the 
 frozen, to turn pseudo-2D features into logits.
 
 Saved teachers (:func:`save_teacher`) are plain dicts, loadable with weights_only=True:
-``{'format': 'cmkd_teacher', 'config': ..., 'class_map': ..., 'state_dict': ...}``.
+``{'format': 'cmkd_teacher', 'config': ..., 'class_map': ..., 'state_dict': ...}``, and
+``'class_weights'`` when its training weighted the classes (:func:`load_teacher` sets them as
+the teacher's ``class_weights``, else None).
 :func:`load_teacher` also accepts a bare state dict or a TorchScript file.
 """
 from __future__ import annotations
@@ -306,6 +308,8 @@ class Teacher(nn.Module):
     logits (B, K, H, W) upsampled bilinearly to the input size.
     """
 
+    class_weights: torch.Tensor | None = None   # (K,) of its training, see save_teacher
+
     def __init__(self, cfg: TeacherConfig, class_map: ClassMap | None = None):
         super().__init__()
         self.arch = cfg.arch
@@ -380,6 +384,8 @@ class ScriptedTeacher(nn.Module):
     The scripted module must have a ``features`` method (``@torch.jit.export``) and a 1x1
     ``classifier`` convolution; its classifier weights are copied into a plain ``nn.Conv2d``.
     """
+
+    class_weights: torch.Tensor | None = None   # unknown for an imported module
 
     def __init__(self, module: torch.jit.ScriptModule, feature_stride: int,
                  class_map: ClassMap | None = None):
@@ -486,12 +492,24 @@ def build_teacher(cfg: TeacherConfig | Mapping | None = None,
     return teacher
 
 
-def save_teacher(teacher: Teacher, path: str, class_map: ClassMap | None = None) -> None:
-    """Write ``teacher`` (config, class map, weights) atomically; load with load_teacher."""
+def save_teacher(teacher: Teacher, path: str, class_map: ClassMap | None = None,
+                 class_weights: Sequence[float] | None = None) -> None:
+    """Write ``teacher`` (config, class map, weights) atomically; load with load_teacher.
+
+    ``class_weights`` (K,): the cross-entropy class weights it was trained with, if any (they
+    bias its predictions towards the up-weighted classes; FSKD can take part of that back out,
+    ``TrainConfig.prior_correction``).
+    """
     class_map = class_map or teacher.class_map
     data = {'format': TEACHER_FORMAT, 'config': to_dict(teacher.config),
             'class_map': class_map.to_dict() if class_map is not None else None,
             'state_dict': {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}
+    if class_weights is not None:
+        weights = [float(w) for w in class_weights]
+        if len(weights) != teacher.num_classes or min(weights) <= 0:
+            raise TeacherError(f'class_weights: need {teacher.num_classes} positive values, '
+                               f'got {weights}')
+        data['class_weights'] = weights
     from .checkpoint import atomic_torch_save
     atomic_torch_save(data, path)
 
@@ -549,10 +567,12 @@ def load_teacher(path: str, cfg: TeacherConfig | Mapping | None = None,
         if class_map is None and data.get('class_map'):
             class_map = ClassMap.from_dict(data['class_map'])
         state = data['state_dict']
+        class_weights = data.get('class_weights')
     else:
         if cfg is None:
             raise TeacherError(f'{path}: a bare state dict needs a TeacherConfig')
         state = _read_state(path)
+        class_weights = None
     # a file's own pretrained_path is irrelevant once its weights are loaded
     cfg = build(TeacherConfig, {**to_dict(cfg), 'pretrained_path': None})
     teacher = build_teacher(cfg, class_map)
@@ -567,6 +587,12 @@ def load_teacher(path: str, cfg: TeacherConfig | Mapping | None = None,
                            f'{cfg.num_classes} classes: missing {missing[:5]}, unexpected '
                            f'{unexpected[:5]}, shapes {wrong[:3]}')
     teacher.load_state_dict(state)
+    teacher.class_weights = None if class_weights is None else torch.tensor(
+        [float(w) for w in class_weights], dtype=torch.float32)
+    if teacher.class_weights is not None and (teacher.class_weights.numel() != cfg.num_classes
+                                              or bool((teacher.class_weights <= 0).any())):
+        raise TeacherError(f'{path}: class_weights {class_weights} do not fit '
+                           f'{cfg.num_classes} classes')
     return teacher.to(device).eval()
 
 
