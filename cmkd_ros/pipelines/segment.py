@@ -210,7 +210,7 @@ def label_points(points: np.ndarray, rows: np.ndarray, pred: Any, prob: Any,
         probability[rows[valid]] = prob[valid]
     out['class_id'] = class_id
     out['probability'] = probability
-    out['rgb'] = packed_rgb(class_map.colorize(class_id))
+    out['rgb'] = packed_rgb(class_map.palette())[class_id]    # a 256-entry table per id
     return out
 
 
