@@ -177,8 +177,9 @@ def select_points(points: np.ndarray, config: SegmentNodeConfig,
     # 1. finite points (LiDAR frame), 2. range crop.
     xyz, rows = finite if finite is not None else xyz_from_cloud(points, drop_invalid=True)
     if rows.size:
-        dist = np.linalg.norm(xyz.astype(np.float64), axis=1)    # float32 squares overflow
-        in_range = (dist >= config.range_min) & (dist <= config.range_max)
+        x = xyz.astype(np.float64)                  # float32 squares overflow
+        dist2 = np.einsum('ij,ij->i', x, x)         # squared ranges: no square roots
+        in_range = (dist2 >= config.range_min ** 2) & (dist2 <= config.range_max ** 2)
         xyz, rows = xyz[in_range], rows[in_range]
     intensity = scalar_field(points, 'intensity', np.float32)
     if intensity is None:
