@@ -492,6 +492,15 @@ def build_teacher(cfg: TeacherConfig | Mapping | None = None,
     return teacher
 
 
+def _checked_class_weights(weights, num_classes: int, what: str) -> torch.Tensor:
+    """(K,) float32 training class weights, or TeacherError unless K positive values."""
+    values = torch.tensor([float(w) for w in weights], dtype=torch.float32)
+    if values.numel() != num_classes or bool((values <= 0).any()):
+        raise TeacherError(f'{what}: need {num_classes} positive values, got '
+                           f'{values.tolist()}')
+    return values
+
+
 def save_teacher(teacher: Teacher, path: str, class_map: ClassMap | None = None,
                  class_weights: Sequence[float] | None = None) -> None:
     """Write ``teacher`` (config, class map, weights) atomically; load with load_teacher.
@@ -505,11 +514,8 @@ def save_teacher(teacher: Teacher, path: str, class_map: ClassMap | None = None,
             'class_map': class_map.to_dict() if class_map is not None else None,
             'state_dict': {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}
     if class_weights is not None:
-        weights = [float(w) for w in class_weights]
-        if len(weights) != teacher.num_classes or min(weights) <= 0:
-            raise TeacherError(f'class_weights: need {teacher.num_classes} positive values, '
-                               f'got {weights}')
-        data['class_weights'] = weights
+        data['class_weights'] = _checked_class_weights(class_weights, teacher.num_classes,
+                                                       'class_weights').tolist()
     from .checkpoint import atomic_torch_save
     atomic_torch_save(data, path)
 
@@ -587,12 +593,8 @@ def load_teacher(path: str, cfg: TeacherConfig | Mapping | None = None,
                            f'{cfg.num_classes} classes: missing {missing[:5]}, unexpected '
                            f'{unexpected[:5]}, shapes {wrong[:3]}')
     teacher.load_state_dict(state)
-    teacher.class_weights = None if class_weights is None else torch.tensor(
-        [float(w) for w in class_weights], dtype=torch.float32)
-    if teacher.class_weights is not None and (teacher.class_weights.numel() != cfg.num_classes
-                                              or bool((teacher.class_weights <= 0).any())):
-        raise TeacherError(f'{path}: class_weights {class_weights} do not fit '
-                           f'{cfg.num_classes} classes')
+    teacher.class_weights = None if class_weights is None else _checked_class_weights(
+        class_weights, cfg.num_classes, f'{path}: class_weights')
     return teacher.to(device).eval()
 
 
