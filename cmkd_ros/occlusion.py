@@ -21,7 +21,12 @@ of the beams there (0.17 deg to 6 deg on one Pandar64). Both are read from the s
 4. a point is hidden when a nearer footprint covers its cell, or nearer footprints lie on both
    sides of it (left and right, or below and above) within ``reach`` times its own sampling step
    (a lost return leaves a hole between footprints), nearer meaning by more than
-   ``abs_tolerance + rel_tolerance * rho``.
+   ``abs_tolerance + rel_tolerance * rho``;
+5. nearer by less than that, it is hidden when the nearest footprint over its cell belongs to a
+   sample inside its surface (range-image neighbours on that surface all around) and the point
+   lies behind that surface's plane, seen from the camera, by more than ``plane_abs_tolerance +
+   plane_rel_tolerance * rho`` (a kerb's top hiding the road just behind it); a surface seen at
+   a grazing angle, whose nearer samples overlap its farther ones, never hides itself.
 
 Measured on the synthetic presets against ground-truth depth: ``benchmarks/measure_occlusion.py``
 (table in docs/occlusion.md).
@@ -288,26 +293,29 @@ class OcclusionSettings:
     reach: float = 0.75
     abs_tolerance: float = 0.4
     rel_tolerance: float = 0.075
+    plane_abs_tolerance: float = 0.1
+    plane_rel_tolerance: float = 0.01
 
 
 _MAX_ROWS = 1024        # beam rows of a range image (the densest LiDAR has 128)
 
-def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
-                        points: np.ndarray, up: np.ndarray, down: np.ndarray, step: float,
-                        fraction: float) -> np.ndarray:
-    """(4, K) float32 inverse ranges (1/m) of the footprint edges (left, right, below, above)
-    of ``points`` (K,) of a sweep given per point (N,): ``azimuth`` (rad), beam ``row`` and
-    inverse range ``inv`` (NaN: no return); ``up``, ``down`` (K,) the wanted points' beam
-    spacing (rad); ``step`` the azimuth step (rad).
+@dataclass(frozen=True, eq=False)
+class _RangeImage:
+    """A sweep as a range image: ``image`` (rows, columns) holds the index of the return in
+    each cell (-1: none; a margin row below and above the beams); ``row``, ``col`` (N,) each
+    return's cell."""
 
-    The sweep becomes a range image (beam rows, azimuth-step columns). Along each direction an
-    edge lies ``fraction`` of the way to the neighbouring sample when both lie on one surface,
-    else it continues the surface from the opposite neighbour, else it stays at the point's
-    own range; it never moves beyond half or twice that range.
-    """
+    image: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+
+
+def _range_image(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray, step: float
+                 ) -> _RangeImage:
+    """Range image of a sweep given per point (N,): ``azimuth`` (rad), beam ``row`` and
+    inverse range ``inv`` (NaN: no return) with columns of the azimuth ``step`` (rad)."""
     cols = max(1, int(round(2 * np.pi / step)))
     col = np.rint(np.mod(azimuth, 2 * np.pi) * (cols / (2 * np.pi))).astype(np.int64) % cols
-    # 1. range image of the returns, with a margin row below and above the beams.
     ok = np.isfinite(inv)
     if ok.any() and int(row[ok].max()) - int(row[ok].min()) > _MAX_ROWS:
         # beam rows no LiDAR has (a corrupt ring field): rank them instead
@@ -315,7 +323,25 @@ def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
     row = np.where(ok, row - (row[ok].min() if ok.any() else 0) + 1, 0)
     image = np.full((int(row.max()) + 2, cols), -1, dtype=np.int64)
     image[row[ok], col[ok]] = np.flatnonzero(ok)
-    # 2. the four neighbours of every wanted point; slopes of inverse range per radian.
+    return _RangeImage(image, row, col)
+
+
+def _edge_inverse_ranges(sweep: _RangeImage, inv: np.ndarray, points: np.ndarray,
+                         up: np.ndarray, down: np.ndarray, step: float, fraction: float
+                         ) -> np.ndarray:
+    """(4, K) float32 inverse ranges (1/m) of the footprint edges (left, right, below, above)
+    of ``points`` (K,) of a ``sweep`` with inverse ranges ``inv`` (N,) (NaN: no return);
+    ``up``, ``down`` (K,) the wanted points' beam spacing (rad); ``step`` the azimuth step
+    (rad).
+
+    Along each direction an edge lies ``fraction`` of the way to the neighbouring sample of the
+    range image when both lie on one surface, else it continues the surface from the opposite
+    neighbour, else it stays at the point's own range; it never moves beyond half or twice that
+    range.
+    """
+    image, row, col = sweep.image, sweep.row, sweep.col
+    cols = image.shape[1]
+    # the four neighbours of every wanted point; slopes of inverse range per radian.
     p_row, p_col, p_inv = row[points], col[points], inv[points]
     shifts = ((0, -1, step), (0, 1, step), (-1, 0, down), (1, 0, up))
     nb_inv, near, slope = [], [], []
@@ -338,6 +364,32 @@ def _edge_inverse_ranges(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray,
                             np.where(same_o, p_inv - fraction * (nb_inv[o] - p_inv), p_inv))
             out[k] = np.clip(edge, 0.5 * p_inv, 2.0 * p_inv)
     return out
+
+
+def _surface_normals(sweep: _RangeImage, xyz: np.ndarray, inv: np.ndarray,
+                     points: np.ndarray, up: np.ndarray, down: np.ndarray, step: float
+                     ) -> np.ndarray:
+    """(K, 3) float32 unit normals (LiDAR frame) of the surface at ``points`` (K,): the cross
+    product of the tangents along the beam and across the beams, each between the two
+    range-image neighbours; NaN unless all four neighbours lie on the point's surface (a sample
+    at an edge: where its surface ends is not known). Arguments as for
+    :func:`_edge_inverse_ranges`."""
+    image, row, col = sweep.image, sweep.row, sweep.col
+    cols = image.shape[1]
+    p_row, p_col, p_inv = row[points], col[points], inv[points]
+    tangents = []
+    with np.errstate(invalid='ignore'):
+        for dr, dc, ahead, behind in ((0, 1, step, step), (1, 0, up, down)):
+            ends = []
+            for sign, angle in ((1, ahead), (-1, behind)):
+                nb = image[p_row + sign * dr, (p_col + sign * dc) % cols]
+                on = (nb >= 0) & (np.abs(inv[nb] - p_inv) < _CONTINUITY * angle)
+                ends.append(np.where(on, nb, -1))
+            t = xyz[ends[0]] - xyz[ends[1]]
+            t[(ends[0] < 0) | (ends[1] < 0)] = np.nan
+            tangents.append(t)
+        normal = np.cross(tangents[0], tangents[1])
+        return (normal / np.linalg.norm(normal, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _footprint_offsets(p: np.ndarray, horiz: np.ndarray, inv_r: np.ndarray,
@@ -379,8 +431,10 @@ def _camera_angles(direction: np.ndarray, forward: np.ndarray
 
 
 def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
-                   y0: np.ndarray, y1: np.ndarray, value: np.ndarray) -> None:
-    """``zbuf`` (flat, rows of ``width``) = min(zbuf, value) over each box [x0, x1] x [y0, y1].
+                   y0: np.ndarray, y1: np.ndarray, value: np.ndarray,
+                   owner: np.ndarray | None = None) -> None:
+    """``zbuf`` (flat, rows of ``width``) = min(zbuf, value) over each box [x0, x1] x [y0, y1];
+    with ``owner`` (flat, like ``zbuf``) also the index of a box that holds each cell's minimum.
 
     Boxes are grouped by size (powers of two) so each pass touches only the boxes that reach it.
     """
@@ -388,16 +442,22 @@ def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
     gx = np.ceil(np.log2(np.maximum(nx, 1))).astype(np.int64)
     gy = np.ceil(np.log2(np.maximum(ny, 1))).astype(np.int64)
     group = gx * 64 + gy
-    for g in np.unique(group):
-        sel = np.flatnonzero(group == g)
-        bx, by = 1 << int(g // 64), 1 << int(g % 64)
-        sx, sy, snx, sny, sv = x0[sel], y0[sel], nx[sel], ny[sel], value[sel]
-        for dy in range(by):
-            rows = dy < sny
-            base = (sy + dy) * width + sx
-            for dx in range(bx):
-                m = rows & (dx < snx)
-                np.minimum.at(zbuf, base[m] + dx, sv[m])
+    for claim in (False, True) if owner is not None else (False,):
+        for g in np.unique(group):
+            sel = np.flatnonzero(group == g)
+            bx, by = 1 << int(g // 64), 1 << int(g % 64)
+            sx, sy, snx, sny, sv = x0[sel], y0[sel], nx[sel], ny[sel], value[sel]
+            for dy in range(by):
+                rows = dy < sny
+                base = (sy + dy) * width + sx
+                for dx in range(bx):
+                    m = rows & (dx < snx)
+                    cell = base[m] + dx
+                    if claim:           # second pass: the minimum is known
+                        mine = zbuf[cell] == sv[m]
+                        owner[cell[mine]] = sel[m][mine]
+                    else:
+                        np.minimum.at(zbuf, cell, sv[m])
 
 
 def _nearer_both_sides(image: np.ndarray, axis: int, iy: np.ndarray, ix: np.ndarray,
@@ -445,8 +505,9 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
     points, pair_point = np.unique(point, return_inverse=True)
     up, down = up[points], down[points]
-    edges = _edge_inverse_ranges(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, points, up,
-                                 down, step, settings.footprint)
+    sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
+    edges = _edge_inverse_ranges(sweep, inv, points, up, down, step, settings.footprint)
+    normal = _surface_normals(sweep, xyz, inv, points, up, down, step)
     inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
     offsets = _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down,
                                  settings.footprint, edges)
@@ -470,6 +531,8 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
         bound[~np.isfinite(bound)] = 0.0
     tol = np.float32(settings.abs_tolerance) + np.float32(settings.rel_tolerance) * rho
+    plane_tol = (np.float32(settings.plane_abs_tolerance) +
+                 np.float32(settings.plane_rel_tolerance) * rho)
     scale = settings.reach / settings.footprint
     bounds = np.searchsorted(cam_idx, np.arange(int(cam_idx.max()) + 2))
     for c in range(bounds.size - 1):
@@ -494,12 +557,25 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
         y0 = np.clip(np.ceil(fy + b_lo[sl] / cell_y - 0.5), iy - span, iy).astype(np.int64)
         y1 = np.clip(np.floor(fy + b_hi[sl] / cell_y - 0.5), iy, iy + span).astype(np.int64)
         zbuf = np.full(W * H, np.inf, dtype=np.float32)
+        owner = np.full(W * H, -1, dtype=np.int64)
         _rasterize_min(zbuf, W, np.maximum(x0, 0), np.minimum(x1, W - 1), np.maximum(y0, 0),
-                       np.minimum(y1, H - 1), rho[sl])
+                       np.minimum(y1, H - 1), rho[sl], owner)
         image = zbuf.reshape(H, W)
         r, t = rho[sl], tol[sl]
-        out = r - image[iy, ix] > t
-        # 5. nearer footprints on both sides within reach (a hole left by a lost return).
+        cell = iy * W + ix
+        gap = r - zbuf[cell]
+        out = gap > t
+        # 5. nearer by less than the tolerance: hidden when the point lies behind the plane of
+        #    the nearest footprint's surface as the camera sees it (a kerb's top, a car's side),
+        #    not on it (one surface seen at a grazing angle); NaN normals (edges) hide nothing.
+        near = np.flatnonzero(~out & (gap > plane_tol[sl]))
+        near = near[owner[cell[near]] >= 0]                 # a finite cell has an owner
+        q = owner[cell[near]]
+        n_q, d_q, d_p = normal[pair_point[sl][q]], d[sl][q], d[sl][near]
+        beyond = np.einsum('ij,ij->i', n_q, d_p - d_q)      # point off the plane
+        camera = -np.einsum('ij,ij->i', n_q, d_q)          # camera off the plane
+        out[near] = (beyond * camera < 0) & (np.abs(beyond) > plane_tol[sl][near])
+        # 6. nearer footprints on both sides within reach (a hole left by a lost return).
         rest = np.flatnonzero(~out)
         reach = np.minimum(np.rint(scale * 0.5 * (a_hi[sl] - a_lo[sl])[rest] / cell_x),
                            _MAX_SPAN_CELLS).astype(np.int64)

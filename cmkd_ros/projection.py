@@ -85,6 +85,13 @@ class CorrespondenceConfig:
     occlusion_rel_tolerance: float = setting(
         OcclusionSettings.rel_tolerance, 'distance-proportional part of the occlusion tolerance '
         '(fraction of the camera distance)', ge=0.0, le=1.0)
+    occlusion_plane_abs_tolerance: float = setting(
+        OcclusionSettings.plane_abs_tolerance, 'a point nearly as near as the nearest footprint '
+        'over it is hidden when it lies this much (m) plus the relative part behind that '
+        'footprint\'s surface plane (and as much farther from the camera)', ge=0.0)
+    occlusion_plane_rel_tolerance: float = setting(
+        OcclusionSettings.plane_rel_tolerance, 'distance-proportional part of the plane '
+        'tolerance (fraction of the camera distance)', ge=0.0, le=1.0)
     motion_compensation: bool = setting(
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
         'stamps are given')
@@ -518,7 +525,9 @@ def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
     # 2. optical axes in the LiDAR frame: third row of R (camera from LiDAR rotation).
     forward = np.arctan2(prep.R[:, 2, 1], prep.R[:, 2, 0])
     settings = OcclusionSettings(config.occlusion_footprint, config.occlusion_reach,
-                                 config.occlusion_abs_tolerance, config.occlusion_rel_tolerance)
+                                 config.occlusion_abs_tolerance, config.occlusion_rel_tolerance,
+                                 config.occlusion_plane_abs_tolerance,
+                                 config.occlusion_plane_rel_tolerance)
     # 3. pairs farther than any LiDAR reaches (a corrupt cloud: coordinates near the float32
     #    limit) neither hide nor are hidden: their angles would overflow.
     sane = (np.abs(direction) < MAX_OCCLUSION_RANGE_M).all(axis=1)

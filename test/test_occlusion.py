@@ -107,3 +107,64 @@ def test_every_preset_keeps_visible_points_with_one_setting():
     for preset in ('default', 'hdl32e', 'os1-128'):
         s = score(_render(preset, 1.0, seeds=(20,)))
         assert s['kept'] >= 0.98 and s['removed_seen'] >= 0.85, (preset, s)
+
+
+def _two_walls(camera):
+    """A 1-degree x 0.2-degree scan of a wall 8 m ahead (y 0..3 m) before a wall at 9 m, and
+    the truth from ``camera`` (3,): which returns of the far wall the near one hides."""
+    el, az = np.meshgrid(np.radians(np.arange(-10.0, 10.5, 1.0)),
+                         np.radians(np.arange(-30.0, 30.01, 0.2)), indexing='ij')
+    ray = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1)
+    ray = ray.reshape(-1, 3)
+    near = 8.0 / ray[:, 0]
+    on_near = (ray[:, 1] * near >= 0) & (ray[:, 1] * near <= 3)
+    xyz = (ray * np.where(on_near, near, 9.0 / ray[:, 0])[:, None]).astype(np.float32)
+    ring = np.repeat(np.arange(el.shape[0]), el.shape[1])
+    # the camera's segment to a far return crosses x = 8 inside the near wall: hidden
+    t = (8.0 - camera[0]) / (xyz[:, 0] - camera[0])
+    cross = camera + t[:, None] * (xyz - camera)
+    hidden = ~on_near & (cross[:, 1] >= 0) & (cross[:, 1] <= 3) & (np.abs(cross[:, 2]) <= 1.6)
+    return xyz, ring, on_near, hidden
+
+
+@pytest.mark.parametrize('plane', [True, False])
+def test_a_point_behind_a_nearer_surface_by_less_than_the_tolerance(plane):
+    # the far wall lies 1 m behind the near one: within the depth tolerance (0.4 m + 7.5 % of
+    # 9 m = 1.08 m), so only the surface-plane test can hide what the camera 1.5 m to the
+    # side sees behind the near wall's edge (about six azimuth steps of the far wall)
+    camera = np.array([0.0, 1.5, 0.0], np.float32)
+    xyz, ring, on_near, truth = _two_walls(camera)
+    pattern = occlusion.infer_scan_pattern(xyz, ring)
+    settings = occlusion.OcclusionSettings() if plane else occlusion.OcclusionSettings(
+        plane_abs_tolerance=100.0)
+    point = np.flatnonzero(xyz[:, 0] > 0)
+    hidden = occlusion.hidden_pairs(np.zeros(point.size, np.int64), point, xyz,
+                                    xyz[point] - camera, np.zeros(1, np.float32), pattern,
+                                    ring, settings)
+    far = ~on_near[point]
+    assert truth[point].sum() > 60
+    removed = hidden[truth[point]].mean()
+    wrongly = hidden[far & ~truth[point]].mean()
+    if plane:
+        assert removed > 0.7 and wrongly < 0.02, (removed, wrongly)
+    else:
+        assert removed < 0.1, removed
+    assert not hidden[on_near[point]].any()
+
+
+def test_a_plane_seen_at_a_grazing_angle_hides_nothing_of_itself():
+    # the road 1.8 m below the LiDAR (returns with 2 cm of range noise), seen from a bumper
+    # camera 0.4 m above it and 1.5 m to the side: nearer returns overlap farther ones there,
+    # yet a plane never hides itself (a depth tolerance of 0.1 m + 1 % alone hides 12 %)
+    el, az = np.meshgrid(np.radians(np.arange(-25.0, -1.5, 1.0)),
+                         np.radians(np.arange(-40.0, 40.01, 0.2)), indexing='ij')
+    ray = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1)
+    r = -1.8 / ray[..., 2:] + np.random.default_rng(0).normal(0.0, 0.02, el.shape + (1,))
+    xyz = (ray * r).reshape(-1, 3).astype(np.float32)
+    ring = np.repeat(np.arange(el.shape[0]), el.shape[1])
+    camera = np.array([0.3, 1.5, -1.4], np.float32)
+    pattern = occlusion.infer_scan_pattern(xyz, ring)
+    point = np.arange(len(xyz))
+    hidden = occlusion.hidden_pairs(np.zeros(point.size, np.int64), point, xyz,
+                                    xyz - camera, np.zeros(1, np.float32), pattern, ring)
+    assert hidden.mean() < 0.005, hidden.mean()
