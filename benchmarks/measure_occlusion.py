@@ -14,8 +14,9 @@ renders' exact visibility (``SimFrame.gt_visible`` / ``gt_occluded``, from ray c
 * hidden: in-image points removed.
 
 Usage: ``python benchmarks/measure_occlusion.py [--seeds 10,11,12] [--presets ...]
-[--baselines 0.3,0.5,1.0,1.5] [--no-ring] [--set key=value] [--json out.json]``. The default
-settings were chosen on seeds 0, 1, 2; the table in docs/occlusion.md uses seeds 10, 11, 12.
+[--baselines 0.3,0.5,1.0,1.5] [--previous] [--no-ring] [--set key=value] [--json out.json]``
+(``--previous``: the sweep before each frame is given too, with ego poses over both). Settings
+are chosen on seeds 0-6; the table in docs/occlusion.md uses seeds 10-19.
 """
 from __future__ import annotations
 
@@ -88,24 +89,38 @@ def occluder_seen(world, frame) -> np.ndarray:
 
 
 def render(preset: str, baseline: float, seed: int, count: int = 4, width: int = 480,
-           height: int = 270):
-    """(SimFrame, occluder-seen mask) of one frame of ``preset`` at ``baseline`` m."""
+           height: int = 270, previous: bool = False):
+    """(SimFrame, occluder-seen mask, the frame before or None) of one frame of ``preset``
+    at ``baseline`` m."""
     from cmkd_ros.sim import SimWorld
     world = SimWorld({'seed': seed, 'lidar': {'preset': preset},
                       'cameras': rig_settings(baseline, count, width, height)})
     frame = world.frame(2 + 3 * seed)
-    return frame, occluder_seen(world, frame)
+    before = world.frame(1 + 3 * seed) if previous else None
+    return frame, occluder_seen(world, frame), before
+
+
+def _inputs(frame, before, use_ring: bool) -> dict:
+    """compute_correspondences arguments of ``frame`` (with the sweep ``before`` it, if
+    any, and ego poses over both)."""
+    from cmkd_ros.projection import PreviousSweep
+    args = dict(point_time_ns=frame.point_time_ns, camera_stamp_ns=frame.camera_stamp_ns,
+                trajectory=frame.trajectory(), ring=frame.ring if use_ring else None)
+    if before is not None:
+        args['trajectory'] = args['trajectory'].merged(before.trajectory())
+        args['previous'] = PreviousSweep(before.xyz, before.point_time_ns,
+                                         before.ring if use_ring else None)
+    return args
 
 
 def score(rendered, config: CorrespondenceConfig = CorrespondenceConfig(),
           use_ring: bool = True) -> dict:
-    """Pooled kept / removed / removed-seen / hidden fractions over ``(frame, seen)`` pairs
-    (``use_ring`` False: the scan pattern from elevation statistics)."""
+    """Pooled kept / removed / removed-seen / hidden fractions over ``(frame, seen,
+    frame before or None)`` (``use_ring`` False: the scan pattern from elevation statistics)."""
     n = dict(n_visible=0, n_kept=0, n_occluded=0, n_removed=0, n_seen=0, n_removed_seen=0,
              n_valid=0, n_hidden=0)
-    for frame, seen in rendered:
-        args = dict(point_time_ns=frame.point_time_ns, camera_stamp_ns=frame.camera_stamp_ns,
-                    trajectory=frame.trajectory(), ring=frame.ring if use_ring else None)
+    for frame, seen, *before in rendered:
+        args = _inputs(frame, before[0] if before else None, use_ring)
         every = compute_correspondences(frame.xyz, frame.calibration, **args,
                                         config=dataclasses.replace(config, occlusion=False))
         kept = compute_correspondences(frame.xyz, frame.calibration, **args, config=config)
@@ -139,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='camera-LiDAR distances (m)')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='KEY=VALUE', help='CorrespondenceConfig override')
+    parser.add_argument('--previous', action='store_true',
+                        help='give the test the sweep before each frame (ego poses over both)')
     parser.add_argument('--no-ring', action='store_true',
                         help='ignore the ring field (scan pattern from elevation statistics)')
     parser.add_argument('--json', default=None, help='write the table as JSON')
@@ -148,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(',')]
     rows = []
     start = time.perf_counter()
-    print(f'seeds {seeds}, {"no ring field, " if args.no_ring else ""}settings '
+    print(f'seeds {seeds}, {"no ring field, " if args.no_ring else ""}'
+          f'{"the sweep before given, " if args.previous else ""}settings '
           f'{to_dict(config)}')
     print(f'{"preset":<10}{"baseline":>9}{"kept %":>9}{"removed %":>11}{"seen %":>9}'
           f'{"rem. seen %":>13}{"hidden %":>10}{"occluded %":>12}  goals')
     for preset in args.presets.split(','):
         for baseline in (float(b) for b in args.baselines.split(',')):
-            s = score([render(preset, baseline, seed) for seed in seeds], config,
+            s = score([render(preset, baseline, seed, previous=args.previous)
+                       for seed in seeds], config,
                       not args.no_ring)
             met = s['kept'] >= GOAL_KEPT and s['removed_seen'] >= GOAL_REMOVED
             rows.append({'preset': preset, 'baseline_m': baseline, **s})

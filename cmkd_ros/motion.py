@@ -155,6 +155,12 @@ class PoseTrajectory:
     def __len__(self) -> int:
         return int(self.stamps_ns.size)
 
+    def merged(self, other: 'PoseTrajectory') -> 'PoseTrajectory':
+        """One trajectory over the poses of both (this one's pose where a stamp repeats)."""
+        stamps, at = np.unique(np.r_[self.stamps_ns, other.stamps_ns], return_index=True)
+        poses = np.concatenate([self.T_world_lidar, other.T_world_lidar])[at]
+        return PoseTrajectory(stamps, poses, max_extrapolation_ns=self.max_extrapolation_ns)
+
     @property
     def span_ns(self) -> tuple[int, int]:
         return int(self.stamps_ns[0]), int(self.stamps_ns[-1])

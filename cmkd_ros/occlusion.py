@@ -26,7 +26,10 @@ of the beams there (0.17 deg to 6 deg on one Pandar64). Both are read from the s
    sample inside its surface (range-image neighbours on that surface all around) and the point
    lies behind that surface's plane, seen from the camera, by more than ``plane_abs_tolerance +
    plane_rel_tolerance * rho`` (a kerb's top hiding the road just behind it); a surface seen at
-   a grazing angle, whose nearer samples overlap its farther ones, never hides itself.
+   a grazing angle, whose nearer samples overlap its farther ones, never hides itself;
+6. given the sweep before (the LiDAR moved since: it sampled the same edges elsewhere), its
+   points hide too, with footprints of ``PREVIOUS_FOOTPRINT`` of their step, except those the
+   current sweep sees past (:func:`not_ghosts`: things that moved).
 
 Measured on the synthetic presets against ground-truth depth: ``benchmarks/measure_occlusion.py``
 (table in docs/occlusion.md).
@@ -430,6 +433,127 @@ def _camera_angles(direction: np.ndarray, forward: np.ndarray
     return alpha, np.arctan2(direction[:, 2], horiz), np.hypot(horiz, direction[:, 2])
 
 
+# The previous sweep's points cover this fraction of their sampling step: they add samples
+# between the current sweep's, not another overhang past every edge (docs/occlusion.md).
+PREVIOUS_FOOTPRINT = 0.3
+# A previous point is a ghost when the current sweep saw past it in its direction: every return
+# of the current sweep around that direction farther by more than this (m, and fraction).
+_GHOST_ABS_M, _GHOST_REL = 0.3, 0.03
+
+
+def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
+                     ring: np.ndarray | None = None, fraction: float = PREVIOUS_FOOTPRINT
+                     ) -> np.ndarray:
+    """(4, K, 3) float32 offsets from ``points`` (K,) of a sweep ``xyz`` (N, 3) (as measured,
+    LiDAR frame) to their footprint edges (left, right, below, above), ``fraction`` of the
+    sampling step of ``pattern`` away (as the test's own footprints; ``ring`` (N,) if known)."""
+    xyz = np.asarray(xyz, dtype=np.float32)
+    step = math.radians(pattern.azimuth_step_deg)
+    horiz = np.hypot(xyz[:, 0], xyz[:, 1])
+    rng = np.hypot(horiz, xyz[:, 2])
+    with np.errstate(divide='ignore', invalid='ignore'):
+        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+    up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
+    up, down = up[points], down[points]
+    sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
+    edges = _edge_inverse_ranges(sweep, inv, points, up, down, step, fraction)
+    inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
+    return _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down, fraction,
+                              edges)
+
+
+def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
+               edges_only: bool = False) -> np.ndarray:
+    """(K,) bool: which ``previous`` (K, 3) points the ``current`` sweep (N, 3) does not see
+    past, both in one LiDAR frame (after motion compensation). In the range image of the
+    current sweep (rows from the elevations, as ``pattern``'s beams) a previous point is a
+    ghost, something that moved or a spurious return, when every current return in its cell
+    and the eight around lies farther than it by more than 0.3 m + 3 % (or there is none):
+    the LiDAR now sees through where it was. ``edges_only``: also only points whose cell and
+    the eight around hold an edge of the current sweep (returns further apart than that, or a
+    missing one): inside a surface the current footprints cover everything already."""
+    def cells(p):
+        horiz = np.hypot(p[:, 0], p[:, 1])
+        rows = pattern.beams_at(np.arctan2(p[:, 2], horiz))[2]
+        return rows, np.arctan2(p[:, 1], p[:, 0]), np.hypot(horiz, p[:, 2])
+
+    current = np.asarray(current, dtype=np.float32)
+    previous = np.asarray(previous, dtype=np.float32)
+    keep = np.zeros(len(previous), bool)
+    if len(current) == 0 or len(previous) == 0:
+        return keep
+    step = math.radians(pattern.azimuth_step_deg)
+    row, az, rng = cells(current)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+    image = _range_image(az, row, inv, step)
+    p_row, p_az, p_rng = cells(previous)
+    first = np.flatnonzero(np.isfinite(inv))
+    if first.size == 0:
+        return keep
+    p_row = p_row + (image.row[first[0]] - row[first[0]])      # the image's row numbering
+    cols = image.image.shape[1]
+    p_col = np.rint(np.mod(p_az, 2 * np.pi) * (cols / (2 * np.pi))).astype(np.int64) % cols
+    margin = np.float32(_GHOST_ABS_M) + np.float32(_GHOST_REL) * p_rng
+    near = np.full(len(previous), np.inf, np.float32)
+    far = np.zeros(len(previous), np.float32)
+    H = image.image.shape[0]
+    for dr in (-1, 0, 1):
+        r = p_row + dr
+        ok = (r >= 0) & (r < H)
+        for dc in (-1, 0, 1):
+            nb = np.full(len(previous), -1, np.int64)
+            nb[ok] = image.image[r[ok], (p_col[ok] + dc) % cols]
+            seen = np.where(nb >= 0, rng[np.maximum(nb, 0)], np.nan)
+            near = np.fmin(near, seen)
+            far = np.where(nb >= 0, np.fmax(far, seen), np.inf)     # a hole: an edge too
+    keep = near < p_rng + margin
+    if edges_only:
+        with np.errstate(invalid='ignore'):                       # no return around: inf - inf
+            keep &= far - near > margin
+    return keep
+
+
+def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray
+                  ) -> tuple[np.ndarray, ...]:
+    """Footprints seen from the camera: ``d`` (M, 3) camera centre -> point, ``offsets`` (4, M,
+    3) to the footprint edges, ``forward`` (M,) the camera axis azimuth. Returns azimuth from the
+    axis, elevation, distance and the box (azimuth low, high, elevation low, high) about the
+    point (rad), all (M,) float32."""
+    alpha, beta, rho = _camera_angles(d, forward)
+    a_lo = np.zeros(len(d), np.float32)
+    a_hi, b_lo, b_hi = a_lo.copy(), a_lo.copy(), a_lo.copy()
+    dx, dy = d[:, 0], d[:, 1]
+    for k in range(4):
+        v = d + offsets[k]
+        vx, vy = v[:, 0], v[:, 1]
+        # azimuth turn from the point to the edge, and the edge's elevation over the point's
+        da = np.arctan2(dx * vy - dy * vx, dx * vx + dy * vy)
+        db = np.arctan2(v[:, 2], np.hypot(vx, vy)) - beta
+        np.minimum(a_lo, da, out=a_lo)
+        np.maximum(a_hi, da, out=a_hi)
+        np.minimum(b_lo, db, out=b_lo)
+        np.maximum(b_hi, db, out=b_hi)
+    for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
+        bound[~np.isfinite(bound)] = 0.0
+    return alpha, beta, rho, a_lo, a_hi, b_lo, b_hi
+
+
+def _covered_cells(fx: np.ndarray, fy: np.ndarray, lo_x: np.ndarray, hi_x: np.ndarray,
+                   lo_y: np.ndarray, hi_y: np.ndarray, W: int, H: int
+                   ) -> tuple[np.ndarray, ...]:
+    """Cell bounds (x0, x1, y0, y1) of boxes about points at grid coordinates ``fx``, ``fy``
+    reaching ``lo``/``hi`` cells from them: the cells whose centres they contain, at least the
+    point's own, at most ``_MAX_SPAN_CELLS`` across, within the W x H grid."""
+    ix, iy = fx.astype(np.int64), fy.astype(np.int64)
+    span = _MAX_SPAN_CELLS // 2
+    x0 = np.clip(np.ceil(fx + lo_x - 0.5), ix - span, ix).astype(np.int64)
+    x1 = np.clip(np.floor(fx + hi_x - 0.5), ix, ix + span).astype(np.int64)
+    y0 = np.clip(np.ceil(fy + lo_y - 0.5), iy - span, iy).astype(np.int64)
+    y1 = np.clip(np.floor(fy + hi_y - 0.5), iy, iy + span).astype(np.int64)
+    return np.maximum(x0, 0), np.minimum(x1, W - 1), np.maximum(y0, 0), np.minimum(y1, H - 1)
+
+
 def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
                    y0: np.ndarray, y1: np.ndarray, value: np.ndarray,
                    owner: np.ndarray | None = None) -> None:
@@ -482,13 +606,17 @@ def _nearer_both_sides(image: np.ndarray, axis: int, iy: np.ndarray, ix: np.ndar
 def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                  direction: np.ndarray, forward_azimuth: np.ndarray, pattern: ScanPattern,
                  ring: np.ndarray | None = None,
-                 settings: OcclusionSettings = OcclusionSettings()) -> np.ndarray:
+                 settings: OcclusionSettings = OcclusionSettings(),
+                 previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                 ) -> np.ndarray:
     """(M,) bool: which (camera, point) pairs are hidden behind nearer points of the sweep.
 
     ``cam_idx``, ``point`` (M,) int64 pairs sorted by camera; ``xyz`` (N, 3) the sweep as the
     LiDAR measured it (LiDAR frame, z = spin axis) and ``ring`` (N,) its beam index if known;
     ``direction`` (M, 3) camera centre -> point in the LiDAR's axes (after any motion
     compensation); ``forward_azimuth`` (C,) each camera's optical axis azimuth (rad).
+    ``previous``: extra occluders (``cam_idx`` (K,) sorted, ``direction`` (K, 3), footprint
+    ``offsets`` (4, K, 3); see :func:`sweep_footprints`): they hide, they are not tested.
     """
     M = cam_idx.size
     hidden = np.zeros(M, dtype=bool)
@@ -513,23 +641,13 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                                  settings.footprint, edges)
     # 2. per pair, seen from the camera: angles of the point and of its footprint edges.
     d = np.asarray(direction, dtype=np.float32)
-    fwd = np.asarray(forward_azimuth, dtype=np.float32)[cam_idx]
-    alpha, beta, rho = _camera_angles(d, fwd)
-    a_lo = np.zeros(M, np.float32)
-    a_hi, b_lo, b_hi = a_lo.copy(), a_lo.copy(), a_lo.copy()
-    dx, dy = d[:, 0], d[:, 1]
-    for k in range(4):
-        v = d + offsets[k][pair_point]
-        vx, vy = v[:, 0], v[:, 1]
-        # azimuth turn from the point to the edge, and the edge's elevation over the point's
-        da = np.arctan2(dx * vy - dy * vx, dx * vx + dy * vy)
-        db = np.arctan2(v[:, 2], np.hypot(vx, vy)) - beta
-        np.minimum(a_lo, da, out=a_lo)
-        np.maximum(a_hi, da, out=a_hi)
-        np.minimum(b_lo, db, out=b_lo)
-        np.maximum(b_hi, db, out=b_hi)
-    for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
-        bound[~np.isfinite(bound)] = 0.0
+    fwd = np.asarray(forward_azimuth, dtype=np.float32)
+    alpha, beta, rho, a_lo, a_hi, b_lo, b_hi = _camera_boxes(d, offsets[:, pair_point],
+                                                             fwd[cam_idx])
+    if previous is not None:
+        x_cam, x_dir, x_off = previous
+        x_boxes = _camera_boxes(np.asarray(x_dir, np.float32), x_off, fwd[x_cam])
+        x_bounds = np.searchsorted(x_cam, np.arange(int(cam_idx.max()) + 2))
     tol = np.float32(settings.abs_tolerance) + np.float32(settings.rel_tolerance) * rho
     plane_tol = (np.float32(settings.plane_abs_tolerance) +
                  np.float32(settings.plane_rel_tolerance) * rho)
@@ -551,15 +669,22 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
         ix, iy = fx.astype(np.int64), fy.astype(np.int64)
         W, H = int(ix.max()) + 2, int(iy.max()) + 2
         # 4. footprints cover the cells whose centres they contain (at least their own).
-        span = _MAX_SPAN_CELLS // 2
-        x0 = np.clip(np.ceil(fx + a_lo[sl] / cell_x - 0.5), ix - span, ix).astype(np.int64)
-        x1 = np.clip(np.floor(fx + a_hi[sl] / cell_x - 0.5), ix, ix + span).astype(np.int64)
-        y0 = np.clip(np.ceil(fy + b_lo[sl] / cell_y - 0.5), iy - span, iy).astype(np.int64)
-        y1 = np.clip(np.floor(fy + b_hi[sl] / cell_y - 0.5), iy, iy + span).astype(np.int64)
         zbuf = np.full(W * H, np.inf, dtype=np.float32)
         owner = np.full(W * H, -1, dtype=np.int64)
-        _rasterize_min(zbuf, W, np.maximum(x0, 0), np.minimum(x1, W - 1), np.maximum(y0, 0),
-                       np.minimum(y1, H - 1), rho[sl], owner)
+        _rasterize_min(zbuf, W, *_covered_cells(fx, fy, a_lo[sl] / cell_x, a_hi[sl] / cell_x,
+                                                b_lo[sl] / cell_y, b_hi[sl] / cell_y, W, H),
+                       rho[sl], owner)
+        if previous is not None and x_bounds[c + 1] > x_bounds[c]:
+            # the previous sweep's footprints hide too (cells they take lose their owner:
+            # no plane test against them)
+            xa, xb, xr, xal, xah, xbl, xbh = (v[x_bounds[c]:x_bounds[c + 1]] for v in x_boxes)
+            gx, gy = (xa - a0) / cell_x, (xb - b0) / cell_y
+            on = (gx >= 0) & (gx < W) & (gy >= 0) & (gy < H)
+            current = zbuf.copy()
+            _rasterize_min(zbuf, W, *_covered_cells(
+                gx[on], gy[on], xal[on] / cell_x, xah[on] / cell_x, xbl[on] / cell_y,
+                xbh[on] / cell_y, W, H), xr[on])
+            owner[zbuf < current] = -1
         image = zbuf.reshape(H, W)
         r, t = rho[sl], tol[sl]
         cell = iy * W + ix
@@ -569,7 +694,7 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
         #    the nearest footprint's surface as the camera sees it (a kerb's top, a car's side),
         #    not on it (one surface seen at a grazing angle); NaN normals (edges) hide nothing.
         near = np.flatnonzero(~out & (gap > plane_tol[sl]))
-        near = near[owner[cell[near]] >= 0]                 # a finite cell has an owner
+        near = near[owner[cell[near]] >= 0]        # cells a previous footprint took: none
         q = owner[cell[near]]
         n_q, d_q, d_p = normal[pair_point[sl][q]], d[sl][q], d[sl][near]
         beyond = np.einsum('ij,ij->i', n_q, d_p - d_q)      # point off the plane

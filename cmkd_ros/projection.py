@@ -40,7 +40,8 @@ import numpy as np
 from cmkd_ros.calibration import CameraCalibration, RigCalibration
 from cmkd_ros.config import ConfigError, build, setting, to_dict
 from cmkd_ros.occlusion import (OcclusionSettings, ScanPattern, ScanPatternError, hidden_pairs,
-                                infer_scan_pattern, with_overrides)
+                                infer_scan_pattern, not_ghosts, sweep_footprints,
+                                with_overrides)
 
 
 # Points per projection chunk and per matrix product (see _project_chunks).
@@ -92,6 +93,10 @@ class CorrespondenceConfig:
     occlusion_plane_rel_tolerance: float = setting(
         OcclusionSettings.plane_rel_tolerance, 'distance-proportional part of the plane '
         'tolerance (fraction of the camera distance)', ge=0.0, le=1.0)
+    occlusion_previous_sweep: bool = setting(
+        True, 'the previous sweep, where given with ego poses that reach it, adds occluders '
+        'to the occlusion test (the LiDAR moved: it sampled the edges elsewhere); points of it '
+        'the current sweep sees past (moving objects) are left out')
     motion_compensation: bool = setting(
         True, 'move points to the LiDAR pose at each camera capture time when ego poses and '
         'stamps are given')
@@ -104,6 +109,17 @@ class CorrespondenceConfig:
                 self.occlusion:
             raise ConfigError('occlusion tolerances are both 0: every point behind another '
                               'one within a footprint would be hidden')
+
+
+@dataclass(frozen=True)
+class PreviousSweep:
+    """The sweep before the one matched, as the LiDAR measured it: ``xyz`` (N, 3) LiDAR frame,
+    ``point_time_ns`` (N,) int64 or one int, ``ring`` (N,) if known. With ego poses that reach
+    back to it, its points add occluders to the occlusion test."""
+
+    xyz: np.ndarray
+    point_time_ns: np.ndarray | int
+    ring: np.ndarray | None = None
 
 
 # Bump when compute_correspondences gives other results for the same settings: correspondences
@@ -125,7 +141,8 @@ class Correspondences:
 
     ``point`` (M,) int64 index into the input cloud, ``camera`` (M,) int64 index into the rig,
     ``uv`` (M, 2) float32 pixels (OpenCV convention), ``depth`` (M,) float32 metres along the
-    camera's optical axis; ``scan_pattern`` the LiDAR scan pattern the occlusion test used.
+    camera's optical axis; ``scan_pattern`` the LiDAR scan pattern the occlusion test used;
+    ``previous_occluders`` how many points of a previous sweep served it as occluders.
     """
 
     point: np.ndarray
@@ -135,6 +152,7 @@ class Correspondences:
     num_points: int
     camera_names: tuple[str, ...]
     scan_pattern: ScanPattern | None = None
+    previous_occluders: int = 0
 
     def __len__(self) -> int:
         return int(self.point.shape[0])
@@ -144,7 +162,8 @@ class Correspondences:
         c = self.camera_names.index(camera) if isinstance(camera, str) else int(camera)
         sel = self.camera == c
         return Correspondences(self.point[sel], self.camera[sel], self.uv[sel], self.depth[sel],
-                               self.num_points, self.camera_names, self.scan_pattern)
+                               self.num_points, self.camera_names, self.scan_pattern,
+                               self.previous_occluders)
 
     def point_mask(self) -> np.ndarray:
         """(N,) bool: the point has at least one camera."""
@@ -447,6 +466,7 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
                             camera_stamp_ns: np.ndarray | None = None,
                             trajectory=None, ring: np.ndarray | None = None,
                             scan_pattern: ScanPattern | None = None,
+                            previous: PreviousSweep | None = None,
                             config: CorrespondenceConfig = CorrespondenceConfig()
                             ) -> Correspondences:
     """Valid, visible (point, camera) pairs of a LiDAR sweep and a camera rig.
@@ -458,7 +478,9 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
     ``config.motion_compensation``, every point is first moved to the LiDAR frame at its
     camera's capture time. The occlusion test reads the LiDAR's scan pattern from the sweep
     (``ring`` (N,), the driver's beam index, makes it exact) unless ``scan_pattern`` is given
-    (see :func:`resolve_scan_pattern`); the result carries the pattern it used.
+    (see :func:`resolve_scan_pattern`); the result carries the pattern it used. ``previous``
+    (the sweep before, :class:`PreviousSweep`) adds occluders when the trajectory reaches back
+    to it and ``config.occlusion_previous_sweep`` (else it is not used).
     """
     prep = prepare_rig(rig, config.max_ray_angle_deg)
     xyz = np.asarray(xyz)
@@ -467,7 +489,7 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
     if ring is not None and np.asarray(ring).shape != (xyz.shape[0],):
         raise ProjectionError(f'ring must be ({xyz.shape[0]},), got {np.asarray(ring).shape}')
     pts = xyz.astype(np.float32, copy=False)
-    T_extra = None
+    T_extra = capture = None
     if trajectory is not None and config.motion_compensation:
         if point_time_ns is None or camera_stamp_ns is None:
             raise ProjectionError('motion compensation needs point_time_ns and camera_stamp_ns '
@@ -479,9 +501,14 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
     cam_idx, point, u_sel, v_sel, d_sel = _project_valid(pts, prep, config.min_depth, T_extra)
     N = xyz.shape[0]
     pattern = None
+    extra = None
     if config.occlusion and point.size:
         pattern = resolve_scan_pattern(xyz, ring, scan_pattern, config)
-        keep = ~_occluded(xyz, pts, T_extra, cam_idx, point, prep, ring, pattern, config)
+        if previous is not None and config.occlusion_previous_sweep and T_extra is not None:
+            extra = _previous_occluders(previous, pts, capture, trajectory, T_extra, prep,
+                                        pattern, config)
+        keep = ~_occluded(xyz, pts, T_extra, cam_idx, point, prep, ring, pattern, config,
+                          extra)
         cam_idx, point, u_sel, v_sel, d_sel = (cam_idx[keep], point[keep], u_sel[keep],
                                                v_sel[keep], d_sel[keep])
     uv = np.empty((point.size, 2), dtype=np.float32)
@@ -489,7 +516,8 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
     uv[:, 1] = v_sel
     return Correspondences(point=point.astype(np.int64), camera=cam_idx.astype(np.int64),
                            uv=uv, depth=d_sel, num_points=int(N), camera_names=prep.names,
-                           scan_pattern=pattern)
+                           scan_pattern=pattern,
+                           previous_occluders=0 if extra is None else int(extra[3]))
 
 
 def resolve_scan_pattern(xyz: np.ndarray, ring: np.ndarray | None = None,
@@ -509,19 +537,63 @@ def resolve_scan_pattern(xyz: np.ndarray, ring: np.ndarray | None = None,
                               'occlusion_beam_spacing_deg, or occlusion=false') from None
 
 
-def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
-              cam_idx: np.ndarray, point: np.ndarray, prep: PreparedRig,
-              ring: np.ndarray | None, pattern: ScanPattern,
-              config: CorrespondenceConfig) -> np.ndarray:
-    """(M,) bool occlusion test of the valid pairs (see :mod:`cmkd_ros.occlusion`)."""
-    # 1. the points where the cameras see them: reference frame -> LiDAR frame at each
-    #    camera's capture time (motion compensation), minus the camera centres.
-    p = pts[point]
+def _camera_directions(p: np.ndarray, cam_idx: np.ndarray, T_extra: np.ndarray | None,
+                       prep: PreparedRig) -> np.ndarray:
+    """(M, 3) camera centre -> point in the LiDAR's axes of points ``p`` (M, 3) of the
+    reference frame: moved to the LiDAR frame at each camera's capture time (motion
+    compensation), minus the camera centres."""
     if T_extra is not None:
         Tx = np.asarray(T_extra, np.float32)
         p = np.einsum('mij,mj->mi', Tx[cam_idx, :3, :3], p) + Tx[cam_idx, :3, 3]
     centre = -np.einsum('cji,cj->ci', prep.R, prep.t).astype(np.float32)    # LiDAR frame
-    direction = p - centre[cam_idx]
+    return p - centre[cam_idx]
+
+
+def _previous_occluders(previous: PreviousSweep, pts: np.ndarray, capture: np.ndarray,
+                        trajectory, T_extra: np.ndarray, prep: PreparedRig,
+                        pattern: ScanPattern, config: CorrespondenceConfig) -> tuple | None:
+    """The previous sweep's points as occluders of the cameras that see them: (camera (K,),
+    camera centre -> point (K, 3), footprint offsets (4, K, 3), points used); None when the
+    trajectory does not reach back to it. ``pts`` the current sweep in the reference frame."""
+    from cmkd_ros.motion import MotionError, compensation_transforms
+    xyz = np.asarray(previous.xyz, dtype=np.float32)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ProjectionError(f'previous xyz must be (N, 3), got {xyz.shape}')
+    times = np.asarray(previous.point_time_ns)
+    ring = None if previous.ring is None else np.asarray(previous.ring).reshape(-1)
+    if (times.ndim and times.shape != (len(xyz),)) or (ring is not None and
+                                                        ring.shape != (len(xyz),)):
+        raise ProjectionError('the previous sweep\'s point_time_ns and ring must have one '
+                              'entry per point')
+    finite = np.flatnonzero(np.isfinite(xyz).all(axis=1) &
+                            (np.abs(xyz) < MAX_OCCLUSION_RANGE_M).all(axis=1))
+    if finite.size == 0:
+        return None
+    xyz = xyz[finite]
+    ring = None if ring is None else ring[finite]
+    try:
+        ref, _ = compensation_transforms(xyz, times[finite] if times.ndim else int(times),
+                                         capture, trajectory,
+                                         time_resolution_ns=config.time_resolution_ns)
+    except MotionError:
+        return None
+    # the points the current sweep does not see past, near its edges; those in some view
+    used = np.flatnonzero(not_ghosts(pts[np.isfinite(pts).all(axis=1)], ref, pattern,
+                                     edges_only=True))
+    cam, pick, *_ = _project_valid(ref[used], prep, config.min_depth, T_extra)
+    offsets = sweep_footprints(xyz, used, pattern, ring)
+    direction = _camera_directions(ref[used][pick], cam, T_extra, prep)
+    return cam, direction, offsets[:, pick], int(used.size)
+
+
+def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
+              cam_idx: np.ndarray, point: np.ndarray, prep: PreparedRig,
+              ring: np.ndarray | None, pattern: ScanPattern,
+              config: CorrespondenceConfig, extra: tuple | None = None) -> np.ndarray:
+    """(M,) bool occlusion test of the valid pairs (see :mod:`cmkd_ros.occlusion`), with the
+    previous sweep's occluders ``extra`` (:func:`_previous_occluders`) if any."""
+    # 1. the points where the cameras see them
+    direction = _camera_directions(pts[point], cam_idx, T_extra, prep)
     # 2. optical axes in the LiDAR frame: third row of R (camera from LiDAR rotation).
     forward = np.arctan2(prep.R[:, 2, 1], prep.R[:, 2, 0])
     settings = OcclusionSettings(config.occlusion_footprint, config.occlusion_reach,
@@ -532,8 +604,9 @@ def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
     #    limit) neither hide nor are hidden: their angles would overflow.
     sane = (np.abs(direction) < MAX_OCCLUSION_RANGE_M).all(axis=1)
     hidden = np.zeros(len(point), dtype=bool)
+    previous = None if extra is None or not len(extra[0]) else extra[:3]
     if sane.any():
         with np.errstate(over='ignore', invalid='ignore'):
             hidden[sane] = hidden_pairs(cam_idx[sane], point[sane], xyz, direction[sane],
-                                        forward, pattern, ring, settings)
+                                        forward, pattern, ring, settings, previous)
     return hidden

@@ -168,3 +168,47 @@ def test_a_plane_seen_at_a_grazing_angle_hides_nothing_of_itself():
     hidden = occlusion.hidden_pairs(np.zeros(point.size, np.int64), point, xyz,
                                     xyz - camera, np.zeros(1, np.float32), pattern, ring)
     assert hidden.mean() < 0.005, hidden.mean()
+
+
+def test_previous_points_the_lidar_now_sees_past_are_ghosts():
+    # the current sweep sees a wall 10 m ahead; of the previous sweep's points, those on the
+    # wall and those behind it (hidden from the LiDAR now) may occlude, but those 5 m ahead (a
+    # car that drove on) and those where the LiDAR now sees nothing at all are ghosts
+    el, az = np.meshgrid(np.radians(np.arange(-10.0, 10.5, 1.0)),
+                         np.radians(np.arange(-30.0, 30.01, 0.2)), indexing='ij')
+    ray = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1)
+    ray = ray.reshape(-1, 3)
+    wall = (ray * (10.0 / ray[:, :1])).astype(np.float32)
+    pattern = occlusion.infer_scan_pattern(wall, np.repeat(np.arange(el.shape[0]), el.shape[1]))
+    on_wall, behind, ghost = wall[::7], wall[3::7] * 1.3, wall[5::7] * 0.5
+    sky = (ray[::7] * 10.0 * np.array([-1.0, 1.0, 1.0])).astype(np.float32)   # behind the LiDAR
+    keep = occlusion.not_ghosts(wall, np.concatenate([on_wall, behind, ghost, sky]), pattern)
+    n, m = len(on_wall), len(behind)
+    assert keep[:n].all() and keep[n:n + m].all()
+    assert not keep[n + m:].any()
+    # edges only: of the wall's own points those along its border (nothing returns beyond)
+    ends = (np.abs(np.degrees(np.arctan2(on_wall[:, 1], on_wall[:, 0]))) > 29.7) | \
+        (np.abs(np.degrees(np.arcsin(on_wall[:, 2] / np.linalg.norm(on_wall, axis=1)))) > 9.5)
+    keep = occlusion.not_ghosts(wall, on_wall, pattern, edges_only=True)
+    assert ends.sum() > 5 and keep[ends].all() and not keep[~ends].any()
+
+
+def test_the_previous_sweep_needs_ego_poses_that_reach_it():
+    from cmkd_ros.projection import PreviousSweep, ProjectionError
+    from measure_occlusion import _inputs, render
+    frame, _, before = render('default', 0.3, 20, 2, 160, 90, previous=True)
+    args = _inputs(frame, before, True)
+    used = compute_correspondences(frame.xyz, frame.calibration, **args)
+    assert used.previous_occluders > 5000
+    # poses from the current sweep's start on: the previous sweep lies up to 200 ms before,
+    # beyond the 100 ms a trajectory extrapolates: not used
+    from cmkd_ros.motion import PoseTrajectory
+    late = frame.ego_stamps_ns >= frame.point_time_ns.min()
+    args['trajectory'] = PoseTrajectory(frame.ego_stamps_ns[late], frame.ego_poses[late])
+    alone = compute_correspondences(frame.xyz, frame.calibration, **args)
+    args.pop('previous')
+    plain = compute_correspondences(frame.xyz, frame.calibration, **args)
+    assert alone.previous_occluders == 0 and np.array_equal(alone.point, plain.point)
+    args['previous'] = PreviousSweep(before.xyz, before.point_time_ns[:10])
+    with pytest.raises(ProjectionError, match='one entry per point'):
+        compute_correspondences(frame.xyz, frame.calibration, **args)

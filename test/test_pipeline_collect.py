@@ -329,3 +329,41 @@ def test_health_check_finds_the_misaligned_camera_and_refuse_drops_only_it(drive
     assert pipeline.check_health(other) is None
     assert pipeline.health['front'].status == 'unknown'
     assert pipeline.health['front_left'].status == 'misaligned'
+
+
+def test_the_sweep_before_adds_occluders_while_the_ego_poses_reach_it():
+    # a 32-beam LiDAR with cameras 0.3 m from it on a moving car: the previous sweep sampled the
+    # occluders' edges elsewhere; the pipeline keeps it and hands it to the occlusion test
+    from cmkd_ros.sim import SimWorld
+    world = SimWorld({'seed': 20, 'lidar': {'preset': 'default'},
+                      'cameras': {'count': 4, 'width': 320, 'height': 180,
+                                  'yaw_deg': [0, 90, 180, -90], 'mount_forward_m': 0.18,
+                                  'mount_side_m': 0.18, 'mount_below_lidar_m': 0.15,
+                                  'mount_right_m': 0.19}})
+    before, frame = world.frame(1), world.frame(2)
+    report = CountingReport()
+    pipeline = CollectPipeline(CONFIG, report)
+    assert pipeline.sweep(sim_inputs(before)).correspondences.previous_occluders == 0
+    sweep = pipeline.sweep(sim_inputs(frame))
+    assert sweep.correspondences.previous_occluders > 10_000
+    assert report.values['last_previous_occluders'] == sweep.correspondences.previous_occluders
+    alone = CollectPipeline(CONFIG, CountingReport()).sweep(sim_inputs(frame)).correspondences
+
+    def scores(corr):
+        keep = np.zeros_like(frame.gt_visible)
+        keep[corr.camera, corr.point] = True
+        valid = frame.gt_in_view
+        occluded = valid & frame.gt_occluded
+        return ((keep & frame.gt_visible).sum() / frame.gt_visible.sum(),
+                (occluded & ~keep).sum() / occluded.sum(), occluded.sum())
+    kept, removed, occluded = scores(sweep.correspondences)
+    kept_alone, removed_alone, _ = scores(alone)
+    assert occluded > 100
+    assert removed > removed_alone + 0.02 and kept > kept_alone - 0.003, (
+        removed, removed_alone, kept, kept_alone)
+    # without ego poses, or after the stamps jumped back, no sweep comes before
+    pipeline.restart()
+    assert pipeline.sweep(sim_inputs(frame)).correspondences.previous_occluders == 0
+    still = CollectPipeline(CONFIG, CountingReport())
+    still.sweep(sim_inputs(before, odometry=False))
+    assert still.sweep(sim_inputs(frame, odometry=False)).correspondences.previous_occluders == 0

@@ -24,15 +24,18 @@ from cmkd_ros.config import ConfigError, setting
 from cmkd_ros.conversions import scalar_field
 from cmkd_ros.pipelines.intake import Report, finite_xyz
 from cmkd_ros.pipelines.segment import MAX_POINTS
-from cmkd_ros.projection import (Correspondences, CorrespondenceConfig, ProjectionError,
-                                 compute_correspondences, correspondence_settings_hash,
-                                 resolve_scan_pattern)
+from cmkd_ros.projection import (Correspondences, CorrespondenceConfig, PreviousSweep,
+                                 ProjectionError, compute_correspondences,
+                                 correspondence_settings_hash, resolve_scan_pattern)
 from cmkd_ros.sync import SyncConfig
 
 if TYPE_CHECKING:
     from cmkd_ros.pairs import Pair
 
 IMAGE_TRANSPORTS = ('compressed', 'raw')
+# The last sweep serves the occlusion test of the next one when it is at most this much older
+# (several sweeps at 5-20 Hz; beyond, sweeps were dropped or a bag paused).
+_PREVIOUS_MAX_AGE_NS = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,7 @@ class CollectPipeline:
         self.config = config
         self.rate_limiter = RateLimiter(int(config.record.min_interval_s * 1e9))
         self.scan_pattern = None
+        self._before: tuple | None = None     # (stamp, PreviousSweep, trajectory) of the last sweep
         self.health_monitor: HealthMonitor | None = None    # made from the first checked set
         self.health: dict[str, CameraHealth] = {}           # the last verdicts (a snapshot)
         self._health_seen = 0
@@ -400,8 +404,10 @@ class CollectPipeline:
         return dataclasses.replace(self.config.health, sweep_stride=1)
 
     def restart(self) -> None:
-        """The LiDAR stamps jumped back (bag loop, clock reset): the rate limit starts over."""
+        """The LiDAR stamps jumped back (bag loop, clock reset): the rate limit starts over,
+        the last sweep no longer comes before the next."""
         self.rate_limiter.last_ns = None
+        self._before = None
 
     def sweep(self, inputs: SyncedInputs) -> Sweep | None:
         """Finite points, per-point times, ego trajectory, scan pattern and correspondences of
@@ -429,11 +435,21 @@ class CollectPipeline:
             self._read_scan_pattern(xyz, ring, inputs.rig)
             if self.scan_pattern is None:
                 return None                 # warned; the occlusion test needs it
+        # the sweep before (with its ego poses) adds occluders to the occlusion test
+        point_time = times if times is not None else inputs.stamp_ns
+        previous, poses = None, trajectory
+        before = self._before
+        if before is not None and trajectory is not None and \
+                0 < inputs.stamp_ns - before[0] <= _PREVIOUS_MAX_AGE_NS:
+            previous = before[1]
+            poses = trajectory if before[2] is None else trajectory.merged(before[2])
+        self._before = (inputs.stamp_ns, PreviousSweep(xyz, point_time, ring), trajectory)
         corr = compute_correspondences(
-            xyz, inputs.rig, point_time_ns=times if times is not None else inputs.stamp_ns,
-            camera_stamp_ns=cam_stamps, trajectory=trajectory, ring=ring,
-            scan_pattern=self.scan_pattern, config=config.correspondence)
+            xyz, inputs.rig, point_time_ns=point_time, camera_stamp_ns=cam_stamps,
+            trajectory=poses, ring=ring, scan_pattern=self.scan_pattern, previous=previous,
+            config=config.correspondence)
         self.report.set('last_correspondences', len(corr))
+        self.report.set('last_previous_occluders', corr.previous_occluders)
         return Sweep(inputs.stamp_ns, points, xyz, times, ring, inputs.rig,
                      dict(inputs.samples), cam_stamps, trajectory, corr)
 
