@@ -553,8 +553,9 @@ def _previous_occluders(previous: PreviousSweep, pts: np.ndarray, capture: np.nd
                         trajectory, T_extra: np.ndarray, prep: PreparedRig,
                         pattern: ScanPattern, config: CorrespondenceConfig) -> tuple | None:
     """The previous sweep's points as occluders of the cameras that see them: (camera (K,),
-    camera centre -> point (K, 3), footprint offsets (4, K, 3), points used); None when the
-    trajectory does not reach back to it. ``pts`` the current sweep in the reference frame."""
+    camera centre -> point (K, 3), footprint offsets (4, K, 3), how many points); None when
+    the trajectory does not reach back to it. ``pts`` the current sweep in the reference
+    frame."""
     from cmkd_ros.motion import MotionError, compensation_transforms
     xyz = np.asarray(previous.xyz, dtype=np.float32)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
@@ -581,9 +582,10 @@ def _previous_occluders(previous: PreviousSweep, pts: np.ndarray, capture: np.nd
     used = np.flatnonzero(not_ghosts(pts[np.isfinite(pts).all(axis=1)], ref, pattern,
                                      edges_only=True))
     cam, pick, *_ = _project_valid(ref[used], prep, config.min_depth, T_extra)
-    offsets = sweep_footprints(xyz, used, pattern, ring)
-    direction = _camera_directions(ref[used][pick], cam, T_extra, prep)
-    return cam, direction, offsets[:, pick], int(used.size)
+    seen, pick = np.unique(pick, return_inverse=True)        # footprints of those only
+    offsets = sweep_footprints(xyz, used[seen], pattern, ring)
+    direction = _camera_directions(ref[used[seen]][pick], cam, T_extra, prep)
+    return cam, direction, offsets[:, pick], int(seen.size)
 
 
 def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
