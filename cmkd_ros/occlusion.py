@@ -442,11 +442,12 @@ _GHOST_ABS_M, _GHOST_REL = 0.3, 0.03
 
 
 def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
-                     ring: np.ndarray | None = None, fraction: float = PREVIOUS_FOOTPRINT
-                     ) -> np.ndarray:
+                     ring: np.ndarray | None = None, fraction: float = PREVIOUS_FOOTPRINT,
+                     normals: bool = False):
     """(4, K, 3) float32 offsets from ``points`` (K,) of a sweep ``xyz`` (N, 3) (as measured,
     LiDAR frame) to their footprint edges (left, right, below, above), ``fraction`` of the
-    sampling step of ``pattern`` away (as the test's own footprints; ``ring`` (N,) if known)."""
+    sampling step of ``pattern`` away (``ring`` (N,) if known); with ``normals`` also their
+    (K, 3) surface normals (:func:`_surface_normals`)."""
     xyz = np.asarray(xyz, dtype=np.float32)
     step = math.radians(pattern.azimuth_step_deg)
     horiz = np.hypot(xyz[:, 0], xyz[:, 1])
@@ -458,8 +459,11 @@ def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
     sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
     edges = _edge_inverse_ranges(sweep, inv, points, up, down, step, fraction)
     inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
-    return _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down, fraction,
-                              edges)
+    offsets = _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down, fraction,
+                                 edges)
+    if not normals:
+        return offsets
+    return offsets, _surface_normals(sweep, xyz, inv, points, up, down, step)
 
 
 def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
@@ -622,23 +626,12 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     hidden = np.zeros(M, dtype=bool)
     if M == 0:
         return hidden
-    step = math.radians(pattern.azimuth_step_deg)
-    # 1. per point of the sweep (LiDAR frame): inverse range, beam row; for those seen by
-    #    some camera also the beam spacing, the range-image neighbours and footprint edges.
+    # 1. the sweep's range image; for the points seen by some camera their footprints (edges
+    #    from their range-image neighbours) and surface normals.
     xyz = np.asarray(xyz, dtype=np.float32)
-    horiz = np.hypot(xyz[:, 0], xyz[:, 1])
-    rng = np.hypot(horiz, xyz[:, 2])
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
-    up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
     points, pair_point = np.unique(point, return_inverse=True)
-    up, down = up[points], down[points]
-    sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
-    edges = _edge_inverse_ranges(sweep, inv, points, up, down, step, settings.footprint)
-    normal = _surface_normals(sweep, xyz, inv, points, up, down, step)
-    inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
-    offsets = _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down,
-                                 settings.footprint, edges)
+    offsets, normal = sweep_footprints(xyz, points, pattern, ring, settings.footprint,
+                                       normals=True)
     # 2. per pair, seen from the camera: angles of the point and of its footprint edges.
     d = np.asarray(direction, dtype=np.float32)
     fwd = np.asarray(forward_azimuth, dtype=np.float32)
