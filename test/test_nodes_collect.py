@@ -53,8 +53,8 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
     from sensor_msgs.msg import Image
 
     from cmkd_ros.motion import PoseTrajectory
-    from cmkd_ros.projection import (CorrespondenceConfig, compute_correspondences,
-                                     correspondence_settings_hash)
+    from cmkd_ros.projection import (CorrespondenceConfig, PreviousSweep,
+                                     compute_correspondences, correspondence_settings_hash)
     out_dir = tmp_path / 'pairs'
     domain = unique_domain_id()
     with RosClient(domain) as client, processes() as procs:
@@ -81,6 +81,7 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
     reader = PairReader(str(out_dir))
     assert len(reader) == 4
     lidar_stamps = sorted(bag['/lidar/points'])
+    before = None
     for entry, pair in zip(reader.entries, reader):
         stamp = pair.lidar_stamp_ns
         assert stamp == lidar_stamps[reader.entries.index(entry)]
@@ -101,14 +102,23 @@ def test_collect_node_writes_one_complete_pair_per_sweep(tmp_path, sim_bag):
             assert abs(cam_stamp - stamp) < 100_000_000
             info = bag[f'/cameras/{name}/camera_info'][cam_stamp]
             np.testing.assert_allclose(pair.calibration.camera(name).K.reshape(-1), info.k)
-        # correspondences as stored = the library function on the stored inputs
+        # correspondences as stored = the library function on the stored inputs and the sweep
+        # before (every sweep of the bag became a pair), with both pairs' ego poses
         assert pair.ego_poses is not None and len(pair.ego_stamps_ns) > 10
         trajectory = PoseTrajectory(pair.ego_stamps_ns, pair.ego_poses)
+        previous = None
+        if before is not None and stamp - before.lidar_stamp_ns <= 500_000_000:
+            previous = PreviousSweep(before.xyz, before.point_time_ns, before.ring)
+            trajectory = trajectory.merged(PoseTrajectory(before.ego_stamps_ns,
+                                                          before.ego_poses))
+        before = pair
         corr = compute_correspondences(pair.xyz, pair.calibration,
                                        point_time_ns=pair.point_time_ns,
                                        camera_stamp_ns=pair.camera_stamp_ns,
-                                       trajectory=trajectory, ring=pair.ring)
+                                       trajectory=trajectory, ring=pair.ring,
+                                       previous=previous)
         assert len(corr) > 100
+        assert (corr.previous_occluders > 0) == (previous is not None)
         # stored with the hash of the settings, which training compares with its own
         assert pair.correspondence_settings == correspondence_settings_hash(
             CorrespondenceConfig())
