@@ -435,7 +435,8 @@ class CollectPipeline:
             self._read_scan_pattern(xyz, ring, inputs.rig)
             if self.scan_pattern is None:
                 return None                 # warned; the occlusion test needs it
-        # the sweep before (with its ego poses) adds occluders to the occlusion test
+        # the sweep before (with its ego poses) adds occluders to the occlusion test; kept
+        # and merged only while that is on
         point_time = times if times is not None else inputs.stamp_ns
         previous, poses = None, trajectory
         before = self._before
@@ -443,7 +444,10 @@ class CollectPipeline:
                 0 < inputs.stamp_ns - before[0] <= _PREVIOUS_MAX_AGE_NS:
             previous = before[1]
             poses = trajectory if before[2] is None else trajectory.merged(before[2])
-        self._before = (inputs.stamp_ns, PreviousSweep(xyz, point_time, ring), trajectory)
+        uses_previous = config.correspondence.occlusion and \
+            config.correspondence.occlusion_previous_sweep
+        self._before = (inputs.stamp_ns, PreviousSweep(xyz, point_time, ring), trajectory) \
+            if uses_previous else None
         corr = compute_correspondences(
             xyz, inputs.rig, point_time_ns=point_time, camera_stamp_ns=cam_stamps,
             trajectory=poses, ring=ring, scan_pattern=self.scan_pattern, previous=previous,
