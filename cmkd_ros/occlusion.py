@@ -441,6 +441,12 @@ PREVIOUS_FOOTPRINT = 0.3
 _GHOST_ABS_M, _GHOST_REL = 0.3, 0.03
 
 
+def _inverse_range(rng: np.ndarray) -> np.ndarray:
+    """1 / ``rng`` (float32), NaN for returns nearer than ``MIN_RANGE_M`` (no scan pattern)."""
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+
+
 def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
                      ring: np.ndarray | None = None, fraction: float = PREVIOUS_FOOTPRINT,
                      normals: bool = False):
@@ -452,8 +458,7 @@ def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
     step = math.radians(pattern.azimuth_step_deg)
     horiz = np.hypot(xyz[:, 0], xyz[:, 1])
     rng = np.hypot(horiz, xyz[:, 2])
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+    inv = _inverse_range(rng)
     up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
     up, down = up[points], down[points]
     sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
@@ -488,8 +493,7 @@ def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
         return keep
     step = math.radians(pattern.azimuth_step_deg)
     row, az, rng = cells(current)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = np.where(rng > MIN_RANGE_M, np.float32(1.0) / rng, np.float32(np.nan))
+    inv = _inverse_range(rng)
     image = _range_image(az, row, inv, step)
     p_row, p_az, p_rng = cells(previous)
     first = np.flatnonzero(np.isfinite(inv))
