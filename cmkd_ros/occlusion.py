@@ -16,17 +16,19 @@ of the beams there (0.17 deg to 6 deg on one Pandar64). Both are read from the s
    way towards it, so that a receding surface (the road) keeps its shape from another viewpoint;
 3. per camera, the footprints are seen from the camera centre (the baseline comes from the
    calibration): azimuth about the LiDAR's z axis and elevation, so scan lines stay horizontal
-   whatever the camera's mounting, intrinsics or distortion; a z-buffer of angular cells keeps
-   the nearest camera distance ``rho`` over every footprint;
-4. a point is hidden when a nearer footprint covers its cell, or nearer footprints lie on both
-   sides of it (left and right, or below and above) within ``reach`` times its own sampling step
-   (a lost return leaves a hole between footprints), nearer meaning by more than
-   ``abs_tolerance + rel_tolerance * rho``;
-5. nearer by less than that, it is hidden when the nearest footprint over its cell belongs to a
-   sample inside its surface (range-image neighbours on that surface all around) and the point
-   lies behind that surface's plane, seen from the camera, by more than ``plane_abs_tolerance +
-   plane_rel_tolerance * rho`` (a kerb's top hiding the road just behind it); a surface seen at
-   a grazing angle, whose nearer samples overlap its farther ones, never hides itself;
+   whatever the camera's mounting, intrinsics or distortion;
+4. a point is hidden when a nearer footprint contains its direction (tested at the point's own
+   direction, not at a cell of a grid: where cell edges fall would decide otherwise), or
+   nearer footprints lie on both sides of it (left and right, or below and above) within
+   ``reach`` times its own sampling step (a lost return leaves a hole between footprints; a
+   z-buffer of angular cells keeps the nearest camera distance ``rho`` over them), nearer
+   meaning by more than ``abs_tolerance + rel_tolerance * rho``;
+5. nearer by less than that, it is hidden when the nearest footprint over its direction is
+   that of a sample inside its surface (range-image neighbours on that surface all around) and
+   the point lies behind that surface's plane, seen from the camera, by more than
+   ``plane_abs_tolerance + plane_rel_tolerance * rho`` (a kerb's top hiding the road just
+   behind it); a surface seen at a grazing angle, whose nearer samples overlap its farther
+   ones, never hides itself;
 6. given the sweep before (the LiDAR moved since: it sampled the same edges elsewhere), its
    points hide too, with footprints of ``PREVIOUS_FOOTPRINT`` of their step, except those the
    current sweep sees past (:func:`not_ghosts`: things that moved).
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -522,12 +525,26 @@ def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
     return keep
 
 
-def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray
-                  ) -> tuple[np.ndarray, ...]:
+class _Boxes(NamedTuple):
+    """Footprints seen from a camera, all (M,) float32: the point's azimuth from the camera
+    axis, elevation and distance, and the box about it (azimuth low, high, elevation low,
+    high; rad)."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    rho: np.ndarray
+    a_lo: np.ndarray
+    a_hi: np.ndarray
+    b_lo: np.ndarray
+    b_hi: np.ndarray
+
+    def part(self, sl) -> '_Boxes':
+        return _Boxes(*(v[sl] for v in self))
+
+
+def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray) -> _Boxes:
     """Footprints seen from the camera: ``d`` (M, 3) camera centre -> point, ``offsets`` (4, M,
-    3) to the footprint edges, ``forward`` (M,) the camera axis azimuth. Returns azimuth from the
-    axis, elevation, distance and the box (azimuth low, high, elevation low, high) about the
-    point (rad), all (M,) float32."""
+    3) to the footprint edges, ``forward`` (M,) the camera axis azimuth."""
     alpha, beta, rho = _camera_angles(d, forward)
     a_lo = np.zeros(len(d), np.float32)
     a_hi, b_lo, b_hi = a_lo.copy(), a_lo.copy(), a_lo.copy()
@@ -544,7 +561,7 @@ def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray
         np.maximum(b_hi, db, out=b_hi)
     for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
         bound[~np.isfinite(bound)] = 0.0
-    return alpha, beta, rho, a_lo, a_hi, b_lo, b_hi
+    return _Boxes(alpha, beta, rho, a_lo, a_hi, b_lo, b_hi)
 
 
 def _covered_cells(fx: np.ndarray, fy: np.ndarray, lo_x: np.ndarray, hi_x: np.ndarray,
@@ -562,34 +579,97 @@ def _covered_cells(fx: np.ndarray, fy: np.ndarray, lo_x: np.ndarray, hi_x: np.nd
     return np.maximum(x0, 0), np.minimum(x1, W - 1), np.maximum(y0, 0), np.minimum(y1, H - 1)
 
 
-def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
-                   y0: np.ndarray, y1: np.ndarray, value: np.ndarray,
-                   owner: np.ndarray | None = None) -> None:
-    """``zbuf`` (flat, rows of ``width``) = min(zbuf, value) over each box [x0, x1] x [y0, y1];
-    with ``owner`` (flat, like ``zbuf``) also the index of a box that holds each cell's minimum.
+_CHUNK_CELLS = 1 << 20      # (box, cell) pairs handled at once: bounded memory
 
-    Boxes are grouped by size (powers of two) so each pass touches only the boxes that reach it.
-    """
+
+def _box_cells(x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray, width: int):
+    """Yield (boxes, cells): the cells (flat index, rows of ``width``) of boxes [x0, x1] x
+    [y0, y1] (int cell bounds), one entry per box and cell, in chunks of bounded size."""
     nx, ny = x1 - x0 + 1, y1 - y0 + 1
-    gx = np.ceil(np.log2(np.maximum(nx, 1))).astype(np.int64)
-    gy = np.ceil(np.log2(np.maximum(ny, 1))).astype(np.int64)
-    group = gx * 64 + gy
-    for claim in (False, True) if owner is not None else (False,):
-        for g in np.unique(group):
-            sel = np.flatnonzero(group == g)
-            bx, by = 1 << int(g // 64), 1 << int(g % 64)
-            sx, sy, snx, sny, sv = x0[sel], y0[sel], nx[sel], ny[sel], value[sel]
-            for dy in range(by):
-                rows = dy < sny
-                base = (sy + dy) * width + sx
-                for dx in range(bx):
-                    m = rows & (dx < snx)
-                    cell = base[m] + dx
-                    if claim:           # second pass: the minimum is known
-                        mine = zbuf[cell] == sv[m]
-                        owner[cell[mine]] = sel[m][mine]
-                    else:
-                        np.minimum.at(zbuf, cell, sv[m])
+    size = nx * ny
+    ends = np.cumsum(size)
+    start = 0
+    while start < size.size:
+        stop = max(int(np.searchsorted(ends, ends[start] - size[start] + _CHUNK_CELLS,
+                                       side='right')), start + 1)
+        n = size[start:stop]
+        boxes = np.repeat(np.arange(start, stop), n)
+        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        bx = nx[boxes]
+        yield boxes, (y0[boxes] + k // bx) * width + x0[boxes] + k % bx
+        start = stop
+
+
+def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
+                   y0: np.ndarray, y1: np.ndarray, value: np.ndarray) -> None:
+    """``zbuf`` (flat, rows of ``width``) = min(zbuf, value) over each box [x0, x1] x [y0, y1]."""
+    for boxes, cells in _box_cells(x0, x1, y0, y1, width):
+        np.minimum.at(zbuf, cells, value[boxes])
+
+
+class _GridBoxes(NamedTuple):
+    """Footprints on a camera's z-buffer grid, all (B,): the point (coordinates in cells), the
+    box about it (x low, high, y low, high; at most ``_MAX_SPAN_CELLS`` across) and the point's
+    distance from the camera."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_lo: np.ndarray
+    x_hi: np.ndarray
+    y_lo: np.ndarray
+    y_hi: np.ndarray
+    rho: np.ndarray
+
+    @staticmethod
+    def of(boxes: _Boxes, a0: float, b0: float, cell_x: float, cell_y: float) -> '_GridBoxes':
+        span = _MAX_SPAN_CELLS // 2
+        x, y = (boxes.alpha - a0) / cell_x, (boxes.beta - b0) / cell_y
+        return _GridBoxes(x, y, x + np.maximum(boxes.a_lo / cell_x, -span),
+                          x + np.minimum(boxes.a_hi / cell_x, span),
+                          y + np.maximum(boxes.b_lo / cell_y, -span),
+                          y + np.minimum(boxes.b_hi / cell_y, span), boxes.rho)
+
+    def part(self, sel) -> '_GridBoxes':
+        return _GridBoxes(*(v[sel] for v in self))
+
+    @staticmethod
+    def joined(parts: list['_GridBoxes']) -> '_GridBoxes':
+        return _GridBoxes(*(np.concatenate(v) for v in zip(*parts)))
+
+
+def _nearest_containing(qx: np.ndarray, qy: np.ndarray, boxes: _GridBoxes, W: int, H: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """For query directions ``qx``, ``qy`` (Q,) inside the W x H grid: the nearest distance
+    ``rho`` of the ``boxes`` that contain each, and the index of that box (inf and -1: none)."""
+    bounds = [np.clip(np.floor(v), 0, n - 1).astype(np.int64)
+              for v, n in ((boxes.x_lo, W), (boxes.x_hi, W), (boxes.y_lo, H), (boxes.y_hi, H))]
+    qcell = qy.astype(np.int64) * W + qx.astype(np.int64)
+    counts = np.bincount(qcell, minlength=W * H)
+    order = np.argsort(qcell, kind='stable')
+    first = np.cumsum(counts) - counts
+    found_q, found_b = [], []
+    for sel, cells in _box_cells(*bounds, W):
+        n = counts[cells]
+        has = n > 0
+        sel, cells, n = sel[has], cells[has], n[has]
+        if sel.size == 0:
+            continue
+        b = np.repeat(sel, n)
+        q = order[np.repeat(first[cells] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))]
+        qxs, qys = qx[q], qy[q]
+        inside = ((qxs >= boxes.x_lo[b]) & (qxs <= boxes.x_hi[b]) & (qys >= boxes.y_lo[b]) &
+                  (qys <= boxes.y_hi[b]))
+        found_q.append(q[inside])
+        found_b.append(b[inside])
+    nearest = np.full(qx.size, np.inf, np.float32)
+    owner = np.full(qx.size, -1, np.int64)
+    if found_q:
+        q, b = np.concatenate(found_q), np.concatenate(found_b)
+        v = boxes.rho[b]
+        np.minimum.at(nearest, q, v)
+        mine = v == nearest[q]
+        owner[q[mine]] = b[mine]
+    return nearest, owner
 
 
 def _nearer_both_sides(image: np.ndarray, axis: int, iy: np.ndarray, ix: np.ndarray,
@@ -639,8 +719,8 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     # 2. per pair, seen from the camera: angles of the point and of its footprint edges.
     d = np.asarray(direction, dtype=np.float32)
     fwd = np.asarray(forward_azimuth, dtype=np.float32)
-    alpha, beta, rho, a_lo, a_hi, b_lo, b_hi = _camera_boxes(d, offsets[:, pair_point],
-                                                             fwd[cam_idx])
+    boxes = _camera_boxes(d, offsets[:, pair_point], fwd[cam_idx])
+    alpha, beta, rho, a_lo, a_hi, b_lo, b_hi = boxes
     if previous is not None:
         x_cam, x_dir, x_off = previous
         x_boxes = _camera_boxes(np.asarray(x_dir, np.float32), x_off, fwd[x_cam])
@@ -662,37 +742,40 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                                   float(b.max() - b.min() + 4 * cell_y) / cell_y / _MAX_CELLS))
         cell_x, cell_y = cell_x * grow, cell_y * grow
         a0, b0 = float(a.min()) - cell_x, float(b.min()) - cell_y
-        fx, fy = (a - a0) / cell_x, (b - b0) / cell_y
+        grid = _GridBoxes.of(boxes.part(sl), a0, b0, cell_x, cell_y)
+        fx, fy = grid.x, grid.y
         ix, iy = fx.astype(np.int64), fy.astype(np.int64)
         W, H = int(ix.max()) + 2, int(iy.max()) + 2
-        # 4. footprints cover the cells whose centres they contain (at least their own).
+        # 4. for each point, the nearest footprint that contains its direction (its own at
+        #    least), the previous sweep's too (no plane test against those); and for the holes
+        #    (6) a z-buffer: the points' distances over the cells whose centres their
+        #    footprints contain.
         zbuf = np.full(W * H, np.inf, dtype=np.float32)
-        owner = np.full(W * H, -1, dtype=np.int64)
         _rasterize_min(zbuf, W, *_covered_cells(fx, fy, a_lo[sl] / cell_x, a_hi[sl] / cell_x,
                                                 b_lo[sl] / cell_y, b_hi[sl] / cell_y, W, H),
-                       rho[sl], owner)
+                       rho[sl])
+        parts = [grid]
         if previous is not None and x_bounds[c + 1] > x_bounds[c]:
-            # the previous sweep's footprints hide too (cells they take lose their owner:
-            # no plane test against them)
-            xa, xb, xr, xal, xah, xbl, xbh = (v[x_bounds[c]:x_bounds[c + 1]] for v in x_boxes)
-            gx, gy = (xa - a0) / cell_x, (xb - b0) / cell_y
-            on = (gx >= 0) & (gx < W) & (gy >= 0) & (gy < H)
-            current = zbuf.copy()
+            x_grid = _GridBoxes.of(x_boxes.part(slice(x_bounds[c], x_bounds[c + 1])), a0, b0,
+                                   cell_x, cell_y)
+            x_grid = x_grid.part((x_grid.x >= 0) & (x_grid.x < W) & (x_grid.y >= 0) &
+                                 (x_grid.y < H))
             _rasterize_min(zbuf, W, *_covered_cells(
-                gx[on], gy[on], xal[on] / cell_x, xah[on] / cell_x, xbl[on] / cell_y,
-                xbh[on] / cell_y, W, H), xr[on])
-            owner[zbuf < current] = -1
+                x_grid.x, x_grid.y, x_grid.x_lo - x_grid.x, x_grid.x_hi - x_grid.x,
+                x_grid.y_lo - x_grid.y, x_grid.y_hi - x_grid.y, W, H), x_grid.rho)
+            parts.append(x_grid)
+        nearest, owner = _nearest_containing(fx, fy, _GridBoxes.joined(parts), W, H)
+        owner[owner >= fx.size] = -1               # a previous sweep's footprint: no plane
         image = zbuf.reshape(H, W)
         r, t = rho[sl], tol[sl]
-        cell = iy * W + ix
-        gap = r - zbuf[cell]
+        gap = r - nearest
         out = gap > t
         # 5. nearer by less than the tolerance: hidden when the point lies behind the plane of
         #    the nearest footprint's surface as the camera sees it (a kerb's top, a car's side),
         #    not on it (one surface seen at a grazing angle); NaN normals (edges) hide nothing.
         near = np.flatnonzero(~out & (gap > plane_tol[sl]))
-        near = near[owner[cell[near]] >= 0]        # cells a previous footprint took: none
-        q = owner[cell[near]]
+        near = near[owner[near] >= 0]
+        q = owner[near]
         n_q, d_q, d_p = normal[pair_point[sl][q]], d[sl][q], d[sl][near]
         beyond = np.einsum('ij,ij->i', n_q, d_p - d_q)      # point off the plane
         camera = -np.einsum('ij,ij->i', n_q, d_q)          # camera off the plane
