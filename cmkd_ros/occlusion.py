@@ -538,8 +538,10 @@ class _Boxes(NamedTuple):
     b_lo: np.ndarray
     b_hi: np.ndarray
 
-    def part(self, sl) -> '_Boxes':
-        return _Boxes(*(v[sl] for v in self))
+
+def _rows(arrays, sel):
+    """The same NamedTuple of arrays ``arrays`` with only the rows ``sel`` (slice, mask)."""
+    return type(arrays)(*(v[sel] for v in arrays))
 
 
 def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray) -> _Boxes:
@@ -622,15 +624,13 @@ class _GridBoxes(NamedTuple):
 
     @staticmethod
     def of(boxes: _Boxes, a0: float, b0: float, cell_x: float, cell_y: float) -> '_GridBoxes':
+        """``boxes`` on the grid with cells ``cell_x`` x ``cell_y`` (rad) from ``a0``, ``b0``."""
         span = _MAX_SPAN_CELLS // 2
         x, y = (boxes.alpha - a0) / cell_x, (boxes.beta - b0) / cell_y
         return _GridBoxes(x, y, x + np.maximum(boxes.a_lo / cell_x, -span),
                           x + np.minimum(boxes.a_hi / cell_x, span),
                           y + np.maximum(boxes.b_lo / cell_y, -span),
                           y + np.minimum(boxes.b_hi / cell_y, span), boxes.rho)
-
-    def part(self, sel) -> '_GridBoxes':
-        return _GridBoxes(*(v[sel] for v in self))
 
     @staticmethod
     def joined(parts: list['_GridBoxes']) -> '_GridBoxes':
@@ -742,7 +742,7 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                                   float(b.max() - b.min() + 4 * cell_y) / cell_y / _MAX_CELLS))
         cell_x, cell_y = cell_x * grow, cell_y * grow
         a0, b0 = float(a.min()) - cell_x, float(b.min()) - cell_y
-        grid = _GridBoxes.of(boxes.part(sl), a0, b0, cell_x, cell_y)
+        grid = _GridBoxes.of(_rows(boxes, sl), a0, b0, cell_x, cell_y)
         fx, fy = grid.x, grid.y
         ix, iy = fx.astype(np.int64), fy.astype(np.int64)
         W, H = int(ix.max()) + 2, int(iy.max()) + 2
@@ -756,10 +756,10 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                        rho[sl])
         parts = [grid]
         if previous is not None and x_bounds[c + 1] > x_bounds[c]:
-            x_grid = _GridBoxes.of(x_boxes.part(slice(x_bounds[c], x_bounds[c + 1])), a0, b0,
+            x_grid = _GridBoxes.of(_rows(x_boxes, slice(x_bounds[c], x_bounds[c + 1])), a0, b0,
                                    cell_x, cell_y)
-            x_grid = x_grid.part((x_grid.x >= 0) & (x_grid.x < W) & (x_grid.y >= 0) &
-                                 (x_grid.y < H))
+            x_grid = _rows(x_grid, (x_grid.x >= 0) & (x_grid.x < W) & (x_grid.y >= 0) &
+                           (x_grid.y < H))
             _rasterize_min(zbuf, W, *_covered_cells(
                 x_grid.x, x_grid.y, x_grid.x_lo - x_grid.x, x_grid.x_hi - x_grid.x,
                 x_grid.y_lo - x_grid.y, x_grid.y_hi - x_grid.y, W, H), x_grid.rho)
