@@ -164,6 +164,31 @@ def test_convolutions_match_the_reference(kernel_size, stride, transposed, chann
 
 
 @needs_native
+def test_every_float32_kernel_variant_the_cpu_has_matches_the_reference():
+    # register tiles of 16 floats (AVX-512), of 8 (AVX2, baseline), on every column remainder:
+    # whole tiles, partial tiles, single vectors and leftover columns
+    kernels = native.module()
+    variants = [v for v in ('avx512', 'avx2', 'baseline') if kernels.use_float32_kernels(v) == v]
+    try:
+        assert 'baseline' in variants
+        for variant in variants:
+            kernels.use_float32_kernels(variant)
+            for cin, cout in ((5, 1), (5, 7), (16, 8), (3, 12), (16, 20), (8, 24), (16, 40),
+                              (4, 48), (16, 64), (8, 72), (16, 100)):
+                coords, feats = random_voxels(cout, n=300, channels=cin)
+                gen = torch.Generator().manual_seed(cin * 1000 + cout)
+                weight = torch.randn(27, cin, cout, generator=gen) / cin
+
+                def run():
+                    with torch.no_grad():
+                        return SparseTensor(feats, coords).conv(weight, 3)
+                fast, ref = both(run)
+                assert rel_err(fast.features, ref.features) < 1e-5, (variant, cin, cout)
+    finally:
+        kernels.use_float32_kernels('auto')
+
+
+@needs_native
 def test_fused_residual_relu_and_concatenated_inputs_match():
     coords, feats = random_voxels(6, channels=16)
     gen = torch.Generator().manual_seed(7)

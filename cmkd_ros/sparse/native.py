@@ -135,7 +135,10 @@ def status() -> str:
         return str(error)
     if _off[0]:
         return 'off (inside native.disabled())'
-    return ('in use: ' if loaded is not None else 'not in use: ') + _state['why']
+    if loaded is None:
+        return 'not in use: ' + _state['why']
+    variant = getattr(loaded, 'use_float32_kernels', None)     # older builds: none
+    return 'in use: ' + _state['why'] + (f' ({variant("")} float32 kernels)' if variant else '')
 
 
 def available() -> bool:

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -30,14 +31,6 @@
 #include <unistd.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One build for every x86-64 CPU: the hot loops are compiled for AVX-512, AVX2 and the
-// baseline, and the loader picks the variant of the running CPU.
-#define CMKD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", \
-                                                       "default")))
-#else
-#define CMKD_MULTIVERSION
-#endif
 #define CMKD_INLINE inline __attribute__((always_inline))
 
 namespace {
@@ -478,51 +471,70 @@ std::vector<at::Tensor> conv_layout(at::Tensor in_rows, at::Tensor out_rows,
 
 // ---- convolution ---------------------------------------------------------------------------
 
+// The float32 products of the convolution, c[r] += a[r] @ w, in register tiles of R rows x NV
+// vectors. The tile shape depends on the vector registers: AVX-512 has 32 of 16 floats, AVX2
+// 16 of 8 floats; accumulators that do not fit are spilled to memory on every multiply-add
+// (a 64-byte tile shape compiled for AVX2 ran 6 times slower than pure PyTorch on an AVX2 CPU).
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 
-CMKD_INLINE v16 load16(const float* p) {
-  v16 v;
+template <class V>
+CMKD_INLINE V load_vec(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-CMKD_INLINE void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+CMKD_INLINE void store_vec(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-// c[r][0 : 16 NV] += a[r][0 : cin] @ w[0 : cin, 0 : 16 NV] (row stride ldw) for R rows.
-template <int NV, int R>
+template <class V>
+constexpr int kLanes = int(sizeof(V) / sizeof(float));
+
+// Rows per tile of NV vectors: the accumulators, NV loaded weight vectors and one broadcast
+// within the register file (AVX-512: <= 24 accumulators of 32 registers; AVX2: <= 12 of 16).
+template <class V>
+constexpr int rows_for(int nv) {
+  if constexpr (kLanes<V> == 16) return nv <= 2 ? 12 : nv == 3 ? 8 : 6;
+  return nv == 1 ? 12 : 6;
+}
+
+// c[r][0 : W NV] += a[r][0 : cin] @ w[0 : cin, 0 : W NV] (row stride ldw) for R rows, W lanes.
+template <class V, int NV, int R>
 CMKD_INLINE void tile(const float* const* a, const float* w, int64_t cin, int64_t ldw,
                       float* const* c) {
-  v16 acc[R][NV];
+  constexpr int W = kLanes<V>;
+  V acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
   for (int64_t i = 0; i < cin; ++i) {
-    v16 b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = load16(w + i * ldw + 16 * j);
+    V b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load_vec<V>(w + i * ldw + W * j);
     for (int r = 0; r < R; ++r) {
       const float s = a[r][i];
       for (int j = 0; j < NV; ++j) acc[r][j] += s * b[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) store16(c[r] + 16 * j, load16(c[r] + 16 * j) + acc[r][j]);
+    for (int j = 0; j < NV; ++j) {
+      store_vec<V>(c[r] + W * j, load_vec<V>(c[r] + W * j) + acc[r][j]);
+    }
 }
 
-// tile<NV, n> for 1 <= n <= R (a group's last, partial tile of rows).
-template <int NV, int R>
+// tile<V, NV, n> for 1 <= n <= R (a group's last, partial tile of rows).
+template <class V, int NV, int R>
 CMKD_INLINE void tile_n(int n, const float* const* a, const float* w, int64_t cin, int64_t ldw,
                         float* const* c) {
   if constexpr (R > 1) {
-    if (n < R) return tile_n<NV, R - 1>(n, a, w, cin, ldw, c);
+    if (n < R) return tile_n<V, NV, R - 1>(n, a, w, cin, ldw, c);
   }
-  tile<NV, R>(a, w, cin, ldw, c);
+  tile<V, NV, R>(a, w, cin, ldw, c);
 }
 
-constexpr int rows_for(int nv) { return nv <= 2 ? 12 : nv == 3 ? 8 : 6; }  // <= 24 accumulators
-
-// One kernel offset over `n` rows: c[r] += a[r] @ w for column tile [col, col + 16 NV).
-template <int NV>
+// One kernel offset over `n` rows: c[r] += a[r] @ w for column tile [col, col + W NV).
+template <class V, int NV>
 CMKD_INLINE void rows_times(int64_t n, const float* const* a, const float* w, int64_t cin,
                             int64_t ldw, float* const* c) {
-  constexpr int R = rows_for(NV);
+  constexpr int R = rows_for<V>(NV);
   int64_t r = 0;
   for (; r + R <= n; r += R) {
     // The next tile's input rows (gathered: no hardware prefetcher guesses them).
@@ -531,31 +543,39 @@ CMKD_INLINE void rows_times(int64_t n, const float* const* a, const float* w, in
         __builtin_prefetch(reinterpret_cast<const char*>(a[q]) + byte);
       }
     }
-    tile<NV, R>(a + r, w, cin, ldw, c + r);
+    tile<V, NV, R>(a + r, w, cin, ldw, c + r);
   }
-  if (r < n) tile_n<NV, R>(int(n - r), a + r, w, cin, ldw, c + r);
+  if (r < n) tile_n<V, NV, R>(int(n - r), a + r, w, cin, ldw, c + r);
 }
 
-// Column tile [col, col + 16 NV) of every row.
-template <int NV>
+// Column tile [col, col + W NV) of every row.
+template <class V, int NV>
 CMKD_INLINE void column_tile(int64_t n, const float* const* a, const float* w, int64_t cin,
                              int64_t cout, float* const* c, float** shifted, int64_t col) {
   for (int64_t r = 0; r < n; ++r) shifted[r] = c[r] + col;
-  rows_times<NV>(n, a, w + col, cin, cout, shifted);
+  rows_times<V, NV>(n, a, w + col, cin, cout, shifted);
 }
 
-// All columns: full 64-wide tiles, then one tile of the remaining whole vectors, then the
-// last cout % 16 columns one by one. Compiled for each instruction set (CMKD_MULTIVERSION).
-CMKD_MULTIVERSION __attribute__((noinline)) void rows_times_all(
-    int64_t n, const float* const* a, const float* w, int64_t cin, int64_t cout,
-    float* const* c, float** shifted) {
+// All columns: tiles of the widest shape, then one tile of the remaining whole vectors, then
+// the last cout % W columns one by one.
+template <class V>
+CMKD_INLINE void rows_times_all_of(int64_t n, const float* const* a, const float* w,
+                                   int64_t cin, int64_t cout, float* const* c, float** shifted) {
+  constexpr int W = kLanes<V>, NV = W == 16 ? 4 : 2;
   int64_t col = 0;
-  for (; col + 64 <= cout; col += 64) column_tile<4>(n, a, w, cin, cout, c, shifted, col);
-  switch ((cout - col) / 16) {
-    case 3: column_tile<3>(n, a, w, cin, cout, c, shifted, col); col += 48; break;
-    case 2: column_tile<2>(n, a, w, cin, cout, c, shifted, col); col += 32; break;
-    case 1: column_tile<1>(n, a, w, cin, cout, c, shifted, col); col += 16; break;
-    default: break;
+  for (; col + W * NV <= cout; col += W * NV) {
+    column_tile<V, NV>(n, a, w, cin, cout, c, shifted, col);
+  }
+  if constexpr (W == 16) {
+    switch ((cout - col) / W) {
+      case 3: column_tile<V, 3>(n, a, w, cin, cout, c, shifted, col); col += 3 * W; break;
+      case 2: column_tile<V, 2>(n, a, w, cin, cout, c, shifted, col); col += 2 * W; break;
+      default: break;
+    }
+  }
+  if (cout - col >= W) {
+    column_tile<V, 1>(n, a, w, cin, cout, c, shifted, col);
+    col += W;
   }
   if (col == cout) return;
   for (int64_t r = 0; r < n; ++r) {
@@ -564,6 +584,64 @@ CMKD_MULTIVERSION __attribute__((noinline)) void rows_times_all(
       for (int64_t j = col; j < cout; ++j) c[r][j] += s * w[i * cout + j];
     }
   }
+}
+
+using RowsTimesAll = void (*)(int64_t, const float* const*, const float*, int64_t, int64_t,
+                              float* const*, float**);
+
+// One build for every CPU: an AVX-512 and an AVX2 variant on x86-64 (GCC), chosen at load time
+// by what the running CPU has, and the baseline.
+__attribute__((noinline)) void rows_times_all_base(int64_t n, const float* const* a,
+                                                   const float* w, int64_t cin, int64_t cout,
+                                                   float* const* c, float** shifted) {
+  rows_times_all_of<v8>(n, a, w, cin, cout, c, shifted);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("arch=x86-64-v4"), noinline)) void rows_times_all_avx512(
+    int64_t n, const float* const* a, const float* w, int64_t cin, int64_t cout,
+    float* const* c, float** shifted) {
+  rows_times_all_of<v16>(n, a, w, cin, cout, c, shifted);
+}
+
+__attribute__((target("arch=x86-64-v3"), noinline)) void rows_times_all_avx2(
+    int64_t n, const float* const* a, const float* w, int64_t cin, int64_t cout,
+    float* const* c, float** shifted) {
+  rows_times_all_of<v8>(n, a, w, cin, cout, c, shifted);
+}
+#endif
+
+// The variant for `name` (avx512, avx2, baseline; auto: the best the running CPU has), or
+// null when the CPU lacks it.
+RowsTimesAll rows_times_all_named(const std::string& name) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+  if (name == "avx512" || (name == "auto" && v4)) return v4 ? rows_times_all_avx512 : nullptr;
+  if (name == "avx2" || (name == "auto" && v3)) return v3 ? rows_times_all_avx2 : nullptr;
+#endif
+  if (name == "baseline" || name == "auto") return rows_times_all_base;
+  return nullptr;
+}
+
+std::atomic<RowsTimesAll> g_rows_times_all{rows_times_all_named("auto")};
+
+void rows_times_all(int64_t n, const float* const* a, const float* w, int64_t cin,
+                    int64_t cout, float* const* c, float** shifted) {
+  g_rows_times_all.load(std::memory_order_relaxed)(n, a, w, cin, cout, c, shifted);
+}
+
+// Switch the float32 products to the variant `name` where the CPU has it (tests compare every
+// variant with the reference); returns the variant in use.
+std::string use_float32_kernels(const std::string& name) {
+  const RowsTimesAll fn = rows_times_all_named(name);
+  if (fn) g_rows_times_all.store(fn);
+  const RowsTimesAll now = g_rows_times_all.load();
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (now == rows_times_all_avx512) return "avx512";
+  if (now == rows_times_all_avx2) return "avx2";
+#endif
+  return "baseline";
 }
 
 CMKD_INLINE float bf16_to_float(uint16_t v) {
@@ -1086,6 +1164,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_layout", &conv_layout, "pairs by (output block, offset)", nogil,
         py::arg("in_rows"), py::arg("out_rows"), py::arg("group_bounds"), py::arg("group_k"),
         py::arg("volume"), py::arg("num_in"), py::arg("num_out"), py::arg("block_rows"));
+  m.def("use_float32_kernels", &use_float32_kernels,
+        "float32 products in the variant avx512, avx2, baseline or auto where the CPU has it; "
+        "the variant in use", py::arg("name"));
   m.def("use_amx", &use_amx, "bfloat16 convolutions on AMX tiles on/off; whether they run",
         nogil, py::arg("on"));
   m.def("conv_forward", &conv_forward, "fused gather-GEMM-scatter convolution", nogil,
