@@ -616,7 +616,15 @@ __attribute__((target("arch=x86-64-v3"), noinline)) void rows_times_all_avx2(
 RowsTimesAll rows_times_all_named(const std::string& name) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
+#if __GNUC__ >= 12
   const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+#else  // GCC 11 (Ubuntu 22.04) names no x86-64 levels here: their defining features
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") &&
+                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+#endif
   if (name == "avx512" || (name == "auto" && v4)) return v4 ? rows_times_all_avx512 : nullptr;
   if (name == "avx2" || (name == "auto" && v3)) return v3 ? rows_times_all_avx2 : nullptr;
 #endif
