@@ -137,7 +137,9 @@ def status() -> str:
         return 'off (inside native.disabled())'
     if loaded is None:
         return 'not in use: ' + _state['why']
-    variant = getattr(loaded, 'use_float32_kernels', None)     # older builds: none
+    # use_float32_kernels('') names no variant, so it switches nothing and only says which
+    # runs; builds from before it lack the function
+    variant = getattr(loaded, 'use_float32_kernels', None)
     return 'in use: ' + _state['why'] + (f' ({variant("")} float32 kernels)' if variant else '')
 
 
