@@ -166,8 +166,17 @@ def test_segment_launch_labels_clouds_and_answers_the_ros2_tools(ros2, tmp_path,
             res = _ros2(domain, 'param', 'get', '--no-daemon', '--timeout', '20',
                         '/segment_node', name)
             assert res.returncode == 0 and value in res.stdout, res.stdout + res.stderr
-        res = _ros2(domain, 'node', 'list', '--no-daemon', '--spin-time', '3')
-        assert '/segment_node' in res.stdout, res.stdout + res.stderr
+        # node names travel on their own discovery topic, later than the services above on a
+        # loaded host: a user runs the command again, so does the test
+        listed: list[str] = []
+
+        def node_listed() -> bool:
+            res = _ros2(domain, 'node', 'list', '--no-daemon', '--spin-time', '3')
+            listed.append(res.stdout + res.stderr)
+            return '/segment_node' in res.stdout
+
+        wait_for(node_listed, 40, '/segment_node in ros2 node list', interval=1.0,
+                 on_fail=lambda: '\n'.join(listed))
         res = _ros2(domain, 'topic', 'echo', '--no-daemon', '--once', '/diagnostics',
                     'diagnostic_msgs/msg/DiagnosticArray')
         assert res.returncode == 0 and 'segment_node' in res.stdout, res.stdout + res.stderr
