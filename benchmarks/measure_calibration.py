@@ -23,7 +23,8 @@
 
 Usage: ``python benchmarks/measure_calibration.py [--part health|refine|time|outline|mi ...]
 [--width 640 --height 360] [--perturbations 8] [--trials 2] [--no-measured] [--viewpoint]
-[--json out.json]`` (``--no-measured``, ``--viewpoint``: the variants compared in the docs).
+[--no-intensity] [--json out.json]`` (``--no-measured``, ``--viewpoint``, ``--no-intensity``:
+the variants compared in the docs).
 Figures and their reading: docs/calibration.md.
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR',
                                    pathlib.Path(__file__).resolve().parents[2] / 'shared'
                                    / 'data'))
 SETS = ([0], [4], [8], [0, 1, 2], [5, 6, 7], list(range(10)))
+USE_INTENSITY = True        # reflectance edges with the silhouettes (--no-intensity: without)
+
+
+def intensity(frame):
+    """The frame's intensity when reflectance edges are used, else None."""
+    return frame.intensity if USE_INTENSITY else None
 
 
 def sim_drive(width: int, height: int, count: int = 10):
@@ -67,7 +74,8 @@ def sim_views(world, frames, offset_ms: float = 0.0, viewpoint: bool = False,
                            2_000_000)
         trajectory = PoseTrajectory(stamps, world.poses(stamps))
         capture = fr.camera_stamp_ns - int(round(offset_ms * 1e6))
-        ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, point_time_ns=fr.point_time_ns,
+        ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, intensity=intensity(fr),
+                                         point_time_ns=fr.point_time_ns,
                                          capture_ns=capture, trajectory=trajectory,
                                          measured=measured)
         for c, cam in enumerate(world.calibration.cameras):
@@ -84,7 +92,7 @@ def real_views():
     out = []
     for folder in ('nuscenes_sample', 'kitti_000008'):
         fr = load_sample_folder(str(DATA / folder))
-        found = cc.silhouettes(fr.xyz, fr.ring)
+        found = cc.silhouettes(fr.xyz, fr.ring, intensity=intensity(fr))
         for c, cam in enumerate(fr.rig.cameras):
             frames = cc.CameraFrames(cam)
             frames.add(fr.xyz, fr.images[c], ring=fr.ring, found=found)
@@ -290,12 +298,17 @@ def main() -> int:
     parser.add_argument('--measured', action=argparse.BooleanOptionalAction, default=True,
                         help='find silhouettes in the sweep as measured (--no-measured: in the '
                              'motion compensated cloud, as before)')
+    parser.add_argument('--intensity', action=argparse.BooleanOptionalAction, default=True,
+                        help='add the sweeps\' reflectance edges (--no-intensity: silhouettes '
+                             'only, as before 2026-12-07)')
     parser.add_argument('--width', type=int, default=640)
     parser.add_argument('--height', type=int, default=360)
     parser.add_argument('--perturbations', type=int, default=8)
     parser.add_argument('--trials', type=int, default=2)
     parser.add_argument('--json', default=None)
     args = parser.parse_args()
+    global USE_INTENSITY
+    USE_INTENSITY = args.intensity
     parts = args.part or ['health', 'refine']
     out = {}
     world, frames = (sim_drive(args.width, args.height)

@@ -1,7 +1,8 @@
 """How well a LiDAR-camera calibration fits the data, and targetless refinement of it.
 
 The measure is edge alignment: points where the LiDAR range jumps (object silhouettes, seen as
-a foreground return next to a far one or to no return) must land on image edges. Each
+a foreground return next to a far one or to no return) and where its intensity steps on one
+surface (paint on the road) must land on image edges. Each
 silhouette point is compared with the image gradient across its own edge (a vertical outline
 with the horizontal gradient), spread by a decaying maximum filter (an inverse distance
 transform) so that a point a few pixels off still scores and the score rises smoothly towards
@@ -41,6 +42,9 @@ MIN_EDGE_POINTS = 150        # fewer silhouette points in view: too little struc
 # dark and shiny surfaces, so a missing return is weaker evidence than a measured jump).
 MISSING_JUMP_M = 10.0
 CONTRAST = 1.0
+# Weight of a reflectance edge (paint on the road) against a silhouette point's (the square
+# root of its range jump: 1 for a 1 m jump); chosen among 1 to 6 on synthetic drives (docs).
+INTENSITY_WEIGHT = 3.0
 # Pixel scales of the search, coarse to fine (edge spread of the inverse distance transform).
 SCALES_PX = (16.0, 8.0, 4.0, 2.0, 1.0)
 # A calibration is called misaligned when more than this share of the rotations 0.5 degree
@@ -105,11 +109,13 @@ def _beam_index(xyz: np.ndarray, ring: np.ndarray | None) -> tuple[np.ndarray, s
 
 @dataclass
 class Silhouettes:
-    """Silhouette points of one sweep (:func:`silhouettes`), LiDAR frame."""
+    """Edge points of one sweep (:func:`silhouettes`), LiDAR frame: silhouette points and,
+    when the sweep's intensities were given, reflectance edges (zero ``tangent``)."""
 
     points: np.ndarray          # (M, 3) float32, on the outline
     weights: np.ndarray         # (M,) float32
     tangent: np.ndarray         # (M, 3) float32 unit vectors from the point towards the far side
+    #                             (zero for a reflectance edge: its direction is not known)
     blur: np.ndarray            # (M,) float32 rad: how far from the true outline it may lie
     index: np.ndarray           # (M,) int64 row of each point in the sweep it came from
     azimuth_step: float = 0.0   # the LiDAR's azimuth step (rad), read from the sweep
@@ -122,7 +128,9 @@ class Silhouettes:
 def silhouettes(xyz: np.ndarray, ring: np.ndarray | None = None, *,
                 min_jump_m: float = 0.5, relative_jump: float = 0.08,
                 missing_jump_m: float = MISSING_JUMP_M, smooth: float = 0.05,
-                lower_edges: bool = False, run_power: float = 0.5) -> Silhouettes:
+                lower_edges: bool = False, run_power: float = 0.5,
+                intensity: np.ndarray | None = None,
+                intensity_weight: float = INTENSITY_WEIGHT) -> Silhouettes:
     """Silhouette points of a sweep ``xyz`` (N, 3), LiDAR frame: where the range jumps.
 
     A return is on a silhouette when the next return along its beam (within 3.5 azimuth
@@ -143,6 +151,10 @@ def silhouettes(xyz: np.ndarray, ring: np.ndarray | None = None, *,
     A cloud cropped to a camera's view (azimuth coverage under 270 degrees, as KITTI's
     camera-cropped scans) has false gaps at the crop: there the ends of each beam and returns
     missing above beyond the upper beam's azimuth span do not count.
+
+    With ``intensity`` (N,) the sweep's reflectance edges are added (:func:`_intensity_steps`:
+    paint on the road, signs), each with weight ``intensity_weight`` and no direction
+    (``tangent`` zero: it is compared with the stronger of the two image gradients).
     """
     xyz = np.asarray(xyz, dtype=np.float32)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
@@ -262,9 +274,56 @@ def silhouettes(xyz: np.ndarray, ring: np.ndarray | None = None, *,
                        np.stack([-se * ca, -se * sa, ce], 1)) * sign[:, None]
     # half the angle to the far neighbour: how far off the true outline the point may be
     blur = np.where(along, np.abs(d_az[edge]) * ce, np.abs(d_el[edge]))
-    return Silhouettes(points.astype(np.float32), weight[edge].astype(np.float32),
+    rows = keep[order][edge]
+    if intensity is not None and intensity_weight > 0:
+        inten = np.asarray(intensity, dtype=np.float64).reshape(-1)
+        if inten.shape[0] != xyz.shape[0]:
+            raise AlignmentError(f'intensity has {inten.shape[0]} values for '
+                                 f'{xyz.shape[0]} points')
+        pick = _intensity_steps(inten[keep][order], r, nxt, prv, gap < 1.5 * step)
+        pick = pick[~edge[pick]]
+        az_i = a[pick] + gap[pick] / 2 + shift      # half way to the next return
+        el_i = (el[pick] + el[nxt[pick]]) / 2
+        r_i = (r[pick] + r[nxt[pick]]) / 2
+        ci = np.cos(el_i)
+        points = np.r_[points, np.stack([r_i * ci * np.cos(az_i), r_i * ci * np.sin(az_i),
+                                         r_i * np.sin(el_i)], axis=1)]
+        weight = np.r_[weight[edge], np.full(pick.size, float(intensity_weight))]
+        tangent = np.r_[tangent, np.zeros((pick.size, 3))]
+        blur = np.r_[blur, gap[pick] / 2 * ci]
+        rows = np.r_[rows, keep[order][pick]]
+    else:
+        weight = weight[edge]
+    return Silhouettes(points.astype(np.float32), weight.astype(np.float32),
                        tangent.astype(np.float32), blur.astype(np.float32),
-                       keep[order][edge], step, beams_from)
+                       rows, step, beams_from)
+
+
+def _intensity_steps(inten: np.ndarray, r: np.ndarray, nxt: np.ndarray, prv: np.ndarray,
+                     adjacent: np.ndarray, ratio: float = 2.0, least: float = 0.2,
+                     noise: float = 5.0) -> np.ndarray:
+    """Rows ``i`` of a beam-ordered sweep whose reflectance steps between ``i`` and the next
+    return ``nxt[i]``: a painted line, a sign on a post. Both returns adjacent on one surface
+    (range step under 3 % of the range, at least 0.15 m), the brighter at least ``ratio``
+    times the darker and brighter by ``least`` times the sweep's 99th percentile (intensity
+    scales differ between LiDARs) and by ``noise`` times the median difference of adjacent
+    returns on one surface (the sweep's noise), and each side flat (the return before ``i``
+    and the one after ``nxt[i]`` within a third of the step of their side): a step, not
+    noise. The position along the beam is measured to half an azimuth step, unlike a height
+    between two beams."""
+    finite = inten[np.isfinite(inten)]
+    scale = float(np.percentile(finite, 99.0)) if finite.size else 0.0
+    if not scale > 0:          # (non-finite values fail every comparison below)
+        return np.zeros(0, np.int64)
+    same = adjacent & (np.abs(r[nxt] - r) < np.maximum(0.15, 0.03 * r))
+    lo, hi = np.minimum(inten, inten[nxt]), np.maximum(inten, inten[nxt])
+    size = hi - lo
+    steps = size[same & np.isfinite(size)]
+    typical = float(np.median(steps)) if steps.size else 0.0
+    ok = same & (hi >= ratio * lo) & (size >= max(least * scale, noise * typical))
+    ok &= adjacent[prv] & (np.abs(inten[prv] - inten) < size / 3)
+    ok &= adjacent[nxt] & (np.abs(inten[nxt[nxt]] - inten[nxt]) < size / 3)
+    return np.flatnonzero(ok)
 
 
 def edge_maps(rgb: np.ndarray, blur_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +438,7 @@ class CameraFrames:
         return float(self._cam.K[0, 0])
 
     def add(self, xyz: np.ndarray, rgb: np.ndarray, *, ring: np.ndarray | None = None,
-            T_capture_sweep: np.ndarray | None = None,
+            intensity: np.ndarray | None = None, T_capture_sweep: np.ndarray | None = None,
             found: Silhouettes | None = None, capture_ns: int | None = None,
             trajectory=None) -> int:
         """Prepare one frame; returns its silhouette points in front of the camera.
@@ -387,7 +446,8 @@ class CameraFrames:
         ``xyz`` (N, 3) LiDAR frame, ``rgb`` (H, W, 3) uint8. ``T_capture_sweep`` (4, 4) moves
         the sweep's points into the LiDAR frame at the camera's capture time (motion
         compensation), optional; ``found``: the sweep's :func:`silhouettes` when already
-        computed (several cameras share one sweep). ``capture_ns`` (that capture time) and
+        computed (several cameras share one sweep; else found here, with reflectance edges
+        when ``intensity`` (N,) is given). ``capture_ns`` (that capture time) and
         ``trajectory`` (the ego poses around it) let :meth:`shifted` and
         :func:`estimate_time_offset` move the points to other capture times.
         """
@@ -397,7 +457,7 @@ class CameraFrames:
             raise AlignmentError(f'camera {cam.name!r}: image is {image.shape[1::-1]} '
                                  f'(width, height), the calibration says '
                                  f'{cam.width}x{cam.height}')
-        found = silhouettes(xyz, ring) if found is None else found
+        found = silhouettes(xyz, ring, intensity=intensity) if found is None else found
         pts, weight, tangent, blur = found.points, found.weights, found.tangent, found.blur
         inner = _inner_sample(xyz, 3000)
         if T_capture_sweep is not None:
@@ -424,6 +484,7 @@ class CameraFrames:
         d = np.nan_to_num(project_points(pts + step * tangent, rig)[0][0] - uv0)
         length2 = (d ** 2).sum(1)
         across = np.where(length2 > 0, d[:, 0] ** 2 / np.maximum(length2, 1e-12), 0.5)
+        across[~tangent.any(axis=1)] = np.nan     # a reflectance edge: either gradient
         if not self.oriented:
             across = np.full(across.shape, np.nan)
         least = blur * self.focal_px if self.matched else np.zeros(len(pts))
@@ -597,7 +658,7 @@ def _bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 
 def prepare_sweep(xyz: np.ndarray, *, ring: np.ndarray | None = None,
-                  point_time_ns: np.ndarray | None = None,
+                  intensity: np.ndarray | None = None, point_time_ns: np.ndarray | None = None,
                   capture_ns: np.ndarray | None = None, trajectory=None,
                   measured: bool = True
                   ) -> tuple[np.ndarray, np.ndarray | None, Silhouettes]:
@@ -610,18 +671,19 @@ def prepare_sweep(xyz: np.ndarray, *, ring: np.ndarray | None = None,
     The silhouettes are found in the sweep as measured (ranges and angles seen from where the
     LiDAR was at each return), then moved into the reference frame with their returns
     (``measured=False``: found in the compensated cloud, whose origin is not where the LiDAR
-    was; measured worse in docs/calibration.md).
+    was; measured worse in docs/calibration.md). ``intensity`` (N,): reflectance edges are
+    used too (:func:`silhouettes`).
     """
     xyz = np.asarray(xyz, dtype=np.float32)
     if trajectory is None or point_time_ns is None or capture_ns is None:
-        return xyz, None, silhouettes(xyz, ring)
+        return xyz, None, silhouettes(xyz, ring, intensity=intensity)
     from cmkd_ros.motion import compensation_transforms
     times = np.asarray(point_time_ns, np.int64)
     capture = np.asarray(capture_ns, np.int64)
     ref, T = compensation_transforms(xyz, times, capture, trajectory)
     if not measured:
-        return ref, T, silhouettes(ref, ring)
-    found = silhouettes(xyz, ring)
+        return ref, T, silhouettes(ref, ring, intensity=intensity)
+    found = silhouettes(xyz, ring, intensity=intensity)
     # each silhouette point moves as its return: LiDAR frame at its time -> reference frame
     ref_ns = int(np.round(capture.astype(np.float64).mean()))
     t = np.broadcast_to(times, (xyz.shape[0],))[found.index]
@@ -702,19 +764,25 @@ TIME_PROBE_MS = 20.0         # the time offset's sharpness is measured this far 
 
 
 def _pattern_search(objective, x0: np.ndarray, steps: np.ndarray, min_steps: np.ndarray,
-                    active: np.ndarray, limits: np.ndarray, max_evals: int = 600):
+                    active: np.ndarray, limits: np.ndarray, max_evals: int = 600,
+                    valley: np.ndarray | None = None):
     """Maximize ``objective`` by compass search: try +-step on each active axis, move on
-    improvement, halve the steps when nothing improves."""
+    improvement, halve the steps when nothing improves. ``valley`` (len(x),): one more
+    direction, searched with the last axis's step (see :func:`_search`)."""
     x, best = x0.copy(), objective(x0)
     steps = steps.copy()
     evals = 1
+    axes = np.eye(x.size)
+    if valley is not None:
+        axes = np.r_[axes, np.asarray(valley, np.float64)[None] / valley[-1]]
+        steps, min_steps = np.r_[steps, steps[-1]], np.r_[min_steps, min_steps[-1]]
+        active = np.r_[active, active[-1]]
     while evals < max_evals and np.any(steps[active] >= min_steps[active]):
         improved = False
         for i in np.flatnonzero(active & (steps >= min_steps)):
             for sign in (1.0, -1.0):
-                cand = x.copy()
-                cand[i] += sign * steps[i]
-                if abs(cand[i]) > limits[i]:
+                cand = x + sign * steps[i] * axes[i]
+                if np.any(np.abs(cand) > limits):
                     continue
                 value = objective(cand)
                 evals += 1
@@ -735,6 +803,18 @@ def _move(T0: np.ndarray, x: np.ndarray, depth: float) -> np.ndarray:
     return perturb(T0, np.r_[x[:3] + comp, x[3:6]])
 
 
+def _travel_per_ms(frames: CameraFrames, T0: np.ndarray) -> np.ndarray:
+    """(3,) metres: the ego's mean travel in 1 ms at the frames' capture times, in the axes of
+    the camera ``T0``; moving the camera by it keeps the points where a capture time 1 ms
+    later puts them."""
+    moves = []
+    for view in frames.views:
+        poses = view.trajectory.pose_at(np.array([view.capture_ns,
+                                                  view.capture_ns + 10_000_000], np.int64))
+        moves.append((invert(poses[0]) @ poses[1])[:3, 3] / 10.0)
+    return np.asarray(T0, np.float64)[:3, :3] @ np.mean(moves, axis=0)
+
+
 def _evaluate(frames: CameraFrames, x: np.ndarray, depth: float,
               scale: float | None = None) -> float:
     """Score of the move ``x`` (6 extrinsic parameters, see :func:`_move`, and the shift of
@@ -744,10 +824,19 @@ def _evaluate(frames: CameraFrames, x: np.ndarray, depth: float,
 
 
 def _search(frames: CameraFrames, active: np.ndarray, limits: np.ndarray,
-            depth: float) -> np.ndarray:
+            depth: float, travel: np.ndarray | None = None) -> np.ndarray:
     """The coarse-to-fine compass search of :func:`refine` from the camera's extrinsic and
-    stamps: the move ``x`` (see :func:`_evaluate`) of the best score."""
+    stamps: the move ``x`` (see :func:`_evaluate`) of the best score. With ``travel``
+    (:func:`_travel_per_ms`) and both translation and time searched, a later capture time
+    together with the camera moved by the ego's travel in that time is one more direction:
+    along it the points hardly move (only the change of speed between frames shows), so a
+    search that has the translation wrong by the travel of the offset it has wrong is not
+    stuck there (from 2 degrees, 20 cm and 50 ms off it was, and both halves with it)."""
     x = np.zeros(7)
+    valley = None
+    if travel is not None and active[3:7].all():
+        # a pure translation: without the rotation that _move adds to sideways moves
+        valley = np.r_[-travel[1] / depth, travel[0] / depth, 0.0, travel, 1.0]
     f = frames.focal_px
     for scale in frames.scales:
         # step sizes follow the scale: about a scale's worth of pixels at 20 m (10 ms of
@@ -758,7 +847,7 @@ def _search(frames: CameraFrames, active: np.ndarray, limits: np.ndarray,
         min_steps = np.array([math.radians(0.02)] * 3 + [0.003] * 3 + [0.5])
         x, _ = _pattern_search(lambda p, s=scale: _evaluate(frames, p, depth, s), x,
                                steps, np.maximum(min_steps, steps / 16), active, limits,
-                               max_evals=900 if active[6] else 600)
+                               max_evals=900 if active[6] else 600, valley=valley)
     return x
 
 
@@ -806,7 +895,8 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
     room = max_translation_m / depth if translation else 0.0
     limits = np.array([math.radians(max_rotation_deg) + room] * 3 + [max_translation_m] * 3
                       + [max_offset_ms])
-    x = _search(frames, active, limits, depth)
+    travel = _travel_per_ms(frames, T0) if time_offset else None
+    x = _search(frames, active, limits, depth, travel)
     T = _move(T0, x, depth)
     best = _evaluate(frames, x, depth)
     result.found_T_cam_lidar = T
@@ -840,7 +930,7 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
                          'input calibration is too far off, or the data misleads')
         return result
     if verify:
-        xs = [_search(h, active, limits, depth) for h in frames.halves()]
+        xs = [_search(h, active, limits, depth, travel) for h in frames.halves()]
         rot, pos = extrinsic_error(*(_move(T0, h, depth) for h in xs))
         ms = abs(xs[0][6] - xs[1][6])
         result.spread = {'rotation_deg': rot, 'translation_m': pos if translation else 0.0}
@@ -1089,7 +1179,7 @@ class HealthSettings:
     """Calibration health of every camera, from the sweeps and images themselves."""
 
     enabled: bool = setting(True, 'check each camera\'s calibration against the data '
-                            '(silhouettes of the sweeps on image edges)')
+                            '(silhouettes and paint of the sweeps on image edges)')
     sweep_stride: int = setting(10, 'use one synchronized set in this many (nearby sweeps '
                                 'repeat the same view)', ge=1)
     window: int = setting(10, 'sets kept per camera; the check uses all of them', ge=1,
@@ -1146,10 +1236,11 @@ class HealthMonitor:
         self._kept = 0
 
     def add(self, xyz: np.ndarray, images: dict, *, ring: np.ndarray | None = None,
-            point_time_ns: np.ndarray | None = None, capture_ns: dict | None = None,
-            trajectory=None) -> dict | None:
+            intensity: np.ndarray | None = None, point_time_ns: np.ndarray | None = None,
+            capture_ns: dict | None = None, trajectory=None) -> dict | None:
         """One synchronized set: ``xyz`` (N, 3) LiDAR frame, ``images`` {camera name: RGB
-        (H, W, 3) uint8}; optional ``ring`` (N,), ``point_time_ns`` (N,) with ``capture_ns``
+        (H, W, 3) uint8}; optional ``ring`` (N,), ``intensity`` (N,) (reflectance edges),
+        ``point_time_ns`` (N,) with ``capture_ns``
         {camera name: true capture time ns} and a ``trajectory`` for motion compensation.
         Returns {camera name: :class:`CameraHealth`} when a check ran, else None."""
         if not self.settings.enabled:
@@ -1164,8 +1255,9 @@ class HealthMonitor:
         if capture_ns is not None and all(n in capture_ns for n in names):
             stamps = np.array([capture_ns[n] for n in names], np.int64)
         try:
-            ref, T, found = prepare_sweep(xyz, ring=ring, point_time_ns=point_time_ns,
-                                          capture_ns=stamps, trajectory=trajectory)
+            ref, T, found = prepare_sweep(xyz, ring=ring, intensity=intensity,
+                                          point_time_ns=point_time_ns, capture_ns=stamps,
+                                          trajectory=trajectory)
         except AlignmentError as exc:
             for n in names:
                 self._skipped[(n, str(exc))] += 1

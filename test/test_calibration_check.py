@@ -87,6 +87,74 @@ def test_silhouettes_of_a_box_in_front_of_a_wall():
     assert np.all(found.tangent[top & ~sides, 2] > 0.9)
 
 
+def _painted_road(scale=1.0, seed=0):
+    """A 32-beam sweep of flat ground 1.8 m below the LiDAR with two lines of paint running
+    ahead (16 cm wide, centred 1.5 m left and 2.0 m right), intensity 0.1 road / 0.75 paint
+    with noise; and the lines' edges (y values)."""
+    az = np.radians(np.arange(-60.0, 60.0, 0.2))
+    el = np.radians(np.linspace(-25.0, -5.0, 32))
+    A, E = np.meshgrid(az, el)
+    ring = np.repeat(np.arange(32), az.size)
+    r = (1.8 / np.sin(-E)).ravel()
+    xyz = np.stack([r * np.cos(E.ravel()) * np.cos(A.ravel()),
+                    r * np.cos(E.ravel()) * np.sin(A.ravel()), -1.8 * np.ones(r.size)], 1)
+    edges = np.array([1.42, 1.58, -2.08, -1.92])
+    paint = (np.abs(xyz[:, 1] - 1.5) < 0.08) | (np.abs(xyz[:, 1] + 2.0) < 0.08)
+    noise = np.random.default_rng(seed).normal(0, 0.03, r.size)
+    intensity = scale * np.clip(np.where(paint, 0.75, 0.1) + noise, 0, 1)
+    return xyz.astype(np.float32), ring, intensity.astype(np.float32), edges
+
+
+def test_reflectance_edges_of_painted_lines():
+    """Paint on flat ground: no silhouette, but with the intensities every crossing of a
+    line's edge is found, half way between the two returns (within half an azimuth step of
+    the true edge), with no direction; the intensity's scale (0-1 or 0-255) does not matter
+    and non-finite intensities are skipped."""
+    xyz, ring, intensity, edges = _painted_road()
+    assert len(cc.silhouettes(xyz, ring)) == 0
+    found = cc.silhouettes(xyz, ring, intensity=intensity)
+    y = found.points[:, 1].astype(np.float64)
+    off = np.abs(y[:, None] - edges[None]).min(1)
+    half_step = 0.5 * math.radians(0.2) * np.linalg.norm(found.points[:, :2], axis=1)
+    # 32 beams x 4 edges crossed inside +-60 degrees, a few lost to the noise test
+    assert len(found) >= 0.9 * 32 * 4, len(found)
+    assert np.all(off <= 1.05 * half_step + 0.01), off.max()
+    assert np.all(np.abs(found.points[:, 2] + 1.8) < 1e-3)
+    assert not found.tangent.any() and np.all(found.weights == cc.INTENSITY_WEIGHT)
+    scaled = cc.silhouettes(xyz, ring, intensity=255.0 * intensity)
+    assert np.array_equal(scaled.index, found.index)
+    broken = intensity.copy()
+    broken[::13] = np.nan
+    assert 0.5 * len(found) < len(cc.silhouettes(xyz, ring, intensity=broken)) < len(found)
+    with pytest.raises(cc.AlignmentError, match='intensity'):
+        cc.silhouettes(xyz, ring, intensity=intensity[:-1])
+
+
+def test_painted_lines_fix_the_camera_height_and_side(sim_frames):
+    """The reflectance edges of the synthetic drive (paint on the road) alone score best at
+    the true extrinsic: 5 and 10 cm sideways, up or down lose score. These are the
+    directions silhouettes constrain least (only through parallax)."""
+    cam = sim_frames[0].calibration.cameras[0]
+    paint = cc.CameraFrames(cam)
+    for fr in sim_frames:
+        ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, intensity=fr.intensity,
+                                         point_time_ns=fr.point_time_ns,
+                                         capture_ns=fr.camera_stamp_ns,
+                                         trajectory=fr.trajectory())
+        keep = ~found.tangent.any(axis=1)
+        only = dataclasses.replace(found, points=found.points[keep], tangent=found.tangent[keep],
+                                   weights=found.weights[keep], blur=found.blur[keep],
+                                   index=found.index[keep])
+        assert paint.add(ref, fr.images[0], ring=fr.ring, T_capture_sweep=T[0], found=only) > 30
+    at_truth = paint.score(cam.T_cam_lidar, 2.0)
+    for axis in (0, 1):                                       # camera x (right), y (down)
+        for metres, loss in ((-0.1, 0.08), (-0.05, 0.02), (0.05, 0.02), (0.1, 0.08)):
+            move = np.zeros(6)
+            move[3 + axis] = metres
+            moved = paint.score(cc.perturb(cam.T_cam_lidar, move), 2.0)
+            assert moved < at_truth - loss, (axis, metres, moved, at_truth)
+
+
 def test_ring_order_of_the_kitti_scan(data_dir):
     """KITTI's .bin scan stores the beams one after the other: the beam of each point is read
     from the order (the elevations of a 64-beam scan are too uneven to round to beams)."""
@@ -178,7 +246,7 @@ def test_health_monitor_verdicts(sim_frames):
     assert 'unusable' in out[rig.names[0]].message
 
 
-def offset_frames(frames, offset_ms, camera=None):
+def offset_frames(frames, offset_ms, camera=None, intensity=False):
     """The frames' camera with its images stamped ``offset_ms`` before their capture (the
     driver's stamps), prepared with capture times and ego poses for a time offset search."""
     cam = camera or frames[0].calibration.cameras[0]
@@ -187,7 +255,8 @@ def offset_frames(frames, offset_ms, camera=None):
         stamps = fr.camera_stamp_ns - int(round(offset_ms * 1e6))
         traj = fr.trajectory()
         ref, T, found = cc.prepare_sweep(fr.xyz, ring=fr.ring, point_time_ns=fr.point_time_ns,
-                                         capture_ns=stamps, trajectory=traj)
+                                         capture_ns=stamps, trajectory=traj,
+                                         intensity=fr.intensity if intensity else None)
         prepared.add(ref, fr.images[0], ring=fr.ring, T_capture_sweep=T[0], found=found,
                      capture_ns=int(stamps[0]), trajectory=traj)
     return prepared
@@ -241,3 +310,24 @@ def test_joint_search_recovers_rotation_and_time_offset(sim_frames):
     residual_deg = math.degrees(math.acos(np.clip((np.trace(R) - 1) / 2, -1, 1)))
     assert residual_deg < 0.3, result.to_dict()
     assert abs(result.time_offset_ns * 1e-6 - 25.0) < 5.0, result.to_dict()
+
+
+def test_offset_and_travel_valley(sim_frames):
+    """A capture time 20 ms later with the camera moved by the ego's travel in 20 ms
+    (``_travel_per_ms``: the direction the joint search also steps along) hardly moves the
+    points: the score drops much less than with the time alone, and much more with the camera
+    moved the other way. Along this valley an offset and a translation trade."""
+    cam = sim_frames[0].calibration.cameras[0]
+    frames = offset_frames(sim_frames, 0.0, intensity=True)
+    travel = cc._travel_per_ms(frames, cam.T_cam_lidar)                # camera axes, per ms
+    assert 3.0 < 1000 * np.linalg.norm(travel) < 16.0 and travel[2] > 0  # forward, 3-16 m/s
+    at_truth = frames.score(cam.T_cam_lidar, 2.0)
+    for ms in (-20.0, 20.0):
+        later = frames.shifted(int(ms * 1e6))
+        alone = at_truth - later.score(cam.T_cam_lidar, 2.0)
+        along = at_truth - later.score(cc.perturb(cam.T_cam_lidar, np.r_[np.zeros(3),
+                                                                         ms * travel]), 2.0)
+        against = at_truth - later.score(cc.perturb(cam.T_cam_lidar, np.r_[np.zeros(3),
+                                                                           -ms * travel]), 2.0)
+        assert alone > 0.02 and along < 0.4 * alone and against > 1.5 * alone, \
+            (ms, alone, along, against)

@@ -287,6 +287,9 @@ def test_health_check_finds_the_misaligned_camera_and_refuse_drops_only_it(drive
     assert checks[:2] == [None, None] and set(checks[2]) == {'front', 'front_left'}
     front, left = pipeline.health['front'], pipeline.health['front_left']
     assert front.status == 'ok' and front.report.frames == 3, front.message
+    # the cloud's intensity field reached the check: reflectance edges (no direction) scored
+    views = pipeline.health_monitor._frames['front'].views
+    assert sum(int(np.isnan(v.across).sum()) for v in views) > 10
     assert left.status == 'misaligned' and 'fit better' in left.message, left.message
     assert left.report.better_neighbours > config.health.warn_better_neighbours
     # refuse_misaligned off (the default): both cameras recorded

@@ -525,6 +525,7 @@ class CollectPipeline:
         capture = {n: int(s) + int(sweep.rig.camera(n).time_offset_ns)
                    for n, s in zip(sweep.camera_names, sweep.camera_stamp_ns)}
         result = monitor.add(sweep.xyz, images, ring=sweep.ring,
+                             intensity=scalar_field(sweep.points, 'intensity', np.float32),
                              point_time_ns=sweep.point_time_ns, capture_ns=capture,
                              trajectory=sweep.trajectory)
         if result is not None or restarted:

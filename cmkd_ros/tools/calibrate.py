@@ -1,6 +1,7 @@
 """``cmkd calibrate``: targetless refinement of each camera's extrinsic from the data itself.
 
-Silhouettes of the LiDAR sweeps (range jumps) are matched with the images' edges and each
+Silhouettes of the LiDAR sweeps (range jumps) and their reflectance edges (paint on the road,
+when the cloud has intensities) are matched with the images' edges and each
 camera's ``T_cam_lidar`` is moved to where they agree best (:mod:`cmkd_ros.calibration_check`).
 Inputs are those of ``cmkd overlay``: a rosbag2 folder, a pair dataset folder, the shared
 nuScenes / KITTI sample folders, or ``--cloud FILE --image NAME=FILE --calibration rig.yaml``;
@@ -77,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'write it as time_offset_ns')
     parser.add_argument('--max-time-offset-ms', type=float, default=100.0,
                         help='search the time offset at most this far from the input one (ms)')
+    parser.add_argument('--intensity', action=argparse.BooleanOptionalAction, default=True,
+                        help='also match the sweeps\' reflectance edges (paint on the road) '
+                             'when the cloud has intensities (--no-intensity: silhouettes only)')
     parser.add_argument('--extrinsic', action=argparse.BooleanOptionalAction, default=True,
                         help='refine the extrinsic (--no-extrinsic with --time-offset: only '
                              'the time offset)')
@@ -115,10 +119,11 @@ def _in_image(frame: OverlayFrame, c: int) -> int:
     return int(valid.sum())
 
 
-def prepare_cameras(frames: list[OverlayFrame], names: list[str], max_width: int = 0
-                    ) -> tuple[dict, dict]:
+def prepare_cameras(frames: list[OverlayFrame], names: list[str], max_width: int = 0,
+                    intensity: bool = True) -> tuple[dict, dict]:
     """Per camera name, its :class:`CameraFrames` over every frame, and the problems met
-    ({name: message}; such a camera is not refined)."""
+    ({name: message}; such a camera is not refined). ``intensity``: use the reflectance edges
+    of clouds that have intensities."""
     from cmkd_ros.projection import camera_capture_ns
     cams = {n: CameraFrames(frames[0].rig.camera(n), max_width=max_width) for n in names}
     problems: dict[str, str] = {}
@@ -130,6 +135,7 @@ def prepare_cameras(frames: list[OverlayFrame], names: list[str], max_width: int
             capture = camera_capture_ns(frame.rig, frame.camera_stamp_ns)
         try:
             ref, T, found = prepare_sweep(frame.xyz, ring=frame.ring,
+                                          intensity=frame.intensity if intensity else None,
                                           point_time_ns=frame.point_time_ns,
                                           capture_ns=capture, trajectory=frame.trajectory)
         except AlignmentError as exc:
@@ -220,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration and os.path.isfile(args.calibration):
             rig_in = RigCalibration.load(args.calibration)     # every camera, for the output
         names = _chosen_cameras(args, frames[0].rig)
-        cams, problems = prepare_cameras(frames, names, args.max_width)
+        cams, problems = prepare_cameras(frames, names, args.max_width, args.intensity)
         if len(problems) == len(names):
             raise AlignmentError('; '.join(f'{n}: {m}' for n, m in problems.items()))
     except (OverlayError, AlignmentError, CalibrationError, ValueError, OSError) as exc:
