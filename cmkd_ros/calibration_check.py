@@ -406,6 +406,7 @@ class _View:
     maps: dict = field(default_factory=dict)
     capture_ns: int | None = None    # the camera's capture time the points are moved to
     trajectory: object = None        # ego poses (T_world_lidar) around it, for time shifts
+    paint: np.ndarray | None = None  # (M,) bool: reflectance edges (the rest: silhouettes)
 
 
 @dataclass
@@ -499,7 +500,7 @@ class CameraFrames:
                                 (np.rint(gx * 255).astype(np.uint8),
                                  np.rint(gy * 255).astype(np.uint8)),
                                 capture_ns=None if capture_ns is None else int(capture_ns),
-                                trajectory=trajectory))
+                                trajectory=trajectory, paint=~tangent.any(axis=1)))
         return int(front.sum())
 
     def with_extrinsic(self, T_cam_lidar: np.ndarray) -> 'CameraFrames':
@@ -527,7 +528,7 @@ class CameraFrames:
                 points, inner = v.points, v.inner
             out.views.append(_View(points, v.weights, v.across, v.least_scale, inner,
                                    v.gradients, v.maps, v.capture_ns + int(offset_ns),
-                                   v.trajectory))
+                                   v.trajectory, v.paint))
         return out
 
     def release(self) -> None:
@@ -597,7 +598,8 @@ class CameraFrames:
                 inner = v.inner[_sector(v.inner, sector_deg) == parity]
                 half.views.append(_View(v.points[pick], v.weights[pick], v.across[pick],
                                         v.least_scale[pick], inner, v.gradients, v.maps,
-                                        v.capture_ns, v.trajectory))
+                                        v.capture_ns, v.trajectory,
+                                        None if v.paint is None else v.paint[pick]))
             out.append(half)
         return out[0], out[1]
 
@@ -609,10 +611,17 @@ class CameraFrames:
         depths = np.concatenate(depths) if depths else np.zeros(0)
         return float(np.median(depths)) if depths.size else 10.0
 
-    def points_in_view(self, T_cam_lidar: np.ndarray | None = None) -> int:
-        """Silhouette points that ``T_cam_lidar`` (default: the camera's) puts in the images."""
+    def points_in_view(self, T_cam_lidar: np.ndarray | None = None,
+                       paint: bool = False) -> int:
+        """Edge points that ``T_cam_lidar`` (default: the camera's) puts in the images; with
+        ``paint`` only the reflectance edges among them."""
         T = self.camera.T_cam_lidar if T_cam_lidar is None else T_cam_lidar
-        return int(sum(valid.sum() for _, valid in self._project(T)))
+        total = 0
+        for view, (_, valid) in zip(self.views, self._project(T)):
+            if paint:
+                valid = valid & view.paint if view.paint is not None else valid & False
+            total += int(valid.sum())
+        return total
 
     def _project(self, T_cam_lidar: np.ndarray, inner: bool = False):
         """Per view, (uv, valid) of its silhouette (or contrast) points: one projection of
@@ -732,6 +741,7 @@ class RefineResult:
     frames: int
     edge_points: int
     sharpness: dict                  # score drop per parameter at the optimum (constraint)
+    paint_points: int = 0            # of the edge points: reflectance edges (paint)
     found_T_cam_lidar: np.ndarray | None = None   # the optimum, even when not accepted
     spread: dict = field(default_factory=dict)       # disagreement of the two data halves
     time_offset_ns: int | None = None    # with time_offset: add to time_offset_ns (converged)
@@ -740,6 +750,7 @@ class RefineResult:
     def to_dict(self) -> dict:
         out = {'camera': self.camera, 'converged': self.converged, 'reason': self.reason,
                'frames': self.frames, 'edge_points': self.edge_points,
+               'paint_points': self.paint_points,
                'initial_score': round(self.initial_score, 4), 'score': round(self.score, 4),
                'rotation_change_deg': round(self.rotation_change_deg, 3),
                'translation_change_cm': round(100 * self.translation_change_m, 2),
@@ -879,7 +890,9 @@ def refine(frames: CameraFrames, *, translation: bool = True, max_rotation_deg: 
     n_in_view = frames.points_in_view(T0) if frames.views else 0
     initial = frames.score(T0) if frames.views else 0.0
     result = RefineResult(cam.name, T0.copy(), initial, initial, 0.0, 0.0, False, '',
-                          len(frames.views), n_in_view, {})
+                          len(frames.views), n_in_view, {},
+                          paint_points=frames.points_in_view(T0, paint=True)
+                          if frames.views else 0)
     if not frames.views:
         result.reason = 'no frames'
         return result

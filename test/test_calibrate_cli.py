@@ -52,6 +52,8 @@ def test_recovers_a_rotation_from_a_pair_dataset(world, tmp_path):
     report = json.loads((out / 'report.json').read_text())['cameras'][name]
     assert report['converged'] and report['frames'] == 3
     assert report['score'] > report['initial_score'] + 0.05
+    # the pairs' intensities gave reflectance edges (paint on the road) besides silhouettes
+    assert 30 < report['paint_points'] < 0.5 * report['edge_points'], report
     assert report['halves_disagree']['rotation_deg'] < 0.5
     picture = cv2.imread(str(out / f'{name}_before_after.png'))
     assert picture.shape == (2 * 270, 480, 3)

@@ -315,9 +315,9 @@ def _calibrate_camera(frames: CameraFrames, args: argparse.Namespace
         return result.to_dict(), None, None, 'not refined: ' + result.reason[:80]
     offset = result.time_offset_ns if args.time_offset else None
     timing = '' if offset is None else f', time offset {offset * 1e-6:+.1f} ms'
-    print(f'{name}: refined from {result.frames} frame(s), {result.edge_points} silhouette '
-          f'points: rotation {result.rotation_change_deg:.3f} deg, translation '
-          f'{100 * result.translation_change_m:.1f} cm{timing}, score '
+    print(f'{name}: refined from {result.frames} frame(s), {result.edge_points} edge points '
+          f'({result.paint_points} on paint): rotation {result.rotation_change_deg:.3f} deg, '
+          f'translation {100 * result.translation_change_m:.1f} cm{timing}, score '
           f'{result.initial_score:.3f} -> {result.score:.3f}')
     return (result.to_dict(), result.T_cam_lidar, offset,
             f'refined: score {result.score:.3f}, moved {result.rotation_change_deg:.2f} deg '
