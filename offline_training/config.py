@@ -145,6 +145,17 @@ class TeacherSection:
                               'state dict / TorchScript file); required by udakd and fskd')
     cache_mb: int = setting(2048, 'memory (MiB, per process) for teacher features memoised per '
                             'image (the teacher is frozen); 0: recompute every step', ge=0)
+    scales: tuple[float, ...] = setting(
+        (1.0,), "the distillation targets: the teacher's features averaged over the images "
+        'enlarged by these factors (each map resized to the first one\'s size; thin objects '
+        'cover more feature cells in an enlarged image)', gt=0.0, le=4.0)
+    flip: bool = setting(False, "the distillation targets: the teacher's features averaged "
+                         'with those of the mirrored images (mirrored back)')
+
+    def validate(self) -> None:
+        if not self.scales:
+            raise ConfigError('teacher.scales: give at least one scale (1.0: the images as '
+                              'they are)')
 
 
 @dataclass(frozen=True)

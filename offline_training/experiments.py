@@ -123,6 +123,9 @@ class ExperimentsConfig:
                                    help='extra data keys of every student run (TrainConfig.data)')
     loss: dict[str, Any] = setting(default_factory=dict,
                                    help='loss keys of the distillation runs (TrainConfig.loss)')
+    teacher_targets: dict[str, Any] = setting(
+        default_factory=dict, help='teacher keys of the distillation runs (TrainConfig.teacher: '
+        'scales, flip; e.g. {scales: [1.0, 1.5], flip: true}: measured in docs/history.md)')
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do (udakd: the UDAKD '
                                     'pre-training alone, which udakd_finetune includes)',
                                     choices=RUNS + ('udakd',))
@@ -245,7 +248,8 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
                        'batch_size': cfg.batch_size},
               'optim': {'lr': cfg.lr, 'warmup_steps': 20},
               'student': dict(cfg.student)}
-    distill = {**common, 'steps': cfg.student_steps, 'teacher': {'checkpoint': teacher},
+    distill = {**common, 'steps': cfg.student_steps,
+               'teacher': {**cfg.teacher_targets, 'checkpoint': teacher},
                'loss': dict(cfg.loss),
                'share_teacher_classifier': True, 'freeze_classifier': True}
     few = {'data': {'label_fraction': cfg.label_fraction, 'label_unit': 'scans'},

@@ -95,17 +95,40 @@ def seed_everything(seed: int) -> None:
 # Loss terms of each method: (student outputs, batch, context) -> {name: scalar tensor}
 
 
+def averaged_features(teacher: torch.nn.Module, images: torch.Tensor,
+                      scales: tuple = (1.0,), flip: bool = False) -> torch.Tensor:
+    """``teacher.features`` of ``images`` (B, 3, H, W) averaged over the images enlarged by
+    each of ``scales`` and, with ``flip``, over their mirror images (mirrored back); every map
+    resized (bilinear) to the first one's size. ``scales=(1.0,)`` without flip: the features
+    as they are."""
+    maps = []
+    for scale in scales:
+        enlarged = images if scale == 1.0 else F.interpolate(
+            images, scale_factor=float(scale), mode='bilinear', align_corners=False)
+        for mirror in ((False, True) if flip else (False,)):
+            feats = teacher.features(enlarged.flip(-1) if mirror else enlarged)
+            feats = feats.flip(-1) if mirror else feats
+            if maps and feats.shape[-2:] != maps[0].shape[-2:]:
+                feats = F.interpolate(feats, size=maps[0].shape[-2:], mode='bilinear',
+                                      align_corners=False)
+            maps.append(feats)
+    return maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
+
+
 class TeacherFeatureCache:
     """``teacher.features`` of uint8 images, memoised by image content up to ``max_bytes``.
 
     The teacher is frozen and images are not augmented, so an image's features never change:
     computing them once per image instead of once per step makes distillation several times
     cheaper on CPU. Features are kept as float16 on the CPU; once the budget is used up new
-    images are computed but not stored.
+    images are computed but not stored. ``scales``, ``flip``: the features averaged over
+    enlarged and mirrored images (:func:`averaged_features`).
     """
 
-    def __init__(self, teacher: torch.nn.Module, max_bytes: int):
+    def __init__(self, teacher: torch.nn.Module, max_bytes: int, scales: tuple = (1.0,),
+                 flip: bool = False):
         self.teacher = teacher
+        self.scales, self.flip = tuple(scales), bool(flip)
         self.max_bytes = int(max_bytes)
         self.bytes_used = 0
         self.entries: dict[bytes, torch.Tensor] = {}
@@ -121,14 +144,14 @@ class TeacherFeatureCache:
         """(B, 3, H, W) uint8 RGB -> (B, D, h, w) float features (no gradient)."""
         with torch.no_grad():
             if self.max_bytes <= 0 or images.dtype != torch.uint8:
-                return self.teacher.features(images.float() / 255.0 if images.dtype ==
-                                             torch.uint8 else images).float()
+                return self._features(images.float() / 255.0 if images.dtype ==
+                                      torch.uint8 else images).float()
             keys = [self.key(image) for image in images]
             missing = sorted({i for i, k in enumerate(keys) if k not in self.entries})
             fresh = {}
             if missing:
                 # float16 both when stored and when fresh: hits and misses give equal values
-                feats = self.teacher.features(images[missing].float() / 255.0).half()
+                feats = self._features(images[missing].float() / 255.0).half()
                 for row, i in enumerate(missing):
                     fresh[keys[i]] = feats[row].float()
                     size = feats[row].numel() * 2
@@ -140,6 +163,9 @@ class TeacherFeatureCache:
             return torch.stack([fresh[k] if k in fresh else
                                 self.entries[k].to(images.device, torch.float32)
                                 for k in keys])
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return averaged_features(self.teacher, images, self.scales, self.flip)
 
 
 class LossContext:
@@ -608,7 +634,8 @@ class Trainer:
         self.class_map = get_class_map(config.class_map)
         self.teacher = build_frozen_teacher(config, self.class_map, self.device)
         self.teacher_cache = None if self.teacher is None else TeacherFeatureCache(
-            self.teacher, config.teacher.cache_mb * 2 ** 20)
+            self.teacher, config.teacher.cache_mb * 2 ** 20, config.teacher.scales,
+            config.teacher.flip)
         self.student = build_student_model(config, self.class_map, self.teacher).to(self.device)
         self.model: torch.nn.Module = self.student
         if self.distributed:

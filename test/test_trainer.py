@@ -337,6 +337,38 @@ def test_teacher_feature_cache_returns_the_same_features(tiny):
     torch.testing.assert_close(first, direct, rtol=1e-2, atol=1e-2)
 
 
+def test_teacher_targets_averaged_over_scales_and_mirror_images(tiny, tmp_path):
+    """teacher.scales / teacher.flip: the targets are the mean of the teacher's features over
+    the enlarged images (resized back to the first map) and their mirror images (mirrored
+    back): a mirror-symmetric image gets mirror-symmetric targets; the defaults change
+    nothing; the trainer's cache uses the settings."""
+    import torch.nn.functional as F
+    teacher = load_teacher(tiny['teacher'])
+    images = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        plain = teacher.features(images)
+        torch.testing.assert_close(T.averaged_features(teacher, images), plain)
+        both = T.averaged_features(teacher, images, (1.0, 2.0))
+        big = F.interpolate(teacher.features(F.interpolate(images, scale_factor=2.0,
+                                                           mode='bilinear')),
+                            size=plain.shape[-2:], mode='bilinear')
+        torch.testing.assert_close(both, 0.5 * (plain + big))
+        symmetric = torch.cat([images[..., :32], images[..., :32].flip(-1)], -1)
+        mirrored = T.averaged_features(teacher, symmetric, (1.0, 1.5), flip=True)
+        assert mirrored.shape == plain.shape
+        torch.testing.assert_close(mirrored, mirrored.flip(-1))
+        assert not torch.allclose(teacher.features(symmetric),
+                                  teacher.features(symmetric).flip(-1), atol=1e-3)
+    trainer = T.Trainer(make_config(tiny, 'fskd', tmp_path / 'run', 'teacher.scales=[1.0,1.5]',
+                                    'teacher.flip=true'))
+    assert trainer.teacher_cache.scales == (1.0, 1.5) and trainer.teacher_cache.flip
+    uint8 = (images * 255).to(torch.uint8)
+    torch.testing.assert_close(
+        trainer.teacher_cache(uint8),
+        T.averaged_features(trainer.teacher, uint8.float() / 255, (1.0, 1.5), True),
+        rtol=1e-2, atol=1e-2)
+
+
 def test_one_device_rule_for_training_evaluation_and_inference(tiny, tmp_path):
     """cmkd_ros.models.resolve_device: auto is CUDA where present; a GPU asked for and absent
     is a ConfigError naming the device, the same in the trainer and the evaluation."""
