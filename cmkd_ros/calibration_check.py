@@ -619,7 +619,8 @@ class CameraFrames:
         total = 0
         for view, (_, valid) in zip(self.views, self._project(T)):
             if paint:
-                valid = valid & view.paint if view.paint is not None else valid & False
+                valid = valid & view.paint if view.paint is not None else \
+                    np.zeros_like(valid)
             total += int(valid.sum())
         return total
 
