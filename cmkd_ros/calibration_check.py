@@ -485,7 +485,8 @@ class CameraFrames:
         d = np.nan_to_num(project_points(pts + step * tangent, rig)[0][0] - uv0)
         length2 = (d ** 2).sum(1)
         across = np.where(length2 > 0, d[:, 0] ** 2 / np.maximum(length2, 1e-12), 0.5)
-        across[~tangent.any(axis=1)] = np.nan     # a reflectance edge: either gradient
+        paint = ~tangent.any(axis=1)               # reflectance edges: no direction known
+        across[paint] = np.nan                     # (either image gradient)
         if not self.oriented:
             across = np.full(across.shape, np.nan)
         least = blur * self.focal_px if self.matched else np.zeros(len(pts))
@@ -500,7 +501,7 @@ class CameraFrames:
                                 (np.rint(gx * 255).astype(np.uint8),
                                  np.rint(gy * 255).astype(np.uint8)),
                                 capture_ns=None if capture_ns is None else int(capture_ns),
-                                trajectory=trajectory, paint=~tangent.any(axis=1)))
+                                trajectory=trajectory, paint=paint))
         return int(front.sum())
 
     def with_extrinsic(self, T_cam_lidar: np.ndarray) -> 'CameraFrames':
