@@ -24,8 +24,10 @@ import tempfile
 import threading
 import time
 
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')        # as the nodes do, before torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from cmkd_ros.openmp import openmp_defaults  # noqa: E402
+openmp_defaults()                                   # as the nodes do, before torch loads
 import numpy as np  # noqa: E402
 from bench_segment_node import make_checkpoint  # noqa: E402
 

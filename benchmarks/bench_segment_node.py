@@ -32,8 +32,9 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')        # as the nodes do, before torch
 sys.path.insert(0, str(ROOT))                                    # run from a checkout
+from cmkd_ros.openmp import openmp_defaults  # noqa: E402
+openmp_defaults()                                   # as the nodes do, before torch loads
 DATA = pathlib.Path(os.environ.get('CMKD_DATA_DIR', ROOT.parent / 'shared' / 'data'))
 
 from cmkd_ros.nodes.background_node import BackgroundNode  # noqa: E402

@@ -5,6 +5,8 @@ median forward latency after warm-up for each backend in the same run (the torch
 float32 and in bfloat16, MinkowskiEngine in float32), the ratio ours / ME, the
 convolution work (GFLOP counted from the kernel maps) and the achieved GFLOP/s against a torch
 sgemm peak measured in the same run. Other processes share this machine: read the ratios.
+The process runs as the segment node does: its OpenMP settings (``--omp-wait node``) and freed
+memory kept mapped.
 
     python benchmarks/bench_student.py [--threads 2] [--repeats 10] [--device cpu|cuda]
 """
@@ -52,29 +54,39 @@ def parse_args(argv=None):
     parser.add_argument('--backends', default='torch,torch_bf16,ref,ref_bf16,minkowski',
                         help='comma list of: torch, torch_bf16 (bfloat16 arithmetic), ref, '
                         'ref_bf16 (the same with the compiled kernels off), minkowski')
-    parser.add_argument('--omp-wait', choices=('env', 'passive', 'active'), default='env',
-                        help='OpenMP wait policy for both backends: env = leave OMP_WAIT_POLICY '
-                        'as set; passive sleeps at barriers (robust when other processes keep '
-                        'the cores busy)')
+    parser.add_argument('--omp-wait', choices=('node', 'env', 'passive', 'active'),
+                        default='node',
+                        help='OpenMP wait policy for both backends: node = as the nodes run '
+                        '(cmkd_ros/openmp.py: spin about 0.1 ms, then sleep, unless '
+                        'OMP_WAIT_POLICY is set); env = leave OMP_WAIT_POLICY and GOMP_SPINCOUNT '
+                        'as set; passive = sleep at once; active = spin')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.omp_wait != 'env':  # must be set before torch (libgomp) is loaded
+    sys.path.insert(0, str(REPO))
+    from cmkd_ros.openmp import openmp_defaults
+    # must be set before torch (libgomp) is loaded
+    if args.omp_wait == 'node':
+        openmp_defaults()
+    elif args.omp_wait != 'env':
         os.environ['OMP_WAIT_POLICY'] = args.omp_wait.upper()
+        os.environ.pop('GOMP_SPINCOUNT', None)
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
     os.environ.setdefault('OPENBLAS_NUM_THREADS', str(args.threads))
     import numpy as np
     import torch
-    sys.path.insert(0, str(REPO))
     from cmkd_ros.config import build
     from cmkd_ros.models import (StudentConfig, build_student, point_features,
                                  precision_context, voxelize)
+    from cmkd_ros.pipelines.segment import keep_freed_memory
     from cmkd_ros.sparse import SparseConv3d, SparseTensor, minkowski_available, native
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # as the segment node runs on the CPU: freed temporaries stay mapped (no page faults)
+    kept = device.type == 'cpu' and keep_freed_memory()
     points = np.fromfile(args.scan, dtype=np.float32).reshape(-1, 5)
     backends = [b for b in args.backends.split(',') if b]
     if 'minkowski' in backends and not minkowski_available():
@@ -99,6 +111,8 @@ def main(argv=None) -> int:
     peak = 2 * 2048 ** 3 / min(times[1:]) / 1e9
     print(f'device {device}, threads {args.threads}, points {points.shape[0]}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
+          f'GOMP_SPINCOUNT={os.environ.get("GOMP_SPINCOUNT", "(unset)")}, '
+          f'freed memory kept {"yes" if kept else "no"}, '
           f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s\n'
           f'compiled sparse kernels: {native.status()}')
 

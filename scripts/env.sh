@@ -30,7 +30,9 @@ for _cmkd_exe in collect_node segment_node; do
   fi
 done
 unset _cmkd_exe
-# Idle OpenMP workers must not spin: on shared cores spinning made 2-thread inference 10x slower.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# The nodes' OpenMP settings (cmkd_ros/openmp.py): idle workers spin about 0.1 ms, then sleep.
+if [ -z "${OMP_WAIT_POLICY+set}" ]; then
+  export OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
+fi
 export CMKD_DATA_DIR="${CMKD_DATA_DIR:-$_cmkd_root/../shared/data}"
 unset _cmkd_root _cmkd_venv

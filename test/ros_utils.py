@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from cmkd_ros.nodes.background_node import BackgroundNode
 from cmkd_ros.nodes.launch_support import profile_variables
+from cmkd_ros.openmp import OPENMP_DEFAULTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROFILE = REPO / 'config' / 'fastdds_shm.xml'
@@ -31,7 +32,7 @@ BASE_ENV = {
     profile_variables({**os.environ, 'AMENT_PREFIX_PATH': os.environ.get('AMENT_PREFIX_PATH')
                        or sys.prefix})[0]: str(PROFILE),
     'PYTHONUNBUFFERED': '1',
-    'OMP_WAIT_POLICY': 'PASSIVE',
+    **OPENMP_DEFAULTS,
 }
 
 

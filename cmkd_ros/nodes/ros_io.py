@@ -474,13 +474,12 @@ def run_node(node_cls: type, node_name: str, config_cls: type, summary: str,
     An error of ``startup_errors`` while the node is built (a bad parameter, calibration or
     checkpoint) is logged as fatal and exits with status 2 instead of a traceback.
     """
-    import os
     import sys
 
     import rclpy
-    # Before torch loads OpenMP: spinning OpenMP workers slow 2-thread inference down 10x and
-    # more when the cores are shared with other processes (measured on 2 busy cores).
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+    from cmkd_ros.openmp import openmp_defaults
+    openmp_defaults()  # before torch loads OpenMP: how its idle workers wait
     exit_if_help_requested(sys.argv if args is None else list(args), node_name, config_cls,
                            summary)
     rclpy.init(args=args)

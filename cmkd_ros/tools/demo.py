@@ -168,9 +168,10 @@ def _parallel(jobs: Jobs, commands: list[tuple[str, ...]], slots: int = 2) -> No
 
 def _ros_env() -> dict:
     """An isolated ROS 2 graph for the demo's processes (own domain, localhost discovery)."""
+    from cmkd_ros.openmp import openmp_defaults
     env = dict(os.environ)
     env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    openmp_defaults(env)
     env['ROS_DOMAIN_ID'] = str(os.getpid() % 90 + 5)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     return env

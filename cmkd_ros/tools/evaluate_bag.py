@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cmkd_ros.config import PRECISION_CHOICES
+from cmkd_ros.openmp import openmp_defaults
 from cmkd_ros.tools.replay import ReplayError, open_bag
 
 OUTPUT_TOPIC = '/cmkd_evaluate/labeled'
@@ -520,7 +521,7 @@ def collect_pairs_from_bag(bag: str, out_dir: str, *, cameras: list[str] | None 
                    'record.enabled': True, 'record.output_dir': os.path.abspath(out_dir)}
     node_params.update(params or {})
     env = ensure_fastdds_profile(dict(os.environ))
-    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    openmp_defaults(env)
     ensure_fastdds_profile()
     log_file = open(log, 'wb') if log else tempfile.TemporaryFile()
     workdir = tempfile.mkdtemp(prefix='cmkd_collect_bag_')
