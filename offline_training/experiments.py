@@ -74,6 +74,10 @@ class ExperimentsConfig:
     test_worlds: tuple[int, ...] = setting(
         (301, 302), 'world seeds of the test streets, scored once by the test stage (fresh on '
         '2026-12-06: no run before has seen them)')
+    teacher_worlds: tuple[int, ...] = setting(
+        (), 'world seeds whose labeled images train only the teacher, beside the training '
+        'streets\' (images are cheap to label: a 2D teacher learns from more of them than the '
+        'LiDAR drives give); their scans are never used')
     rig: str = setting('main', 'sensors of every world: main (sim) or second (second_rig; test '
                        'stage only, no choice is made on it)', choices=RIGS)
     frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
@@ -139,10 +143,12 @@ class ExperimentsConfig:
             raise ConfigError('rig: the second rig is for the test stage only (no choice is '
                               'made on it); set stage=test')
         train, val, test = set(self.train_worlds), set(self.val_worlds), set(self.test_worlds)
-        shared = (train & val) | (train & test) | (val & test)
+        teacher = set(self.teacher_worlds)
+        shared = ((train & val) | (train & test) | (val & test) | (teacher & val)
+                  | (teacher & test) | (teacher & train))
         if shared:
-            raise ConfigError(f'train_worlds, val_worlds and test_worlds must not share a world '
-                              f'(shared: {sorted(shared)})')
+            raise ConfigError(f'train_worlds, teacher_worlds, val_worlds and test_worlds must '
+                              f'not share a world (shared: {sorted(shared)})')
 
     @property
     def eval_worlds(self) -> tuple[int, ...]:
@@ -321,6 +327,11 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
     eval_dir = render_worlds(os.path.join(root, 'data', 'val' if cfg.stage == 'validation'
                                           else 'test'), cfg.eval_worlds,
                              cfg.frames_per_world, cfg.frame_stride, cfg.rig_sim)
+    teacher_dir = train_dir
+    if cfg.teacher_worlds:  # the teacher's images: the training streets' and its own worlds'
+        teacher_dir = render_worlds(os.path.join(root, 'data', 'teacher'),
+                                    cfg.train_worlds + cfg.teacher_worlds, cfg.frames_per_world,
+                                    cfg.frame_stride, cfg.rig_sim)
     timings['data'] = time.monotonic() - start
     # 2. Jobs: name -> (what it waits for, function, arguments).
     teacher_path = os.path.join(root, 'teacher', 'teacher.pt')
@@ -332,7 +343,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
         wanted.append(name)
     jobs = {'teacher': ((), _teacher_job, _merge({
         'out_dir': os.path.join(root, 'teacher'), 'seed': cfg.seed, 'steps': cfg.teacher_steps,
-        'data': {'train': train_dir, 'val': eval_dir, 'batch_size': cfg.teacher_batch_size},
+        'data': {'train': teacher_dir, 'val': eval_dir, 'batch_size': cfg.teacher_batch_size},
         'optim': {'lr': cfg.teacher_lr}, 'model': dict(cfg.teacher_model), 'device': 'cpu',
         'precision': cfg.teacher_precision, 'threads': cfg.threads, 'progress': False},
         dict(cfg.teacher_options)))}
@@ -408,7 +419,7 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
              resource.getrusage(resource.RUSAGE_CHILDREN)]
     protocol = {'stage': cfg.stage, 'rig': cfg.rig, 'sim': cfg.rig_sim,
                 'train_worlds': list(cfg.train_worlds), 'eval_worlds': list(cfg.eval_worlds),
-                'started': claim['started']}
+                'teacher_worlds': list(cfg.teacher_worlds), 'started': claim['started']}
     summary = {'config': to_dict(cfg), 'protocol': protocol, 'teacher': teacher_summary,
                'students': students, 'pictures': pictures,
                'done_after_s': timings, 'total_s': time.monotonic() - start,
@@ -534,8 +545,11 @@ def describe_protocol(protocol: dict | None) -> str:
         return ''
     worlds = ', '.join(str(w) for w in protocol['eval_worlds'])
     kind = 'test worlds (scored once)' if protocol['stage'] == 'test' else 'validation worlds'
+    extra = protocol.get('teacher_worlds')
+    teacher = (f' (the teacher also on the images of worlds {", ".join(map(str, extra))})'
+               if extra else '')
     return (f'Stage {protocol["stage"]}: trained on worlds '
-            f'{", ".join(str(w) for w in protocol["train_worlds"])}, scored on the {kind} '
+            f'{", ".join(str(w) for w in protocol["train_worlds"])}{teacher}, scored on the {kind} '
             f'{worlds}; rig {protocol["rig"]} (SimConfig overrides '
             f'`{json.dumps(protocol["sim"], sort_keys=True)}`).\n\n')
 

@@ -26,6 +26,10 @@ def test_defaults_keep_train_validation_and_test_worlds_apart(tmp_path):
         config(tmp_path, rig='second')
     with pytest.raises(ConfigError, match=r'shared: \[101\]'):
         config(tmp_path, test_worlds=[101])
+    assert cfg.teacher_worlds == ()  # the teacher learns from the training streets alone
+    for shared in (1, 101, 301):  # the teacher's own worlds: neither trained nor scored on
+        with pytest.raises(ConfigError, match=rf'shared: \[{shared}\]'):
+            config(tmp_path, teacher_worlds=[1001, shared])
 
 
 def test_the_test_stage_runs_once_per_folder_unless_forced(tmp_path):
@@ -79,6 +83,10 @@ def test_table_names_the_worlds_and_shows_the_probe():
     head, rows = table.split('\n\n')
     assert 'Stage test' in head and 'worlds 1, 2' in head and '301, 302' in head
     assert 'scored once' in head and 'rig second' in head and 'vlp32c' in head
+    assert 'teacher also' not in head
+    summary['protocol']['teacher_worlds'] = [1001, 1002]
+    assert ('worlds 1, 2 (the teacher also on the images of worlds 1001, 1002), scored'
+            in results_table(summary))
     rows = rows.splitlines()
     assert rows[0].endswith('| linear probe, all points |')
     paper = next(r for r in rows if r.startswith("| FSKD, the paper's DA"))

@@ -121,3 +121,18 @@ def test_repeats_train_every_run_per_seed_and_report_mean_and_std(tmp_path):
     mean = 100 * sum(mious) / 2
     row = next(r for r in results_table(summary).splitlines() if r.startswith('| supervised'))
     assert f'{mean:.1f} ± ' in row and '| 100% |' in row
+
+
+def test_teacher_worlds_add_images_for_the_teacher_only(tmp_path):
+    values = {**TINY, 'out_dir': str(tmp_path), 'runs': ['fskd'], 'probe_steps': 0,
+              'pictures': False, 'teacher_worlds': [11]}
+    summary = run_experiments(build(ExperimentsConfig, values))
+    assert worlds_of(tmp_path / 'data' / 'teacher') == [1, 11]
+    assert worlds_of(tmp_path / 'data' / 'train') == [1]        # the student's scans
+    teacher_data = summary['teacher']['config']['data']
+    assert teacher_data['train'] == str(tmp_path / 'data' / 'teacher')
+    assert teacher_data['val'] == str(tmp_path / 'data' / 'val')
+    fskd = summary['students']['fskd']
+    assert fskd['eval']['num_scans'] == 3                    # scored on world 9 alone
+    assert summary['protocol']['teacher_worlds'] == [11]
+    assert 'the teacher also on the images of worlds 11' in (tmp_path / 'results.md').read_text()
