@@ -10,8 +10,9 @@ environment of the processes the tools start.
 - ``GOMP_SPINCOUNT=10000`` (GNU OpenMP, which torch's CPU wheels ship): but a sleeping worker
   takes tens of microseconds to wake, and a forward pass of the small student opens about 60
   parallel regions, a few microseconds of Python apart. Spinning about 0.1 ms before sleeping
-  bridges those gaps (the forward pass 20 % faster on 2 cores, no more CPU time) and still
-  sleeps between scans (docs/sparse_backends.md#cpu-threads-on-a-shared-machine).
+  bridges those gaps (on a quiet 2-core host the forward pass about 20 % faster, no more CPU
+  time) and still sleeps between scans (docs/sparse_backends.md#cpu-threads-on-a-shared-machine).
+  ``scripts/env.sh`` sets the same for a shell.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
 """The OpenMP settings the nodes and tools give the processes that run the student."""
+import pathlib
+import re
+
 from cmkd_ros.openmp import OPENMP_DEFAULTS, openmp_defaults
 
 
@@ -22,3 +25,11 @@ def test_default_is_the_process_environment(monkeypatch):
     import os
     assert openmp_defaults() is os.environ
     assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE' and os.environ['GOMP_SPINCOUNT'] == '10000'
+
+
+def test_the_shell_environment_sets_the_same():
+    env_sh = (pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'env.sh').read_text()
+    policy = re.search(r'OMP_WAIT_POLICY=(\w+)', env_sh).group(1)
+    assert policy == OPENMP_DEFAULTS['OMP_WAIT_POLICY']
+    assert (re.search(r'GOMP_SPINCOUNT:-(\d+)', env_sh).group(1)
+            == OPENMP_DEFAULTS['GOMP_SPINCOUNT'])
