@@ -77,7 +77,11 @@ class ExperimentsConfig:
     teacher_worlds: tuple[int, ...] = setting(
         (), 'world seeds whose labeled images train only the teacher, beside the training '
         'streets\' (images are cheap to label: a 2D teacher learns from more of them than the '
-        'LiDAR drives give); their scans are never used')
+        'LiDAR drives give); their scans only with distill_on_teacher_worlds')
+    distill_on_teacher_worlds: bool = setting(
+        False, 'FSKD and UDAKD distil from the teacher worlds\' pairs too (unlabeled scans and '
+        'images: no 3D label is used); supervised and fine-tuning keep to the training '
+        'streets\' 3D labels')
     rig: str = setting('main', 'sensors of every world: main (sim) or second (second_rig; test '
                        'stage only, no choice is made on it)', choices=RIGS)
     frames_per_world: int = setting(8, 'frames rendered per street', ge=1)
@@ -143,6 +147,8 @@ class ExperimentsConfig:
             raise ConfigError('rig: the second rig is for the test stage only (no choice is '
                               'made on it); set stage=test')
         train, val, test = set(self.train_worlds), set(self.val_worlds), set(self.test_worlds)
+        if self.distill_on_teacher_worlds and not self.teacher_worlds:
+            raise ConfigError('distill_on_teacher_worlds needs teacher_worlds')
         teacher = set(self.teacher_worlds)
         shared = ((train & val) | (train & test) | (val & test) | (teacher & val)
                   | (teacher & test) | (teacher & train))
@@ -243,8 +249,10 @@ def claim_stage(cfg: ExperimentsConfig) -> dict:
     return claim
 
 
-def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -> dict:
-    """name -> (method, overrides) of every student run, in dependency order."""
+def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str,
+                  distill_train: str | None = None) -> dict:
+    """name -> (method, overrides) of every student run, in dependency order; FSKD and UDAKD
+    distil from ``distill_train`` (default: ``train``)."""
     common = {'seed': cfg.seed, 'progress': False, 'checkpoint_every': 100,
               'threads': cfg.threads,
               'log_every': 10,
@@ -255,6 +263,7 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str) -
               'optim': {'lr': cfg.lr, 'warmup_steps': 20},
               'student': dict(cfg.student)}
     distill = {**common, 'steps': cfg.student_steps,
+               'data': {**common['data'], 'train': distill_train or train},
                'teacher': {**cfg.teacher_targets, 'checkpoint': teacher},
                'loss': dict(cfg.loss),
                'share_teacher_classifier': True, 'freeze_classifier': True}
@@ -335,7 +344,8 @@ def run_experiments(cfg: ExperimentsConfig, resume: bool = True, overwrite: bool
     timings['data'] = time.monotonic() - start
     # 2. Jobs: name -> (what it waits for, function, arguments).
     teacher_path = os.path.join(root, 'teacher', 'teacher.pt')
-    specs = _student_runs(cfg, train_dir, eval_dir, teacher_path)
+    specs = _student_runs(cfg, train_dir, eval_dir, teacher_path,
+                          teacher_dir if cfg.distill_on_teacher_worlds else None)
     wanted = []
     for name in cfg.runs:
         if name == 'udakd_finetune':

@@ -30,6 +30,8 @@ def test_defaults_keep_train_validation_and_test_worlds_apart(tmp_path):
     for shared in (1, 101, 301):  # the teacher's own worlds: neither trained nor scored on
         with pytest.raises(ConfigError, match=rf'shared: \[{shared}\]'):
             config(tmp_path, teacher_worlds=[1001, shared])
+    with pytest.raises(ConfigError, match='needs teacher_worlds'):
+        config(tmp_path, distill_on_teacher_worlds=True)
 
 
 def test_the_test_stage_runs_once_per_folder_unless_forced(tmp_path):

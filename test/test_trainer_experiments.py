@@ -136,3 +136,17 @@ def test_teacher_worlds_add_images_for_the_teacher_only(tmp_path):
     assert fskd['eval']['num_scans'] == 3                    # scored on world 9 alone
     assert summary['protocol']['teacher_worlds'] == [11]
     assert 'the teacher also on the images of worlds 11' in (tmp_path / 'results.md').read_text()
+    from cmkd_ros.models.checkpoint import load_checkpoint
+
+    def distilled_from(root):
+        _, info = load_checkpoint(root / 'runs' / 'fskd' / 'student.pt')
+        return info['extra']['train_config']['data']['train']
+    assert distilled_from(tmp_path) == str(tmp_path / 'data' / 'train')
+    # Distilling from the teacher worlds' pairs too (unlabeled); supervised keeps its labels.
+    both = tmp_path / 'both'
+    run_experiments(build(ExperimentsConfig, {**values, 'out_dir': str(both),
+                                              'runs': ['fskd', 'supervised'],
+                                              'distill_on_teacher_worlds': True}))
+    assert distilled_from(both) == str(both / 'data' / 'teacher')
+    _, info = load_checkpoint(both / 'runs' / 'supervised' / 'student.pt')
+    assert info['extra']['train_config']['data']['train'] == str(both / 'data' / 'train')
