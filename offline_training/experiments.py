@@ -31,6 +31,7 @@ run continues where it stopped. Settings: :class:`ExperimentsConfig` (``key=valu
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -146,12 +147,11 @@ class ExperimentsConfig:
         if self.rig == 'second' and self.stage != 'test':
             raise ConfigError('rig: the second rig is for the test stage only (no choice is '
                               'made on it); set stage=test')
-        train, val, test = set(self.train_worlds), set(self.val_worlds), set(self.test_worlds)
         if self.distill_on_teacher_worlds and not self.teacher_worlds:
             raise ConfigError('distill_on_teacher_worlds needs teacher_worlds')
-        teacher = set(self.teacher_worlds)
-        shared = ((train & val) | (train & test) | (val & test) | (teacher & val)
-                  | (teacher & test) | (teacher & train))
+        roles = (self.train_worlds, self.teacher_worlds, self.val_worlds, self.test_worlds)
+        uses = collections.Counter(w for worlds in roles for w in set(worlds))
+        shared = {w for w, n in uses.items() if n > 1}  # a world in two roles
         if shared:
             raise ConfigError(f'train_worlds, teacher_worlds, val_worlds and test_worlds must '
                               f'not share a world (shared: {sorted(shared)})')
