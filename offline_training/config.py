@@ -132,6 +132,10 @@ class LossSection:
     infonce_weight: float = setting(1.0, 'weight of the UDAKD InfoNCE term', ge=0.0)
     feature_weight: float = setting(1.0, 'weight of the FSKD feature term', ge=0.0)
     semantic_weight: float = setting(1.0, 'weight of the FSKD semantic KL term', ge=0.0)
+    image_label_weight: float = setting(
+        0.0, 'FSKD: weight of a cross-entropy on the ground-truth label images at the points\' '
+        'pixels, where a pair carries them (the labeled images the teacher learned from, used '
+        'directly; the teacher\'s targets elsewhere; pairs format only). 0: off', ge=0.0)
     ce_weight: float = setting(1.0, 'weight of the 3D cross-entropy (finetune, supervised)',
                                ge=0.0)
     class_balance: str = class_balance_setting('inverse_sqrt')
@@ -220,6 +224,10 @@ class TrainConfig(RunSettings):
                               'random; set share_teacher_classifier or freeze_classifier: false')
         if self.method in ('finetune', 'supervised') and self.loss.ce_weight == 0:
             raise ConfigError(f'loss.ce_weight: must be > 0 for method {self.method!r}')
+        if self.loss.image_label_weight > 0 and (self.method != 'fskd' or
+                                                 self.data.format != 'pairs'):
+            raise ConfigError('loss.image_label_weight: only for method fskd on pair data '
+                              f'(got method {self.method!r}, data.format {self.data.format!r})')
         expected = FORMAT_CLASS_MAPS.get(self.data.format)
         if expected and self.class_map != expected:
             raise ConfigError(f'class_map: the {self.data.format} reader labels points with '

@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -296,9 +296,13 @@ def frame_from_pair(pair, cameras: Sequence[str] | None = None, name: str = '',
     labels = None
     if pair.labels is not None:
         labels = np.asarray(pair.labels).astype(np.int64)
+    images = [pair.image(c) for c in names]
     lab_imgs = None
-    if label_images and names and all(c in pair.label_images for c in names):
-        lab_imgs = [pair.label_image(c) for c in names]
+    if label_images and any(c in pair.label_images for c in names):
+        # a camera whose image nobody labeled counts as unlabeled (255) everywhere
+        lab_imgs = [pair.label_image(c) if c in pair.label_images else
+                    np.full(image.shape[:2], IGNORE, np.uint8)
+                    for c, image in zip(names, images)]
     extras = {} if pair.ring is None else {'ring': pair.ring}
     # Stored correspondences hold every camera of the pair: with a subset they are computed
     # (projecting another set of cameras rounds the last float32 bit differently).
@@ -307,7 +311,7 @@ def frame_from_pair(pair, cameras: Sequence[str] | None = None, name: str = '',
         extras.update(correspondences=stored,
                       correspondence_settings=pair.correspondence_settings)
     return Frame(name=name, xyz=np.asarray(pair.xyz, dtype=np.float32), rig=rig,
-                 images=[pair.image(c) for c in names], lidar_stamp_ns=int(pair.lidar_stamp_ns),
+                 images=images, lidar_stamp_ns=int(pair.lidar_stamp_ns),
                  camera_stamp_ns=stamps, intensity=pair.intensity, labels=labels,
                  label_images=lab_imgs, point_time_ns=pair.point_time_ns,
                  ego_stamps_ns=pair.ego_stamps_ns, ego_poses=pair.ego_poses, extras=extras)
@@ -466,7 +470,7 @@ def shared_nuscenes_tables(root: str, version: str):
 
 
 def build_dataset(data, part: str, *, feature_kind: str = 'height', require_labels: bool = False,
-                  tables=None) -> ScanDataset:
+                  tables=None, label_images: bool = False) -> ScanDataset:
     """The ``part`` ('train' or 'val') data set that ``data`` (``TrainConfig.data``) names.
 
     ``data.train`` / ``data.val`` is the folder (pair dataset, nuScenes data root or
@@ -476,7 +480,8 @@ def build_dataset(data, part: str, *, feature_kind: str = 'height', require_labe
     validation part the defaults (occlusion test and motion compensation on, no augmentation),
     so every trained variant is scored on the same points. ``feature_kind`` must be the
     student's ``point_features``; ``require_labels``: only scans with 3D labels (nuScenes);
-    ``tables``: parsed nuScenes tables to share between parts.
+    ``tables``: parsed nuScenes tables to share between parts; ``label_images``: decode the
+    pairs' label images too (batches then carry ``label_images``).
     """
     if part not in ('train', 'val'):
         raise DatasetError(f"part must be 'train' or 'val', got {part!r}")
@@ -497,7 +502,8 @@ def build_dataset(data, part: str, *, feature_kind: str = 'height', require_labe
         if spec or data.version:
             raise DatasetError(f'data.{part}_split / data.version: only for the nuscenes and '
                                'semantickitti formats (a pair folder is one split)')
-        return PairDataset(root, cameras=data.cameras or None, label_images=False, **common)
+        return PairDataset(root, cameras=data.cameras or None, label_images=label_images,
+                           **common)
     if data.format == 'nuscenes':
         if tables is None:
             from offline_training.readers.nuscenes import find_version
@@ -576,3 +582,13 @@ class SparseCollate:
             batch['label_images'] = (torch.cat(labs) if len({lab.shape[-2:] for lab in labs}) == 1
                                      else _pad_stack([x for g in labs for x in g], IGNORE))
         return batch
+
+
+def correspondence_pixel_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``(M,) int64``: the label image's value at each correspondence's pixel (nearest pixel;
+    255 where unlabeled), for a collated batch that carries ``label_images``."""
+    label_images = batch['label_images']
+    height, width = label_images.shape[-2:]
+    uv = batch['corr_uv'].round().long()
+    u, v = uv[:, 0].clamp(0, width - 1), uv[:, 1].clamp(0, height - 1)
+    return label_images[batch['corr_image'], v, u]

@@ -131,11 +131,8 @@ def image_point_labels(batch: dict, num_classes: int) -> torch.Tensor:
     collated batch that has ``label_images``: what a perfect teacher would give each point
     through these correspondences. Points without pixels, or whose pixels are all unlabeled
     (255), get 255."""
-    label_images = batch['label_images']
-    height, width = label_images.shape[-2:]
-    uv = batch['corr_uv'].round().long()
-    u, v = uv[:, 0].clamp(0, width - 1), uv[:, 1].clamp(0, height - 1)
-    pixel = label_images[batch['corr_image'], v, u]
+    from offline_training.datasets import correspondence_pixel_labels
+    pixel = correspondence_pixel_labels(batch)
     known = pixel < num_classes
     votes = torch.zeros(batch['labels'].shape[0], num_classes)
     votes.index_put_((batch['corr_point'][known], pixel[known]),

@@ -12,6 +12,8 @@
    and points no camera sees), ``repeats`` times with consecutive seeds:
    - ``fskd``: FSKD zero-shot (no 3D labels; shared frozen teacher classifier; the project's DA
      module: linear shortcut, pooling rate 2);
+   - ``fskd_image_labels``: FSKD that also learns the label images of the training pairs at
+     the points' pixels (the labeled images the teacher learned from; still no 3D label);
    - ``fskd_paper_da``: FSKD with the paper's DA module (three self-calibrated layers, pooling
      rate 4, no shortcut);
    - ``udakd_finetune``: UDAKD pre-training, then fine-tuning on ``label_fraction`` of the
@@ -43,8 +45,8 @@ from typing import Any, Mapping
 from cmkd_ros.config import ConfigError, PRECISION_CHOICES, build, load, setting, to_dict
 from offline_training.config import TEACHER_RENAMED, move_renamed_teacher_settings
 
-RUNS = ('fskd', 'fskd_paper_da', 'udakd_finetune', 'finetune_scratch', 'supervised',
-        'fskd_no_da', 'fskd_no_occlusion')
+RUNS = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd_finetune', 'finetune_scratch',
+        'supervised', 'fskd_no_da', 'fskd_no_occlusion')
 STAGES = ('validation', 'test')
 RIGS = ('main', 'second')
 # Zero-shot runs whose frozen features the linear probe scores (UDAKD: the usual protocol for
@@ -135,6 +137,9 @@ class ExperimentsConfig:
     teacher_targets: dict[str, Any] = setting(
         default_factory=dict, help='teacher keys of the distillation runs (TrainConfig.teacher: '
         'scales, flip; e.g. {scales: [1.0, 1.5], flip: true}: measured in docs/history.md)')
+    image_label_weight: float = setting(
+        1.0, 'loss.image_label_weight of the fskd_image_labels run: the cross-entropy on the '
+        "training images' labels at the points' pixels beside the distillation terms", gt=0.0)
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do (udakd: the UDAKD '
                                     'pre-training alone, which udakd_finetune includes)',
                                     choices=RUNS + ('udakd',))
@@ -278,6 +283,8 @@ def _student_runs(cfg: ExperimentsConfig, train: str, test: str, teacher: str,
         'supervised': ('supervised', {**common, 'steps': cfg.student_steps,
                                       'share_teacher_classifier': False,
                                       'freeze_classifier': False}),
+        'fskd_image_labels': ('fskd', _merge(distill, {'loss': {
+            'image_label_weight': cfg.image_label_weight}})),
         'fskd_paper_da': ('fskd', _merge(distill, {'student': {
             'use_da': True, 'da_layers': 3, 'da_pool': 4, 'da_residual': False}})),
         'fskd_no_da': ('fskd', _merge(distill, {'student': {'use_da': False}})),
@@ -565,6 +572,7 @@ def describe_protocol(protocol: dict | None) -> str:
 
 
 ROW_NAMES = {'fskd': 'FSKD (DA: shortcut, pool 2)', 'udakd': 'UDAKD (shared classifier)',
+             'fskd_image_labels': 'FSKD + the image labels at the pixels',
              'fskd_paper_da': "FSKD, the paper's DA (pool 4, no shortcut)",
              'udakd_finetune': 'UDAKD + fine-tune', 'finetune_scratch': 'fine-tune from scratch',
              'supervised': 'supervised (upper bound)', 'fskd_no_da': 'FSKD without DA',
@@ -593,7 +601,7 @@ def results_table(summary: dict) -> str:
     students = summary['students']
     upper = _mean_std(_seed_mious(students.get('supervised', {}), 'all'))[0]
     labels = {'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot', 'supervised': 'all'}
-    order = ('fskd', 'fskd_paper_da', 'udakd', 'udakd_finetune', 'finetune_scratch',
+    order = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd', 'udakd_finetune', 'finetune_scratch',
              'supervised', 'fskd_no_da', 'fskd_no_occlusion')
     for key in sorted(students, key=lambda k: order.index(k) if k in order else len(order)):
         miou = _mean_std(_seed_mious(students[key], 'all'))[0]

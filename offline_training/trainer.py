@@ -62,7 +62,7 @@ from offline_training.config import DISTILLATION_METHODS, TrainConfig
 from offline_training.engine import Hook, ProgressHook, build_optimizer, build_scheduler
 from offline_training.losses import (class_balance_weights, fskd_feature_loss, infonce_loss,
                                      sample_image_features, semantic_kl_loss,
-                                     supervised_ce_loss)
+                                     supervised_ce_loss, zero_loss)
 
 CHECKPOINT_FORMAT = 'cmkd_train_state'
 CHECKPOINT_PATTERN = re.compile(r'^step_(\d{8})\.pt$')
@@ -218,9 +218,26 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     weights = None
     if loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(logits_2d.argmax(1), logits_2d.shape[1])
-    return {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
-            'semantic': semantic_kl_loss(outputs['logits'].index_select(0, rows), logits_2d,
-                                         loss.kl_temperature, weights)}
+    logits_3d = outputs['logits'].index_select(0, rows)
+    terms = {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
+             'semantic': semantic_kl_loss(logits_3d, logits_2d, loss.kl_temperature, weights)}
+    if loss.image_label_weight > 0:
+        terms['image_ce'] = image_label_terms(logits_3d, batch, loss.class_balance)
+    return terms
+
+
+def image_label_terms(logits_3d: torch.Tensor, batch, class_balance: str) -> torch.Tensor:
+    """Cross-entropy of the corresponded points' logits against the label images at their
+    pixels (255 and batches without label images: no loss)."""
+    if 'label_images' not in batch:
+        return zero_loss(logits_3d)
+    from offline_training.datasets import correspondence_pixel_labels
+    labels = correspondence_pixel_labels(batch).to(logits_3d.device)
+    labels = torch.where(labels < logits_3d.shape[1], labels, torch.full_like(labels, 255))
+    weights = None
+    if class_balance == 'inverse_sqrt':
+        weights = class_balance_weights(labels, logits_3d.shape[1])
+    return supervised_ce_loss(logits_3d, labels, point_weights=weights)
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
@@ -235,7 +252,8 @@ def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
 METHOD_LOSSES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     'udakd': udakd_terms, 'fskd': fskd_terms, 'finetune': ce_terms, 'supervised': ce_terms}
 TERM_WEIGHTS = {'infonce': 'infonce_weight', 'feature': 'feature_weight',
-                'semantic': 'semantic_weight', 'ce': 'ce_weight'}
+                'semantic': 'semantic_weight', 'ce': 'ce_weight',
+                'image_ce': 'image_label_weight'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +319,9 @@ def build_dataset(config: TrainConfig, part: str = 'train',
     """
     from offline_training.datasets import build_dataset as build_scans
     labels = part == 'val' or config.method in ('finetune', 'supervised')
-    return build_scans(config.data, part, feature_kind=feature_kind, require_labels=labels)
+    label_images = part == 'train' and config.loss.image_label_weight > 0
+    return build_scans(config.data, part, feature_kind=feature_kind, require_labels=labels,
+                       label_images=label_images)
 
 
 def build_collate(config: TrainConfig) -> Callable:

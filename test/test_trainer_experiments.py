@@ -51,6 +51,12 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
     assert (paper['config'].da_pool, paper['config'].da_residual) == (4, False)
     assert paper['config'].use_da and paper['config'].da_layers == 3
     assert fskd['extra']['train_config']['data']['occlusion']
+    _, labels = load_checkpoint(tmp_path / 'runs' / 'fskd_image_labels' / 'student.pt')
+    assert fskd['extra']['train_config']['loss']['image_label_weight'] == 0.0
+    assert labels['extra']['train_config']['loss']['image_label_weight'] == 1.0
+    run_losses = json.loads((tmp_path / 'runs' / 'fskd_image_labels' / 'summary.json')
+                            .read_text())['losses']
+    assert run_losses['image_ce'] > 0.0
     assert not no_occlusion['extra']['train_config']['data']['occlusion']
     finetuned = json.loads((tmp_path / 'runs' / 'udakd_finetune' / 'summary.json').read_text())
     assert finetuned['steps'] == 2

@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     'calibrate': ('cmkd_ros.tools.calibrate',
                   'refine camera extrinsics and time offsets from the data (LiDAR silhouettes '
                   'on image edges)'),
+    'label-images': ('cmkd_ros.tools.label_images',
+                     "export pair images for labeling; attach the labels to a copy of the pairs"),
     'train': ('offline_training.cli', 'train a teacher or student (fskd, udakd, finetune, ...)'),
     'teacher': ('offline_training.teacher_import', 'import a pretrained 2D network as a teacher'),
     'evaluate': ('offline_training.evaluate', 'score a student (pairs, nuScenes, SemanticKITTI)'),
