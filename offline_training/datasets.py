@@ -531,7 +531,8 @@ class SparseCollate:
     - ``inverse`` (sum N,) int64 voxel row of every point, ``point_batch`` (sum N,) int64
     - ``xyz`` (sum N, 3), ``labels`` (sum N,), ``visible_any`` (sum N,)
     - ``images`` (sum C, 3, H, W) uint8 (padded bottom/right to the largest image),
-      ``label_images`` (sum C, H, W) int64 (padded with 255) when every sample has them
+      ``label_images`` (sum C, H, W) int64 (padded with 255) when any sample has them (255
+      for the others)
     - ``corr_point`` (M,) into the concatenated points, ``corr_image`` (M,) into the
       concatenated images, ``corr_uv`` (M, 2) float32
     - ``num_points``, ``num_cameras`` (B,) int64 and ``names`` (list of str)
@@ -577,8 +578,10 @@ class SparseCollate:
             'num_cameras': torch.tensor([s['images'].shape[0] for s in samples]),
             'names': [s.get('name', '') for s in samples],
         }
-        if all('label_images' in s for s in samples):
-            labs = [s['label_images'] for s in samples]
+        if any('label_images' in s for s in samples):  # a scan without them: all unlabeled
+            labs = [s['label_images'] if 'label_images' in s else
+                    torch.full((s['images'].shape[0], *s['images'].shape[-2:]), IGNORE,
+                               dtype=torch.int64) for s in samples]
             batch['label_images'] = (torch.cat(labs) if len({lab.shape[-2:] for lab in labs}) == 1
                                      else _pad_stack([x for g in labs for x in g], IGNORE))
         return batch

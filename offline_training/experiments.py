@@ -138,7 +138,7 @@ class ExperimentsConfig:
         default_factory=dict, help='teacher keys of the distillation runs (TrainConfig.teacher: '
         'scales, flip; e.g. {scales: [1.0, 1.5], flip: true}: measured in docs/history.md)')
     image_label_weight: float = setting(
-        1.0, 'loss.image_label_weight of the fskd_image_labels run: the cross-entropy on the '
+        3.0, 'loss.image_label_weight of the fskd_image_labels run: the cross-entropy on the '
         "training images' labels at the points' pixels beside the distillation terms", gt=0.0)
     runs: tuple[str, ...] = setting(RUNS, 'which student runs to do (udakd: the UDAKD '
                                     'pre-training alone, which udakd_finetune includes)',

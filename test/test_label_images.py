@@ -10,7 +10,7 @@ from cmkd_ros.classes import SYNTHETIC
 from cmkd_ros.pairs import PairReader, PairWriter
 from cmkd_ros.tools.cli import main as cmkd
 from cmkd_ros.tools.label_images import LabelImageError, export_images, import_labels
-from offline_training.datasets import PairDataset
+from offline_training.datasets import PairDataset, SparseCollate
 from offline_training.experiments import render_worlds
 
 TINY_SIM = {'lidar': {'beams': 8, 'horizontal_resolution_deg': 2.0},
@@ -63,7 +63,13 @@ def test_import_attaches_labels_to_a_copy_and_training_reads_them(drive, tmp_pat
     sample = PairDataset(out, label_images=True)[1]
     np.testing.assert_array_equal(sample['label_images'][0], truth)
     assert (np.asarray(sample['label_images'][1]) == 255).all()
-    assert 'label_images' not in PairDataset(out, label_images=True)[0]
+    dataset = PairDataset(out, label_images=True)
+    assert 'label_images' not in dataset[0]
+    # A batch of a labeled and an unlabeled scan: the unlabeled one's pixels are all 255.
+    batch = SparseCollate(0.2)([dataset[0], dataset[1]])
+    assert batch['label_images'].shape == (4, 48, 64)
+    assert (batch['label_images'][[0, 1, 3]] == 255).all()
+    np.testing.assert_array_equal(batch['label_images'][2], truth)
 
 
 @pytest.mark.parametrize('name,image,message', [

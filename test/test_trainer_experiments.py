@@ -53,7 +53,7 @@ def test_tiny_experiments_produce_every_row_and_resume(tmp_path):
     assert fskd['extra']['train_config']['data']['occlusion']
     _, labels = load_checkpoint(tmp_path / 'runs' / 'fskd_image_labels' / 'student.pt')
     assert fskd['extra']['train_config']['loss']['image_label_weight'] == 0.0
-    assert labels['extra']['train_config']['loss']['image_label_weight'] == 1.0
+    assert labels['extra']['train_config']['loss']['image_label_weight'] == 3.0
     run_losses = json.loads((tmp_path / 'runs' / 'fskd_image_labels' / 'summary.json')
                             .read_text())['losses']
     assert run_losses['image_ce'] > 0.0
