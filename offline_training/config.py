@@ -136,6 +136,9 @@ class LossSection:
         0.0, 'FSKD: weight of a cross-entropy on the ground-truth label images at the points\' '
         'pixels, where a pair carries them (the labeled images the teacher learned from, used '
         'directly; the teacher\'s targets elsewhere; pairs format only). 0: off', ge=0.0)
+    image_labels_replace_kl: bool = setting(
+        False, 'with image_label_weight: the semantic KL only at pixels without a label (the '
+        "label replaces the teacher's soft label where it is known)")
     ce_weight: float = setting(1.0, 'weight of the 3D cross-entropy (finetune, supervised)',
                                ge=0.0)
     class_balance: str = class_balance_setting('inverse_sqrt')

@@ -208,7 +208,9 @@ def udakd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
 
 
 def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
-    """FSKD: feature term + KL between the teacher's logits and the shared-classifier 3D logits."""
+    """FSKD: feature term + KL between the teacher's logits and the shared-classifier 3D logits;
+    with ``loss.image_label_weight`` also a cross-entropy against the label images' classes at
+    the pixels (``image_ce``)."""
     rows, student, teacher = correspondence_features(outputs, batch, ctx)
     classifier = ctx.teacher.classifier
     with torch.no_grad():
@@ -219,25 +221,29 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     if loss.class_balance == 'inverse_sqrt':
         weights = class_balance_weights(logits_2d.argmax(1), logits_2d.shape[1])
     logits_3d = outputs['logits'].index_select(0, rows)
+    labels = None
+    if loss.image_label_weight > 0 and 'label_images' in batch:
+        labels = pixel_class_labels(batch, logits_3d.shape[1]).to(logits_3d.device)
+        if loss.image_labels_replace_kl:  # the teacher's soft labels only where none is known
+            weights = (torch.ones(len(labels), device=labels.device) if weights is None
+                       else weights) * (labels == 255)
     terms = {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
              'semantic': semantic_kl_loss(logits_3d, logits_2d, loss.kl_temperature, weights)}
-    if loss.image_label_weight > 0:
-        terms['image_ce'] = image_label_terms(logits_3d, batch, loss.class_balance)
+    if loss.image_label_weight > 0 and labels is None:
+        terms['image_ce'] = zero_loss(logits_3d)        # a batch without label images
+    elif loss.image_label_weight > 0:
+        balance = (class_balance_weights(labels, logits_3d.shape[1])
+                   if loss.class_balance == 'inverse_sqrt' else None)
+        terms['image_ce'] = supervised_ce_loss(logits_3d, labels, point_weights=balance)
     return terms
 
 
-def image_label_terms(logits_3d: torch.Tensor, batch, class_balance: str) -> torch.Tensor:
-    """Cross-entropy of the corresponded points' logits against the label images at their
-    pixels (255 and batches without label images: no loss)."""
-    if 'label_images' not in batch:
-        return zero_loss(logits_3d)
+def pixel_class_labels(batch, num_classes: int) -> torch.Tensor:
+    """(M,) the label image's class at each correspondence's pixel; 255 where unlabeled (and for
+    values outside the class map)."""
     from offline_training.datasets import correspondence_pixel_labels
-    labels = correspondence_pixel_labels(batch).to(logits_3d.device)
-    labels = torch.where(labels < logits_3d.shape[1], labels, torch.full_like(labels, 255))
-    weights = None
-    if class_balance == 'inverse_sqrt':
-        weights = class_balance_weights(labels, logits_3d.shape[1])
-    return supervised_ce_loss(logits_3d, labels, point_weights=weights)
+    labels = correspondence_pixel_labels(batch)
+    return torch.where(labels < num_classes, labels, torch.full_like(labels, 255))
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:

@@ -426,6 +426,19 @@ def test_fskd_learns_the_label_images_at_the_points_pixels(tiny, tmp_path):
     reference = supervised_ce_loss(logits, labels,
                                    point_weights=class_balance_weights(labels, logits.shape[1]))
     assert terms['image_ce'].item() == pytest.approx(reference.item(), rel=1e-5)
+    # With image_labels_replace_kl the teacher's soft labels count only where no label is.
+    from offline_training.losses import semantic_kl_loss
+    replace = make_config(tiny, 'fskd', tmp_path / 'replace', 'loss.image_label_weight=1.0',
+                          'loss.image_labels_replace_kl=true', 'loss.class_balance=none')
+    kl = T.fskd_terms(outputs, batch, T.LossContext(replace, trainer.teacher,
+                                                    torch.Generator()))['semantic']
+    teacher = T.correspondence_features(outputs, batch, context)[2]
+    logits_2d = teacher @ trainer.teacher.classifier.weight.flatten(1).T + \
+        trainer.teacher.classifier.bias
+    unlabeled = torch.from_numpy(expected == 255)
+    assert 0 < int(unlabeled.sum()) < len(unlabeled)
+    manual = semantic_kl_loss(logits[unlabeled], logits_2d[unlabeled])
+    assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
     summary = trainer.fit()
     after, _ = agreement()
     assert set(summary['losses']) == {'feature', 'semantic', 'image_ce', 'total'}
