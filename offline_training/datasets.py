@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -384,6 +385,21 @@ class PairDataset(ScanDataset):
     def split_info(self) -> dict:
         """What this dataset reads: the pair folder."""
         return {'format': 'pairs', 'root': self.root, 'scans': len(self)}
+
+    def labeled_fraction(self, max_pairs: int = 200) -> float:
+        """Fraction of the pairs carrying a label image for at least one used camera,
+        estimated from up to ``max_pairs`` evenly spaced pairs (only their key lists are read)."""
+        if not len(self):
+            return 0.0
+        picks = np.unique(np.linspace(0, len(self) - 1, min(max_pairs, len(self))).astype(int))
+        labeled = 0
+        for i in picks:
+            with np.load(os.path.join(self.root, self.reader.entries[i]['file'])) as arrays:
+                keys = set(arrays.files)
+            names = self.cameras or [k[len('image_format_'):] for k in keys
+                                     if k.startswith('image_format_')]
+            labeled += any(f'label_image_{c}' in keys for c in names)
+        return labeled / len(picks)
 
     def get_frame(self, i: int) -> Frame:
         entry = self.reader.entries[i]

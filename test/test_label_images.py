@@ -109,3 +109,25 @@ def test_cli_round_trip_and_errors(drive, tmp_path, capsys):
     assert cmkd(['label-images', 'import', '--pairs', drive['pairs'], '--labels', str(labels),
                  '--out', str(tmp_path / 'y')]) == 2
     assert 'already a pair dataset' in capsys.readouterr().err
+
+
+def test_training_refuses_pairs_without_labels_and_warns_on_a_few(drive, tmp_path, caplog):
+    from cmkd_ros.config import ConfigError
+    from offline_training.trainer import check_label_images
+    with pytest.raises(ConfigError, match='carry no label images'):
+        check_label_images(PairDataset(drive['pairs']))
+    labels = tmp_path / 'labels'
+    labels.mkdir()
+    front = drive['cameras'][0]
+    cv2.imwrite(str(labels / f'000001_{front}.png'), drive['truth'][1][front])
+    import_labels(drive['pairs'], str(labels), str(tmp_path / 'one'))
+    with caplog.at_level('WARNING', logger='cmkd_ros.train'):
+        assert check_label_images(PairDataset(str(tmp_path / 'one'))) == pytest.approx(1 / 3)
+    assert 'only 33% of the training pairs carry label images' in caplog.text
+    caplog.clear()
+    for i in (0, 2):
+        cv2.imwrite(str(labels / f'{i:06d}_{front}.png'), drive['truth'][i][front])
+    import_labels(drive['pairs'], str(labels), str(tmp_path / 'all'))
+    with caplog.at_level('WARNING', logger='cmkd_ros.train'):
+        assert check_label_images(PairDataset(str(tmp_path / 'all'))) == 1.0
+    assert not caplog.text
