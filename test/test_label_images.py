@@ -105,7 +105,13 @@ def test_cli_round_trip_and_errors(drive, tmp_path, capsys):
                 drive['truth'][0][drive['cameras'][1]])
     assert cmkd(['label-images', 'import', '--pairs', drive['pairs'], '--labels', str(labels),
                  '--out', str(tmp_path / 'y')]) == 0
-    assert '3 pairs written' in capsys.readouterr().out
+    assert f'pairs written to {tmp_path / "y"}: 3, 1 of them' in capsys.readouterr().out
+    assert cmkd(['label-images', 'import', '--pairs', drive['pairs'], '--labels', str(labels),
+                 '--out', str(tmp_path / 'z'), '--only-labeled']) == 0
+    assert ': 1, 1 of them with label images (1)' in capsys.readouterr().out
+    assert len(PairReader(str(tmp_path / 'z'))) == 1
+    assert PairReader(str(tmp_path / 'z'))[0].lidar_stamp_ns == \
+        PairReader(drive['pairs'])[0].lidar_stamp_ns
     assert cmkd(['label-images', 'import', '--pairs', drive['pairs'], '--labels', str(labels),
                  '--out', str(tmp_path / 'y')]) == 2
     assert 'already a pair dataset' in capsys.readouterr().err

@@ -9,7 +9,8 @@ cheap to label, LiDAR sweeps are not; this tool is the round trip:
 ``import``  copies the pair dataset into a new folder, each pair with the label images found
             as ``<id>_<camera>.png`` in ``--labels``: one channel, uint8, the class ids of
             ``--class-map`` (255 = unlabeled), the image's size. Pairs and cameras without a
-            label file are copied as they are (their points keep the teacher's targets only).
+            label file are copied as they are (their points keep the teacher's targets only),
+            or left out with ``--only-labeled``.
 
 The source dataset is never modified (a pair file is written once, crash-safe: see
 :mod:`cmkd_ros.pairs`). A label file that does not fit (another size, values outside the class
@@ -83,8 +84,9 @@ def _check_label(path: str, label: np.ndarray, shape: tuple[int, int],
 
 
 def import_labels(pairs_dir: str, labels_dir: str, out_dir: str,
-                  class_map: str = 'synthetic') -> dict:
-    """Copy ``pairs_dir`` into ``out_dir`` with the label images of ``labels_dir`` attached.
+                  class_map: str = 'synthetic', only_labeled: bool = False) -> dict:
+    """Copy ``pairs_dir`` into ``out_dir`` with the label images of ``labels_dir`` attached
+    (``only_labeled``: only the pairs that get one).
 
     Returns counts: pairs copied, pairs and images that got labels. Every label file is
     checked (and matched to a pair and camera) before the first pair is written.
@@ -124,8 +126,10 @@ def import_labels(pairs_dir: str, labels_dir: str, out_dir: str,
         extra = by_pair.get(int(entry['id']))
         if extra:
             pair = dataclasses.replace(pair, label_images={**pair.label_images, **extra})
+        elif only_labeled:
+            continue
         writer.write(pair)
-    return {'pairs': len(reader), 'labeled_pairs': len(by_pair),
+    return {'pairs': writer.count, 'labeled_pairs': len(by_pair),
             'label_images': sum(len(v) for v in by_pair.values())}
 
 
@@ -141,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument('--labels', required=True,
                      help='folder of <id>_<camera>.png: class ids, 255 unlabeled')
     imp.add_argument('--out', required=True, help='new pair dataset folder')
+    imp.add_argument('--only-labeled', action='store_true',
+                     help='copy only the pairs that get a label image (FSKD learned less from '
+                          'partly labeled pairs than from none: docs/training.md)')
     imp.add_argument('--class-map', default='synthetic',
                      help="the training's class map (cmkd_ros.classes; default synthetic)")
 
@@ -153,9 +160,10 @@ def run(args: argparse.Namespace) -> int:
             files = export_images(args.pairs, args.out, args.every, args.cameras)
             print(f'{len(files)} images written to {args.out}')
         else:
-            counts = import_labels(args.pairs, args.labels, args.out, args.class_map)
-            print(f'{counts["pairs"]} pairs written to {args.out}, {counts["labeled_pairs"]} '
-                  f'with {counts["label_images"]} label images')
+            counts = import_labels(args.pairs, args.labels, args.out, args.class_map,
+                                   args.only_labeled)
+            print(f'pairs written to {args.out}: {counts["pairs"]}, '
+                  f'{counts["labeled_pairs"]} of them with label images ({counts["label_images"]})')
     except (LabelImageError, PairFormatError, ClassMapError) as exc:
         print(f'cmkd label-images: {exc}', file=sys.stderr)
         return 2
