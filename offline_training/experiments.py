@@ -601,8 +601,8 @@ def results_table(summary: dict) -> str:
     students = summary['students']
     upper = _mean_std(_seed_mious(students.get('supervised', {}), 'all'))[0]
     labels = {'udakd_finetune': 'few-shot', 'finetune_scratch': 'few-shot', 'supervised': 'all'}
-    order = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd', 'udakd_finetune', 'finetune_scratch',
-             'supervised', 'fskd_no_da', 'fskd_no_occlusion')
+    order = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd', 'udakd_finetune',
+             'finetune_scratch', 'supervised', 'fskd_no_da', 'fskd_no_occlusion')
     for key in sorted(students, key=lambda k: order.index(k) if k in order else len(order)):
         miou = _mean_std(_seed_mious(students[key], 'all'))[0]
         cells = [_pct(*_mean_std(_seed_mious(students[key], group)))
