@@ -341,7 +341,7 @@ def check_label_images(dataset) -> float:
         LOG.warning('loss.image_label_weight: only %.0f%% of the training pairs carry label '
                     'images; with a quarter labeled the synthetic validation worlds scored up '
                     'to 5.7 mIoU below FSKD without labels (docs/training.md): label every '
-                    'pair, or train on the labeled ones', 100 * fraction)
+                    'pair, or leave the option off', 100 * fraction)
     return fraction
 
 

@@ -146,8 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='folder of <id>_<camera>.png: class ids, 255 unlabeled')
     imp.add_argument('--out', required=True, help='new pair dataset folder')
     imp.add_argument('--only-labeled', action='store_true',
-                     help='copy only the pairs that get a label image (FSKD learned less from '
-                          'partly labeled pairs than from none: docs/training.md)')
+                     help='copy only the pairs that get a label image')
     imp.add_argument('--class-map', default='synthetic',
                      help="the training's class map (cmkd_ros.classes; default synthetic)")
 
