@@ -603,11 +603,13 @@ class SparseCollate:
         return batch
 
 
-def correspondence_pixel_labels(batch: Mapping[str, Any]) -> torch.Tensor:
-    """``(M,) int64``: the label image's value at each correspondence's pixel (nearest pixel;
-    255 where unlabeled), for a collated batch that carries ``label_images``."""
+def correspondence_pixel_labels(batch: Mapping[str, Any], num_classes: int) -> torch.Tensor:
+    """``(M,) int64``: the label image's class at each correspondence's pixel (nearest pixel;
+    255 where unlabeled or outside ``num_classes``), for a collated batch that carries
+    ``label_images``."""
     label_images = batch['label_images']
     height, width = label_images.shape[-2:]
     uv = batch['corr_uv'].round().long()
     u, v = uv[:, 0].clamp(0, width - 1), uv[:, 1].clamp(0, height - 1)
-    return label_images[batch['corr_image'], v, u]
+    labels = label_images[batch['corr_image'], v, u]
+    return torch.where(labels < num_classes, labels, torch.full_like(labels, IGNORE))

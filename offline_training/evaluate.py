@@ -132,8 +132,8 @@ def image_point_labels(batch: dict, num_classes: int) -> torch.Tensor:
     through these correspondences. Points without pixels, or whose pixels are all unlabeled
     (255), get 255."""
     from offline_training.datasets import correspondence_pixel_labels
-    pixel = correspondence_pixel_labels(batch)
-    known = pixel < num_classes
+    pixel = correspondence_pixel_labels(batch, num_classes)
+    known = pixel != 255
     votes = torch.zeros(batch['labels'].shape[0], num_classes)
     votes.index_put_((batch['corr_point'][known], pixel[known]),
                      torch.ones(int(known.sum())), accumulate=True)

@@ -223,7 +223,8 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     logits_3d = outputs['logits'].index_select(0, rows)
     labels = None
     if loss.image_label_weight > 0 and 'label_images' in batch:
-        labels = pixel_class_labels(batch, logits_3d.shape[1]).to(logits_3d.device)
+        from offline_training.datasets import correspondence_pixel_labels
+        labels = correspondence_pixel_labels(batch, logits_3d.shape[1]).to(logits_3d.device)
         if loss.image_labels_replace_kl:  # the teacher's soft labels only where none is known
             weights = (torch.ones(len(labels), device=labels.device) if weights is None
                        else weights) * (labels == 255)
@@ -236,14 +237,6 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
                    if loss.class_balance == 'inverse_sqrt' else None)
         terms['image_ce'] = supervised_ce_loss(logits_3d, labels, point_weights=balance)
     return terms
-
-
-def pixel_class_labels(batch, num_classes: int) -> torch.Tensor:
-    """(M,) the label image's class at each correspondence's pixel; 255 where unlabeled (and for
-    values outside the class map)."""
-    from offline_training.datasets import correspondence_pixel_labels
-    labels = correspondence_pixel_labels(batch)
-    return torch.where(labels < num_classes, labels, torch.full_like(labels, 255))
 
 
 def ce_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
