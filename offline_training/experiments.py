@@ -92,7 +92,9 @@ class ExperimentsConfig:
     sim: dict[str, Any] = setting(
         default_factory=lambda: {'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0},
                                  'cameras': {'count': 6, 'width': 256, 'height': 144}},
-        help='SimConfig overrides (cmkd_ros.sim.config) of the main rig, shared by every world')
+        help='SimConfig overrides (cmkd_ros.sim.config) of the main rig, shared by every world '
+        '(sim=... merges into this mapping: with a lidar.preset, set lidar.beams too, or the '
+        "16 beams here stay)")
     second_rig: dict[str, Any] = setting(
         default_factory=lambda: {
             'lidar': {'preset': 'vlp32c', 'horizontal_resolution_deg': 2.0, 'height_m': 1.95},
