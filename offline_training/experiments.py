@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from cmkd_ros.config import ConfigError, PRECISION_CHOICES, build, load, setting, to_dict
+from cmkd_ros.sim.config import LIDAR_PRESETS
 from offline_training.config import TEACHER_RENAMED, move_renamed_teacher_settings
 
 RUNS = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd_finetune', 'finetune_scratch',
@@ -93,8 +94,8 @@ class ExperimentsConfig:
         default_factory=lambda: {'lidar': {'beams': 16, 'horizontal_resolution_deg': 1.0},
                                  'cameras': {'count': 6, 'width': 256, 'height': 144}},
         help='SimConfig overrides (cmkd_ros.sim.config) of the main rig, shared by every world '
-        '(sim=... merges into this mapping: with a lidar.preset, set lidar.beams too, or the '
-        "16 beams here stay)")
+        '(sim=... merges into this mapping; a lidar.preset given there brings its own beams and '
+        'azimuth step unless those are given too)')
     second_rig: dict[str, Any] = setting(
         default_factory=lambda: {
             'lidar': {'preset': 'vlp32c', 'horizontal_resolution_deg': 2.0, 'height_m': 1.95},
@@ -175,10 +176,19 @@ class ExperimentsConfig:
 
     @classmethod
     def expand_settings(cls, data: Mapping[str, Any]) -> dict:
-        """Old train_teacher names in ``teacher_options`` move to their sections."""
+        """Old train_teacher names in ``teacher_options`` move to their sections; a LiDAR preset
+        named in ``sim`` keeps its beams and azimuth step against the main rig's defaults."""
+        data = dict(data)
+        lidar = data.get('sim', {}).get('lidar') if isinstance(data.get('sim'), Mapping) else None
+        if isinstance(lidar, Mapping) and lidar.get('preset') in LIDAR_PRESETS:
+            from cmkd_ros.sim.config import LidarConfig
+            preset = LidarConfig.expand_settings({'preset': lidar['preset']})
+            own = {key: preset.get(key, getattr(LidarConfig(), key))
+                   for key in ('beams', 'horizontal_resolution_deg')}
+            data['sim'] = {**data['sim'], 'lidar': {**own, **lidar}}
         options = data.get('teacher_options')
         if not isinstance(options, Mapping):
-            return dict(data)
+            return data
         old = {k: v for k, v in options.items() if f'options.{k}' in TEACHER_RENAMED}
         rest = {k: v for k, v in options.items() if k not in old}
         return {**data, 'teacher_options': move_renamed_teacher_settings(

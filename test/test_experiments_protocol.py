@@ -114,3 +114,22 @@ def test_table_shows_what_the_correspondences_and_the_targets_allow():
     del summary['teacher']['transfer']['train_images']
     table = results_table(summary)
     assert 'label images carried' not in table      # older results: no such rows
+
+
+def test_a_lidar_preset_in_sim_keeps_its_own_beams_and_azimuth_step():
+    """sim=... merges into the main rig's overrides (16 beams, 1 degree): a preset named there
+    brings its own beams and step, unless they are given too; the SimWorld renders them."""
+    from cmkd_ros.sim.simulator import SimWorld
+
+    def lidar(sim):
+        return build(ExperimentsConfig, {'sim': sim}).rig_sim['lidar']
+
+    assert lidar({'cameras': {'count': 3}}) == {'beams': 16, 'horizontal_resolution_deg': 1.0}
+    assert lidar({'lidar': {'preset': 'hdl32e'}}) == {
+        'preset': 'hdl32e', 'beams': 32, 'horizontal_resolution_deg': 0.16}
+    assert lidar({'lidar': {'preset': 'pandar64', 'horizontal_resolution_deg': 2.0}}) == {
+        'preset': 'pandar64', 'beams': 64, 'horizontal_resolution_deg': 2.0}
+    assert lidar({'lidar': {'preset': 'hdl32e', 'beams': 16}})['beams'] == 16
+    sweep = SimWorld({**build(ExperimentsConfig, {'sim': {'lidar': {
+        'preset': 'vlp32c', 'horizontal_resolution_deg': 4.0}}}).rig_sim, 'seed': 1}).frame(0)
+    assert len(set(sweep.ring.tolist())) > 16
