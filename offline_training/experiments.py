@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from cmkd_ros.config import ConfigError, PRECISION_CHOICES, build, load, setting, to_dict
-from cmkd_ros.sim.config import LIDAR_PRESETS
+from cmkd_ros.sim.config import LIDAR_PRESETS, LidarConfig
 from offline_training.config import TEACHER_RENAMED, move_renamed_teacher_settings
 
 RUNS = ('fskd', 'fskd_image_labels', 'fskd_paper_da', 'udakd_finetune', 'finetune_scratch',
@@ -181,7 +181,6 @@ class ExperimentsConfig:
         data = dict(data)
         lidar = data.get('sim', {}).get('lidar') if isinstance(data.get('sim'), Mapping) else None
         if isinstance(lidar, Mapping) and lidar.get('preset') in LIDAR_PRESETS:
-            from cmkd_ros.sim.config import LidarConfig
             preset = LidarConfig.expand_settings({'preset': lidar['preset']})
             own = {key: preset.get(key, getattr(LidarConfig(), key))
                    for key in ('beams', 'horizontal_resolution_deg')}
