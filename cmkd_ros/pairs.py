@@ -474,6 +474,18 @@ class PairReader:
     def __getitem__(self, i: int) -> Pair:
         return self._load(self.entries[i]['file'])
 
+    def label_image_cameras(self, i: int) -> tuple[list[str], list[str]]:
+        """``(cameras, cameras with a label image)`` of pair ``i`` (names sorted), from its key list
+        alone (no array is decoded)."""
+        path = os.path.join(self.root, self.entries[i]['file'])
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                keys = set(arrays.files)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise PairFormatError(f'{path}: unreadable pair file ({exc})') from None
+        cameras = [k[len('image_format_'):] for k in sorted(keys) if k.startswith('image_format_')]
+        return cameras, [c for c in cameras if f'label_image_{c}' in keys]
+
     def __iter__(self) -> Iterator[Pair]:
         for i in range(len(self)):
             yield self[i]

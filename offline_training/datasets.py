@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -394,11 +393,8 @@ class PairDataset(ScanDataset):
         picks = np.unique(np.linspace(0, len(self) - 1, min(max_pairs, len(self))).astype(int))
         labeled = 0
         for i in picks:
-            with np.load(os.path.join(self.root, self.reader.entries[i]['file'])) as arrays:
-                keys = set(arrays.files)
-            names = self.cameras or [k[len('image_format_'):] for k in keys
-                                     if k.startswith('image_format_')]
-            labeled += any(f'label_image_{c}' in keys for c in names)
+            cameras, with_labels = self.reader.label_image_cameras(int(i))
+            labeled += any(c in with_labels for c in (self.cameras or cameras))
         return labeled / len(picks)
 
     def get_frame(self, i: int) -> Frame:

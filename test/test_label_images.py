@@ -127,6 +127,9 @@ def test_training_refuses_pairs_without_labels_and_warns_on_a_few(drive, tmp_pat
     front = drive['cameras'][0]
     cv2.imwrite(str(labels / f'000001_{front}.png'), drive['truth'][1][front])
     import_labels(drive['pairs'], str(labels), str(tmp_path / 'one'))
+    reader = PairReader(str(tmp_path / 'one'))
+    assert reader.label_image_cameras(1) == (sorted(drive['cameras']), [front])
+    assert reader.label_image_cameras(0) == (sorted(drive['cameras']), [])
     with caplog.at_level('WARNING', logger='cmkd_ros.train'):
         assert check_label_images(PairDataset(str(tmp_path / 'one'))) == pytest.approx(1 / 3)
     assert 'only 33% of the training pairs carry label images' in caplog.text
