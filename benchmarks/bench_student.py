@@ -6,7 +6,9 @@ float32 and in bfloat16, MinkowskiEngine in float32), the ratio ours / ME, the
 convolution work (GFLOP counted from the kernel maps) and the achieved GFLOP/s against a torch
 sgemm peak measured in the same run. Other processes share this machine: read the ratios.
 The process runs as the segment node does: its OpenMP settings (``--omp-wait node``) and freed
-memory kept mapped.
+memory kept mapped. MinkowskiEngine multiplies through OpenBLAS, whose workers spin after each
+call and would take a core from the torch pass timed next; ``--blas-threads 1`` (the default)
+avoids that without slowing MinkowskiEngine (docs/results.md, Student forward).
 
     python benchmarks/bench_student.py [--threads 2] [--repeats 10] [--device cpu|cuda]
 """
@@ -54,6 +56,11 @@ def parse_args(argv=None):
     parser.add_argument('--backends', default='torch,torch_bf16,ref,ref_bf16,minkowski',
                         help='comma list of: torch, torch_bf16 (bfloat16 arithmetic), ref, '
                         'ref_bf16 (the same with the compiled kernels off), minkowski')
+    parser.add_argument('--blas-threads', type=int, default=1,
+                        help='OpenBLAS threads (MinkowskiEngine\'s multiplications), unless '
+                        'OPENBLAS_NUM_THREADS is set: with more, its spinning workers slow the '
+                        'torch pass that follows a MinkowskiEngine pass; 1 measured as fast '
+                        'for MinkowskiEngine itself')
     parser.add_argument('--omp-wait', choices=('node', 'env', 'passive', 'active'),
                         default='node',
                         help='OpenMP wait policy for both backends: node = as the nodes run '
@@ -65,6 +72,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.blas_threads < 1:
+        raise SystemExit('--blas-threads must be >= 1')
     sys.path.insert(0, str(REPO))
     from cmkd_ros.openmp import openmp_defaults
     # must be set before torch (libgomp) is loaded
@@ -74,7 +83,7 @@ def main(argv=None) -> int:
         os.environ['OMP_WAIT_POLICY'] = args.omp_wait.upper()
         os.environ.pop('GOMP_SPINCOUNT', None)
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
-    os.environ.setdefault('OPENBLAS_NUM_THREADS', str(args.threads))
+    os.environ.setdefault('OPENBLAS_NUM_THREADS', str(args.blas_threads))
     import numpy as np
     import torch
     from cmkd_ros.config import build
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
     print(f'device {device}, threads {args.threads}, points {points.shape[0]}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
           f'GOMP_SPINCOUNT={os.environ.get("GOMP_SPINCOUNT", "(unset)")}, '
+          f'OPENBLAS_NUM_THREADS={os.environ["OPENBLAS_NUM_THREADS"]}, '
           f'freed memory kept {"yes" if kept else "no"}, '
           f'load average {os.getloadavg()[0]:.1f}, sgemm peak {peak:.1f} GFLOP/s\n'
           f'compiled sparse kernels: {native.status()}')
