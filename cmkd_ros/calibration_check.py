@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -425,6 +426,9 @@ class CameraFrames:
     matched: bool = True          # compare each point at a scale no finer than its own blur
     viewpoint: bool = False       # drop top edges between the LiDAR's and camera's heights
     views: list = field(default_factory=list)
+    # called before each frame is prepared and each score: a background check waits there
+    # while foreground work runs (the collect node's pairs; pipelines.work_queue.IdleGate)
+    pause: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         factor = 1
@@ -452,6 +456,8 @@ class CameraFrames:
         ``trajectory`` (the ego poses around it) let :meth:`shifted` and
         :func:`estimate_time_offset` move the points to other capture times.
         """
+        if self.pause is not None:
+            self.pause()
         cam = self.camera
         image = np.asarray(rgb)
         if image.ndim < 2 or image.shape[:2] != (cam.height, cam.width):
@@ -513,7 +519,7 @@ class CameraFrames:
         """The same frames as if each image had been captured ``offset_ns`` later: the
         points move with the ego between the two times (the image maps are shared)."""
         out = CameraFrames(self.camera, self.max_width, self.scales, self.blur_px,
-                           self.oriented, self.matched, self.viewpoint)
+                           self.oriented, self.matched, self.viewpoint, pause=self.pause)
         for v in self.views:
             if v.capture_ns is None or v.trajectory is None:
                 raise AlignmentError('a time offset needs each frame\'s capture time and '
@@ -551,6 +557,8 @@ class CameraFrames:
         """Weighted mean edge strength under the silhouette points that land in the images
         (each point reads the gradient across its own edge), minus the mean under the other
         points (so that moving every point onto a textured region does not pay)."""
+        if self.pause is not None:
+            self.pause()
         scale_px = self.scales[-1] if scale_px is None else scale_px
         total = weight_sum = inner_total = inner_count = 0.0
         for view, (uv, valid), (uv_in, valid_in) in zip(
@@ -593,7 +601,7 @@ class CameraFrames:
         out = []
         for parity in (0, 1):
             half = CameraFrames(self.camera, self.max_width, self.scales, self.blur_px,
-                                self.oriented, self.matched, self.viewpoint)
+                                self.oriented, self.matched, self.viewpoint, pause=self.pause)
             for v in self.views:
                 pick = _sector(v.points, sector_deg) == parity
                 inner = v.inner[_sector(v.inner, sector_deg) == parity]
@@ -1239,16 +1247,20 @@ class HealthMonitor:
     in its message, not raised.
     """
 
-    def __init__(self, rig: RigCalibration, settings: HealthSettings = HealthSettings()):
+    def __init__(self, rig: RigCalibration, settings: HealthSettings = HealthSettings(),
+                 pause: Callable[[], Any] | None = None):
         self.rig = rig
         self.settings = settings
-        self._frames = {c.name: CameraFrames(c, max_width=settings.max_width)
-                        for c in rig.cameras}
+        self.pause = pause  # see CameraFrames.pause: called between the steps of the work
+        self._frames = {c.name: self._new_frames(c) for c in rig.cameras}
         self._health = {c.name: CameraHealth(c.name, 'unknown', 'no sweep checked yet')
                         for c in rig.cameras}
         self._skipped = collections.Counter()
         self._seen = 0
         self._kept = 0
+
+    def _new_frames(self, camera: CameraCalibration) -> CameraFrames:
+        return CameraFrames(camera, max_width=self.settings.max_width, pause=self.pause)
 
     def add(self, xyz: np.ndarray, images: dict, *, ring: np.ndarray | None = None,
             intensity: np.ndarray | None = None, point_time_ns: np.ndarray | None = None,
@@ -1266,6 +1278,8 @@ class HealthMonitor:
         names = [n for n in images if n in self._frames]
         if not names:
             return None
+        if self.pause is not None:
+            self.pause()
         stamps = None
         if capture_ns is not None and all(n in capture_ns for n in names):
             stamps = np.array([capture_ns[n] for n in names], np.int64)
@@ -1329,7 +1343,7 @@ class HealthMonitor:
         fresh = [c for c in rig.cameras if c.name not in self._frames
                  or not _same_camera(self._frames[c.name].camera, c)]
         for cam in fresh:
-            self._frames[cam.name] = CameraFrames(cam, max_width=self.settings.max_width)
+            self._frames[cam.name] = self._new_frames(cam)
             self._health[cam.name] = CameraHealth(cam.name, 'unknown', 'no sweep checked yet')
             for key in [k for k in self._skipped if k[0] == cam.name]:
                 del self._skipped[key]

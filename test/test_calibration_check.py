@@ -246,6 +246,43 @@ def test_health_monitor_verdicts(sim_frames):
     assert 'unusable' in out[rig.names[0]].message
 
 
+def test_health_monitor_waits_at_its_pause_between_steps(sim_frames):
+    """The collect node runs the check between its pairs: the monitor calls ``pause`` before
+    each sweep, each image and each score (where the node waits while pairs are made), the
+    verdict is the one without it, and an exception from ``pause`` stops the check (shutdown)."""
+    rig = sim_frames[0].calibration
+    name = rig.names[0]
+    settings = cc.HealthSettings(sweep_stride=1, window=3, check_every=3, min_frames=3)
+    calls = []
+
+    def run(pause):
+        monitor = cc.HealthMonitor(rig, settings, pause=pause)
+        out = None
+        for fr in sim_frames:
+            out = monitor.add(fr.xyz, {name: fr.images[0]}, ring=fr.ring)
+        return out[name]
+
+    paused = run(lambda: calls.append(1))
+    plain = run(None)
+    # 3 sweeps + 3 images, then the score at the calibration, at the probe scale and its 26
+    # neighbours: every step of the check waits its turn
+    assert len(calls) >= 3 + 3 + 28, len(calls)
+    assert paused.status == plain.status == 'ok'
+    assert paused.report.better_neighbours == plain.report.better_neighbours
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_check():
+        calls.append(1)
+        if len(calls) > 6:                              # the sets are in; the check starts
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        run(stop_at_the_check)
+
+
 def offset_frames(frames, offset_ms, camera=None, intensity=False):
     """The frames' camera with its images stamped ``offset_ms`` before their capture (the
     driver's stamps), prepared with capture times and ego poses for a time offset search."""

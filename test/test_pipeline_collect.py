@@ -16,7 +16,7 @@ from cmkd_ros.config import build
 from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, CollectPipeline,
                                         SyncedInputs)
 from cmkd_ros.pipelines.intake import CountingReport
-from cmkd_ros.pipelines.work_queue import WorkQueue
+from cmkd_ros.pipelines.work_queue import IdleGate, WorkQueue
 from cmkd_ros.projection import compute_correspondences
 
 CONFIG = build(CollectNodeConfig, {'calibration_file': 'rig.yaml'})
@@ -246,6 +246,40 @@ def test_bounded_fifo_drops_the_oldest_and_drains_on_close():
     assert len(got) + queue.dropped == 2000 and got == sorted(got) and got[-1] == 1999
     with pytest.raises(ValueError, match='capacity'):
         WorkQueue(0)
+
+
+def test_idle_gate_holds_background_steps_while_the_worker_is_busy():
+    """The collect node's calibration health check steps only while its worker is idle and
+    no set waits for it; closing the gate lets the background thread go (shutdown)."""
+    queue = WorkQueue(4)
+    gate = IdleGate(pending=queue.__len__, poll_s=0.005)
+    assert gate.idle() and gate.wait_idle(timeout=0.01)
+    passed = threading.Event()
+
+    def background():
+        gate.wait_idle()
+        passed.set()
+
+    with gate.busy():                                  # the worker makes a pair
+        assert not gate.idle() and not gate.wait_idle(timeout=0.02)
+        thread = threading.Thread(target=background)
+        thread.start()
+        queue.put('next set')                          # and another set is waiting
+        assert not passed.wait(0.05)
+    assert not passed.wait(0.05), 'a set still waits for the worker'
+    with gate.busy():
+        assert queue.take(0.1) == 'next set'
+    assert passed.wait(2.0)
+    thread.join(timeout=2.0)
+    # shutdown: waiters are released even while the worker is busy
+    released = threading.Event()
+    with gate.busy():
+        thread = threading.Thread(target=lambda: (gate.wait_idle(), released.set()))
+        thread.start()
+        assert not released.wait(0.05)
+        gate.close()
+        assert released.wait(2.0)
+    thread.join(timeout=2.0)
 
 
 @pytest.fixture(scope='module')

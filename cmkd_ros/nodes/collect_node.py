@@ -13,7 +13,8 @@ uses) and, when ``record.enabled``, a pair that the node writes with
 :class:`cmkd_ros.pairs.PairWriter` (atomic, quota), JPEGs kept as received. One sweep in
 ``health.sweep_stride`` also goes, through a queue of one, to a low-priority thread that checks
 each camera's calibration against the data (:class:`cmkd_ros.calibration_check.HealthMonitor`):
-it never delays pairs, and drops sets while busy. Publishes ``~/output/overlay`` (throttled,
+its steps wait while the worker makes pairs (:class:`cmkd_ros.pipelines.work_queue.IdleGate`),
+so it never delays pairs, and it drops sets while busy. Publishes ``~/output/overlay`` (throttled,
 only with subscribers) and ``/diagnostics`` (the collection status, and one calibration status
 per camera: WARN when misaligned; with ``health.refuse_misaligned`` such a camera's images are
 left out of the pairs). Bad input is
@@ -47,7 +48,7 @@ from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, Collect
                                         Sweep, SyncedInputs, extrinsics_disagreement,
                                         startup_rig)
 from cmkd_ros.pipelines.intake import decode_cloud, oversized_cloud
-from cmkd_ros.pipelines.work_queue import WorkQueue
+from cmkd_ros.pipelines.work_queue import IdleGate, WorkQueue
 from cmkd_ros.sync import ApproximateTimeSync, SyncedSet
 
 LIDAR_KEY = '__lidar__'
@@ -120,6 +121,9 @@ class CollectNode(Node):
         # 3b. calibration health: its own low-priority thread, fed one sweep at a time (a set
         # arriving while it is busy replaces the waiting one), so pairs never wait for it.
         self.health_queue = WorkQueue(1)
+        # ... and its steps wait while the worker makes pairs (the interpreter lock is shared)
+        self.worker_gate = IdleGate(pending=self.queue.__len__)
+        self.pipeline.health_pause = self._health_pause
         self.health_worker = threading.Thread(target=self._check_health, name='collect_health',
                                               daemon=True)
         self.health_worker.start()
@@ -334,7 +338,8 @@ class CollectNode(Node):
     def _work(self) -> None:
         for item, odometry in self.queue.items():           # drains the queue on close
             try:
-                self._process(item, odometry)
+                with self.worker_gate.busy():
+                    self._process(item, odometry)
             except (ConversionError, CalibrationError, ValueError) as exc:
                 self.diag.warn('bad_input', f'set skipped: {exc}')
             except Exception as exc:  # keep collecting; report what happened
@@ -364,6 +369,13 @@ class CollectNode(Node):
                 self._write(config, pair)
         self.diag.set('last_processing_ms', round((time.monotonic() - start) * 1e3, 1))
 
+    def _health_pause(self) -> None:
+        """Between the steps of a health check: wait while the worker makes pairs; stop at
+        shutdown (a check half done is dropped)."""
+        self.worker_gate.wait_idle()
+        if self.health_queue.closed:
+            raise _HealthStopped
+
     def _check_health(self) -> None:
         """Health worker: each sweep it is given goes to the calibration health monitor; a
         camera turning misaligned is logged (WARN) and one turning ok again told."""
@@ -372,6 +384,8 @@ class CollectNode(Node):
             before = dict(self.pipeline.health)
             try:
                 verdicts = self.pipeline.check_health(sweep) or {}
+            except _HealthStopped:
+                return
             except Exception as exc:  # keep collecting; report what happened
                 self.diag.warn('health_check_error', f'calibration health check: '
                                f'{type(exc).__name__}: {exc}')
@@ -452,8 +466,13 @@ class CollectNode(Node):
     def close(self) -> None:
         self.queue.close()
         self.health_queue.close()
+        self.worker_gate.close()
         self.worker.join(timeout=10.0)
         self.health_worker.join(timeout=5.0)
+
+
+class _HealthStopped(Exception):
+    """The node shuts down during a health check."""
 
 
 def _lower_thread_priority(increment: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -390,6 +390,8 @@ class CollectPipeline:
         self.health_monitor: HealthMonitor | None = None    # made from the first checked set
         self.health: dict[str, CameraHealth] = {}           # the last verdicts (a snapshot)
         self._health_seen = 0
+        # called between the steps of check_health (the node: wait while pairs are made)
+        self.health_pause: Callable[[], Any] | None = None
 
     def configure(self, config: CollectNodeConfig) -> None:
         """Take runtime settings (record.*, overlay.*, health.enabled, .refuse_misaligned,
@@ -518,10 +520,15 @@ class CollectPipeline:
         if not self.config.health.enabled:
             return None
         if self.health_monitor is None:
-            self.health_monitor = HealthMonitor(sweep.rig, self._monitor_settings())
+            self.health_monitor = HealthMonitor(sweep.rig, self._monitor_settings(),
+                                                pause=self.health_pause)
         monitor = self.health_monitor
         restarted = monitor.use(sweep.rig)
-        images = {n: decoded_rgb(sweep.samples[n]) for n in sweep.camera_names}
+        images = {}
+        for n in sweep.camera_names:
+            if self.health_pause is not None:
+                self.health_pause()
+            images[n] = decoded_rgb(sweep.samples[n])
         capture = {n: int(s) + int(sweep.rig.camera(n).time_offset_ns)
                    for n, s in zip(sweep.camera_names, sweep.camera_stamp_ns)}
         result = monitor.add(sweep.xyz, images, ring=sweep.ring,
