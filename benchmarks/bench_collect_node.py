@@ -9,7 +9,10 @@ does (:class:`cmkd_ros.pipelines.collect.CollectPipeline` + ``PairWriter.write``
 process; the printed ratio is the node's time budget per set (100 ms) over that reference.
 Goal: 0 dropped pairs.
 
-Usage: ``python benchmarks/bench_collect_node.py [--seconds 60] [--keep]``.
+With ``--odometry SPEED`` it also publishes odometry (the LiDAR driving at SPEED m/s): the node
+then uses the sweep before in its occlusion test, about twice the work per set.
+
+Usage: ``python benchmarks/bench_collect_node.py [--seconds 60] [--odometry 10] [--keep]``.
 """
 from __future__ import annotations
 
@@ -29,23 +32,46 @@ from bench_segment_node import (DATA, BackgroundNode, bench_env, nuscenes_scan, 
                                 paced, percentiles, start_node, stop_node, wait_until)
 
 
-def library_reference(scan, rig, jpegs, out_dir: str, repeats: int) -> list[float]:
+def odometry_msgs(stamp_ns: int, speed: float) -> list:
+    """nav_msgs/Odometry (T_world_lidar) every 10 ms from 60 ms before to 40 ms after
+    ``stamp_ns``: the LiDAR driving along x at ``speed`` m/s (from the last whole 1e18 ns,
+    where each phase of the benchmark starts its stamps: positions stay small)."""
+    origin_ns = stamp_ns - stamp_ns % 10 ** 18
+    from nav_msgs.msg import Odometry
+    out = []
+    for k in range(-6, 5):
+        t = stamp_ns + k * 10_000_000
+        msg = Odometry()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, 1_000_000_000)
+        msg.header.frame_id = 'odom'
+        msg.pose.pose.position.x = speed * (t - origin_ns) / 1e9
+        msg.pose.pose.orientation.w = 1.0
+        out.append(msg)
+    return out
+
+
+def library_reference(scan, rig, jpegs, out_dir: str, repeats: int,
+                      speed: float = 0.0) -> list[float]:
     """ms per pair of the node's pipeline (CollectPipeline: sweep + pair) and PairWriter.write
-    (fsync) in this process."""
+    (fsync) in this process; with ``speed`` > 0 odometry too (the sweep before is used)."""
     from cmkd_ros.config import build
     from cmkd_ros.pairs import PairWriter
     from cmkd_ros.pipelines.collect import (CameraSample, CollectNodeConfig, CollectPipeline,
                                             SyncedInputs)
     from cmkd_ros.pipelines.intake import CountingReport
-    pipeline = CollectPipeline(build(CollectNodeConfig, {'calibration_file': 'rig.yaml'}),
+    pipeline = CollectPipeline(build(CollectNodeConfig, {'calibration_file': 'rig.yaml',
+                                                          'use_odometry': speed > 0}),
                                CountingReport())
-    samples = {name: CameraSample(name, 0, encoded=data, encoded_format='jpeg')
-               for name, data in jpegs.items()}
     writer = PairWriter(out_dir)
     times = []
     for i in range(repeats + 1):                # the first reads the scan pattern: warm-up
         start = time.perf_counter()
-        sweep = pipeline.sweep(SyncedInputs(i, scan, rig, samples))
+        stamp = (i + 1) * 100_000_000
+        samples = {name: CameraSample(name, stamp + (k + 1) * 3_000_000, encoded=data,
+                                      encoded_format='jpeg')     # as the node gets them
+                   for k, (name, data) in enumerate(jpegs.items())}
+        odometry = odometry_msgs(stamp, speed) if speed > 0 else ()
+        sweep = pipeline.sweep(SyncedInputs(stamp, scan, rig, samples, odometry))
         writer.write(pipeline.pair(sweep))
         if i:
             times.append((time.perf_counter() - start) * 1e3)
@@ -60,6 +86,10 @@ def main() -> int:
     parser.add_argument('--out', default=None, help='folder for the datasets (default: temp)')
     parser.add_argument('--keep', action='store_true', help='keep the written pairs')
     parser.add_argument('--reference-repeats', type=int, default=5)
+    parser.add_argument('--odometry', type=float, default=0.0, metavar='SPEED',
+                        help='also publish odometry, the LiDAR driving at SPEED m/s (the node '
+                        'then motion compensates and the occlusion test uses the sweep before); '
+                        '0: none')
     args = parser.parse_args()
 
     from cmkd_ros.calibration import load_nuscenes_calibration
@@ -77,7 +107,7 @@ def main() -> int:
           f'JPEG and {scan.shape[0]} points per set, {args.rate} Hz for {args.seconds:.0f} s')
     # 1. reference: the node's library work per pair, in this process
     reference = library_reference(scan, rig, jpegs, os.path.join(tmp, 'reference_pairs'),
-                                  args.reference_repeats)
+                                  args.reference_repeats, args.odometry)
     print(f'library pipeline+write  {percentiles(reference)}')
     # 2. the node process
     out_dir = os.path.join(tmp, 'pairs')
@@ -88,14 +118,18 @@ def main() -> int:
         'calibration_file': calibration_file, 'cameras': rig.names,
         'image_topic': '/bench/{camera}/compressed',
         'camera_info_topic': '/bench/{camera}/camera_info', 'lidar_sync_offset_ms': 0.0,
-        'point_time_field': '', 'record.enabled': True, 'record.output_dir': out_dir},
-        {'~/input/pointcloud': '/bench/points'}, env, log_path)
+        'point_time_field': '', 'record.enabled': True, 'record.output_dir': out_dir,
+        'use_odometry': args.odometry > 0},
+        {'~/input/pointcloud': '/bench/points', '~/input/odom': '/bench/odom'}, env, log_path)
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
     client = BackgroundNode('bench_collect')
     t = rclpy_types()
     qos = qos_profile_sensor_data
     pub_cloud = client.node.create_publisher(PointCloud2, '/bench/points', qos)
+    if args.odometry > 0:
+        from nav_msgs.msg import Odometry
+        pub_odom = client.node.create_publisher(Odometry, '/bench/odom', qos)
     pubs = {c.name: (client.node.create_publisher(CompressedImage,
                                                   f'/bench/{c.name}/compressed', qos),
                      client.node.create_publisher(CameraInfo, f'/bench/{c.name}/camera_info',
@@ -108,6 +142,9 @@ def main() -> int:
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
 
     def publish_set(stamp):
+        if args.odometry > 0:                     # the poses around the sweep, before it
+            for msg in odometry_msgs(stamp, args.odometry):
+                pub_odom.publish(msg)
         set_stamp(cloud, stamp)
         pub_cloud.publish(cloud)
         for i, name in enumerate(rig.names):

@@ -404,3 +404,15 @@ def test_the_sweep_before_adds_occluders_while_the_ego_poses_reach_it():
     still = CollectPipeline(CONFIG, CountingReport())
     still.sweep(sim_inputs(before, odometry=False))
     assert still.sweep(sim_inputs(frame, odometry=False)).correspondences.previous_occluders == 0
+    # a worker falling behind (sets waiting: hurry) leaves the sweep before out of that set,
+    # which becomes the next set's sweep before all the same
+    busy_report = CountingReport()
+    busy = CollectPipeline(CONFIG, busy_report)
+    busy.sweep(sim_inputs(before))
+    hurried = busy.sweep(sim_inputs(frame), hurry=True).correspondences
+    assert hurried.previous_occluders == 0
+    assert busy_report.counters['previous_sweep_skipped_busy'] == 1
+    assert np.array_equal(hurried.point, alone.point) and np.array_equal(hurried.camera,
+                                                                         alone.camera)
+    after = world.frame(3)
+    assert busy.sweep(sim_inputs(after)).correspondences.previous_occluders > 10_000

@@ -356,7 +356,8 @@ class CollectNode(Node):
         names = [n for n in config.cameras if n in samples]
         rig = RigCalibration(tuple(self.calibration[n] for n in names), self.lidar_frame)
         sweep = self.pipeline.sweep(SyncedInputs(msg_stamp_ns(lidar_msg), points, rig,
-                                                 samples, odometry))
+                                                 samples, odometry),
+                                    hurry=len(self.queue) > 0)       # sets are waiting
         if sweep is None:
             return
         if self.pipeline.health_due(sweep) and self.health_queue.put(sweep):

@@ -411,11 +411,16 @@ class CollectPipeline:
         self.rate_limiter.last_ns = None
         self._before = None
 
-    def sweep(self, inputs: SyncedInputs) -> Sweep | None:
+    def sweep(self, inputs: SyncedInputs, hurry: bool = False) -> Sweep | None:
         """Finite points, per-point times, ego trajectory, scan pattern and correspondences of
         a set; None (after a warning) for an empty cloud, one without a finite point, or while
         the scan pattern cannot be read. Raises ConversionError, CalibrationError, ValueError
-        for input the correspondence function rejects."""
+        for input the correspondence function rejects.
+
+        ``hurry`` (the node: sets are waiting for the worker): the occlusion test leaves out
+        the sweep before for this set, which nearly halves its cost (counted
+        ``previous_sweep_skipped_busy``), as on a first sweep; the set still serves as the
+        next one's sweep before. Falling behind would otherwise drop whole sets."""
         config = self.config
         points = inputs.points
         # 1. finite points (LiDAR frame); the others are dropped.
@@ -444,8 +449,11 @@ class CollectPipeline:
         before = self._before
         if before is not None and trajectory is not None and \
                 0 < inputs.stamp_ns - before[0] <= _PREVIOUS_MAX_AGE_NS:
-            previous = before[1]
-            poses = trajectory if before[2] is None else trajectory.merged(before[2])
+            if hurry:
+                self.report.count('previous_sweep_skipped_busy')
+            else:
+                previous = before[1]
+                poses = trajectory if before[2] is None else trajectory.merged(before[2])
         uses_previous = config.correspondence.occlusion and \
             config.correspondence.occlusion_previous_sweep
         self._before = (inputs.stamp_ns, PreviousSweep(xyz, point_time, ring), trajectory) \
