@@ -60,7 +60,7 @@ import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import yaml
@@ -461,15 +461,21 @@ class PairReader:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _load(self, rel: str) -> Pair:
+    def _read(self, rel: str, read: Callable[[Any, str], Any]) -> Any:
+        """``read(arrays, path)`` on the opened pair file ``rel``; PairFormatError when the
+        file cannot be read."""
         path = os.path.join(self.root, rel)
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                return Pair.from_arrays({k: arrays[k] for k in arrays.files}, source=path)
+                return read(arrays, path)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, PairFormatError):
                 raise
             raise PairFormatError(f'{path}: unreadable pair file ({exc})') from None
+
+    def _load(self, rel: str) -> Pair:
+        return self._read(rel, lambda arrays, path: Pair.from_arrays(
+            {k: arrays[k] for k in arrays.files}, source=path))
 
     def __getitem__(self, i: int) -> Pair:
         return self._load(self.entries[i]['file'])
@@ -477,12 +483,7 @@ class PairReader:
     def label_image_cameras(self, i: int) -> tuple[list[str], list[str]]:
         """``(cameras, cameras with a label image)`` of pair ``i`` (names sorted), from its key list
         alone (no array is decoded)."""
-        path = os.path.join(self.root, self.entries[i]['file'])
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                keys = set(arrays.files)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise PairFormatError(f'{path}: unreadable pair file ({exc})') from None
+        keys = set(self._read(self.entries[i]['file'], lambda arrays, path: arrays.files))
         cameras = [k[len('image_format_'):] for k in sorted(keys) if k.startswith('image_format_')]
         return cameras, [c for c in cameras if f'label_image_{c}' in keys]
 
