@@ -334,11 +334,11 @@ def _range_image(azimuth: np.ndarray, row: np.ndarray, inv: np.ndarray, step: fl
 
 def _edge_inverse_ranges(sweep: _RangeImage, inv: np.ndarray, points: np.ndarray,
                          up: np.ndarray, down: np.ndarray, step: float, fraction: float
-                         ) -> np.ndarray:
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """(4, K) float32 inverse ranges (1/m) of the footprint edges (left, right, below, above)
     of ``points`` (K,) of a ``sweep`` with inverse ranges ``inv`` (N,) (NaN: no return);
     ``up``, ``down`` (K,) the wanted points' beam spacing (rad); ``step`` the azimuth step
-    (rad).
+    (rad); and (4, K) bool: the edge reaches towards a neighbour on the point's surface.
 
     Along each direction an edge lies ``fraction`` of the way to the neighbouring sample of the
     range image when both lie on one surface, else it continues the surface from the opposite
@@ -359,6 +359,7 @@ def _edge_inverse_ranges(sweep: _RangeImage, inv: np.ndarray, points: np.ndarray
             near.append(np.abs(v - p_inv) < _CONTINUITY * angle)
             slope.append((v - p_inv) / angle)
         out = np.empty((4, points.size), np.float32)
+        towards = np.empty((4, points.size), bool)
         for k in range(4):
             o = k ^ 1                                  # the opposite direction
             # 3. one surface: near in inverse range and the slope goes on across the point.
@@ -369,7 +370,8 @@ def _edge_inverse_ranges(sweep: _RangeImage, inv: np.ndarray, points: np.ndarray
             edge = np.where(same_k, p_inv + fraction * (nb_inv[k] - p_inv),
                             np.where(same_o, p_inv - fraction * (nb_inv[o] - p_inv), p_inv))
             out[k] = np.clip(edge, 0.5 * p_inv, 2.0 * p_inv)
-    return out
+            towards[k] = same_k
+    return out, towards
 
 
 def _surface_normals(sweep: _RangeImage, xyz: np.ndarray, inv: np.ndarray,
@@ -455,8 +457,9 @@ def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
                      normals: bool = False):
     """(4, K, 3) float32 offsets from ``points`` (K,) of a sweep ``xyz`` (N, 3) (as measured,
     LiDAR frame) to their footprint edges (left, right, below, above), ``fraction`` of the
-    sampling step of ``pattern`` away (``ring`` (N,) if known); with ``normals`` also their
-    (K, 3) surface normals (:func:`_surface_normals`)."""
+    sampling step of ``pattern`` away (``ring`` (N,) if known), and (4, K) bool: which edges
+    reach towards a neighbour on the point's surface (the others overhang where it ends);
+    with ``normals`` also their (K, 3) surface normals (:func:`_surface_normals`)."""
     xyz = np.asarray(xyz, dtype=np.float32)
     step = math.radians(pattern.azimuth_step_deg)
     horiz = np.hypot(xyz[:, 0], xyz[:, 1])
@@ -465,13 +468,13 @@ def sweep_footprints(xyz: np.ndarray, points: np.ndarray, pattern: ScanPattern,
     up, down, row = pattern.beams_at(np.arctan2(xyz[:, 2], horiz), ring)
     up, down = up[points], down[points]
     sweep = _range_image(np.arctan2(xyz[:, 1], xyz[:, 0]), row, inv, step)
-    edges = _edge_inverse_ranges(sweep, inv, points, up, down, step, fraction)
+    edges, towards = _edge_inverse_ranges(sweep, inv, points, up, down, step, fraction)
     inv_r = np.float32(1.0) / np.maximum(rng[points], np.float32(MIN_RANGE_M))
     offsets = _footprint_offsets(xyz[points], horiz[points], inv_r, step, up, down, fraction,
                                  edges)
     if not normals:
-        return offsets
-    return offsets, _surface_normals(sweep, xyz, inv, points, up, down, step)
+        return offsets, towards
+    return offsets, towards, _surface_normals(sweep, xyz, inv, points, up, down, step)
 
 
 def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
@@ -527,8 +530,9 @@ def not_ghosts(current: np.ndarray, previous: np.ndarray, pattern: ScanPattern,
 
 class _Boxes(NamedTuple):
     """Footprints seen from a camera, all (M,) float32: the point's azimuth from the camera
-    axis, elevation and distance, and the box about it (azimuth low, high, elevation low,
-    high; rad)."""
+    axis, elevation and distance, the box about it (azimuth low, high, elevation low, high;
+    rad) and the same box of the edges that reach towards a neighbour on the point's surface
+    alone (``s_``; zero where none does)."""
 
     alpha: np.ndarray
     beta: np.ndarray
@@ -537,6 +541,10 @@ class _Boxes(NamedTuple):
     a_hi: np.ndarray
     b_lo: np.ndarray
     b_hi: np.ndarray
+    s_a_lo: np.ndarray
+    s_a_hi: np.ndarray
+    s_b_lo: np.ndarray
+    s_b_hi: np.ndarray
 
 
 def _rows(arrays, sel):
@@ -544,12 +552,13 @@ def _rows(arrays, sel):
     return type(arrays)(*(v[sel] for v in arrays))
 
 
-def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray) -> _Boxes:
+def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray,
+                  towards: np.ndarray | None = None) -> _Boxes:
     """Footprints seen from the camera: ``d`` (M, 3) camera centre -> point, ``offsets`` (4, M,
-    3) to the footprint edges, ``forward`` (M,) the camera axis azimuth."""
+    3) to the footprint edges, ``forward`` (M,) the camera axis azimuth, ``towards`` (4, M)
+    which edges reach towards a neighbour on the point's surface (None: none)."""
     alpha, beta, rho = _camera_angles(d, forward)
-    a_lo = np.zeros(len(d), np.float32)
-    a_hi, b_lo, b_hi = a_lo.copy(), a_lo.copy(), a_lo.copy()
+    bounds = np.zeros((8, len(d)), np.float32)     # a_lo, a_hi, b_lo, b_hi, then s_...
     dx, dy = d[:, 0], d[:, 1]
     for k in range(4):
         v = d + offsets[k]
@@ -557,13 +566,17 @@ def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray) -> _B
         # azimuth turn from the point to the edge, and the edge's elevation over the point's
         da = np.arctan2(dx * vy - dy * vx, dx * vx + dy * vy)
         db = np.arctan2(v[:, 2], np.hypot(vx, vy)) - beta
-        np.minimum(a_lo, da, out=a_lo)
-        np.maximum(a_hi, da, out=a_hi)
-        np.minimum(b_lo, db, out=b_lo)
-        np.maximum(b_hi, db, out=b_hi)
-    for bound in (a_lo, a_hi, b_lo, b_hi):      # a corrupt neighbour: the point alone
-        bound[~np.isfinite(bound)] = 0.0
-    return _Boxes(alpha, beta, rho, a_lo, a_hi, b_lo, b_hi)
+        np.nan_to_num(da, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # a corrupt neighbour:
+        np.nan_to_num(db, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # the point alone
+        parts = [(bounds[:4], da, db)]
+        if towards is not None:
+            parts.append((bounds[4:], da * towards[k], db * towards[k]))
+        for part, ta, tb in parts:
+            np.minimum(part[0], ta, out=part[0])
+            np.maximum(part[1], ta, out=part[1])
+            np.minimum(part[2], tb, out=part[2])
+            np.maximum(part[3], tb, out=part[3])
+    return _Boxes(alpha, beta, rho, *bounds)
 
 
 def _covered_cells(fx: np.ndarray, fy: np.ndarray, lo_x: np.ndarray, hi_x: np.ndarray,
@@ -611,8 +624,7 @@ def _rasterize_min(zbuf: np.ndarray, width: int, x0: np.ndarray, x1: np.ndarray,
 
 class _GridBoxes(NamedTuple):
     """Footprints on a camera's z-buffer grid, all (B,): the point (coordinates in cells), the
-    box about it (x low, high, y low, high; at most ``_MAX_SPAN_CELLS`` across) and the point's
-    distance from the camera."""
+    box about it (x low, high, y low, high) and the point's distance from the camera."""
 
     x: np.ndarray
     y: np.ndarray
@@ -624,13 +636,17 @@ class _GridBoxes(NamedTuple):
 
     @staticmethod
     def of(boxes: _Boxes, a0: float, b0: float, cell_x: float, cell_y: float) -> '_GridBoxes':
-        """``boxes`` on the grid with cells ``cell_x`` x ``cell_y`` (rad) from ``a0``, ``b0``."""
+        """``boxes`` on the grid with cells ``cell_x`` x ``cell_y`` (rad) from ``a0``, ``b0``;
+        an edge that overhangs where its surface ends reaches at most ``_MAX_SPAN_CELLS // 2``
+        cells from its point, one towards a neighbour on the surface all the way."""
         span = _MAX_SPAN_CELLS // 2
         x, y = (boxes.alpha - a0) / cell_x, (boxes.beta - b0) / cell_y
-        return _GridBoxes(x, y, x + np.maximum(boxes.a_lo / cell_x, -span),
-                          x + np.minimum(boxes.a_hi / cell_x, span),
-                          y + np.maximum(boxes.b_lo / cell_y, -span),
-                          y + np.minimum(boxes.b_hi / cell_y, span), boxes.rho)
+        return _GridBoxes(
+            x, y, x + np.minimum(np.maximum(boxes.a_lo / cell_x, -span), boxes.s_a_lo / cell_x),
+            x + np.maximum(np.minimum(boxes.a_hi / cell_x, span), boxes.s_a_hi / cell_x),
+            y + np.minimum(np.maximum(boxes.b_lo / cell_y, -span), boxes.s_b_lo / cell_y),
+            y + np.maximum(np.minimum(boxes.b_hi / cell_y, span), boxes.s_b_hi / cell_y),
+            boxes.rho)
 
     @staticmethod
     def joined(parts: list['_GridBoxes']) -> '_GridBoxes':
@@ -640,10 +656,42 @@ class _GridBoxes(NamedTuple):
 def _nearest_containing(qx: np.ndarray, qy: np.ndarray, boxes: _GridBoxes, W: int, H: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """For query directions ``qx``, ``qy`` (Q,) inside the W x H grid: the nearest distance
-    ``rho`` of the ``boxes`` that contain each, and the index of that box (inf and -1: none)."""
+    ``rho`` of the ``boxes`` that contain each, and the index of that box (inf and -1: none).
+
+    Boxes are bucketed by size: those more than ``_MAX_SPAN_CELLS`` cells across (footprints
+    of samples near the camera, tens of degrees tall) are matched on a grid of cells 2, 4, ...
+    times larger, so that each box touches a bounded number of cells whatever its size."""
+    nearest = np.full(qx.size, np.inf, np.float32)
+    owner = np.full(qx.size, -1, np.int64)
+    span = np.maximum(boxes.x_hi - boxes.x_lo, boxes.y_hi - boxes.y_lo)
+    level = np.ceil(np.log2(np.maximum(span, _MAX_SPAN_CELLS) / _MAX_SPAN_CELLS))
+    level = np.minimum(level, 30).astype(np.int64)
+    for lv in np.unique(level):
+        picked = np.flatnonzero(level == lv)
+        found = _containing_pairs(qx, qy, _rows(boxes, picked), float(1 << int(lv)), W, H)
+        if found is None:
+            continue
+        q, b = found
+        v = boxes.rho[picked[b]]
+        best = np.full(qx.size, np.inf, np.float32)
+        np.minimum.at(best, q, v)
+        mine = (v == best[q]) & (v < nearest[q])
+        nearest[q[mine]] = v[mine]
+        owner[q[mine]] = picked[b[mine]]
+    return nearest, owner
+
+
+def _containing_pairs(qx: np.ndarray, qy: np.ndarray, boxes: _GridBoxes, scale: float, W: int,
+                      H: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(query, box) index pairs where a box contains a query (coordinates on the W x H grid),
+    found through cells ``scale`` times larger than the grid's; None: none."""
+    qx, qy = qx / scale, qy / scale
+    W, H = int(math.ceil(W / scale)), int(math.ceil(H / scale))
+    lo_x, hi_x, lo_y, hi_y = (boxes.x_lo / scale, boxes.x_hi / scale, boxes.y_lo / scale,
+                              boxes.y_hi / scale)
     bounds = [np.clip(np.floor(v), 0, n - 1).astype(np.int64)
-              for v, n in ((boxes.x_lo, W), (boxes.x_hi, W), (boxes.y_lo, H), (boxes.y_hi, H))]
-    qcell = qy.astype(np.int64) * W + qx.astype(np.int64)
+              for v, n in ((lo_x, W), (hi_x, W), (lo_y, H), (hi_y, H))]
+    qcell = np.minimum(qy.astype(np.int64), H - 1) * W + np.minimum(qx.astype(np.int64), W - 1)
     counts = np.bincount(qcell, minlength=W * H)
     order = np.argsort(qcell, kind='stable')
     first = np.cumsum(counts) - counts
@@ -657,19 +705,12 @@ def _nearest_containing(qx: np.ndarray, qy: np.ndarray, boxes: _GridBoxes, W: in
         b = np.repeat(sel, n)
         q = order[np.repeat(first[cells] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))]
         qxs, qys = qx[q], qy[q]
-        inside = ((qxs >= boxes.x_lo[b]) & (qxs <= boxes.x_hi[b]) & (qys >= boxes.y_lo[b]) &
-                  (qys <= boxes.y_hi[b]))
+        inside = (qxs >= lo_x[b]) & (qxs <= hi_x[b]) & (qys >= lo_y[b]) & (qys <= hi_y[b])
         found_q.append(q[inside])
         found_b.append(b[inside])
-    nearest = np.full(qx.size, np.inf, np.float32)
-    owner = np.full(qx.size, -1, np.int64)
-    if found_q:
-        q, b = np.concatenate(found_q), np.concatenate(found_b)
-        v = boxes.rho[b]
-        np.minimum.at(nearest, q, v)
-        mine = v == nearest[q]
-        owner[q[mine]] = b[mine]
-    return nearest, owner
+    if not found_q:
+        return None
+    return np.concatenate(found_q), np.concatenate(found_b)
 
 
 def _nearer_both_sides(image: np.ndarray, axis: int, iy: np.ndarray, ix: np.ndarray,
@@ -695,7 +736,7 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
                  direction: np.ndarray, forward_azimuth: np.ndarray, pattern: ScanPattern,
                  ring: np.ndarray | None = None,
                  settings: OcclusionSettings = OcclusionSettings(),
-                 previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                 previous: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
                  ) -> np.ndarray:
     """(M,) bool: which (camera, point) pairs are hidden behind nearer points of the sweep.
 
@@ -704,7 +745,8 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     ``direction`` (M, 3) camera centre -> point in the LiDAR's axes (after any motion
     compensation); ``forward_azimuth`` (C,) each camera's optical axis azimuth (rad).
     ``previous``: extra occluders (``cam_idx`` (K,) sorted, ``direction`` (K, 3), footprint
-    ``offsets`` (4, K, 3); see :func:`sweep_footprints`): they hide, they are not tested.
+    ``offsets`` (4, K, 3) and ``towards`` (4, K); see :func:`sweep_footprints`): they hide,
+    they are not tested.
     """
     M = cam_idx.size
     hidden = np.zeros(M, dtype=bool)
@@ -714,16 +756,16 @@ def hidden_pairs(cam_idx: np.ndarray, point: np.ndarray, xyz: np.ndarray,
     #    from their range-image neighbours) and surface normals.
     xyz = np.asarray(xyz, dtype=np.float32)
     points, pair_point = np.unique(point, return_inverse=True)
-    offsets, normal = sweep_footprints(xyz, points, pattern, ring, settings.footprint,
-                                       normals=True)
+    offsets, towards, normal = sweep_footprints(xyz, points, pattern, ring,
+                                                settings.footprint, normals=True)
     # 2. per pair, seen from the camera: angles of the point and of its footprint edges.
     d = np.asarray(direction, dtype=np.float32)
     fwd = np.asarray(forward_azimuth, dtype=np.float32)
-    boxes = _camera_boxes(d, offsets[:, pair_point], fwd[cam_idx])
-    alpha, beta, rho, a_lo, a_hi, b_lo, b_hi = boxes
+    boxes = _camera_boxes(d, offsets[:, pair_point], fwd[cam_idx], towards[:, pair_point])
+    alpha, beta, rho, a_lo, a_hi, b_lo, b_hi = boxes[:7]
     if previous is not None:
-        x_cam, x_dir, x_off = previous
-        x_boxes = _camera_boxes(np.asarray(x_dir, np.float32), x_off, fwd[x_cam])
+        x_cam, x_dir, x_off, x_towards = previous
+        x_boxes = _camera_boxes(np.asarray(x_dir, np.float32), x_off, fwd[x_cam], x_towards)
         x_bounds = np.searchsorted(x_cam, np.arange(int(cam_idx.max()) + 2))
     tol = np.float32(settings.abs_tolerance) + np.float32(settings.rel_tolerance) * rho
     plane_tol = (np.float32(settings.plane_abs_tolerance) +

@@ -517,7 +517,7 @@ def compute_correspondences(xyz: np.ndarray, rig: RigCalibration, *,
     return Correspondences(point=point.astype(np.int64), camera=cam_idx.astype(np.int64),
                            uv=uv, depth=d_sel, num_points=int(N), camera_names=prep.names,
                            scan_pattern=pattern,
-                           previous_occluders=0 if extra is None else int(extra[3]))
+                           previous_occluders=0 if extra is None else int(extra[4]))
 
 
 def resolve_scan_pattern(xyz: np.ndarray, ring: np.ndarray | None = None,
@@ -553,7 +553,8 @@ def _previous_occluders(previous: PreviousSweep, pts: np.ndarray, capture: np.nd
                         trajectory, T_extra: np.ndarray, prep: PreparedRig,
                         pattern: ScanPattern, config: CorrespondenceConfig) -> tuple | None:
     """The previous sweep's points as occluders of the cameras that see them: (camera (K,),
-    camera centre -> point (K, 3), footprint offsets (4, K, 3), how many points); None when
+    camera centre -> point (K, 3), footprint offsets (4, K, 3), which edges reach towards a
+    neighbour on the point's surface (4, K), how many points); None when
     the trajectory does not reach back to it. ``pts`` the current sweep in the reference
     frame."""
     from cmkd_ros.motion import MotionError, compensation_transforms
@@ -583,9 +584,9 @@ def _previous_occluders(previous: PreviousSweep, pts: np.ndarray, capture: np.nd
                                      edges_only=True))
     cam, pick, *_ = _project_valid(ref[used], prep, config.min_depth, T_extra)
     seen, pick = np.unique(pick, return_inverse=True)        # footprints of those only
-    offsets = sweep_footprints(xyz, used[seen], pattern, ring)
+    offsets, towards = sweep_footprints(xyz, used[seen], pattern, ring)
     direction = _camera_directions(ref[used[seen]][pick], cam, T_extra, prep)
-    return cam, direction, offsets[:, pick], int(seen.size)
+    return cam, direction, offsets[:, pick], towards[:, pick], int(seen.size)
 
 
 def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
@@ -606,7 +607,7 @@ def _occluded(xyz: np.ndarray, pts: np.ndarray, T_extra: np.ndarray | None,
     #    limit) neither hide nor are hidden: their angles would overflow.
     sane = (np.abs(direction) < MAX_OCCLUSION_RANGE_M).all(axis=1)
     hidden = np.zeros(len(point), dtype=bool)
-    previous = None if extra is None or not len(extra[0]) else extra[:3]
+    previous = None if extra is None or not len(extra[0]) else extra[:4]
     if sane.any():
         with np.errstate(over='ignore', invalid='ignore'):
             hidden[sane] = hidden_pairs(cam_idx[sane], point[sane], xyz, direction[sane],
