@@ -139,6 +139,9 @@ class LossSection:
     image_labels_replace_kl: bool = setting(
         False, 'with image_label_weight: the semantic KL only at pixels without a label (the '
         "label replaces the teacher's soft label where it is known)")
+    image_labels_drop_wrong_kl: bool = setting(
+        False, "with image_label_weight: no semantic KL where the teacher's class differs from "
+        "the pixel's label (its soft label is wrong there; kept where it agrees or none is known)")
     ce_weight: float = setting(1.0, 'weight of the 3D cross-entropy (finetune, supervised)',
                                ge=0.0)
     class_balance: str = class_balance_setting('inverse_sqrt')
@@ -231,6 +234,9 @@ class TrainConfig(RunSettings):
                                                  self.data.format != 'pairs'):
             raise ConfigError('loss.image_label_weight: only for method fskd on pair data '
                               f'(got method {self.method!r}, data.format {self.data.format!r})')
+        if self.loss.image_labels_replace_kl and self.loss.image_labels_drop_wrong_kl:
+            raise ConfigError('loss.image_labels_replace_kl and loss.image_labels_drop_wrong_kl: '
+                              'choose one (the first drops the KL wherever a label is known)')
         expected = FORMAT_CLASS_MAPS.get(self.data.format)
         if expected and self.class_map != expected:
             raise ConfigError(f'class_map: the {self.data.format} reader labels points with '

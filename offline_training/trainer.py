@@ -225,9 +225,14 @@ def fskd_terms(outputs, batch, ctx: LossContext) -> dict[str, torch.Tensor]:
     if loss.image_label_weight > 0 and 'label_images' in batch:
         from offline_training.datasets import correspondence_pixel_labels
         labels = correspondence_pixel_labels(batch, logits_3d.shape[1]).to(logits_3d.device)
+        keep = None
         if loss.image_labels_replace_kl:  # the teacher's soft labels only where none is known
+            keep = labels == 255
+        elif loss.image_labels_drop_wrong_kl:  # ... and where the teacher agrees with the label
+            keep = (labels == 255) | (labels == logits_2d.argmax(1).to(labels.device))
+        if keep is not None:
             weights = (torch.ones(len(labels), device=labels.device) if weights is None
-                       else weights) * (labels == 255)
+                       else weights) * keep
     terms = {'feature': fskd_feature_loss(student, teacher, loss.feature_kind),
              'semantic': semantic_kl_loss(logits_3d, logits_2d, loss.kl_temperature, weights)}
     if loss.image_label_weight > 0 and labels is None:

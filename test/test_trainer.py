@@ -395,6 +395,7 @@ def test_one_device_rule_for_training_evaluation_and_inference(tiny, tmp_path):
         evaluate_student(student, PairDataset(tiny['val']), device='cuda')
 
 
+@pytest.mark.slow
 def test_fskd_learns_the_label_images_at_the_points_pixels(tiny, tmp_path):
     """loss.image_label_weight: a cross-entropy on the label image's class at each corresponded
     pixel (the labels the teacher learned from, used where a pair carries them)."""
@@ -439,6 +440,18 @@ def test_fskd_learns_the_label_images_at_the_points_pixels(tiny, tmp_path):
     assert 0 < int(unlabeled.sum()) < len(unlabeled)
     manual = semantic_kl_loss(logits[unlabeled], logits_2d[unlabeled])
     assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
+    # With image_labels_drop_wrong_kl they count also where the teacher's class is the label.
+    drop = make_config(tiny, 'fskd', tmp_path / 'drop', 'loss.image_label_weight=1.0',
+                       'loss.image_labels_drop_wrong_kl=true', 'loss.class_balance=none')
+    kl = T.fskd_terms(outputs, batch, T.LossContext(drop, trainer.teacher,
+                                                    torch.Generator()))['semantic']
+    agree = unlabeled | (torch.from_numpy(expected) == logits_2d.argmax(1))
+    assert int(unlabeled.sum()) < int(agree.sum()) < len(agree)
+    manual = semantic_kl_loss(logits[agree], logits_2d[agree])
+    assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match='choose one'):
+        make_config(tiny, 'fskd', tmp_path / 'both', 'loss.image_label_weight=1.0',
+                    'loss.image_labels_drop_wrong_kl=true', 'loss.image_labels_replace_kl=true')
     summary = trainer.fit()
     after, _ = agreement()
     assert set(summary['losses']) == {'feature', 'semantic', 'image_ce', 'total'}
