@@ -566,8 +566,9 @@ def _camera_boxes(d: np.ndarray, offsets: np.ndarray, forward: np.ndarray,
         # azimuth turn from the point to the edge, and the edge's elevation over the point's
         da = np.arctan2(dx * vy - dy * vx, dx * vx + dy * vy)
         db = np.arctan2(v[:, 2], np.hypot(vx, vy)) - beta
-        np.nan_to_num(da, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # a corrupt neighbour:
-        np.nan_to_num(db, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # the point alone
+        # a non-finite edge (a return too near for a scan pattern) adds nothing to the box
+        np.nan_to_num(da, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.nan_to_num(db, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         parts = [(bounds[:4], da, db)]
         if towards is not None:
             parts.append((bounds[4:], da * towards[k], db * towards[k]))
